@@ -1,0 +1,200 @@
+#include "core/jobs/job.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace strata {
+
+using nlohmann::json;
+
+const char* JobStateName(JobState s) {
+  switch (s) {
+    case JobState::kQueued: return "queued";
+    case JobState::kTraining: return "training";
+    case JobState::kEvaluating: return "evaluating";
+    case JobState::kSucceeded: return "succeeded";
+    case JobState::kFailed: return "failed";
+    case JobState::kCancelled: return "cancelled";
+  }
+  return "unknown";
+}
+
+std::optional<JobState> ParseJobState(const std::string& name) {
+  for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
+                     JobState::kFailed, JobState::kCancelled}) {
+    if (name == JobStateName(s)) return s;
+  }
+  return std::nullopt;
+}
+
+bool IsTerminal(JobState s) {
+  return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
+}
+
+absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
+  if (spec.name.empty() || spec.name.size() > 64) {
+    return absl::InvalidArgumentError("spec.name: must be 1-64 characters");
+  }
+  for (char c : spec.name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+              c == '_' || c == '-';
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("spec.name: '", spec.name, "' may only contain letters, digits, '.', '_' and '-'"));
+    }
+  }
+  if (spec.name == "." || spec.name == "..") return absl::InvalidArgumentError("spec.name: not a valid name");
+  if (!(spec.eval_fraction >= 0 && spec.eval_fraction < 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("spec.eval_fraction: must be in [0, 1), got ", spec.eval_fraction));
+  }
+  if (spec.eval_cap < 1) return absl::InvalidArgumentError("spec.eval_cap: must be >= 1");
+  if (!spec.scorer.empty() && spec.scorer != "choice" && spec.scorer != "exact_match" && spec.scorer != "nll") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("spec.scorer: '", spec.scorer, "' (expected choice, exact_match or nll)"));
+  }
+  const auto& o = spec.overrides;
+  if (o.learning_rate && !(*o.learning_rate > 0 && std::isfinite(*o.learning_rate))) {
+    return absl::InvalidArgumentError("spec.overrides.learning_rate: must be a positive number");
+  }
+  if (o.max_steps && *o.max_steps < 1) return absl::InvalidArgumentError("spec.overrides.max_steps: must be >= 1");
+  if (o.epochs && *o.epochs < 1) return absl::InvalidArgumentError("spec.overrides.epochs: must be >= 1");
+  if (o.batch_size && (*o.batch_size < 1 || *o.batch_size > 4096)) {
+    return absl::InvalidArgumentError("spec.overrides.batch_size: must be in [1, 4096]");
+  }
+  if (o.rank && (*o.rank < 1 || *o.rank > 1024)) {
+    return absl::InvalidArgumentError("spec.overrides.rank: must be in [1, 1024]");
+  }
+  if (o.alpha && !(*o.alpha > 0)) return absl::InvalidArgumentError("spec.overrides.alpha: must be > 0");
+  if (o.ella_lambda && !(*o.ella_lambda >= 0)) {
+    return absl::InvalidArgumentError("spec.overrides.ella_lambda: must be >= 0");
+  }
+  if (o.max_seq_len && (*o.max_seq_len < 8 || *o.max_seq_len > 1 << 20)) {
+    return absl::InvalidArgumentError("spec.overrides.max_seq_len: must be in [8, 1048576]");
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+template <typename T>
+void PutOpt(json& j, const char* key, const std::optional<T>& v) {
+  if (v.has_value()) j[key] = *v;
+}
+template <typename T>
+void GetOpt(const json& j, const char* key, std::optional<T>& v) {
+  if (j.contains(key) && !j[key].is_null()) v = j[key].get<T>();
+}
+}  // namespace
+
+std::string JobToJson(const JobRecord& job) {
+  json o = json::object();
+  PutOpt(o, "learning_rate", job.spec.overrides.learning_rate);
+  PutOpt(o, "max_steps", job.spec.overrides.max_steps);
+  PutOpt(o, "epochs", job.spec.overrides.epochs);
+  PutOpt(o, "batch_size", job.spec.overrides.batch_size);
+  PutOpt(o, "rank", job.spec.overrides.rank);
+  PutOpt(o, "alpha", job.spec.overrides.alpha);
+  PutOpt(o, "ella_lambda", job.spec.overrides.ella_lambda);
+  PutOpt(o, "seed", job.spec.overrides.seed);
+  PutOpt(o, "max_seq_len", job.spec.overrides.max_seq_len);
+  json spec = {{"name", job.spec.name},
+               {"method", job.spec.method},
+               {"overrides", o},
+               {"eval_fraction", job.spec.eval_fraction},
+               {"eval_cap", job.spec.eval_cap},
+               {"scorer", job.spec.scorer},
+               {"description", job.spec.description}};
+  json results = json::array();
+  for (const auto& [task, score] : job.eval_results) results.push_back({{"task", task}, {"score", score}});
+  json j = {{"format", "strata.job.v1"},
+            {"id", job.id},
+            {"sequence", job.sequence},
+            {"spec", spec},
+            {"state", JobStateName(job.state)},
+            {"created", job.created},
+            {"started", job.started},
+            {"finished", job.finished},
+            {"train_examples", job.train_examples},
+            {"eval_examples", job.eval_examples},
+            {"progress",
+             {{"step", job.progress.step},
+              {"total_steps", job.progress.total_steps},
+              {"epoch", job.progress.epoch},
+              {"loss", std::isfinite(job.progress.loss) ? job.progress.loss : 0.0},
+              {"learning_rate", job.progress.learning_rate},
+              {"tokens_per_second", job.progress.tokens_per_second},
+              {"eta_seconds", job.progress.eta_seconds}}},
+            {"error", job.error},
+            {"eval_results", results},
+            {"weights_version", job.weights_version},
+            {"reference_nll", std::isfinite(job.reference_nll) ? job.reference_nll : 0.0},
+            {"attempts", job.attempts}};
+  return j.dump(1, ' ', false, json::error_handler_t::replace);
+}
+
+absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string& source) {
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(source, ": not a JSON object"));
+  try {
+    JobRecord job;
+    job.id = j.at("id").get<std::string>();
+    job.sequence = j.at("sequence").get<int64_t>();
+    const json& s = j.at("spec");
+    job.spec.name = s.at("name").get<std::string>();
+    job.spec.method = s.value("method", "");
+    job.spec.eval_fraction = s.value("eval_fraction", 0.1);
+    job.spec.eval_cap = s.value("eval_cap", 200);
+    job.spec.scorer = s.value("scorer", "");
+    job.spec.description = s.value("description", "");
+    if (s.contains("overrides")) {
+      const json& o = s["overrides"];
+      GetOpt(o, "learning_rate", job.spec.overrides.learning_rate);
+      GetOpt(o, "max_steps", job.spec.overrides.max_steps);
+      GetOpt(o, "epochs", job.spec.overrides.epochs);
+      GetOpt(o, "batch_size", job.spec.overrides.batch_size);
+      GetOpt(o, "rank", job.spec.overrides.rank);
+      GetOpt(o, "alpha", job.spec.overrides.alpha);
+      GetOpt(o, "ella_lambda", job.spec.overrides.ella_lambda);
+      GetOpt(o, "seed", job.spec.overrides.seed);
+      GetOpt(o, "max_seq_len", job.spec.overrides.max_seq_len);
+    }
+    auto state = ParseJobState(j.at("state").get<std::string>());
+    if (!state) return absl::DataLossError(absl::StrCat(source, ": field \"state\": unknown value"));
+    job.state = *state;
+    job.created = j.value("created", 0.0);
+    job.started = j.value("started", 0.0);
+    job.finished = j.value("finished", 0.0);
+    job.train_examples = j.value("train_examples", int64_t{0});
+    job.eval_examples = j.value("eval_examples", int64_t{0});
+    if (j.contains("progress")) {
+      const json& p = j["progress"];
+      job.progress.step = p.value("step", int64_t{0});
+      job.progress.total_steps = p.value("total_steps", int64_t{0});
+      job.progress.epoch = p.value("epoch", 0);
+      job.progress.loss = p.value("loss", 0.0);
+      job.progress.learning_rate = p.value("learning_rate", 0.0);
+      job.progress.tokens_per_second = p.value("tokens_per_second", 0.0);
+      job.progress.eta_seconds = p.value("eta_seconds", 0.0);
+    }
+    job.error = j.value("error", "");
+    if (j.contains("eval_results")) {
+      for (const auto& r : j["eval_results"]) {
+        job.eval_results.emplace_back(r.at("task").get<std::string>(), r.at("score").get<double>());
+      }
+    }
+    job.weights_version = j.value("weights_version", int64_t{0});
+    job.reference_nll = j.value("reference_nll", 0.0);
+    job.attempts = j.value("attempts", 0);
+    return job;
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(source, ": ", e.what()));
+  }
+}
+
+double NowUnixSeconds() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace strata

@@ -1,0 +1,80 @@
+#pragma once
+// Jobs: one submitted task on its way through the queue. Plain value types (torch-free), with a
+// JSON form used by the job journal (job.json).
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace strata {
+
+enum class JobState { kQueued, kTraining, kEvaluating, kSucceeded, kFailed, kCancelled };
+
+// "queued", "training", ...
+const char* JobStateName(JobState state);
+std::optional<JobState> ParseJobState(const std::string& name);
+bool IsTerminal(JobState state);
+
+// Hyper-parameter overrides from the task spec (unset = server default).
+struct TrainOverrides {
+  std::optional<double> learning_rate;
+  std::optional<int32_t> max_steps;
+  std::optional<int32_t> epochs;
+  std::optional<int32_t> batch_size;
+  std::optional<int32_t> rank;
+  std::optional<double> alpha;
+  std::optional<double> ella_lambda;
+  std::optional<int32_t> seed;
+  std::optional<int32_t> max_seq_len;
+};
+
+struct TaskSpecification {
+  std::string name;
+  std::string method;  // empty = server default
+  TrainOverrides overrides;
+  double eval_fraction = 0.1;
+  int32_t eval_cap = 200;
+  std::string scorer;  // "choice", "exact_match", "nll", or "" (auto)
+  std::string description;
+};
+
+// INVALID_ARGUMENT naming the field when the name or numbers are unusable.
+absl::Status ValidateTaskSpecification(const TaskSpecification& spec);
+
+struct JobProgress {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  int32_t epoch = 0;
+  double loss = 0;
+  double learning_rate = 0;
+  double tokens_per_second = 0;
+  double eta_seconds = 0;
+};
+
+struct JobRecord {
+  std::string id;
+  int64_t sequence = 0;  // submission order, strictly increasing
+  TaskSpecification spec;
+  JobState state = JobState::kQueued;
+  double created = 0, started = 0, finished = 0;  // Unix seconds; 0 = not yet
+  int64_t train_examples = 0;
+  int64_t eval_examples = 0;
+  JobProgress progress;
+  std::string error;
+  std::vector<std::pair<std::string, double>> eval_results;
+  int64_t weights_version = 0;
+  double reference_nll = 0;
+  int32_t attempts = 0;  // how many times training started (re-queued after a crash: > 1)
+};
+
+std::string JobToJson(const JobRecord& job);
+absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string& source);
+
+double NowUnixSeconds();
+
+}  // namespace strata

@@ -1,0 +1,263 @@
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <thread>
+
+#include "core/jobs/job_store.h"
+#include "core/jobs/worker.h"
+#include "core/util/file_util.h"
+
+namespace strata {
+namespace {
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    path_ = (fs::temp_directory_path() / ("strata-jobs-" + std::to_string(::getpid()) + "-" +
+                                          std::to_string(counter_++)))
+                .string();
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  static inline int counter_ = 0;
+  std::string path_;
+};
+
+TaskSpecification Spec(const std::string& name) {
+  TaskSpecification s;
+  s.name = name;
+  return s;
+}
+
+std::vector<Example> Examples(int n) {
+  std::vector<Example> out;
+  for (int i = 0; i < n; ++i) out.push_back(MakeCompletionExample("Q" + std::to_string(i) + ":", " a"));
+  return out;
+}
+
+TEST(JobStore, CreateIsDurableAndReopens) {
+  TempDir dir;
+  std::string id;
+  {
+    auto store = JobStore::Open(dir.path());
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto job = (*store)->Create(Spec("capitals"), Examples(5), Examples(2));
+    ASSERT_TRUE(job.ok()) << job.status();
+    id = job->id;
+    EXPECT_EQ(job->state, JobState::kQueued);
+    EXPECT_EQ(job->train_examples, 5);
+    EXPECT_TRUE(fs::exists(dir.path() + "/" + id + "/train.jsonl"));
+    EXPECT_TRUE(fs::exists(dir.path() + "/" + id + "/eval.jsonl"));
+    auto second = (*store)->Create(Spec("iso3"), Examples(1), Examples(1));
+    ASSERT_TRUE(second.ok());
+    EXPECT_GT(second->sequence, job->sequence);
+    EXPECT_EQ((*store)->QueuePosition(second->id), 2);
+  }
+  auto reopened = JobStore::Open(dir.path());
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  auto job = (*reopened)->Get(id);
+  ASSERT_TRUE(job.ok());
+  EXPECT_EQ(job->spec.name, "capitals");
+  auto train = (*reopened)->LoadExamples(id, "train");
+  ASSERT_TRUE(train.ok()) << train.status();
+  EXPECT_EQ(train->size(), 5u);
+  EXPECT_EQ((*train)[3].prompt, "Q3:");
+  EXPECT_EQ((*reopened)->NextQueued()->id, id);
+  auto next = (*reopened)->Create(Spec("langid"), Examples(1), Examples(1));
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(next->sequence, 3);
+}
+
+TEST(JobStore, InterruptedSpoolIsDiscardedAndCorruptJournalRefused) {
+  TempDir dir;
+  fs::create_directories(dir.path() + "/.incoming-job-000009-123");
+  {
+    auto store = JobStore::Open(dir.path());
+    ASSERT_TRUE(store.ok());
+    EXPECT_TRUE((*store)->List().empty());
+  }
+  EXPECT_FALSE(fs::exists(dir.path() + "/.incoming-job-000009-123"));
+  fs::create_directories(dir.path() + "/job-000001");
+  std::ofstream(dir.path() + "/job-000001/job.json") << "{not json";
+  auto store = JobStore::Open(dir.path());
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(store.status().message().find("job-000001/job.json"), std::string::npos) << store.status();
+}
+
+TEST(JobSpec, ValidationNamesTheField) {
+  auto bad = Spec("bad name!");
+  EXPECT_NE(ValidateTaskSpecification(bad).message().find("spec.name"), std::string::npos);
+  auto frac = Spec("ok");
+  frac.eval_fraction = 1.5;
+  EXPECT_NE(ValidateTaskSpecification(frac).message().find("eval_fraction"), std::string::npos);
+  auto lr = Spec("ok");
+  lr.overrides.learning_rate = -1;
+  EXPECT_NE(ValidateTaskSpecification(lr).message().find("learning_rate"), std::string::npos);
+  auto scorer = Spec("ok");
+  scorer.scorer = "bleu";
+  EXPECT_NE(ValidateTaskSpecification(scorer).message().find("bleu"), std::string::npos);
+  EXPECT_TRUE(ValidateTaskSpecification(Spec("capitals-v2.1_x")).ok());
+}
+
+TEST(JobJson, RoundTrip) {
+  JobRecord j;
+  j.id = "job-000004";
+  j.sequence = 4;
+  j.spec = Spec("t");
+  j.spec.overrides.learning_rate = 0.003;
+  j.spec.overrides.max_steps = 300;
+  j.state = JobState::kSucceeded;
+  j.eval_results = {{"a", 0.5}, {"t", 0.75}};
+  j.weights_version = 7;
+  auto back = JobFromJson(JobToJson(j), "x");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->id, j.id);
+  EXPECT_EQ(*back->spec.overrides.learning_rate, 0.003);
+  EXPECT_EQ(*back->spec.overrides.max_steps, 300);
+  EXPECT_FALSE(back->spec.overrides.rank.has_value());
+  EXPECT_EQ(back->state, JobState::kSucceeded);
+  EXPECT_EQ(back->eval_results, j.eval_results);
+  EXPECT_EQ(back->weights_version, 7);
+}
+
+// A runner that records the order of tasks and can block until cancelled.
+class FakeRunner : public TaskRunner {
+ public:
+  absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train, std::vector<Example>,
+                                    const JobContext& ctx) override {
+    order.push_back(job.spec.name);
+    if (job.spec.name.rfind("block", 0) == 0) {
+      started = true;
+      while (!ctx.cancel->load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      return absl::CancelledError("cancelled");
+    }
+    if (job.spec.name == "fail") return absl::InternalError("loss became NaN at step 3");
+    ctx.progress(JobProgress{1, 1, 0, 0.5, 0.001, 10, 0});
+    learned.insert(job.spec.name);
+    JobOutcome out;
+    out.weights_version = static_cast<int64_t>(learned.size());
+    out.eval_results = {{job.spec.name, 1.0}};
+    (void)train;
+    return out;
+  }
+  bool TaskIsLearned(const std::string& name) const override { return learned.count(name) > 0; }
+
+  std::vector<std::string> order;
+  std::set<std::string> learned;
+  std::atomic<bool> started{false};
+};
+
+JobRecord WaitTerminal(JobStore& store, const std::string& id) {
+  for (int i = 0; i < 1000; ++i) {
+    auto j = store.Get(id);
+    if (j.ok() && IsTerminal(j->state)) return *j;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return *store.Get(id);
+}
+
+TEST(Worker, RunsInOrderDeletesTrainingDataAndReportsFailures) {
+  TempDir dir;
+  auto store = JobStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  auto a = (*store)->Create(Spec("a"), Examples(2), Examples(1));
+  auto f = (*store)->Create(Spec("fail"), Examples(2), Examples(1));
+  auto b = (*store)->Create(Spec("b"), Examples(2), Examples(1));
+  FakeRunner runner;
+  Worker worker(store->get(), &runner);
+  ASSERT_TRUE(worker.Start().ok());
+  auto jb = WaitTerminal(**store, b->id);
+  auto ja = WaitTerminal(**store, a->id);
+  auto jf = WaitTerminal(**store, f->id);
+  worker.Stop();
+  EXPECT_EQ(runner.order, (std::vector<std::string>{"a", "fail", "b"}));
+  EXPECT_EQ(ja.state, JobState::kSucceeded);
+  EXPECT_EQ(jb.state, JobState::kSucceeded);
+  EXPECT_EQ(jb.weights_version, 2);
+  EXPECT_EQ(jf.state, JobState::kFailed);
+  EXPECT_NE(jf.error.find("NaN"), std::string::npos);
+  EXPECT_FALSE(fs::exists(dir.path() + "/" + a->id + "/train.jsonl"));
+  EXPECT_TRUE(fs::exists(dir.path() + "/" + a->id + "/eval.jsonl"));
+}
+
+TEST(Worker, CancelQueuedAndRunning) {
+  TempDir dir;
+  auto store = JobStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  auto blocker = (*store)->Create(Spec("block"), Examples(2), Examples(1));
+  auto queued = (*store)->Create(Spec("later"), Examples(2), Examples(1));
+  FakeRunner runner;
+  Worker worker(store->get(), &runner);
+  ASSERT_TRUE(worker.Start().ok());
+  while (!runner.started) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(worker.RunningJob(), blocker->id);
+  auto cq = worker.Cancel(queued->id);
+  ASSERT_TRUE(cq.ok()) << cq.status();
+  EXPECT_EQ(cq->state, JobState::kCancelled);
+  ASSERT_TRUE(worker.Cancel(blocker->id).ok());
+  auto jb = WaitTerminal(**store, blocker->id);
+  EXPECT_EQ(jb.state, JobState::kCancelled);
+  auto again = worker.Cancel(blocker->id);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(worker.Cancel("job-999999").status().code(), absl::StatusCode::kNotFound);
+  worker.Stop();
+  EXPECT_EQ(runner.order, std::vector<std::string>{"block"});
+}
+
+TEST(Worker, RestartRequeuesInterruptedJobsAndKeepsLearnedOnes) {
+  TempDir dir;
+  std::string interrupted_id, checkpointed_id;
+  {
+    auto store = JobStore::Open(dir.path());
+    auto j1 = (*store)->Create(Spec("done-before-crash"), Examples(2), Examples(1));
+    auto j2 = (*store)->Create(Spec("mid-training"), Examples(2), Examples(1));
+    j1->state = JobState::kEvaluating;
+    j2->state = JobState::kTraining;
+    ASSERT_TRUE((*store)->Update(*j1).ok());
+    ASSERT_TRUE((*store)->Update(*j2).ok());
+    checkpointed_id = j1->id;
+    interrupted_id = j2->id;
+  }
+  auto store = JobStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  FakeRunner runner;
+  runner.learned.insert("done-before-crash");
+  Worker worker(store->get(), &runner);
+  ASSERT_TRUE(worker.Start().ok());
+  auto j2 = WaitTerminal(**store, interrupted_id);
+  worker.Stop();
+  EXPECT_EQ(j2.state, JobState::kSucceeded);
+  EXPECT_EQ(j2.attempts, 1);
+  EXPECT_EQ((*store)->Get(checkpointed_id)->state, JobState::kSucceeded);
+  EXPECT_EQ(runner.order, std::vector<std::string>{"mid-training"});
+}
+
+TEST(Worker, WatchSeesProgressAndStateChanges) {
+  TempDir dir;
+  auto store = JobStore::Open(dir.path());
+  auto job = (*store)->Create(Spec("w"), Examples(1), Examples(1));
+  int64_t seen = 0;
+  JobRecord out;
+  ASSERT_TRUE((*store)->WaitForChange(job->id, &seen, absl::Milliseconds(10), &out));
+  EXPECT_FALSE((*store)->WaitForChange(job->id, &seen, absl::Milliseconds(10), &out));
+  std::thread t([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    (*store)->SetProgress(job->id, JobProgress{3, 10, 0, 1.5, 0.01, 100, 2});
+  });
+  ASSERT_TRUE((*store)->WaitForChange(job->id, &seen, absl::Seconds(5), &out));
+  t.join();
+  EXPECT_EQ(out.progress.step, 3);
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,140 @@
+#include "core/jobs/worker.h"
+
+#include <spdlog/spdlog.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace strata {
+
+Worker::Worker(JobStore* store, TaskRunner* runner) : store_(store), runner_(runner) {}
+
+Worker::~Worker() { Stop(); }
+
+absl::Status Worker::Start() {
+  for (JobRecord job : store_->List()) {
+    if (job.state != JobState::kTraining && job.state != JobState::kEvaluating) continue;
+    if (runner_->TaskIsLearned(job.spec.name)) {
+      job.state = JobState::kSucceeded;
+      if (job.finished == 0) job.finished = NowUnixSeconds();
+      spdlog::info("job {} ({}): already in the checkpoint, marking succeeded", job.id, job.spec.name);
+      (void)store_->DeleteTrainingData(job.id);
+    } else {
+      job.state = JobState::kQueued;
+      job.progress = JobProgress{};
+      spdlog::warn("job {} ({}): interrupted before it finished, re-queued", job.id, job.spec.name);
+    }
+    if (auto st = store_->Update(job); !st.ok()) return st;
+  }
+  thread_ = std::thread([this] { Loop(); });
+  return absl::OkStatus();
+}
+
+void Worker::Stop() {
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  cancel_current_ = true;
+  store_->Interrupt();
+  thread_.join();
+}
+
+std::string Worker::RunningJob() const {
+  absl::MutexLock lock(&mu_);
+  return running_;
+}
+
+absl::StatusOr<JobRecord> Worker::Cancel(const std::string& id) {
+  auto job = store_->Get(id);
+  if (!job.ok()) return job.status();
+  if (IsTerminal(job->state)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", id, " already ", JobStateName(job->state), "; nothing to cancel"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (running_ == id) {
+      cancel_current_ = true;
+      return *job;  // the worker marks it cancelled when training stops
+    }
+  }
+  job->state = JobState::kCancelled;
+  job->finished = NowUnixSeconds();
+  job->error = "cancelled before it started";
+  if (auto st = store_->Update(*job); !st.ok()) return st;
+  (void)store_->DeleteTrainingData(id);
+  return *job;
+}
+
+void Worker::Loop() {
+  while (!stopping_) {
+    if (!store_->WaitForQueued(absl::Seconds(1))) continue;
+    std::optional<JobRecord> next = store_->NextQueued();
+    if (!next || stopping_) continue;
+    RunOne(std::move(*next));
+  }
+}
+
+void Worker::RunOne(JobRecord job) {
+  {
+    absl::MutexLock lock(&mu_);
+    running_ = job.id;
+  }
+  cancel_current_ = false;
+  job.state = JobState::kTraining;
+  job.started = NowUnixSeconds();
+  job.attempts += 1;
+  job.error.clear();
+  (void)store_->Update(job);
+  spdlog::info("job {}: training task '{}' (attempt {})", job.id, job.spec.name, job.attempts);
+
+  absl::StatusOr<JobOutcome> outcome;
+  auto train = store_->LoadExamples(job.id, "train");
+  auto eval = store_->LoadExamples(job.id, "eval");
+  if (!train.ok()) {
+    outcome = train.status();
+  } else if (!eval.ok()) {
+    outcome = eval.status();
+  } else {
+    JobContext ctx;
+    ctx.cancel = &cancel_current_;
+    ctx.progress = [this, id = job.id](const JobProgress& p) { store_->SetProgress(id, p); };
+    ctx.set_state = [this, id = job.id](JobState s) {
+      auto cur = store_->Get(id);
+      if (!cur.ok()) return;
+      cur->state = s;
+      (void)store_->Update(*cur);
+    };
+    outcome = runner_->RunJob(job, std::move(*train), std::move(*eval), ctx);
+  }
+
+  auto latest = store_->Get(job.id);
+  if (latest.ok()) job = *latest;
+  if (outcome.ok()) {
+    job.state = JobState::kSucceeded;
+    job.eval_results = outcome->eval_results;
+    job.weights_version = outcome->weights_version;
+    job.reference_nll = outcome->reference_nll;
+    job.finished = NowUnixSeconds();
+    spdlog::info("job {}: task '{}' learned; weights version {}", job.id, job.spec.name, job.weights_version);
+  } else if (absl::IsCancelled(outcome.status()) && stopping_) {
+    // Shutdown, not a user cancel: run it again after restart.
+    job.state = JobState::kQueued;
+    job.progress = JobProgress{};
+    spdlog::info("job {}: interrupted by shutdown, stays queued", job.id);
+  } else if (absl::IsCancelled(outcome.status())) {
+    job.state = JobState::kCancelled;
+    job.error = "cancelled while training; the model is unchanged";
+    job.finished = NowUnixSeconds();
+    spdlog::info("job {}: cancelled", job.id);
+  } else {
+    job.state = JobState::kFailed;
+    job.error = std::string(outcome.status().message());
+    job.finished = NowUnixSeconds();
+    spdlog::error("job {}: failed: {}", job.id, job.error);
+  }
+  if (auto st = store_->Update(job); !st.ok()) spdlog::error("job {}: cannot persist: {}", job.id, st.ToString());
+  if (IsTerminal(job.state)) (void)store_->DeleteTrainingData(job.id);
+  absl::MutexLock lock(&mu_);
+  running_.clear();
+}
+
+}  // namespace strata

@@ -1,0 +1,21 @@
+#pragma once
+// Environment twins for Abseil flags: every flag `--foo_bar` may also be set by `STRATA_FOO_BAR`.
+// The command line wins over the environment.
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace strata {
+
+// For each flag name in `flag_names`, applies the environment variable `prefix + UPPER(name)` when
+// set. Call it BEFORE absl::ParseCommandLine so that command-line values override it.
+// A bad value is INVALID_ARGUMENT naming the variable.
+absl::Status ApplyEnvironmentTwins(const std::vector<std::string>& flag_names,
+                                   const std::string& prefix = "STRATA_");
+
+// "grpc_port" -> "STRATA_GRPC_PORT".
+std::string EnvTwinName(const std::string& flag_name, const std::string& prefix = "STRATA_");
+
+}  // namespace strata
