@@ -7,8 +7,14 @@
 // Every malformed file is reported as INVALID_ARGUMENT (or NOT_FOUND) naming the file and, where
 // applicable, the tensor: truncated file, header length past the end, bad JSON, unknown dtype,
 // offsets out of range or overlapping, shape x dtype size != byte length. Never a crash.
+// Gaps between tensors in the data buffer are tolerated (not produced by the writer).
+// Supported dtypes: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL; others are refused by name.
 //
 // Thread safety: a SafetensorsFile is immutable after Open; Get() may be called concurrently.
+//
+// Zero-copy tensors point into a private (copy-on-write) mapping of the file: writing to them never
+// reaches the file and never faults, but two zero-copy Get()s of one name share memory.
+// Tensors whose data is not aligned to their element size in the file are copied instead.
 
 #include <ATen/core/Tensor.h>
 
@@ -20,13 +26,14 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/model/config.h"
 
 namespace strata {
 
 struct SafetensorsEntry {
-  std::string dtype;           // "F32", "BF16", "F16", "I64", ...
+  std::string dtype;  // "F32", "BF16", "F16", "I64", ...
   std::vector<int64_t> shape;
-  uint64_t begin = 0;          // byte offsets into the data buffer
+  uint64_t begin = 0;  // byte offsets into the data buffer
   uint64_t end = 0;
 };
 
@@ -56,15 +63,42 @@ class SafetensorsFile {
   std::weak_ptr<SafetensorsFile> self_;
 };
 
-// Writes tensors (any CPU/CUDA tensor; written contiguous, on CPU, in its own dtype) atomically.
+// Writes tensors (any CPU/CUDA tensor; written contiguous, on CPU, in its own dtype) atomically:
+// streamed into a temp file in the same directory, fsync, rename, fsync of the directory.
+// The header is padded with spaces so the data buffer starts at a multiple of 8, and tensors are
+// laid out by decreasing element size, so every tensor is aligned to its element size (and can be
+// mapped zero-copy). "__metadata__" is written only when `metadata` is non-empty.
+// INVALID_ARGUMENT for empty/duplicate/reserved names, undefined tensors, unsupported dtypes.
 absl::Status WriteSafetensors(const std::string& path,
                               const std::vector<std::pair<std::string, at::Tensor>>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 
 // Loads every tensor of a checkpoint directory: `model.safetensors`, or the shards listed in
-// `model.safetensors.index.json` ("weight_map"). Tensors are converted to `dtype`.
-// Errors name the shard and the tensor.
+// `model.safetensors.index.json` ("weight_map"). Tensors are converted to `dtype` (zero-copy when
+// already stored in `dtype`; such tensors keep their shard mapped). Errors name the shard and the
+// tensor. As in transformers, `model.safetensors` wins when both layouts are present. `dir` may
+// also be a single .safetensors file. Only the tensors named in the weight_map are loaded.
+// NOT_FOUND: no checkpoint in `dir`, a shard missing, a tensor of the index missing from its shard.
+// INVALID_ARGUMENT: malformed index (bad JSON, no weight_map object, non-string or escaping shard
+// names such as "../x" or "/abs"), or any malformed shard.
 absl::StatusOr<std::map<std::string, at::Tensor>> LoadCheckpointTensors(const std::string& dir,
                                                                         at::ScalarType dtype);
+
+// Writes `tensors` into `dir` (created if needed) as HF does: a single `model.safetensors` when
+// max_shard_bytes == 0 or everything fits, else `model-0000K-of-0000N.safetensors` shards (greedy
+// in the given order, at most max_shard_bytes of tensor data each unless one tensor is larger)
+// plus `model.safetensors.index.json` {"metadata": {"total_size": bytes}, "weight_map": {...}}.
+// Each file is written atomically; the file of the other layout, if present, is removed. Shards of
+// an earlier, differently sized write are not cleaned up: export into a fresh directory.
+absl::Status WriteCheckpointTensors(const std::string& dir,
+                                    const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                                    uint64_t max_shard_bytes = 0,
+                                    const std::map<std::string, std::string>& metadata = {});
+
+// CheckLlamaTensorShapes (config.h) over loaded tensors: reports missing names, unexpected names
+// (ignoring "...rotary_emb.inv_freq") and shape mismatches against the config, as
+// INVALID_ARGUMENT prefixed by `source`. A stored lm_head.weight is accepted with tied embeddings.
+absl::Status CheckLlamaTensors(const ModelConfig& config, const std::map<std::string, at::Tensor>& tensors,
+                               const std::string& source);
 
 }  // namespace strata
