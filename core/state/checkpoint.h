@@ -1,0 +1,51 @@
+#pragma once
+// The durable adaptation checkpoint: <state_dir>/checkpoint/{manifest.json, state.json,
+// method.safetensors}. Written into a fresh temp directory, every file fsynced, then swapped into
+// place with a directory rename (ReplaceDirAtomic): a crash leaves either the old or the new
+// checkpoint, never a mix. The manifest records the SHA-256 of every file (including the kept eval
+// splits under <state_dir>/tasks/); Load verifies them and refuses a corrupted or partial
+// checkpoint with DATA_LOSS naming the file.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace strata {
+
+struct CheckpointTask {
+  std::string name;
+  std::string scorer;
+  std::string job_id;
+  std::string description;
+  std::string eval_file;  // relative to state_dir, e.g. "tasks/capitals/eval.jsonl"
+  int64_t eval_examples = 0;
+};
+
+struct CheckpointData {
+  std::string base_model_id;
+  std::string method;
+  std::string method_config_json;
+  std::map<std::string, at::Tensor> method_tensors;
+  int64_t weights_version = 0;
+  std::vector<CheckpointTask> tasks;
+  // matrix[i][j]: score on task j after stage i+1 (NaN = not measured); base[j]; reference_nll per
+  // stage ([0] = base; NaN when not configured).
+  std::vector<std::vector<double>> matrix;
+  std::vector<double> base;
+  std::vector<double> reference_nll;
+};
+
+// Writes `data` as <state_dir>/checkpoint atomically (see above).
+absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& data);
+// nullopt when there is no checkpoint yet.
+absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& state_dir);
+// Total bytes of the checkpoint files (the adaptation state on disk).
+int64_t CheckpointBytes(const std::string& state_dir);
+
+}  // namespace strata

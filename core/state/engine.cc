@@ -1,0 +1,534 @@
+#include "core/state/engine.h"
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/adapt/method.h"
+#include "core/adapt/peft_import.h"
+#include "core/adapt/trainer.h"
+#include "core/data/encode.h"
+#include "core/data/jsonl.h"
+#include "core/eval/metrics.h"
+#include "core/eval/scorers.h"
+#include "core/model/model.h"
+#include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
+#include "core/state/checkpoint.h"
+#include "core/util/file_util.h"
+#include "core/util/status_macros.h"
+
+namespace strata {
+namespace fs = std::filesystem;
+
+namespace {
+
+double Nan() { return std::nan(""); }
+
+std::string AutoScorer(const std::vector<Example>& examples) {
+  if (examples.empty()) return "exact_match";
+  switch (examples.front().kind) {
+    case ExampleKind::kChoice: return "choice";
+    case ExampleKind::kText: return "nll";
+    case ExampleKind::kCompletion: return "exact_match";
+  }
+  return "exact_match";
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  std::unique_ptr<CausalLM> base;  // W0, never modified
+  std::shared_ptr<const Tokenizer> tokenizer;
+  EngineOptions options;
+  std::vector<std::string> reference_texts;  // the first reference_max_texts of the reference text
+
+  // The live method state: mutated only under train_mu (RunJob, ImportAdapters). Lock order:
+  // train_mu before mu.
+  absl::Mutex train_mu;
+  std::unique_ptr<Method> method;
+
+  mutable absl::Mutex mu;
+  std::shared_ptr<const ServedVersion> current ABSL_GUARDED_BY(mu);
+  std::vector<CheckpointTask> tasks ABSL_GUARDED_BY(mu);
+  std::map<std::string, std::vector<Example>> eval_sets ABSL_GUARDED_BY(mu);
+  std::vector<std::vector<double>> matrix ABSL_GUARDED_BY(mu);  // [stage-1][task]
+  std::vector<double> base_scores ABSL_GUARDED_BY(mu);
+  std::vector<double> reference_nll ABSL_GUARDED_BY(mu);  // [stage]
+  std::vector<int64_t> stage_versions ABSL_GUARDED_BY(mu);  // weights version of each stage
+  int64_t state_bytes ABSL_GUARDED_BY(mu) = 0;
+  std::map<std::string, std::shared_ptr<const CausalLM>> routed_cache ABSL_GUARDED_BY(mu);
+
+  // Task score in [0, 1] for choice / exact_match; for nll the NEGATIVE mean NLL (nats/token), so
+  // that higher is better for every scorer and BWT/forgetting keep their meaning. NaN on failure.
+  double Score(const CausalLM& model, const std::vector<Example>& examples, const std::string& scorer) const {
+    if (examples.empty()) return Nan();
+    const int64_t max_len = options.defaults.max_seq_len;
+    if (scorer == "choice") {
+      ScorerOptions so;
+      so.max_seq_len = max_len;
+      auto r = ScoreChoice(model, *tokenizer, examples, so);
+      if (r.ok()) return r->accuracy;
+      spdlog::warn("choice scoring failed: {}", r.status().ToString());
+      return Nan();
+    }
+    if (scorer == "nll") {
+      std::vector<std::string> texts;
+      for (const auto& e : examples) texts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt + e.completion);
+      NllOptions no;
+      no.max_seq_len = max_len;
+      auto r = ScoreNll(model, *tokenizer, texts, no);
+      if (r.ok()) return -r->mean_nll;
+      spdlog::warn("nll scoring failed: {}", r.status().ToString());
+      return Nan();
+    }
+    auto r = ScoreExactMatch(model, *tokenizer, examples, ExactMatchOptions{});
+    if (r.ok()) return r->accuracy;
+    spdlog::warn("exact-match scoring failed: {}", r.status().ToString());
+    return Nan();
+  }
+
+  double RefNll(const CausalLM& model) const {
+    if (reference_texts.empty()) return Nan();
+    NllOptions no;
+    no.max_seq_len = options.defaults.max_seq_len;
+    auto r = ScoreNll(model, *tokenizer, reference_texts, no);
+    if (!r.ok()) {
+      spdlog::warn("reference NLL failed: {}", r.status().ToString());
+      return Nan();
+    }
+    return r->mean_nll;
+  }
+
+  CheckpointData Snapshot(const MethodState& state, int64_t version) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+    CheckpointData d;
+    d.base_model_id = options.base_model_id;
+    d.method = state.method;
+    d.method_config_json = state.config_json;
+    d.method_tensors = state.tensors;
+    d.weights_version = version;
+    d.tasks = tasks;
+    d.matrix = matrix;
+    d.base = base_scores;
+    d.reference_nll = reference_nll;
+    return d;
+  }
+};
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM> base,
+                                                       std::shared_ptr<const Tokenizer> tokenizer,
+                                                       ModelSummary summary, EngineOptions options) {
+  auto impl = std::make_unique<Impl>();
+  impl->base = std::move(base);
+  impl->tokenizer = tokenizer;
+  impl->options = options;
+  RETURN_IF_ERROR(MakeDirs(options.state_dir + "/tasks"));
+  if (!options.reference_text_path.empty()) {
+    ASSIGN_OR_RETURN(std::string text, ReadFile(options.reference_text_path));
+    impl->reference_texts = SplitOnBlankLines(text);
+    if (static_cast<int64_t>(impl->reference_texts.size()) > options.reference_max_texts) {
+      impl->reference_texts.resize(options.reference_max_texts);
+    }
+    if (impl->reference_texts.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(options.reference_text_path, ": no text"));
+    }
+  }
+
+  ASSIGN_OR_RETURN(auto checkpoint, LoadCheckpoint(options.state_dir));
+  int64_t version = 1;
+  if (checkpoint.has_value()) {
+    if (checkpoint->base_model_id != options.base_model_id) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the checkpoint in ", options.state_dir, "/checkpoint was made on base model '",
+          checkpoint->base_model_id, "', but the server runs '", options.base_model_id,
+          "'; start with the same --model or another --state_dir"));
+    }
+    MethodState state;
+    state.method = checkpoint->method;
+    state.config_json = checkpoint->method_config_json;
+    state.tensors = checkpoint->method_tensors;
+    auto method = CreateMethodFromState(state);
+    if (!method.ok()) {
+      return absl::DataLossError(absl::StrCat("cannot restore the adaptation state from ", options.state_dir,
+                                              "/checkpoint: ", method.status().message()));
+    }
+    impl->method = std::move(*method);
+    version = checkpoint->weights_version;
+    absl::MutexLock lock(&impl->mu);
+    impl->tasks = checkpoint->tasks;
+    impl->matrix = checkpoint->matrix;
+    impl->base_scores = checkpoint->base;
+    impl->reference_nll = checkpoint->reference_nll;
+    for (const auto& t : impl->tasks) {
+      ValidationOptions vo;
+      auto parsed = ParseJsonlFile(options.state_dir + "/" + t.eval_file, vo);
+      if (!parsed.ok()) return absl::DataLossError(parsed.status().message());
+      impl->eval_sets[t.name] = std::move(parsed->examples);
+    }
+    impl->state_bytes = CheckpointBytes(options.state_dir);
+    spdlog::info("restored checkpoint: method {}, {} tasks, weights version {}", checkpoint->method,
+                 impl->tasks.size(), version);
+  } else {
+    MethodConfig mc;
+    mc.rank = options.defaults.rank;
+    mc.p = options.defaults.rank;
+    mc.alpha = options.defaults.alpha;
+    mc.ella_lambda = options.defaults.ella_lambda;
+    mc.k_max = options.defaults.k_max;
+    mc.seed = static_cast<uint64_t>(options.defaults.seed);
+    mc.target_modules = absl::StrSplit(options.defaults.targets, ',', absl::SkipEmpty());
+    ASSIGN_OR_RETURN(impl->method, CreateMethod(options.defaults.method, mc));
+    spdlog::info("new adaptation state: method {}", options.defaults.method);
+  }
+
+  auto served = impl->base->ShallowCopy();
+  RETURN_IF_ERROR(impl->method->ApplyServedWeights(served.get()));
+  if (impl->reference_nll.empty() && !impl->reference_texts.empty()) {
+    SetTorchThreads(options.training_threads);
+    c10::InferenceMode guard;
+    impl->reference_nll.push_back(impl->RefNll(*impl->base));
+  }
+  auto version_ptr = std::make_shared<ServedVersion>();
+  version_ptr->version = version;
+  version_ptr->model = std::shared_ptr<const CausalLM>(std::move(served));
+  {
+    ASSIGN_OR_RETURN(MethodState frozen, impl->method->ExportState());
+    ASSIGN_OR_RETURN(auto copy, CreateMethodFromState(frozen));
+    version_ptr->method = std::shared_ptr<const Method>(std::move(copy));
+  }
+  {
+    absl::MutexLock lock(&impl->mu);
+    version_ptr->tasks_learned = static_cast<int64_t>(impl->tasks.size());
+    impl->current = version_ptr;
+  }
+  std::unique_ptr<Engine> engine(new Engine(std::move(impl)));
+  engine->tokenizer_ = std::move(tokenizer);
+  engine->summary_ = std::move(summary);
+  engine->options_ = std::move(options);
+  return engine;
+}
+
+std::shared_ptr<const ServedVersion> Engine::Current() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->current;
+}
+
+std::string Engine::method() const { return impl_->method->name(); }
+
+bool Engine::TaskIsLearned(const std::string& task_name) const {
+  absl::MutexLock lock(&impl_->mu);
+  for (const auto& t : impl_->tasks) {
+    if (t.name == task_name) return true;
+  }
+  return false;
+}
+
+int64_t Engine::AdaptationStateBytes() const {
+  absl::MutexLock lock(&impl_->mu);
+  return impl_->state_bytes;
+}
+
+absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const std::string& task) const {
+  if (!Current()->method->SupportsTaskRouting()) {
+    return absl::FailedPreconditionError(absl::StrCat("method ", impl_->method->name(),
+                                                      " keeps no per-task weights; task routing needs "
+                                                      "share or share_ella"));
+  }
+  {
+    absl::MutexLock lock(&impl_->mu);
+    auto it = impl_->routed_cache.find(task);
+    if (it != impl_->routed_cache.end()) return it->second;
+    bool known = false;
+    for (const auto& t : impl_->tasks) known |= t.name == task;
+    if (!known) return absl::NotFoundError(absl::StrCat("no learned task '", task, "'"));
+  }
+  auto model = impl_->base->ShallowCopy();
+  RETURN_IF_ERROR(Current()->method->ApplyTaskRouting(task, model.get()));
+  std::shared_ptr<const CausalLM> shared(std::move(model));
+  absl::MutexLock lock(&impl_->mu);
+  if (impl_->routed_cache.size() > 8) impl_->routed_cache.clear();
+  impl_->routed_cache[task] = shared;
+  return shared;
+}
+
+absl::StatusOr<CompletionScores> Engine::ScoreCompletions(const CausalLM& model, const std::string& prompt,
+                                                          const std::vector<std::string>& completions) const {
+  if (completions.empty()) return absl::InvalidArgumentError("completions: at least one is required");
+  Example ex = MakeChoiceExample(prompt, completions[0], completions);
+  ScorerOptions so;
+  so.max_seq_len = impl_->options.defaults.max_seq_len;
+  ASSIGN_OR_RETURN(ChoiceScore cs, ScoreChoice(model, *tokenizer_, {ex}, so));
+  CompletionScores out;
+  out.log_likelihood = cs.log_likelihoods.at(0);
+  for (const auto& c : completions) {
+    out.tokens.push_back(static_cast<int32_t>(EncodePromptCompletion(*tokenizer_, prompt, c).completion.size()));
+  }
+  out.best = static_cast<int32_t>(std::max_element(out.log_likelihood.begin(), out.log_likelihood.end()) -
+                                  out.log_likelihood.begin());
+  return out;
+}
+
+std::vector<TaskInfo> Engine::Tasks() const {
+  absl::MutexLock lock(&impl_->mu);
+  std::vector<TaskInfo> out;
+  const auto& m = impl_->matrix;
+  const int T = static_cast<int>(impl_->tasks.size());
+  for (int j = 0; j < T; ++j) {
+    const auto& t = impl_->tasks[j];
+    TaskInfo info;
+    info.name = t.name;
+    info.index = j + 1;
+    info.scorer = t.scorer;
+    info.method = impl_->method->name();
+    info.job_id = t.job_id;
+    info.description = t.description;
+    info.eval_examples = t.eval_examples;
+    info.base_score = j < static_cast<int>(impl_->base_scores.size()) ? impl_->base_scores[j] : Nan();
+    info.history.push_back({0, "", info.base_score, 0});
+    double best = -INFINITY;
+    for (int i = 0; i < static_cast<int>(m.size()); ++i) {
+      if (j >= static_cast<int>(m[i].size()) || std::isnan(m[i][j])) continue;
+      info.history.push_back({i + 1, impl_->tasks[i].name, m[i][j],
+                              i < static_cast<int>(impl_->stage_versions.size()) ? impl_->stage_versions[i] : 0});
+      if (i == j) info.learned_score = m[i][j];
+      if (i >= j && i < T - 1) best = std::max(best, m[i][j]);
+    }
+    info.current_score = m.empty() || j >= static_cast<int>(m.back().size()) ? Nan() : m.back()[j];
+    info.forgetting = (j < T - 1 && std::isfinite(best)) ? best - info.current_score : 0.0;
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+absl::StatusOr<TaskInfo> Engine::Task(const std::string& name) const {
+  for (auto& t : Tasks()) {
+    if (t.name == name) return t;
+  }
+  return absl::NotFoundError(absl::StrCat("no learned task '", name, "'"));
+}
+
+EngineReport Engine::Report() const {
+  EngineReport r;
+  {
+    absl::MutexLock lock(&impl_->mu);
+    for (const auto& t : impl_->tasks) r.tasks.push_back(t.name);
+    r.matrix = impl_->matrix;
+    r.base = impl_->base_scores;
+    r.reference_nll = impl_->reference_nll;
+    r.weights_version = impl_->current->version;
+    r.adaptation_state_bytes = impl_->state_bytes;
+  }
+  r.method = impl_->method->name();
+  if (!r.matrix.empty()) {
+    auto cl = ComputeClReport(r.matrix, r.base);
+    if (cl.ok()) {
+      r.average_score = cl->aa;
+      r.backward_transfer = cl->bwt;
+      r.forward_transfer = cl->fwt;
+      r.forgetting = cl->forgetting;
+    }
+  }
+  return r;
+}
+
+absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Example> train,
+                                          std::vector<Example> eval, const JobContext& ctx) {
+  Impl& s = *impl_;
+  absl::MutexLock train_lock(&s.train_mu);
+  const TrainDefaults& d = s.options.defaults;
+  const auto& o = job.spec.overrides;
+  SetTorchThreads(s.options.training_threads);
+  if (!job.spec.method.empty() && job.spec.method != s.method->name()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "task '", job.spec.name, "' asks for method ", job.spec.method, ", but this server's adaptation state uses ",
+        s.method->name(), " (one method per state directory; start another server with --method=",
+        job.spec.method, " and its own --state_dir)"));
+  }
+  if (o.rank.has_value() && *o.rank != s.method->config().rank && s.method->num_tasks() > 0) {
+    return absl::FailedPreconditionError("overrides.rank: the rank is fixed once the first task is learned");
+  }
+  if (TaskIsLearned(job.spec.name)) {
+    return absl::AlreadyExistsError(absl::StrCat("task '", job.spec.name, "' is already learned"));
+  }
+  const std::string scorer = job.spec.scorer.empty() ? AutoScorer(eval) : job.spec.scorer;
+  std::shared_ptr<const ServedVersion> before = Current();
+
+  // Scores before training: the base model (b_t) and the current weights (a[t-1][t], for FWT).
+  double base_score, pre_score;
+  {
+    c10::InferenceMode guard;
+    base_score = s.Score(*s.base, eval, scorer);
+    pre_score = before->tasks_learned == 0 ? base_score : s.Score(*before->model, eval, scorer);
+  }
+  spdlog::info("task '{}': {} train / {} eval examples, scorer {}, base score {:.4f}, before training {:.4f}",
+               job.spec.name, train.size(), eval.size(), scorer, base_score, pre_score);
+
+  TrainOptions to;
+  to.learning_rate = o.learning_rate.value_or(d.learning_rate);
+  to.max_steps = o.max_steps.value_or(d.max_steps);
+  to.epochs = o.epochs.value_or(d.epochs);
+  to.batch_size = o.batch_size.value_or(d.batch_size);
+  to.seed = static_cast<uint64_t>(o.seed.value_or(d.seed));
+  to.cancel = ctx.cancel;
+  to.pad_id = s.tokenizer->pad_id().value_or(0);
+  to.warmup_ratio = 0.05;
+  to.progress_every = 1;
+  to.on_progress = [&ctx](const TrainProgress& p) {
+    if (!ctx.progress) return;
+    JobProgress jp;
+    jp.step = p.step;
+    jp.total_steps = p.total_steps;
+    jp.epoch = static_cast<int32_t>(p.epoch);
+    jp.loss = p.loss;
+    jp.learning_rate = p.learning_rate;
+    jp.tokens_per_second = p.tokens_per_second;
+    jp.eta_seconds = p.eta_seconds;
+    ctx.progress(jp);
+  };
+  EncodeOptions eo;
+  eo.max_seq_len = o.max_seq_len.value_or(d.max_seq_len);
+  std::vector<TrainTask> data;
+  data.push_back(MakeTrainTask(job.spec.name, *s.tokenizer, train, eo));
+  train.clear();
+  train.shrink_to_fit();
+
+  // The committed state before this task: restored if anything after the merge fails.
+  ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
+  Trainer trainer(to);
+  auto result = trainer.Train(*before->model, *s.method, job.spec.name, data);
+  if (!result.ok()) return result.status();
+  spdlog::info("task '{}': {} steps in {:.1f} s, loss {:.4f} -> {:.4f}, merge {:.2f} s", job.spec.name,
+               result->steps, result->seconds, result->first_loss, result->final_loss, result->merge_seconds);
+  auto rollback = [&](const absl::Status& st) {
+    if (auto r = s.method->ImportState(previous_state); !r.ok()) {
+      spdlog::critical("cannot roll back the adaptation state: {}", r.ToString());
+    }
+    return st;
+  };
+  if (ctx.set_state) ctx.set_state(JobState::kEvaluating);
+
+  // Keep the eval split (the only data kept after the task) before the checkpoint names it.
+  const std::string eval_rel = absl::StrCat("tasks/", job.spec.name, "/eval.jsonl");
+  {
+    std::string text;
+    for (const auto& e : eval) text += ExampleToJsonLine(e) + "\n";
+    if (auto st = MakeDirs(s.options.state_dir + "/tasks/" + job.spec.name); !st.ok()) return rollback(st);
+    if (auto st = WriteFileAtomic(s.options.state_dir + "/" + eval_rel, text); !st.ok()) return rollback(st);
+  }
+
+  // Evaluate every known task on the new weights.
+  std::shared_ptr<const CausalLM> new_model(std::move(result->model));
+  std::vector<CheckpointTask> tasks;
+  std::map<std::string, std::vector<Example>> eval_sets;
+  {
+    absl::MutexLock lock(&s.mu);
+    tasks = s.tasks;
+    eval_sets = s.eval_sets;
+  }
+  CheckpointTask new_task{job.spec.name, scorer, job.id, job.spec.description, eval_rel,
+                          static_cast<int64_t>(eval.size())};
+  tasks.push_back(new_task);
+  eval_sets[job.spec.name] = eval;
+  std::vector<double> row;
+  JobOutcome outcome;
+  double ref_nll;
+  {
+    c10::InferenceMode guard;
+    for (const auto& t : tasks) {
+      if (ctx.cancel && ctx.cancel->load()) return rollback(absl::CancelledError("cancelled during evaluation"));
+      double score = s.Score(*new_model, eval_sets[t.name], t.scorer);
+      row.push_back(score);
+      outcome.eval_results.emplace_back(t.name, score);
+    }
+    ref_nll = s.RefNll(*new_model);
+  }
+  outcome.reference_nll = ref_nll;
+
+  // Checkpoint, then publish (a restart reports exactly what was published).
+  auto new_state = s.method->ExportState();
+  if (!new_state.ok()) return rollback(new_state.status());
+  CheckpointData snapshot;
+  {
+    absl::MutexLock lock(&s.mu);
+    snapshot = s.Snapshot(*new_state, before->version + 1);
+  }
+  // a[t-1][t] goes into the previous row (FWT); the new row holds every task after stage t.
+  if (!snapshot.matrix.empty()) snapshot.matrix.back().push_back(pre_score);
+  for (auto& r : snapshot.matrix) r.resize(tasks.size(), Nan());
+  snapshot.matrix.push_back(row);
+  snapshot.base.push_back(base_score);
+  snapshot.tasks = tasks;
+  if (snapshot.reference_nll.empty()) snapshot.reference_nll.push_back(Nan());
+  snapshot.reference_nll.push_back(ref_nll);
+  if (auto st = SaveCheckpoint(s.options.state_dir, snapshot); !st.ok()) return rollback(st);
+
+  auto version = std::make_shared<ServedVersion>();
+  version->version = before->version + 1;
+  version->model = new_model;
+  {
+    auto frozen = CreateMethodFromState(*new_state);
+    if (!frozen.ok()) return rollback(frozen.status());
+    version->method = std::shared_ptr<const Method>(std::move(*frozen));
+  }
+  version->tasks_learned = static_cast<int64_t>(tasks.size());
+  {
+    absl::MutexLock lock(&s.mu);
+    s.tasks = tasks;
+    s.eval_sets = std::move(eval_sets);
+    s.matrix = snapshot.matrix;
+    s.base_scores = snapshot.base;
+    s.reference_nll = snapshot.reference_nll;
+    s.stage_versions.resize(tasks.size() - 1, 0);
+    s.stage_versions.push_back(version->version);
+    s.state_bytes = CheckpointBytes(s.options.state_dir);
+    s.routed_cache.clear();
+    s.current = version;  // the atomic swap: new requests see version N+1
+  }
+  outcome.weights_version = version->version;
+  spdlog::info("task '{}' learned: weights version {}, scores [{}]", job.spec.name, version->version,
+               absl::StrJoin(row, ", "));
+  if (on_publish_) on_publish_();
+  return outcome;
+}
+
+absl::Status Engine::ExportWeights(const std::string& dir) const {
+  auto current = Current();
+  RETURN_IF_ERROR(current->model->SaveHf(dir));
+  if (!impl_->options.base_model_id.empty() && impl_->options.base_model_id != "embedded-default") {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
+      std::string src = impl_->options.base_model_id + "/" + f;
+      if (!PathExists(src)) continue;
+      ASSIGN_OR_RETURN(std::string text, ReadFile(src));
+      RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + f, text));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ExportState(const std::string& dir) const {
+  RETURN_IF_ERROR(MakeDirs(dir));
+  std::error_code ec;
+  const std::string src = impl_->options.state_dir + "/checkpoint";
+  if (!PathExists(src)) return absl::FailedPreconditionError("no task learned yet: there is no state to export");
+  for (const auto& e : fs::directory_iterator(src, ec)) {
+    ASSIGN_OR_RETURN(std::string text, ReadFile(e.path().string()));
+    RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + e.path().filename().string(), text));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Engine::ImportAdapters(const std::vector<std::string>& dirs) {
+  return absl::UnimplementedError("ImportAdapters: not wired yet");
+}
+
+}  // namespace strata

@@ -1,0 +1,169 @@
+#pragma once
+// The adaptation engine: owns the base model, the method's adaptation state (Share subspace, ELLA
+// aggregate, ...), the learned tasks with their eval splits and score history, and the served
+// weights versions. It is the TaskRunner the single training worker drives.
+//
+// Served weights are immutable versions behind a refcounted handle (std::shared_ptr<const
+// ServedVersion>): Current() hands out the latest; publishing a new version is an atomic pointer
+// swap, and a request holding version N keeps it alive until it finishes.
+//
+// Durable state lives in <state_dir>/checkpoint (written to a temp dir, fsynced, renamed; a
+// manifest lists every file with its SHA-256, verified on load) and <state_dir>/tasks/<name>/
+// eval.jsonl (the only data kept after a task is learned: no replay).
+//
+// Thread safety: Current(), Tokenizer(), Tasks(), Report(), Routed() and the exports are safe from
+// any thread. RunJob() is called by the worker thread only. Lock order: mu_ only (never held while
+// training or evaluating).
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/jobs/worker.h"
+#include "core/model/model_summary.h"
+
+namespace strata {
+
+class CausalLM;
+class Tokenizer;
+class Method;
+
+struct TrainDefaults {
+  std::string method = "share_ella";
+  double learning_rate = 3e-3;
+  int32_t max_steps = 300;  // 0 = use epochs
+  int32_t epochs = 1;
+  int32_t batch_size = 16;
+  int32_t rank = 8;
+  double alpha = 16;
+  double ella_lambda = 1.0;
+  int32_t max_seq_len = 256;
+  int32_t seed = 0;
+  std::string targets = "all-linear";
+  int32_t k_max = 32;
+};
+
+struct EngineOptions {
+  std::string state_dir;
+  TrainDefaults defaults;
+  // Reference text for general-ability retention (NLL before/after each task); empty = none.
+  std::string reference_text_path;
+  // Texts (separated by blank lines) of the reference used for the NLL, from the start.
+  int64_t reference_max_texts = 64;
+  // Intra-op threads for the training worker and for each inference request.
+  int training_threads = 1;
+  int serving_threads = 1;
+  // Identifies the base model in the checkpoint (a checkpoint made on another base is refused).
+  std::string base_model_id;
+};
+
+struct ServedVersion {
+  int64_t version = 0;
+  std::shared_ptr<const CausalLM> model;  // merged weights: W0 + W_past
+  int64_t tasks_learned = 0;
+  // A frozen copy of the method's committed state at this version (task routing reads it while the
+  // worker trains the live one).
+  std::shared_ptr<const Method> method;
+};
+
+struct ScoreHistoryPoint {
+  int32_t stage = 0;  // 0 = base model
+  std::string after_task;
+  double score = 0;
+  int64_t weights_version = 0;
+};
+
+struct TaskInfo {
+  std::string name;
+  int32_t index = 0;  // 1-based learning order
+  std::string scorer;
+  std::string method;
+  std::string job_id;
+  std::string description;
+  int64_t eval_examples = 0;
+  double base_score = 0;
+  double learned_score = 0;
+  double current_score = 0;
+  double forgetting = 0;
+  std::vector<ScoreHistoryPoint> history;
+};
+
+struct EngineReport {
+  std::vector<std::string> tasks;
+  std::vector<std::vector<double>> matrix;  // matrix[i][j]: after stage i+1, on task j
+  std::vector<double> base;
+  std::optional<double> average_score, backward_transfer, forward_transfer, forgetting;
+  std::vector<double> reference_nll;  // per stage, [0] = base
+  std::string method;
+  int64_t weights_version = 0;
+  int64_t adaptation_state_bytes = 0;
+};
+
+// Scores of completions for InferenceService.Score.
+struct CompletionScores {
+  std::vector<double> log_likelihood;
+  std::vector<int32_t> tokens;
+  int32_t best = 0;
+};
+
+class Engine : public TaskRunner {
+ public:
+  // Takes the base model; loads <state_dir>/checkpoint when present (refusing a corrupted one with
+  // DATA_LOSS naming the file, or one from another base model / method with FAILED_PRECONDITION).
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(std::unique_ptr<CausalLM> base,
+                                                        std::shared_ptr<const Tokenizer> tokenizer,
+                                                        ModelSummary summary, EngineOptions options);
+  ~Engine() override;
+
+  std::shared_ptr<const ServedVersion> Current() const;
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const ModelSummary& summary() const { return summary_; }
+  const EngineOptions& options() const { return options_; }
+
+  // Task-routed weights (W0 + ΔW_task) for methods that keep per-task updates (share, share_ella).
+  // NOT_FOUND for an unknown task, FAILED_PRECONDITION when the method has no per-task weights.
+  absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const std::string& task) const;
+
+  // Log-likelihood of each completion after `prompt` on `model`.
+  absl::StatusOr<CompletionScores> ScoreCompletions(const CausalLM& model, const std::string& prompt,
+                                                    const std::vector<std::string>& completions) const;
+
+  std::vector<TaskInfo> Tasks() const;
+  absl::StatusOr<TaskInfo> Task(const std::string& name) const;
+  EngineReport Report() const;
+  std::string method() const;
+  int64_t AdaptationStateBytes() const;
+
+  // Merged model as HF safetensors + config.json + tokenizer files into `dir`.
+  absl::Status ExportWeights(const std::string& dir) const;
+  // The adaptation state (a copy of the checkpoint) into `dir`.
+  absl::Status ExportState(const std::string& dir) const;
+  // PEFT LoRA adapter directories into the Share subspace; publishes a new version.
+  absl::StatusOr<int64_t> ImportAdapters(const std::vector<std::string>& dirs);
+
+  // TaskRunner:
+  absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train, std::vector<Example> eval,
+                                    const JobContext& ctx) override;
+  bool TaskIsLearned(const std::string& task_name) const override;
+
+  // Called after each published version (metrics export). Set before the worker starts.
+  void SetOnPublish(std::function<void()> fn) { on_publish_ = std::move(fn); }
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+  std::shared_ptr<const Tokenizer> tokenizer_;
+  ModelSummary summary_;
+  EngineOptions options_;
+  std::function<void()> on_publish_;
+};
+
+}  // namespace strata

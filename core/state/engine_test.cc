@@ -1,0 +1,202 @@
+// The adaptation engine on the real stories260K model with small cl-small tasks.
+
+#include "core/state/engine.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <filesystem>
+
+#include "core/adapt/method.h"
+#include "core/data/dataset.h"
+#include "core/model/model.h"
+#include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
+
+namespace strata {
+namespace {
+namespace fs = std::filesystem;
+
+const std::string kModel = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
+
+struct Dir {
+  Dir() {
+    path = (fs::temp_directory_path() / ("strata-engine-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
+               .string();
+    fs::remove_all(path);
+  }
+  ~Dir() { fs::remove_all(path); }
+  std::string path;
+  static inline int n = 0;
+};
+
+EngineOptions Options(const std::string& dir, const std::string& method = "share_ella") {
+  EngineOptions o;
+  o.state_dir = dir;
+  o.base_model_id = kModel;
+  o.defaults.method = method;
+  o.defaults.max_steps = 8;
+  o.defaults.batch_size = 8;
+  o.defaults.learning_rate = 3e-3;
+  o.defaults.targets = "q_proj,v_proj";
+  o.reference_text_path = std::string(STRATA_SHARED_DIR) + "/data/lm/tinystories_val.txt";
+  o.reference_max_texts = 4;
+  o.training_threads = 2;
+  return o;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> MakeEngine(const EngineOptions& o) {
+  auto model = CausalLM::Load(kModel);
+  if (!model.ok()) return model.status();
+  auto tok = Tokenizer::FromDirectory(kModel);
+  if (!tok.ok()) return tok.status();
+  ModelSummary summary;
+  summary.name = "stories260K";
+  return Engine::Create(std::move(*model), std::shared_ptr<const Tokenizer>(std::move(*tok)), summary, o);
+}
+
+TaskData Task(const std::string& name) {
+  TaskLoadOptions lo;
+  lo.max_train = 32;
+  lo.max_test = 16;
+  auto t = LoadTaskDir(std::string(STRATA_SHARED_DIR) + "/data/cl-small/" + name, lo);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return *t;
+}
+
+JobRecord Job(const std::string& name, const std::string& id) {
+  JobRecord j;
+  j.id = id;
+  j.spec.name = name;
+  return j;
+}
+
+at::Tensor Logits(const CausalLM& model) {
+  c10::InferenceMode guard;
+  auto ids = torch::tensor({1, 403, 407, 261, 378}, torch::kLong).unsqueeze(0);
+  return model.Forward(ids, at::Tensor());
+}
+
+TEST(Engine, LearnsTasksPublishesVersionsAndRestoresFromCheckpoint) {
+  SetTorchThreads(2);
+  Dir dir;
+  auto engine = MakeEngine(Options(dir.path));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto v1 = (*engine)->Current();
+  EXPECT_EQ(v1->version, 1);
+  at::Tensor base_logits = Logits(*v1->model);
+
+  int published = 0;
+  (*engine)->SetOnPublish([&] { ++published; });
+  std::atomic<bool> cancel{false};
+  int progress_calls = 0;
+  JobContext ctx;
+  ctx.cancel = &cancel;
+  ctx.progress = [&](const JobProgress& p) {
+    ++progress_calls;
+    EXPECT_EQ(p.total_steps, 8);
+  };
+  auto capitals = Task("capitals");
+  auto r1 = (*engine)->RunJob(Job("capitals", "job-000001"), capitals.train, capitals.test, ctx);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ(r1->weights_version, 2);
+  EXPECT_EQ(progress_calls, 8);
+  EXPECT_EQ(published, 1);
+  // The version handed out before is untouched (in-flight requests finish on it).
+  EXPECT_TRUE(torch::allclose(Logits(*v1->model), base_logits));
+  auto v2 = (*engine)->Current();
+  EXPECT_EQ(v2->version, 2);
+  EXPECT_FALSE(torch::allclose(Logits(*v2->model), base_logits));
+
+  auto langid = Task("langid");
+  auto r2 = (*engine)->RunJob(Job("langid", "job-000002"), langid.train, langid.test, ctx);
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  ASSERT_EQ(r2->eval_results.size(), 2u);
+  EXPECT_EQ(r2->eval_results[0].first, "capitals");
+  EXPECT_TRUE((*engine)->TaskIsLearned("langid"));
+
+  auto report = (*engine)->Report();
+  ASSERT_EQ(report.tasks, (std::vector<std::string>{"capitals", "langid"}));
+  ASSERT_EQ(report.matrix.size(), 2u);
+  ASSERT_EQ(report.matrix[0].size(), 2u);
+  EXPECT_FALSE(std::isnan(report.matrix[0][1]));  // langid scored before it was learned (FWT)
+  EXPECT_TRUE(report.average_score.has_value());
+  EXPECT_TRUE(report.backward_transfer.has_value());
+  EXPECT_EQ(report.reference_nll.size(), 3u);
+  EXPECT_GT(report.adaptation_state_bytes, 0);
+  auto tasks = (*engine)->Tasks();
+  ASSERT_EQ(tasks.size(), 2u);
+  EXPECT_EQ(tasks[1].index, 2);
+  EXPECT_EQ(tasks[1].scorer, "choice");
+  EXPECT_EQ(tasks[0].scorer, "exact_match");
+  EXPECT_GE(tasks[0].history.size(), 3u);  // base, after capitals, after langid
+
+  auto routed = (*engine)->Routed("capitals");
+  ASSERT_TRUE(routed.ok()) << routed.status();
+  EXPECT_EQ((*engine)->Routed("nope").status().code(), absl::StatusCode::kNotFound);
+
+  auto scores = (*engine)->ScoreCompletions(*v2->model, "Word: maison\nLanguage:", {" english", " french"});
+  ASSERT_TRUE(scores.ok()) << scores.status();
+  EXPECT_EQ(scores->log_likelihood.size(), 2u);
+
+  at::Tensor served_logits = Logits(*(*engine)->Current()->model);
+  auto report_before = (*engine)->Report();
+  engine->reset();
+
+  // Restart: same tasks, scores, version and served weights.
+  auto restarted = MakeEngine(Options(dir.path));
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  EXPECT_EQ((*restarted)->Current()->version, 3);
+  EXPECT_TRUE(torch::allclose(Logits(*(*restarted)->Current()->model), served_logits, 1e-5, 1e-5));
+  auto report_after = (*restarted)->Report();
+  EXPECT_EQ(report_after.tasks, report_before.tasks);
+  EXPECT_EQ(report_after.matrix, report_before.matrix);
+  EXPECT_EQ(report_after.reference_nll, report_before.reference_nll);
+
+  // Another base model is refused.
+  auto other = Options(dir.path);
+  other.base_model_id = "some-other-model";
+  auto refused = MakeEngine(other);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(Engine, CancelledAndFailedTasksLeaveTheStateUntouched) {
+  SetTorchThreads(2);
+  Dir dir;
+  auto engine = MakeEngine(Options(dir.path));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  at::Tensor base_logits = Logits(*(*engine)->Current()->model);
+  auto capitals = Task("capitals");
+
+  std::atomic<bool> cancel{true};
+  JobContext ctx;
+  ctx.cancel = &cancel;
+  auto r = (*engine)->RunJob(Job("capitals", "job-000001"), capitals.train, capitals.test, ctx);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_EQ((*engine)->Current()->version, 1);
+  EXPECT_FALSE((*engine)->TaskIsLearned("capitals"));
+
+  cancel = false;
+  auto job = Job("capitals", "job-000002");
+  job.spec.overrides.learning_rate = 3e38;  // overflows fp32 in ΔW = s·B·A
+  auto failed = (*engine)->RunJob(job, capitals.train, capitals.test, ctx);
+  EXPECT_FALSE(failed.ok());
+  EXPECT_EQ((*engine)->Current()->version, 1);
+  EXPECT_TRUE(torch::allclose(Logits(*(*engine)->Current()->model), base_logits));
+  EXPECT_FALSE(fs::exists(dir.path + "/checkpoint"));
+
+  auto other_method = Job("capitals", "job-000003");
+  other_method.spec.method = "seq_lora";
+  EXPECT_EQ((*engine)->RunJob(other_method, capitals.train, capitals.test, ctx).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // It still learns the task afterwards.
+  auto ok = (*engine)->RunJob(Job("capitals", "job-000004"), capitals.train, capitals.test, ctx);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ((*engine)->Current()->version, 2);
+}
+
+}  // namespace
+}  // namespace strata
