@@ -1,5 +1,10 @@
 #pragma once
 // Text generation on a CausalLM: greedy or sampled, with stops, streaming and batching.
+//
+// Thread safety: Generate() only reads the model and the tokenizer, so several calls may run
+// concurrently (each has its own KV cache); the model must not be modified meanwhile.
+// Failures: INVALID_ARGUMENT for bad options or prompts (naming the field / prompt index),
+// INTERNAL if LibTorch throws during the forward pass.
 
 #include <cstdint>
 #include <functional>
@@ -13,29 +18,47 @@
 namespace strata {
 
 struct SamplingOptions {
-  int32_t max_new_tokens = 128;
-  float temperature = 0.0f;  // 0 = greedy
-  int32_t top_k = 0;         // 0 = off
-  float top_p = 1.0f;        // 1 = off
+  int32_t max_new_tokens = 128;  // >= 0; generation also stops at max_position_embeddings in all
+  float temperature = 0.0f;      // 0 = greedy (argmax); > 0 samples from softmax(logits / T)
+  int32_t top_k = 0;             // 0 = off; with temperature > 0 keep the k most likely tokens
+  float top_p = 1.0f;            // 1 = off; (0, 1]: keep the smallest set with mass >= top_p
+  // Sampling is deterministic per (seed, prompt index): each sequence has its own RNG stream, so
+  // a prompt gives the same tokens alone or in a batch at the same index.
   uint64_t seed = 0;
-  std::vector<int32_t> stop_ids;        // in addition to the tokenizer's EOS ids
+  // Stop tokens in addition to EOS (finish_reason "stop"). stories260K-style models that start a
+  // new story with BOS instead of emitting EOS need the BOS id here.
+  std::vector<int32_t> stop_ids;
+  // Stop strings: the text is cut before the first occurrence (finish_reason "stop").
   std::vector<std::string> stop_strings;
+  // Stop on the tokenizer's EOS ids and the model config's eos_token_ids (finish_reason "eos").
   bool stop_on_eos = true;
 };
 
 struct GenerationResult {
-  std::vector<int32_t> ids;   // generated ids (prompt excluded, stop token excluded)
-  std::string text;           // decoded generated text, truncated before a stop string
+  // Generated ids, prompt excluded. A stop/EOS token is excluded; with a stop string the ids run
+  // up to and including the token that completed it.
+  std::vector<int32_t> ids;
+  // The generated text as it continues the prompt (decoded in context, so a leading space is
+  // kept), truncated before a stop string; always valid UTF-8 (invalid bytes and a character left
+  // incomplete at the end become U+FFFD).
+  std::string text;
   std::string finish_reason;  // "length", "eos", "stop", "cancelled"
   int64_t prompt_tokens = 0;
-  double seconds = 0;
+  double seconds = 0;         // from the call until this sequence finished
 };
 
-// Called for each generated token of sequence `index` with the newly decoded text (may be empty
-// while a UTF-8 sequence is incomplete). Return false to cancel that sequence.
+// Called for each generated token of sequence `index` (kept in ids; not for a stop/EOS token) with
+// the newly decoded text: empty while a UTF-8 character is incomplete or while the text could be
+// the start of a stop string; every delta is valid UTF-8 on its own. Text still held back when a
+// sequence ends on a stop/EOS token is delivered by one more call with id == -1. The deltas of a
+// sequence add up to its GenerationResult::text (unless cancelled). Return false to cancel that
+// sequence (finish_reason "cancelled"; the others go on). Called on the calling thread.
 using TokenCallback = std::function<bool(size_t index, int32_t id, const std::string& text_delta)>;
 
-// Generates for a batch of tokenised prompts at once (left-padded prefill, then KV-cached decode).
+// Generates for a batch of tokenised prompts at once: one left-padded prefill, then KV-cached
+// decode steps; each sequence finishes independently (finished rows leave the batch). Runs under
+// c10::InferenceMode. Prompts must be non-empty, with ids in [0, vocab_size) and no longer than
+// max_position_embeddings.
 absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model, const Tokenizer& tokenizer,
                                                        const std::vector<std::vector<int32_t>>& prompts,
                                                        const SamplingOptions& options,

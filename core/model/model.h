@@ -7,9 +7,12 @@
 // ("model.layers.3.self_attn.q_proj") so the adaptation engine can attach a side path
 // (LinearAdapter) or train a weight in place.
 //
+// Note that sharing is by tensor: training a weight of a copy *in place* (weight.add_()) changes the
+// original too; clone the tensors you train in place first (or assign a new tensor to the slot).
+//
 // Thread safety: Forward() on a model whose weights/adapters are not being modified is safe from
-// several threads (each call with its own KVCache). Mutating calls (SetAdapter, weight
-// replacement) must not race with Forward().
+// several threads (each call with its own KVCache). Mutating calls (setting LinearLayer::adapter,
+// weight replacement, ClearAdapters) must not race with Forward().
 
 #include <ATen/core/Tensor.h>
 
@@ -38,53 +41,114 @@ struct LinearLayer {
   at::Tensor weight;  // [out_features, in_features]
   at::Tensor bias;    // undefined when the layer has no bias
   std::shared_ptr<LinearAdapter> adapter;  // optional side path
+  // x [..., in] -> [..., out]. weight/bias are cast to x's dtype when they differ (bf16 weights
+  // computing in float32 on CPU; differentiable, so gradients reach the stored weight), and the
+  // adapter's output is added in the result's dtype.
   at::Tensor Forward(const at::Tensor& x) const;
 };
 
-// Per-layer key/value cache for incremental decoding. One per sequence batch.
-struct KVCache {
-  std::vector<at::Tensor> keys;    // per layer [B, kv_heads, T_cached, head_dim]
-  std::vector<at::Tensor> values;
-  int64_t length() const;
+// Per-layer key/value cache for incremental decoding, one per batch of sequences. Buffers are
+// preallocated (Reserve, or grown by doubling) so a decode step writes its keys/values in place
+// and never copies or recomputes the prefix. Owns its tensors; not thread-safe (one user at a
+// time). Inference only: writing into the buffers in place is not meant for autograd.
+class KVCache {
+ public:
+  // Number of cached positions (the same for every layer after a complete Forward()).
+  int64_t length() const { return lengths_.empty() ? 0 : lengths_[0]; }
+  // Capacity hint in positions: the next allocation holds at least `positions` entries.
+  void Reserve(int64_t positions) { reserve_ = positions; }
+  void Clear();
+  // Keeps only the batch rows `rows` (int64 indices), e.g. to drop finished sequences.
+  void SelectRows(const at::Tensor& rows);
+
+  // Appends k/v [B, kv_heads, T, head_dim] to `layer` and returns views of all cached keys and
+  // values [B, kv_heads, length + T, head_dim]. Used by CausalLM::Forward.
+  std::pair<at::Tensor, at::Tensor> Append(size_t layer, const at::Tensor& k, const at::Tensor& v);
+
+ private:
+  std::vector<at::Tensor> keys_;    // per layer [B, kv_heads, capacity, head_dim]
+  std::vector<at::Tensor> values_;
+  std::vector<int64_t> lengths_;    // per layer valid positions
+  int64_t reserve_ = 0;
 };
 
 struct ModelLoadOptions {
-  std::string device = "cpu";      // "cpu", "cuda", "cuda:N"
-  std::string dtype = "float32";   // "float32" or "bfloat16"
+  std::string device = "cpu";      // "cpu", "cuda", "cuda:N" (checked with ResolveDevice)
+  // "float32" or "bfloat16": the dtype weights are stored in (see CausalLM::compute_dtype());
+  // "float16" only on CUDA.
+  std::string dtype = "float32";
 };
 
+// The rotary inverse frequencies of `config` (head_dim / 2 values): 1 / theta^(2i / head_dim),
+// adjusted by "llama3" rope scaling (HF's _compute_llama3_parameters) when configured.
+std::vector<double> RopeInverseFrequencies(const ModelConfig& config);
+
+// Llama / Mistral / Qwen2 decoder: RMSNorm (computed in float32), rotary embeddings (HF
+// rotate_half convention, rope_theta, optional "llama3" rope scaling), grouped-query attention
+// with causal + padding masks, SwiGLU MLP, tied or separate lm_head, optional q/k/v biases.
+// Mistral's sliding_window is applied through the attention mask (each query sees the
+// `sliding_window` most recent positions, itself included, as in HF); the KV cache still keeps
+// every position (no rolling buffer), so memory grows with the full sequence.
+//
+// Failures: factory functions return absl::Status naming the directory/file/tensor. Forward()
+// throws c10::Error (TORCH_CHECK) on malformed inputs (wrong rank, batch size or mask length).
 class CausalLM {
  public:
-  // Loads config.json + safetensors (single or sharded) from an HF model directory.
+  // Loads config.json + safetensors (single or sharded) from an HF model directory. Tensor names
+  // and shapes are checked against the config (CheckLlamaTensorShapes); a missing lm_head.weight
+  // means tied embeddings.
   static absl::StatusOr<std::unique_ptr<CausalLM>> Load(const std::string& dir,
                                                         const ModelLoadOptions& options = {});
-  // Random init (normal(0, 0.02), norms at 1) with a fixed seed: used for the embedded default
-  // model and benchmark configs.
+  // Builds a model from HF-named tensors (any dtype/device; converted to options'). `source`
+  // prefixes error messages. Same checks as Load().
+  static absl::StatusOr<std::unique_ptr<CausalLM>> FromTensors(
+      const ModelConfig& config, const std::map<std::string, at::Tensor>& tensors,
+      const ModelLoadOptions& options = {}, const std::string& source = "tensors");
+  // (Load, FromTensors and RandomInit create ordinary tensors: do not call them under
+  // c10::InferenceMode if the weights may be trained later.)
+  // Random init (normal(0, 0.02), norms at 1, biases at 0) with a fixed seed: used for the
+  // embedded default model and benchmark configs. Deterministic for a given (config, seed).
   static absl::StatusOr<std::unique_ptr<CausalLM>> RandomInit(const ModelConfig& config,
                                                               uint64_t seed,
                                                               const ModelLoadOptions& options = {});
-  // The embedded default: a small Llama config (byte-level vocab 259) with a fixed seed.
+  // The embedded default: a small Llama config for the byte-level default tokenizer (vocab 259,
+  // hidden 64, 4 layers, 4 heads, 2 KV heads, intermediate 176, 512 positions, BOS 1, EOS 2, tied).
   static ModelConfig EmbeddedDefaultConfig();
 
   const ModelConfig& config() const { return config_; }
   at::Device device() const;
+  // The dtype the weights are stored in.
   at::ScalarType dtype() const;
+  // The dtype activations are computed in: float32 on CPU (LibTorch's CPU bf16 matmul is ~25x
+  // slower than float32 and drifts from the float32 reference; bf16 weights are cast per use, so
+  // a bf16 model costs half the memory and computes like float32), the storage dtype on CUDA.
+  // The KV cache holds this dtype.
+  at::ScalarType compute_dtype() const;
 
   // input_ids: [B, T] int64. attention_mask: [B, T_past + T] (1 = real token, 0 = padding),
   // covering cached positions too; may be undefined (all ones). Positions are derived from the mask
   // (cumsum - 1), so left padding works. With `cache`, appends this step's keys/values.
-  // Returns logits [B, T, vocab] in float32.
+  // `logits_to_keep` > 0 computes logits for the last that many positions only (prefill for
+  // generation needs 1). Returns logits [B, T or logits_to_keep, vocab] in float32.
+  // Autograd-friendly: no grad mode is set here; callers choose (Generate uses InferenceMode).
   at::Tensor Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                     KVCache* cache = nullptr) const;
+                     KVCache* cache = nullptr, int64_t logits_to_keep = 0) const;
 
-  // All linear layers (attention q/k/v/o, MLP gate/up/down per decoder layer), in layer order.
+  // All linear layers (attention q/k/v/o, MLP gate/up/down per decoder layer), in layer order,
+  // e.g. "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj". lm_head is excluded.
   std::vector<std::string> LinearNames() const;
-  // nullptr when absent.
+  // nullptr when absent. "lm_head" is found too (its weight aliases the embedding when tied).
   LinearLayer* FindLinear(const std::string& name);
   const LinearLayer* FindLinear(const std::string& name) const;
 
   // Every parameter under its HF name (embeddings, norms, linears, lm_head unless tied).
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
+  // The slot holding parameter `name` (an HF tensor name from NamedParameters()), so a caller can
+  // replace or train it in place; nullptr when absent. With tied embeddings "lm_head.weight" is
+  // not a parameter: replace "model.embed_tokens.weight" and call RetieEmbeddings().
+  at::Tensor* FindParameter(const std::string& name);
+  // Re-points lm_head at the embedding after the embedding tensor was replaced (tied models).
+  void RetieEmbeddings();
   int64_t ParameterCount() const;
 
   // Shares every tensor with this model; adapters are not copied.
@@ -103,12 +167,17 @@ class CausalLM {
     LinearLayer q, k, v, o, gate, up, down;
   };
   CausalLM() = default;
+  void InitRope();
+  at::Tensor Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x,
+                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
+                       KVCache* cache) const;
+
   ModelConfig config_;
   at::Tensor embed_tokens_;  // [vocab, hidden]
   at::Tensor final_norm_;    // [hidden]
   LinearLayer lm_head_;      // weight aliases embed_tokens_ when tied
   std::vector<DecoderLayer> layers_;
-  at::Tensor rope_inv_freq_;  // [head_dim / 2], float32
+  at::Tensor rope_inv_freq_;  // [head_dim / 2], float32, on the model's device
 };
 
 }  // namespace strata
