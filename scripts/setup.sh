@@ -21,8 +21,8 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config ccache
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libssl-dev libtorch-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
-  nlohmann-json3-dev libpcre2-dev libopenblas0-openmp libjemalloc2
-  curl prometheus gnuplot-nox
+  nlohmann-json3-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev
+  curl prometheus gnuplot-nox python3-yaml
 )
 
 install_deps() {

@@ -1,0 +1,470 @@
+// `strata submit`, `jobs`, `watch`, `cancel`, `tasks`, `report`: the AdaptationService.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "client/commands.h"
+#include "nlohmann/json.hpp"
+#include "strata/v1/adaptation.grpc.pb.h"
+
+namespace strata::cli {
+namespace {
+
+namespace pb = strata::v1;
+
+constexpr size_t kChunkBytes = 64 * 1024;
+
+const std::map<std::string, pb::JobState>& StateNames() {
+  static const std::map<std::string, pb::JobState> names = {
+      {"queued", pb::JOB_STATE_QUEUED},         {"training", pb::JOB_STATE_TRAINING},
+      {"evaluating", pb::JOB_STATE_EVALUATING}, {"succeeded", pb::JOB_STATE_SUCCEEDED},
+      {"failed", pb::JOB_STATE_FAILED},         {"cancelled", pb::JOB_STATE_CANCELLED}};
+  return names;
+}
+
+std::string StateName(pb::JobState s) {
+  for (const auto& [name, state] : StateNames()) {
+    if (state == s) return name;
+  }
+  return "unknown";
+}
+
+std::string ScorerName(pb::Scorer s) {
+  switch (s) {
+    case pb::SCORER_CHOICE:
+      return "choice";
+    case pb::SCORER_EXACT_MATCH:
+      return "exact_match";
+    case pb::SCORER_NLL:
+      return "nll";
+    default:
+      return "auto";
+  }
+}
+
+std::string ProgressText(const pb::Job& job) {
+  const pb::Progress& p = job.progress();
+  switch (job.state()) {
+    case pb::JOB_STATE_QUEUED:
+      return absl::StrFormat("%s %s: queued (position %d)", job.id(), job.task_name(), job.queue_position());
+    case pb::JOB_STATE_TRAINING: {
+      if (p.total_steps() <= 0) return absl::StrFormat("%s %s: training", job.id(), job.task_name());
+      double fraction = static_cast<double>(p.step()) / static_cast<double>(p.total_steps());
+      std::string text = absl::StrFormat("%s %s: training %s %d/%d loss %.4f", job.id(), job.task_name(),
+                                         Bar(fraction), p.step(), p.total_steps(), p.loss());
+      if (p.step() > 0 && p.step() < p.total_steps())
+        absl::StrAppend(&text, " ETA ", FormatDuration(p.eta_seconds()));
+      return text;
+    }
+    case pb::JOB_STATE_EVALUATING:
+      return absl::StrFormat("%s %s: evaluating every task", job.id(), job.task_name());
+    default:
+      return absl::StrFormat("%s %s: %s", job.id(), job.task_name(), StateName(job.state()));
+  }
+}
+
+// Prints how a finished job ended; returns the exit code (0 only when it succeeded).
+int PrintOutcome(const pb::Job& job, const GlobalOptions& opts) {
+  if (opts.json) {
+    std::cout << ProtoToJson(job) << "\n";
+  } else if (job.state() == pb::JOB_STATE_SUCCEEDED) {
+    double seconds = static_cast<double>(job.finished().seconds() - job.started().seconds());
+    std::cout << absl::StrFormat("%s succeeded: task '%s' learned in %s; weights version %d\n", job.id(),
+                                 job.task_name(), FormatDuration(seconds), job.weights_version());
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& r : job.eval_results()) rows.push_back({r.task(), FormatScore(r.score())});
+    PrintTable({"TASK", "SCORE"}, rows);
+    if (job.reference_nll() != 0 && std::isfinite(job.reference_nll())) {
+      std::cout << absl::StrFormat("reference NLL %.4f\n", job.reference_nll());
+    }
+  }
+  if (job.state() == pb::JOB_STATE_SUCCEEDED) return kExitOk;
+  std::fprintf(stderr, "strata: job %s %s: %s\n", job.id().c_str(), StateName(job.state()).c_str(),
+               job.error().c_str());
+  return kExitServerError;
+}
+
+// Follows a job until it ends. With `json_events`, prints every event as a JSON line (and nothing
+// else on stdout); otherwise draws progress on stderr and prints the outcome.
+int FollowJob(pb::AdaptationService::Stub& stub, const std::string& id, const GlobalOptions& opts,
+              bool json_events) {
+  grpc::ClientContext ctx;
+  PrepareContext(&ctx, opts, /*with_deadline=*/false);
+  pb::WatchJobRequest request;
+  request.set_id(id);
+  auto reader = stub.WatchJob(&ctx, request);
+  pb::JobEvent event;
+  pb::Job last;
+  bool have = false;
+  pb::JobState last_state = pb::JOB_STATE_UNSPECIFIED;
+  ProgressLine progress;
+  while (reader->Read(&event)) {
+    last = event.job();
+    have = true;
+    if (json_events) {
+      std::cout << ProtoToJson(event) << std::endl;
+      continue;
+    }
+    bool changed = last.state() != last_state;
+    last_state = last.state();
+    if (changed && StderrIsTerminal()) {
+      progress.Finish(ProgressText(last));  // keep each state on its own line
+    } else {
+      progress.Update(ProgressText(last), changed);
+    }
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return ReportRpcError("WatchJob", status, opts);
+  if (!have) return ReportRpcError("WatchJob", grpc::Status(grpc::StatusCode::INTERNAL, "no event"), opts);
+  if (json_events) return last.state() == pb::JOB_STATE_SUCCEEDED ? kExitOk : kExitServerError;
+  return PrintOutcome(last, opts);
+}
+
+void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("submit", "Stream a task's JSONL data to the server; prints the job id");
+  struct Args {
+    std::string task, file, eval_file, method, scorer, description;
+    double eval_fraction = 0.1, lr = 0;
+    int eval_cap = 0, steps = 0, epochs = 0, batch_size = 0, rank = 0, seed = 0, max_seq_len = 0;
+    bool wait = false;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--task", a->task, "Task name: [A-Za-z0-9._-], 1-64 characters")->required();
+  cmd->add_option("file", a->file, "Training data (JSONL: prompt/completion[/choices] or text lines)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  auto* eval = cmd->add_option("--eval", a->eval_file, "Evaluation data (JSONL)")->check(CLI::ExistingFile);
+  auto* fraction =
+      cmd->add_option("--eval-fraction", a->eval_fraction,
+                      "Without --eval: fraction of the training data held out (server default 0.1)")
+          ->check(CLI::Range(0.0, 0.99));
+  fraction->excludes(eval);
+  auto* cap =
+      cmd->add_option("--eval-cap", a->eval_cap, "Without --eval: at most this many held out (default 200)")
+          ->check(CLI::PositiveNumber);
+  cap->excludes(eval);
+  auto* method =
+      cmd->add_option("--method", a->method, "Method (must be the server's; default: the server's)");
+  auto* lr = cmd->add_option("--lr", a->lr, "Learning rate")->check(CLI::PositiveNumber);
+  auto* steps = cmd->add_option("--steps", a->steps, "Optimizer steps")->check(CLI::PositiveNumber);
+  auto* epochs = cmd->add_option("--epochs", a->epochs, "Epochs (when steps is 0 on the server)")
+                     ->check(CLI::PositiveNumber);
+  auto* batch = cmd->add_option("--batch-size", a->batch_size, "Batch size")->check(CLI::PositiveNumber);
+  auto* rank = cmd->add_option("--rank", a->rank, "Adapter rank (fixed after the first task)")
+                   ->check(CLI::PositiveNumber);
+  auto* seed =
+      cmd->add_option("--seed", a->seed, "Training and hold-out seed")->check(CLI::NonNegativeNumber);
+  auto* seq = cmd->add_option("--max-seq-len", a->max_seq_len, "Maximum tokens per example")
+                  ->check(CLI::PositiveNumber);
+  cmd->add_option("--scorer", a->scorer,
+                  "How the task is scored (default: choice for choices, else exact_match)")
+      ->check(CLI::IsMember({"choice", "exact_match", "nll"}));
+  cmd->add_option("--description", a->description, "Free-form description kept with the task");
+  cmd->add_flag("--wait", a->wait,
+                "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
+  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, seed, seq] {
+    pb::SubmitTaskRequest spec_msg;
+    pb::TaskSpec* spec = spec_msg.mutable_spec();
+    spec->set_name(a->task);
+    if (method->count()) spec->set_method(a->method);
+    if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
+    if (cap->count()) spec->set_eval_cap(a->eval_cap);
+    if (!a->scorer.empty()) {
+      spec->set_scorer(a->scorer == "choice"        ? pb::SCORER_CHOICE
+                       : a->scorer == "exact_match" ? pb::SCORER_EXACT_MATCH
+                                                    : pb::SCORER_NLL);
+    }
+    spec->set_description(a->description);
+    pb::TrainingOverrides* o = spec->mutable_overrides();
+    if (lr->count()) o->set_learning_rate(a->lr);
+    if (steps->count()) o->set_max_steps(a->steps);
+    if (epochs->count()) o->set_epochs(a->epochs);
+    if (batch->count()) o->set_batch_size(a->batch_size);
+    if (rank->count()) o->set_rank(a->rank);
+    if (seed->count()) o->set_seed(a->seed);
+    if (seq->count()) o->set_max_seq_len(a->max_seq_len);
+
+    std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
+    if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
+    int64_t total = 0;
+    for (const auto& [path, is_eval] : files) {
+      std::error_code ec;
+      total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
+    }
+
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    pb::Job job;
+    {
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx, opts, /*with_deadline=*/false);
+      auto writer = stub->SubmitTask(&ctx, &job);
+      bool open = writer->Write(spec_msg);
+      int64_t sent = 0, lines = 0;
+      ProgressLine progress;
+      auto text = [&] {
+        return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
+                               FormatBytes(sent), FormatBytes(total), lines);
+      };
+      for (const auto& [path, is_eval] : files) {
+        if (!open) break;
+        std::ifstream in(path, std::ios::binary);
+        if (!in) {
+          ctx.TryCancel();
+          *exit_code = UsageError("cannot read " + path, opts);
+          return;
+        }
+        std::string buf(kChunkBytes, '\0');
+        while (open && in) {
+          in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+          std::streamsize n = in.gcount();
+          if (n <= 0) break;
+          pb::SubmitTaskRequest msg;
+          pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
+          chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
+          open = writer->Write(msg);
+          sent += n;
+          lines += std::count(buf.data(), buf.data() + n, '\n');
+          progress.Update(text());
+        }
+      }
+      if (open) writer->WritesDone();
+      grpc::Status status = writer->Finish();
+      if (!status.ok()) {
+        progress.Finish(text() + " (refused)");
+        *exit_code = ReportRpcError("SubmitTask", status, opts);
+        return;
+      }
+      progress.Finish(text());
+    }
+    if (!a->wait) {
+      std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
+      return;
+    }
+    if (!opts.json) std::cout << job.id() << std::endl;
+    *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
+  });
+}
+
+void AddJobs(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("jobs", "List jobs, newest first");
+  auto state = std::make_shared<std::string>();
+  std::vector<std::string> names;
+  for (const auto& [name, s] : StateNames()) names.push_back(name);
+  cmd->add_option("--state", *state, "Only jobs in this state")->check(CLI::IsMember(names));
+  cmd->callback([&opts, exit_code, state] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    pb::ListJobsResponse all;
+    pb::ListJobsRequest request;
+    request.set_page_size(500);
+    if (!state->empty()) request.set_state(StateNames().at(*state));
+    do {
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx, opts);
+      pb::ListJobsResponse page;
+      grpc::Status st = stub->ListJobs(&ctx, request, &page);
+      if (!st.ok()) {
+        *exit_code = ReportRpcError("ListJobs", st, opts);
+        return;
+      }
+      for (const auto& j : page.jobs()) *all.add_jobs() = j;
+      request.set_page_token(page.next_page_token());
+    } while (!request.page_token().empty());
+    if (opts.json) {
+      std::cout << ProtoToJson(all) << "\n";
+      return;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& j : all.jobs()) {
+      std::string progress = "-";
+      if (j.progress().total_steps() > 0) {
+        progress = absl::StrFormat("%d/%d", j.progress().step(), j.progress().total_steps());
+      }
+      if (j.state() == pb::JOB_STATE_QUEUED) progress = absl::StrFormat("#%d in queue", j.queue_position());
+      rows.push_back({j.id(), j.task_name(), j.method(), StateName(j.state()), progress,
+                      j.weights_version() > 0 ? absl::StrCat(j.weights_version()) : "-",
+                      FormatTimestamp(j.created().seconds()), j.error()});
+    }
+    if (rows.empty()) {
+      std::cout << "no jobs\n";
+      return;
+    }
+    PrintTable({"ID", "TASK", "METHOD", "STATE", "PROGRESS", "VERSION", "CREATED", "ERROR"}, rows);
+  });
+}
+
+void AddWatch(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand(
+      "watch", "Follow a job until it ends and print its evaluation (exit 1 if it failed or was cancelled)");
+  auto id = std::make_shared<std::string>();
+  cmd->add_option("job", *id, "Job id (e.g. job-000001)")->required();
+  cmd->callback([&opts, exit_code, id] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    *exit_code = FollowJob(*stub, *id, opts, /*json_events=*/opts.json);
+  });
+}
+
+void AddCancel(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("cancel", "Cancel a queued or running job (the model stays unchanged)");
+  auto id = std::make_shared<std::string>();
+  cmd->add_option("job", *id, "Job id")->required();
+  cmd->callback([&opts, exit_code, id] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    pb::CancelJobRequest request;
+    request.set_id(*id);
+    pb::Job job;
+    grpc::Status st = stub->CancelJob(&ctx, request, &job);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("CancelJob", st, opts);
+      return;
+    }
+    if (opts.json) {
+      std::cout << ProtoToJson(job) << "\n";
+    } else if (job.state() == pb::JOB_STATE_CANCELLED) {
+      std::cout << job.id() << " cancelled\n";
+    } else {
+      std::cout << job.id() << " cancelling (training stops at its next step)\n";
+    }
+  });
+}
+
+void AddTasks(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("tasks", "List the learned tasks with their scores");
+  cmd->callback([&opts, exit_code] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    pb::ListTasksResponse tasks;
+    grpc::Status st = stub->ListTasks(&ctx, pb::ListTasksRequest(), &tasks);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("ListTasks", st, opts);
+      return;
+    }
+    if (opts.json) {
+      std::cout << ProtoToJson(tasks) << "\n";
+      return;
+    }
+    if (tasks.tasks_size() == 0) {
+      std::cout << "no tasks learned yet\n";
+      return;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& t : tasks.tasks()) {
+      rows.push_back({absl::StrCat(t.index()), t.name(), ScorerName(t.scorer()), FormatScore(t.base_score()),
+                      FormatScore(t.learned_score()), FormatScore(t.current_score()),
+                      FormatScore(t.forgetting()), absl::StrCat(t.eval_examples()), t.job_id()});
+    }
+    PrintTable({"#", "TASK", "SCORER", "BASE", "LEARNED", "CURRENT", "FORGETTING", "EVAL", "JOB"}, rows);
+  });
+}
+
+void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand(
+      "report",
+      "The accuracy matrix and the continual-learning summary (AA, BWT, FWT, forgetting, reference NLL)");
+  cmd->callback([&opts, exit_code] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    pb::Report r;
+    grpc::Status st = stub->GetReport(&ctx, pb::GetReportRequest(), &r);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("GetReport", st, opts);
+      return;
+    }
+    if (opts.json) {
+      std::cout << ProtoToJson(r) << "\n";
+      return;
+    }
+    std::cout << absl::StrFormat("method %s, weights version %d, %d task(s) learned, adaptation state %s\n",
+                                 r.method(), r.weights_version(), r.tasks_size(),
+                                 FormatBytes(r.adaptation_state_bytes()));
+    if (r.tasks_size() == 0) return;
+    std::cout << "\naccuracy matrix (row: after learning the task; column: score on the task)\n";
+    std::vector<std::string> header = {""};
+    for (const auto& t : r.tasks()) header.push_back(t);
+    std::vector<std::vector<std::string>> rows;
+    std::vector<std::string> base = {"base model"};
+    for (int j = 0; j < r.tasks_size(); ++j) base.push_back(j < r.base_size() ? FormatScore(r.base(j)) : "-");
+    rows.push_back(base);
+    for (int i = 0; i < r.matrix_size(); ++i) {
+      std::vector<std::string> row = {"after " +
+                                      (i < r.tasks_size() ? r.tasks(i) : absl::StrCat("stage ", i + 1))};
+      for (int j = 0; j < r.tasks_size(); ++j) {
+        row.push_back(j < r.matrix(i).scores_size() ? FormatScore(r.matrix(i).scores(j)) : "-");
+      }
+      rows.push_back(row);
+    }
+    PrintTable(header, rows);
+    std::cout << "\n";
+    auto opt = [](bool has, double v) {
+      return has ? absl::StrFormat("%.4f", v) : std::string("- (needs 2 tasks)");
+    };
+    std::vector<std::pair<std::string, std::string>> summary = {
+        {"average score (AA)", r.has_average_score() ? absl::StrFormat("%.4f", r.average_score()) : "-"},
+        {"backward transfer (BWT)", opt(r.has_backward_transfer(), r.backward_transfer())},
+        {"forward transfer (FWT)", opt(r.has_forward_transfer(), r.forward_transfer())},
+        {"forgetting", opt(r.has_forgetting(), r.forgetting())},
+    };
+    std::string nll;
+    for (int i = 0; i < r.reference_nll_size(); ++i) {
+      if (!std::isfinite(r.reference_nll(i))) continue;
+      std::string stage = i == 0 ? "base" : (i - 1 < r.tasks_size() ? r.tasks(i - 1) : absl::StrCat(i));
+      absl::StrAppend(&nll, nll.empty() ? "" : ", ", stage, " ", absl::StrFormat("%.4f", r.reference_nll(i)));
+    }
+    summary.push_back({"reference NLL", nll.empty() ? "- (no --reference_text)" : nll});
+    PrintKeyValues(summary);
+  });
+}
+
+}  // namespace
+
+void AddAdaptationCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  AddSubmit(app, opts, exit_code);
+  AddJobs(app, opts, exit_code);
+  AddWatch(app, opts, exit_code);
+  AddCancel(app, opts, exit_code);
+  AddTasks(app, opts, exit_code);
+  AddReport(app, opts, exit_code);
+}
+
+}  // namespace strata::cli

@@ -1,0 +1,146 @@
+// Server modes of `strata tokenize` / `strata generate`, and `strata score`: the InferenceService.
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/commands.h"
+#include "nlohmann/json.hpp"
+#include "strata/v1/inference.grpc.pb.h"
+
+namespace strata::cli {
+namespace {
+
+namespace pb = strata::v1;
+
+nlohmann::json Text(const std::string& s) {
+  // Generated text may end mid-character in theory; never let a dump throw.
+  return nlohmann::json::parse(
+      nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+}
+
+}  // namespace
+
+int ServerTokenize(const std::string& text, bool add_special_tokens, const GlobalOptions& opts) {
+  auto channel = Connect(opts);
+  if (!channel) return kExitUnreachable;
+  auto stub = pb::InferenceService::NewStub(channel);
+  grpc::ClientContext ctx;
+  PrepareContext(&ctx, opts);
+  pb::TokenizeRequest request;
+  request.set_text(text);
+  request.set_add_special_tokens(add_special_tokens);
+  pb::TokenizeResponse response;
+  grpc::Status st = stub->Tokenize(&ctx, request, &response);
+  if (!st.ok()) return ReportRpcError("Tokenize", st, opts);
+  std::vector<int32_t> ids(response.ids().begin(), response.ids().end());
+  if (opts.json) {
+    std::vector<std::string> tokens(response.tokens().begin(), response.tokens().end());
+    std::cout << nlohmann::json{{"ids", ids},
+                                {"tokens", tokens},
+                                {"weights_version", response.weights_version()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << absl::StrJoin(ids, " ") << "\n";
+  }
+  return kExitOk;
+}
+
+int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
+  auto channel = Connect(opts);
+  if (!channel) return kExitUnreachable;
+  auto stub = pb::InferenceService::NewStub(channel);
+  grpc::ClientContext ctx;
+  PrepareContext(&ctx, opts, /*with_deadline=*/false);
+  pb::GenerateRequest request;
+  request.set_prompt(a.prompt);
+  request.set_task(a.task);
+  pb::SamplingParams* s = request.mutable_sampling();
+  s->set_max_new_tokens(a.max_tokens);
+  s->set_temperature(a.temperature);
+  s->set_top_k(a.top_k);
+  s->set_top_p(a.top_p);
+  s->set_seed(a.seed);
+  for (const auto& stop : a.stop) s->add_stop(stop);
+  auto t0 = std::chrono::steady_clock::now();
+  auto reader = stub->Generate(&ctx, request);
+  pb::GenerateResponse msg;
+  std::string text;
+  std::vector<int32_t> ids;
+  pb::GenerateResponse last;
+  int64_t version = 0;
+  while (reader->Read(&msg)) {
+    text += msg.text();
+    ids.insert(ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    version = msg.weights_version();
+    if (!opts.json && !msg.text().empty()) std::cout << msg.text() << std::flush;
+    if (!msg.finish_reason().empty()) last = msg;
+  }
+  grpc::Status st = reader->Finish();
+  if (!opts.json && !text.empty()) std::cout << "\n";
+  if (!st.ok()) return ReportRpcError("Generate", st, opts);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (opts.json) {
+    nlohmann::json j;
+    j["text"] = Text(text);
+    j["ids"] = ids;
+    j["finish_reason"] = last.finish_reason();
+    j["prompt_tokens"] = last.prompt_tokens();
+    j["completion_tokens"] = last.completion_tokens();
+    j["time_to_first_token_seconds"] = last.time_to_first_token_seconds();
+    j["weights_version"] = version;
+    j["tokens_per_second"] = secs > 0 ? ids.size() / secs : 0.0;
+    std::cout << j.dump() << "\n";
+  }
+  return kExitOk;
+}
+
+void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("score", "Log-likelihood of completions after a prompt (server)");
+  struct Args {
+    std::string prompt, task;
+    std::vector<std::string> completions;
+  };
+  auto a = std::make_shared<Args>();
+  cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
+  cmd->add_option("--completion", a->completions, "A completion (repeatable)")->required();
+  cmd->add_option("--task", a->task, "Use the task-routed weights of this learned task");
+  cmd->callback([&opts, exit_code, a] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::InferenceService::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    pb::ScoreRequest request;
+    request.set_prompt(a->prompt);
+    request.set_task(a->task);
+    for (const auto& c : a->completions) request.add_completions(c);
+    pb::ScoreResponse response;
+    grpc::Status st = stub->Score(&ctx, request, &response);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("Score", st, opts);
+      return;
+    }
+    if (opts.json) {
+      std::cout << ProtoToJson(response) << "\n";
+      return;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (int i = 0; i < response.scores_size(); ++i) {
+      const auto& s = response.scores(i);
+      rows.push_back({i == response.best() ? "*" : "", absl::StrFormat("%.4f", s.log_likelihood()),
+                      absl::StrCat(s.tokens()), nlohmann::json(s.completion()).dump()});
+    }
+    PrintTable({"BEST", "LOG-LIKELIHOOD", "TOKENS", "COMPLETION"}, rows);
+    std::cout << "weights version " << response.weights_version() << "\n";
+  });
+}
+
+}  // namespace strata::cli

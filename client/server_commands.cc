@@ -1,0 +1,104 @@
+// `strata health` and `strata info`.
+
+#include <google/protobuf/util/json_util.h>
+
+#include <iostream>
+
+#include "absl/strings/str_format.h"
+#include "client/commands.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "strata/v1/admin.grpc.pb.h"
+
+namespace strata::cli {
+
+void AddHealthCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("health", "Check the server's health (grpc.health.v1); exit 0 when SERVING");
+  auto service = std::make_shared<std::string>();
+  cmd->add_option("--service", *service, "Service name to check (default: the whole server)");
+  cmd->callback([&opts, exit_code, service] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = grpc::health::v1::Health::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(*service);
+    grpc::health::v1::HealthCheckResponse resp;
+    grpc::Status st = stub->Check(&ctx, req, &resp);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("health check", st, opts);
+      return;
+    }
+    std::string status = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
+    if (opts.json) {
+      std::cout << nlohmann::json{{"server", opts.server}, {"service", *service}, {"status", status}}.dump()
+                << "\n";
+    } else {
+      std::cout << status << "\n";
+    }
+    *exit_code = resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? kExitOk : kExitServerError;
+  });
+}
+
+void AddInfoCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
+  auto* cmd = app.add_subcommand("info", "Show what the server is: version, build, device, model, uptime");
+  cmd->callback([&opts, exit_code] {
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = strata::v1::AdminService::NewStub(channel);
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, opts);
+    strata::v1::ServerInfo info;
+    grpc::Status st = stub->GetServerInfo(&ctx, strata::v1::GetServerInfoRequest(), &info);
+    if (!st.ok()) {
+      *exit_code = ReportRpcError("GetServerInfo", st, opts);
+      return;
+    }
+    if (opts.json) {
+      std::cout << ProtoToJson(info) << "\n";
+      return;
+    }
+    const auto& m = info.model();
+    std::vector<std::pair<std::string, std::string>> rows = {
+        {"server", opts.server},
+        {"version", absl::StrFormat("%s (%s, %s)", info.version(), info.git_commit(), info.build_type())},
+        {"compiler", info.compiler()},
+        {"torch", info.torch_version()},
+        {"device", info.device()},
+        {"blas", info.blas()},
+        {"allocator", info.allocator()},
+        {"threads",
+         absl::StrFormat("training %d, serving %d", info.training_threads(), info.serving_threads())},
+        {"state dir", info.state_dir()},
+        {"uptime", FormatDuration(info.uptime_seconds())},
+    };
+    if (m.loaded()) {
+      rows.push_back({"model", absl::StrFormat("%s (%s)", m.name(), m.architecture())});
+      if (!m.path().empty()) rows.push_back({"model path", m.path()});
+      rows.push_back(
+          {"parameters", absl::StrFormat("%s (%d)", FormatCount(m.parameter_count()), m.parameter_count())});
+      rows.push_back({"shape", absl::StrFormat("hidden %d, layers %d, vocab %d, %s", m.hidden_size(),
+                                               m.num_layers(), m.vocab_size(), m.dtype())});
+    } else {
+      rows.push_back({"model", "no model"});
+    }
+    rows.push_back({"weights", absl::StrFormat("version %d, %d task(s) learned, method %s",
+                                               info.weights_version(), info.tasks_learned(), info.method())});
+    rows.push_back({"security", absl::StrFormat("%s, %s", info.tls() ? "TLS" : "plaintext",
+                                                info.auth_required() ? (info.inference_auth_required()
+                                                                            ? "bearer token required"
+                                                                            : "bearer token required "
+                                                                              "(inference open)")
+                                                                     : "no token")});
+    PrintKeyValues(rows);
+  });
+}
+
+}  // namespace strata::cli

@@ -1,0 +1,517 @@
+// Tests of the Method interface and the methods, driven by hand (no trainer): adapters at step 0,
+// penalties, merges into served weights, state export/import, routing, aborts.
+#include "core/adapt/method.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/adapt/lora.h"
+#include "core/adapt/methods.h"
+
+namespace strata {
+namespace {
+
+using ::testing::HasSubstr;
+
+ModelConfig TinyConfig() {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 64;
+  c.vocab_size = 32;
+  c.tie_word_embeddings = true;
+  c.bos_token_id = 1;
+  c.eos_token_ids = {2};
+  c.torch_dtype = "float32";
+  return c;
+}
+
+std::unique_ptr<CausalLM> TinyModel(uint64_t seed = 7) {
+  auto m = CausalLM::RandomInit(TinyConfig(), seed);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return std::move(m).value();
+}
+
+at::Tensor Ids() {
+  return at::tensor(std::vector<int64_t>{1, 5, 9, 3, 17, 30, 4, 8, 1, 22, 11, 2, 6, 7, 19, 25}).view({2, 8});
+}
+
+at::Tensor Logits(const CausalLM& m) {
+  at::NoGradGuard g;
+  return m.Forward(Ids(), at::Tensor());
+}
+
+double MaxDiff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.detach().to(at::kDouble) - b.detach().to(at::kDouble)).abs().max().item<double>();
+}
+
+// Moves every trainable tensor away from its init so that the task's update is non-zero.
+void Perturb(const Method& method, uint64_t seed) {
+  at::NoGradGuard g;
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  for (auto& [name, p] : method.TrainableParameters()) {
+    p.add_(at::randn(p.sizes(), gen, at::TensorOptions().dtype(p.scalar_type())).mul(0.05));
+  }
+}
+
+at::Tensor ActiveDelta(CausalLM& model, const std::string& module) {
+  auto* adapter = dynamic_cast<LowRankAdapter*>(model.FindLinear(module)->adapter.get());
+  EXPECT_NE(adapter, nullptr) << module;
+  at::NoGradGuard g;
+  return adapter->DeltaWeight().detach().clone();
+}
+
+MethodConfig SmallConfig() {
+  MethodConfig c;
+  c.rank = 2;
+  c.p = 2;
+  c.phi = 1;
+  c.k_max = 4;
+  c.alpha = 4.0;
+  c.ella_lambda = 0.7;
+  return c;
+}
+
+std::unique_ptr<Method> MakeMethod(const std::string& name, MethodConfig config = SmallConfig()) {
+  auto m = CreateMethod(name, config);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return std::move(m).value();
+}
+
+// Runs one task by hand: BeginTask on a copy of `served`, Perturb, EndTask. Returns the new served
+// model; `deltas` (if given) receives the active ΔW per module before the merge.
+std::unique_ptr<CausalLM> RunTask(Method& method, const CausalLM& served, const std::string& task,
+                                  uint64_t seed, std::map<std::string, at::Tensor>* deltas = nullptr) {
+  auto work = served.ShallowCopy();
+  absl::Status s = method.BeginTask(task, work.get());
+  EXPECT_TRUE(s.ok()) << s;
+  Perturb(method, seed);
+  if (deltas != nullptr) {
+    for (const auto& m : method.modules()) (*deltas)[m] = ActiveDelta(*work, m);
+  }
+  s = method.EndTask(work.get());
+  EXPECT_TRUE(s.ok()) << s;
+  return work;
+}
+
+// ---- factory and config --------------------------------------------------------------------------
+
+TEST(MethodFactoryTest, KnownAndUnknownNames) {
+  for (const std::string& name : MethodNames()) {
+    auto m = CreateMethod(name, MethodConfig{});
+    ASSERT_TRUE(m.ok()) << name << ": " << m.status();
+    EXPECT_EQ((*m)->name(), name);
+  }
+  EXPECT_EQ(MethodNames().front(), kDefaultMethod);
+  auto bad = CreateMethod("lora_magic", MethodConfig{});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  for (const char* valid :
+       {"share_ella", "share", "ella", "seq_lora", "inc_lora", "o_lora", "seq_ft", "mtl"}) {
+    EXPECT_THAT(std::string(bad.status().message()), HasSubstr(valid));
+  }
+  EXPECT_TRUE((*CreateMethod("mtl", MethodConfig{}))->joint());
+  EXPECT_FALSE((*CreateMethod("seq_lora", MethodConfig{}))->joint());
+}
+
+TEST(MethodFactoryTest, ConfigValidationAndJson) {
+  MethodConfig c;
+  c.rank = 0;
+  auto m = CreateMethod("seq_lora", c);
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(std::string(m.status().message()), HasSubstr("rank"));
+  c = MethodConfig{};
+  c.mtl_shape = "tiny";
+  EXPECT_THAT(std::string(CreateMethod("mtl", c).status().message()), HasSubstr("mtl_shape"));
+
+  MethodConfig d;
+  d.target_modules = {"all-linear"};
+  d.rank = 4;
+  d.alpha = 8;
+  d.ella_lambda = 0.25;
+  d.olora_lambda = 0.1;
+  d.k_max = 16;
+  d.phi = 3;
+  d.p = 6;
+  d.energy_threshold = 0.99;
+  d.ft_scope = "target";
+  d.mtl_shape = "lora";
+  d.seed = 42;
+  auto back = MethodConfigFromJson(MethodConfigToJson(d));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(MethodConfigToJson(*back), MethodConfigToJson(d));
+  EXPECT_EQ(back->target_modules, d.target_modules);
+  EXPECT_EQ(back->seed, 42u);
+
+  auto partial = MethodConfigFromJson(R"({"rank": 16, "target_modules": "all-linear"})");
+  ASSERT_TRUE(partial.ok()) << partial.status();
+  EXPECT_EQ(partial->rank, 16);
+  EXPECT_EQ(partial->target_modules, std::vector<std::string>{"all-linear"});
+  EXPECT_EQ(partial->alpha, 16.0);
+  auto unknown = MethodConfigFromJson(R"({"rnak": 16})");
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_THAT(std::string(unknown.status().message()), HasSubstr("rnak"));
+  EXPECT_FALSE(MethodConfigFromJson(R"({"rank": "x"})").ok());
+  EXPECT_FALSE(MethodConfigFromJson("not json").ok());
+}
+
+TEST(MethodFactoryTest, ResolveTargetModules) {
+  auto model = TinyModel();
+  auto qv = ResolveTargetModules(*model, {"q_proj", "v_proj"});
+  ASSERT_TRUE(qv.ok());
+  EXPECT_EQ(*qv,
+            (std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                      "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
+  auto all = ResolveTargetModules(*model, {"all-linear"});
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(all->size(), 14u);
+  EXPECT_EQ(*all, model->LinearNames());
+  auto one = ResolveTargetModules(*model, {"model.layers.1.mlp.down_proj"});
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->size(), 1u);
+  auto bad = ResolveTargetModules(*model, {"c_attn"});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("gate_proj"));
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("all-linear"));
+}
+
+// ---- LoRA adapter ----------------------------------------------------------------------------------
+
+TEST(LoraTest, ZeroBReproducesBaseAndSidePathEqualsMergedWeight) {
+  auto model = TinyModel();
+  const at::Tensor base = Logits(*model);
+  const std::string name = "model.layers.1.self_attn.v_proj";
+  LinearLayer* layer = model->FindLinear(name);
+  auto adapter = LoraAdapter::Create(layer->weight.size(1), layer->weight.size(0), 4, 8.0, 3, at::kFloat,
+                                     at::Device(at::kCPU));
+  EXPECT_EQ(adapter->scaling(), 2.0);
+  EXPECT_EQ(adapter->b().abs().sum().item<double>(), 0.0);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(layer->weight.size(1)));
+  EXPECT_LE(adapter->a().abs().max().item<double>(), bound);
+  EXPECT_GT(adapter->a().abs().max().item<double>(), 0.5 * bound);
+  layer->adapter = adapter;
+  EXPECT_EQ(MaxDiff(Logits(*model), base), 0.0);
+
+  {
+    at::NoGradGuard g;
+    adapter->b().copy_(at::randn(adapter->b().sizes()));
+  }
+  const at::Tensor with_adapter = Logits(*model);
+  EXPECT_GT(MaxDiff(with_adapter, base), 1e-4);
+  auto merged = model->ShallowCopy();
+  merged->FindLinear(name)->weight = layer->weight + adapter->DeltaWeight().detach();
+  EXPECT_LT(MaxDiff(Logits(*merged), with_adapter), 1e-5);
+
+  // Same seed, same init; another seed differs.
+  auto again = LoraAdapter::Create(layer->weight.size(1), layer->weight.size(0), 4, 8.0, 3, at::kFloat,
+                                   at::Device(at::kCPU));
+  EXPECT_TRUE(at::equal(again->a(), adapter->a()));
+  auto other = LoraAdapter::Create(layer->weight.size(1), layer->weight.size(0), 4, 8.0, 4, at::kFloat,
+                                   at::Device(at::kCPU));
+  EXPECT_FALSE(at::equal(other->a(), adapter->a()));
+}
+
+TEST(MethodTest, EveryAdapterMethodStartsAtTheServedModel) {
+  auto base = TinyModel();
+  const at::Tensor base_logits = Logits(*base);
+  MethodConfig config = SmallConfig();
+  config.target_modules = {"all-linear"};
+  for (const std::string name : {"seq_lora", "inc_lora", "o_lora", "ella", "share", "share_ella", "mtl"}) {
+    MethodConfig c = config;
+    if (name == "mtl") c.mtl_shape = "lora";
+    auto method = MakeMethod(name, c);
+    // Task 1 from the base model.
+    auto work = base->ShallowCopy();
+    ASSERT_TRUE(method->BeginTask("a", work.get()).ok()) << name;
+    EXPECT_EQ(method->modules().size(), 14u);
+    EXPECT_FALSE(method->TrainableParameters().empty());
+    for (auto& [pname, p] : method->TrainableParameters()) {
+      EXPECT_TRUE(p.requires_grad()) << name << " " << pname;
+      EXPECT_TRUE(p.is_leaf()) << name << " " << pname;
+    }
+    EXPECT_EQ(MaxDiff(Logits(*work), base_logits), 0.0) << name;
+    Perturb(*method, 1);
+    EXPECT_GT(MaxDiff(Logits(*work), base_logits), 1e-5) << name;
+    ASSERT_TRUE(method->EndTask(work.get()).ok()) << name;
+    const at::Tensor served_logits = Logits(*work);
+    EXPECT_GT(MaxDiff(served_logits, base_logits), 1e-5) << name;
+    // Task 2 starts at the served model of task 1 (for seq_lora: the same LoRA, continued).
+    auto work2 = work->ShallowCopy();
+    ASSERT_TRUE(method->BeginTask("b", work2.get()).ok()) << name;
+    EXPECT_LT(MaxDiff(Logits(*work2), served_logits), 1e-5) << name;
+    method->AbortTask(work2.get());
+  }
+}
+
+// ---- ELLA penalty ----------------------------------------------------------------------------------
+
+TEST(MethodTest, EllaPenaltyIsZeroAtFirstTaskAndMatchesHandComputation) {
+  for (const std::string name : {"ella", "share_ella"}) {
+    auto base = TinyModel();
+    auto method = MakeMethod(name);
+    auto work = base->ShallowCopy();
+    ASSERT_TRUE(method->BeginTask("t1", work.get()).ok());
+    Perturb(*method, 11);  // ΔW_1 ≠ 0, but W_past = 0: no penalty
+    at::Tensor p1 = method->ExtraLoss();
+    EXPECT_TRUE(!p1.defined() || p1.item<double>() == 0.0) << name;
+    std::map<std::string, at::Tensor> past;
+    for (const auto& m : method->modules()) past[m] = ActiveDelta(*work, m);
+    ASSERT_TRUE(method->EndTask(work.get()).ok());
+
+    auto work2 = work->ShallowCopy();
+    ASSERT_TRUE(method->BeginTask("t2", work2.get()).ok());
+    at::Tensor p2_start = method->ExtraLoss();  // ΔW_2 = 0 at step 0
+    EXPECT_TRUE(!p2_start.defined() || p2_start.item<double>() == 0.0) << name;
+    Perturb(*method, 12);
+    at::Tensor p2 = method->ExtraLoss();
+    ASSERT_TRUE(p2.defined()) << name;
+    double expected = 0;
+    for (const auto& m : method->modules()) {
+      const at::Tensor w = past[m].to(at::kDouble);
+      const double rms = w.square().mean().sqrt().item<double>();
+      const at::Tensor d = ActiveDelta(*work2, m).to(at::kDouble);
+      expected += 0.7 * (d * (w / rms)).square().sum().item<double>();
+    }
+    EXPECT_GT(expected, 0.0);
+    EXPECT_NEAR(p2.item<double>(), expected, 1e-4 * expected) << name;
+    // The penalty has gradients on the trainable tensors.
+    p2.backward();
+    double grad = 0;
+    for (auto& [pname, p] : method->TrainableParameters()) {
+      if (p.grad().defined()) grad += p.grad().abs().sum().item<double>();
+    }
+    EXPECT_GT(grad, 0.0) << name;
+    method->AbortTask(work2.get());
+  }
+}
+
+TEST(MethodTest, OLoraOrthogonalityTerm) {
+  auto base = TinyModel();
+  auto method = MakeMethod("o_lora");
+  auto work = base->ShallowCopy();
+  ASSERT_TRUE(method->BeginTask("t1", work.get()).ok());
+  EXPECT_FALSE(method->ExtraLoss().defined());
+  std::map<std::string, at::Tensor> a1;
+  for (auto& [pname, p] : method->TrainableParameters()) a1[pname] = p.detach().clone();
+  ASSERT_TRUE(method->EndTask(work.get()).ok());
+  auto work2 = work->ShallowCopy();
+  ASSERT_TRUE(method->BeginTask("t2", work2.get()).ok());
+  double expected = 0;
+  for (auto& [pname, p] : method->TrainableParameters()) {
+    if (pname.size() > 6 && pname.substr(pname.size() - 6) == "lora_A") {
+      expected += at::matmul(a1[pname], p.detach().t()).abs().sum().item<double>();
+    }
+  }
+  at::Tensor loss = method->ExtraLoss();
+  ASSERT_TRUE(loss.defined());
+  EXPECT_GT(expected, 0.0);
+  EXPECT_NEAR(loss.item<double>(), 0.5 * expected, 1e-5 * expected);
+  method->AbortTask(work2.get());
+}
+
+// ---- served weights ------------------------------------------------------------------------------------
+
+// Served weights of inc_lora / o_lora / ella / share_ella are W0 + Σ merged ΔW_t; seq_lora serves
+// W0 + the last LoRA (it continues across tasks).
+TEST(MethodTest, ServedWeightsAreBasePlusMergedUpdates) {
+  for (const std::string name : {"inc_lora", "o_lora", "ella", "share_ella", "seq_lora"}) {
+    auto base = TinyModel();
+    auto method = MakeMethod(name);
+    std::unique_ptr<CausalLM> served = base->ShallowCopy();
+    std::map<std::string, at::Tensor> sum, last;
+    for (int t = 0; t < 3; ++t) {
+      std::map<std::string, at::Tensor> deltas;
+      served = RunTask(*method, *served, "task" + std::to_string(t), 100 + t, &deltas);
+      for (auto& [m, d] : deltas) sum[m] = sum.count(m) ? sum[m] + d : d;
+      last = deltas;
+    }
+    ASSERT_EQ(method->num_tasks(), 3);
+    const auto& expected = name == "seq_lora" ? last : sum;
+    for (const auto& m : method->modules()) {
+      const LinearLayer* layer = served->FindLinear(m);
+      EXPECT_EQ(layer->adapter, nullptr) << name;  // merged into the weights, no side path
+      EXPECT_LT(MaxDiff(layer->weight, base->FindLinear(m)->weight + expected.at(m)), 2e-6)
+          << name << " " << m;
+      EXPECT_GT(expected.at(m).abs().max().item<double>(), 1e-4) << name;
+    }
+    // Non-target layers are the base tensors themselves.
+    EXPECT_TRUE(served->FindLinear("model.layers.0.self_attn.k_proj")
+                    ->weight.is_same(base->FindLinear("model.layers.0.self_attn.k_proj")->weight));
+    // Rebuilding from the base weights gives the same served model.
+    auto rebuilt = base->ShallowCopy();
+    ASSERT_TRUE(method->ApplyServedWeights(rebuilt.get()).ok());
+    EXPECT_LT(MaxDiff(Logits(*rebuilt), Logits(*served)), 1e-5) << name;
+    // The base model was never written.
+    EXPECT_EQ(MaxDiff(Logits(*base), Logits(*TinyModel())), 0.0);
+  }
+}
+
+TEST(MethodTest, ShareServesReconstructedTaskUpdatesAndRoutes) {
+  auto base = TinyModel();
+  MethodConfig config = SmallConfig();
+  config.k_max = 64;  // nothing truncated: reconstructions exact
+  config.energy_threshold = 1.0;
+  for (const std::string name : {"share", "share_ella"}) {
+    auto method = MakeMethod(name, config);
+    std::unique_ptr<CausalLM> served = base->ShallowCopy();
+    std::map<std::string, std::map<std::string, at::Tensor>> per_task;
+    for (int t = 0; t < 2; ++t) {
+      served = RunTask(*method, *served, "task" + std::to_string(t), 300 + t,
+                       &per_task["task" + std::to_string(t)]);
+    }
+    ASSERT_TRUE(method->SupportsTaskRouting());
+    for (const auto& m : method->modules()) {
+      const at::Tensor expected = base->FindLinear(m)->weight + per_task["task0"][m] + per_task["task1"][m];
+      EXPECT_LT(MaxDiff(served->FindLinear(m)->weight, expected), 1e-5) << name << " " << m;
+    }
+    // Routing to task 0: W0 + ΔW_0 as a side path.
+    auto routed = base->ShallowCopy();
+    ASSERT_TRUE(method->ApplyTaskRouting("task0", routed.get()).ok());
+    auto merged0 = base->ShallowCopy();
+    for (const auto& m : method->modules()) {
+      EXPECT_NE(routed->FindLinear(m)->adapter, nullptr);
+      merged0->FindLinear(m)->weight = base->FindLinear(m)->weight + per_task["task0"][m];
+    }
+    EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged0)), 1e-4) << name;
+    EXPECT_EQ(method->ApplyTaskRouting("nope", base->ShallowCopy().get()).code(),
+              absl::StatusCode::kNotFound);
+  }
+  auto ella = MakeMethod("ella");
+  EXPECT_FALSE(ella->SupportsTaskRouting());
+  EXPECT_EQ(ella->ApplyTaskRouting("x", base.get()).code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST(MethodTest, IncLoraRoutesToOneTask) {
+  auto base = TinyModel();
+  auto method = MakeMethod("inc_lora");
+  std::unique_ptr<CausalLM> served = base->ShallowCopy();
+  std::map<std::string, at::Tensor> d0, d1;
+  served = RunTask(*method, *served, "a", 1, &d0);
+  served = RunTask(*method, *served, "b", 2, &d1);
+  auto routed = base->ShallowCopy();
+  ASSERT_TRUE(method->ApplyTaskRouting("b", routed.get()).ok());
+  auto merged = base->ShallowCopy();
+  for (const auto& m : method->modules()) merged->FindLinear(m)->weight = base->FindLinear(m)->weight + d1[m];
+  EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged)), 1e-5);
+}
+
+TEST(MethodTest, SeqFtTrainsCopiesAndKeepsTheServedModel) {
+  auto base = TinyModel();
+  const at::Tensor before = Logits(*base);
+  auto method = MakeMethod("seq_ft");
+  auto work = base->ShallowCopy();
+  ASSERT_TRUE(method->BeginTask("t", work.get()).ok());
+  // Every parameter (tied embedding included) is trainable.
+  EXPECT_EQ(method->TrainableParameters().size(), base->NamedParameters().size());
+  Perturb(*method, 5);  // in place on the working copy's tensors
+  EXPECT_EQ(MaxDiff(Logits(*base), before), 0.0);
+  const at::Tensor trained = Logits(*work);
+  EXPECT_GT(MaxDiff(trained, before), 1e-4);
+  ASSERT_TRUE(method->EndTask(work.get()).ok());
+  EXPECT_EQ(MaxDiff(Logits(*work), trained), 0.0);
+  EXPECT_FALSE(work->FindLinear("model.layers.0.self_attn.q_proj")->weight.requires_grad());
+  auto rebuilt = base->ShallowCopy();
+  ASSERT_TRUE(method->ApplyServedWeights(rebuilt.get()).ok());
+  EXPECT_EQ(MaxDiff(Logits(*rebuilt), trained), 0.0);
+
+  MethodConfig target = SmallConfig();
+  target.ft_scope = "target";
+  auto method2 = MakeMethod("seq_ft", target);
+  auto work2 = base->ShallowCopy();
+  ASSERT_TRUE(method2->BeginTask("t", work2.get()).ok());
+  EXPECT_EQ(method2->TrainableParameters().size(), 4u);  // q, v of 2 layers
+  method2->AbortTask(work2.get());
+}
+
+// ---- state -----------------------------------------------------------------------------------------------
+
+TEST(MethodTest, StateRoundTripsForEveryMethod) {
+  auto base = TinyModel();
+  for (const std::string& name : MethodNames()) {
+    MethodConfig config = SmallConfig();
+    config.target_modules = {"q_proj", "o_proj"};
+    auto method = MakeMethod(name, config);
+    std::unique_ptr<CausalLM> served = base->ShallowCopy();
+    served = RunTask(*method, *served, "first", 21);
+    served = RunTask(*method, *served, "second", 22);
+    auto state = method->ExportState();
+    ASSERT_TRUE(state.ok()) << name << ": " << state.status();
+    EXPECT_EQ(state->method, name);
+    EXPECT_FALSE(state->tensors.empty()) << name;
+    for (auto& [k, t] : state->tensors) EXPECT_TRUE(t.is_contiguous() && t.device().is_cpu()) << k;
+
+    auto restored = CreateMethodFromState(*state);
+    ASSERT_TRUE(restored.ok()) << name << ": " << restored.status();
+    EXPECT_EQ((*restored)->tasks(), method->tasks());
+    EXPECT_EQ((*restored)->modules(), method->modules());
+    EXPECT_EQ(MethodConfigToJson((*restored)->config()), MethodConfigToJson(method->config()));
+    auto again = (*restored)->ExportState();
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->config_json, state->config_json) << name;
+    ASSERT_EQ(again->tensors.size(), state->tensors.size()) << name;
+    for (auto& [k, t] : state->tensors) {
+      ASSERT_TRUE(again->tensors.count(k)) << name << " " << k;
+      EXPECT_TRUE(at::equal(again->tensors.at(k), t)) << name << " " << k;
+    }
+    // Same served model from the restored state.
+    auto rebuilt = base->ShallowCopy();
+    ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok()) << name;
+    EXPECT_LT(MaxDiff(Logits(*rebuilt), Logits(*served)), 1e-5) << name;
+    // The restored method continues: a third task starts at the served model.
+    auto work = served->ShallowCopy();
+    ASSERT_TRUE((*restored)->BeginTask("third", work.get()).ok()) << name;
+    EXPECT_LT(MaxDiff(Logits(*work), Logits(*served)), 1e-5) << name;
+    (*restored)->AbortTask(work.get());
+
+    // A state is refused by another method, and a broken one leaves the method unchanged.
+    auto other = MakeMethod(name == "seq_lora" ? "inc_lora" : "seq_lora", config);
+    EXPECT_FALSE(other->ImportState(*state).ok());
+    MethodState broken = *state;
+    broken.tensors.erase(broken.tensors.begin());
+    if (name != "seq_ft" && name != "mtl") {  // full fine-tuning stores any subset of parameters
+      EXPECT_FALSE((*restored)->ImportState(broken).ok()) << name;
+      EXPECT_EQ((*restored)->num_tasks(), 2);
+    }
+  }
+}
+
+TEST(MethodTest, AbortAndTaskLifecycleErrors) {
+  auto base = TinyModel();
+  for (const std::string& name : MethodNames()) {
+    auto method = MakeMethod(name);
+    std::unique_ptr<CausalLM> served = RunTask(*method, *base, "one", 1);
+    auto before = method->ExportState();
+    ASSERT_TRUE(before.ok());
+    auto work = served->ShallowCopy();
+    EXPECT_EQ(method->BeginTask("one", work.get()).code(), absl::StatusCode::kAlreadyExists) << name;
+    ASSERT_TRUE(method->BeginTask("two", work.get()).ok()) << name;
+    EXPECT_EQ(method->BeginTask("three", work.get()).code(), absl::StatusCode::kFailedPrecondition) << name;
+    EXPECT_EQ(method->ExportState().status().code(), absl::StatusCode::kFailedPrecondition) << name;
+    Perturb(*method, 9);
+    method->AbortTask(work.get());
+    EXPECT_FALSE(method->task_active());
+    auto after = method->ExportState();
+    ASSERT_TRUE(after.ok());
+    EXPECT_EQ(after->config_json, before->config_json) << name;
+    for (auto& [k, t] : before->tensors) EXPECT_TRUE(at::equal(after->tensors.at(k), t)) << name << " " << k;
+    EXPECT_EQ(method->EndTask(work.get()).code(), absl::StatusCode::kFailedPrecondition);
+  }
+  // Unknown target modules are refused at BeginTask.
+  MethodConfig config;
+  config.target_modules = {"c_attn"};
+  auto method = MakeMethod("seq_lora", config);
+  auto work = base->ShallowCopy();
+  absl::Status s = method->BeginTask("x", work.get());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("c_attn"));
+}
+
+}  // namespace
+}  // namespace strata

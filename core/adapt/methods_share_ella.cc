@@ -1,0 +1,346 @@
+// share, ella and share_ella (docs ALGORITHMS.md sections 1-3) on ShareModule / EllaModule.
+//
+// Per target module:
+//   share:      ShareModule; task t trains ShareTaskFactors; merge = basis update. Served weights
+//               W0 + Σ_i ΔW_i with ΔW_i = s·β Eβ_i (α Eα_i)ᵀ reconstructed from the current subspace
+//               (= s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ, one k×k sum and one n×k×d product per module).
+//   ella:       EllaModule; task t trains a fresh LoRA (rank, alpha) with λ‖ΔW_t ⊙ Ŵ_past‖²;
+//               merge W_past += ΔW_t; served W0 + W_past (exact).
+//   share_ella: both on the same ΔW_t = s·B_t A_t from Share's factors; served W0 + W_past (exact),
+//               the subspace gives compact per-task adapters and task routing.
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "core/adapt/ella.h"
+#include "core/adapt/lora.h"
+#include "core/adapt/method.h"
+#include "core/adapt/methods.h"
+#include "core/adapt/share.h"
+#include "core/util/status_macros.h"
+
+namespace strata {
+namespace {
+
+using json = nlohmann::json;
+
+// Share's trainable factors as a side path: the factors are rebuilt (B = β Eβ + Rβ1 Rβ2, ...) on
+// every forward so gradients reach the coefficients and temporary vectors.
+class ShareAdapter : public LowRankAdapter {
+ public:
+  explicit ShareAdapter(ShareTaskFactors factors)
+      : LowRankAdapter(factors.scale), factors_(std::move(factors)) {}
+  std::pair<at::Tensor, at::Tensor> Factors() const override { return {factors_.B(), factors_.A()}; }
+  const ShareTaskFactors& factors() const { return factors_; }
+
+ private:
+  ShareTaskFactors factors_;
+};
+
+// s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ: the sum of every task's reconstructed update [n, d] (float32 CPU).
+absl::StatusOr<at::Tensor> ReconstructedSum(const ShareModule& module) {
+  at::NoGradGuard no_grad;
+  const int64_t kb = module.k_beta();
+  const int64_t ka = module.k_alpha();
+  if (kb == 0 || ka == 0 || module.num_tasks() == 0) {
+    return at::zeros({module.out_features(), module.in_features()}, at::TensorOptions().dtype(at::kFloat));
+  }
+  at::Tensor c = at::zeros({kb, ka}, at::TensorOptions().dtype(at::kFloat));
+  for (const std::string& task : module.TaskNames()) {
+    ASSIGN_OR_RETURN(auto coeffs, module.TaskCoefficients(task));
+    if (coeffs.first.size(1) == 0) continue;
+    c = c.addmm(coeffs.first, coeffs.second.t());
+  }
+  return module.beta().mm(c).mm(module.alpha().t()).mul(module.scale());
+}
+
+class ShareEllaMethod : public Method {
+ public:
+  ShareEllaMethod(const MethodConfig& config, bool use_share, bool use_ella)
+      : Method(config), use_share_(use_share), use_ella_(use_ella) {}
+
+  std::string name() const override {
+    return use_share_ && use_ella_ ? "share_ella" : use_share_ ? "share" : "ella";
+  }
+
+  std::vector<std::pair<std::string, at::Tensor>> TrainableParameters() const override {
+    std::vector<std::pair<std::string, at::Tensor>> out;
+    for (size_t i = 0; i < share_adapters_.size(); ++i) {
+      for (auto& [pname, t] : share_adapters_[i]->factors().NamedParameters()) {
+        out.emplace_back(modules_[i] + "." + pname, t);
+      }
+    }
+    for (size_t i = 0; i < lora_adapters_.size(); ++i) {
+      out.emplace_back(modules_[i] + ".lora_A", lora_adapters_[i]->a());
+      out.emplace_back(modules_[i] + ".lora_B", lora_adapters_[i]->b());
+    }
+    return out;
+  }
+
+  // ELLA: λ Σ_modules ‖ΔW_t ⊙ Ŵ_past‖²_F. Undefined (no cost) while every W_past is zero, i.e. at
+  // t = 1.
+  at::Tensor ExtraLoss() override {
+    if (!use_ella_ || !penalty_active_) return at::Tensor();
+    at::Tensor total;
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      const EllaModule& ella = pending_ella_.at(modules_[i]);
+      if (ella.past_rms() == 0.0) continue;
+      const at::Tensor delta =
+          use_share_ ? share_adapters_[i]->DeltaWeight() : lora_adapters_[i]->DeltaWeight();
+      at::Tensor term = ella.Penalty(delta);
+      total = total.defined() ? total.add(term) : term;
+    }
+    return total;
+  }
+
+  absl::Status ApplyServedWeights(CausalLM* base) const override {
+    if (tasks_.empty()) return absl::OkStatus();
+    RETURN_IF_ERROR(CheckBase(*base));
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> weights;
+    for (const auto& m : modules_) {
+      const LinearLayer* layer = base->FindLinear(m);
+      if (use_ella_) {
+        ASSIGN_OR_RETURN(at::Tensor w, ella_.at(m).ServedWeight(layer->weight));
+        weights.push_back(w);
+      } else {
+        ASSIGN_OR_RETURN(at::Tensor sum, ReconstructedSum(share_.at(m)));
+        weights.push_back(
+            layer->weight.to(at::kFloat).add(sum.to(layer->weight.device())).to(layer->weight.scalar_type()));
+      }
+    }
+    for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->weight = weights[i];
+    return absl::OkStatus();
+  }
+
+  bool SupportsTaskRouting() const override { return use_share_; }
+  absl::Status ApplyTaskRouting(const std::string& task, CausalLM* base) const override {
+    if (!use_share_) return Method::ApplyTaskRouting(task, base);
+    if (std::find(tasks_.begin(), tasks_.end(), task) == tasks_.end()) {
+      return absl::NotFoundError(absl::StrCat(name(), ": unknown task \"", task, "\""));
+    }
+    RETURN_IF_ERROR(CheckBase(*base));
+    std::vector<std::shared_ptr<LoraAdapter>> adapters;
+    for (const auto& m : modules_) {
+      const ShareModule& share = share_.at(m);
+      ASSIGN_OR_RETURN(at::Tensor b, share.TaskB(task));
+      ASSIGN_OR_RETURN(at::Tensor a, share.TaskA(task));
+      const at::Device dev = base->FindLinear(m)->weight.device();
+      adapters.push_back(std::make_shared<LoraAdapter>(a.to(dev), b.to(dev), share.scale()));
+    }
+    for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->adapter = adapters[i];
+    return absl::OkStatus();
+  }
+
+  // For tests and tools: the committed per-module state.
+  const std::map<std::string, ShareModule>& share_modules() const { return share_; }
+  const std::map<std::string, EllaModule>& ella_modules() const { return ella_; }
+
+ protected:
+  ShareOptions MakeShareOptions() const {
+    ShareOptions o;
+    o.k_max = config_.k_max;
+    o.p = config_.p;
+    o.phi = config_.phi;
+    o.lora_alpha = config_.alpha;
+    o.energy_threshold = config_.energy_threshold;
+    return o;
+  }
+  EllaOptions MakeEllaOptions() const {
+    EllaOptions o;
+    o.lambda = config_.ella_lambda;
+    return o;
+  }
+
+  absl::Status CheckBase(const CausalLM& base) const {
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      const LinearLayer* layer = base.FindLinear(modules_[i]);
+      if (layer == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": the model has no linear layer \"", modules_[i], "\""));
+      }
+      if (layer->weight.size(0) != module_shapes_[i].first ||
+          layer->weight.size(1) != module_shapes_[i].second) {
+        return absl::InvalidArgumentError(absl::StrCat(name(), ": module \"", modules_[i],
+                                                       "\" does not have the shape of the method state"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DoBeginTask(const std::string& task_name, CausalLM* model) override {
+    at::NoGradGuard no_grad;
+    share_adapters_.clear();
+    lora_adapters_.clear();
+    // Modules are created lazily at the first task (their sizes come from the model).
+    std::map<std::string, ShareModule> share = share_;
+    std::map<std::string, EllaModule> ella = ella_;
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      const auto [n, d] = module_shapes_[i];
+      if (use_share_ && !share.count(modules_[i])) {
+        ASSIGN_OR_RETURN(ShareModule m, ShareModule::Create(n, d, MakeShareOptions()));
+        share.emplace(modules_[i], std::move(m));
+      }
+      if (use_ella_ && !ella.count(modules_[i])) {
+        ASSIGN_OR_RETURN(EllaModule m, EllaModule::Create(n, d, MakeEllaOptions()));
+        ella.emplace(modules_[i], std::move(m));
+      }
+    }
+    penalty_active_ = false;
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      LinearLayer* layer = model->FindLinear(modules_[i]);
+      TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", modules_[i]);
+      const at::Device dev = layer->weight.device();
+      const uint64_t seed = DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
+      if (use_share_) {
+        auto adapter = std::make_shared<ShareAdapter>(share.at(modules_[i]).BeginTask(seed, dev));
+        layer->adapter = adapter;
+        share_adapters_.push_back(std::move(adapter));
+      } else {
+        auto adapter =
+            LoraAdapter::Create(d_of(i), n_of(i), config_.rank, config_.alpha, seed, at::kFloat, dev);
+        adapter->SetTrainable(true);
+        layer->adapter = adapter;
+        lora_adapters_.push_back(std::move(adapter));
+      }
+      if (use_ella_ && ella.at(modules_[i]).past_rms() > 0.0) penalty_active_ = true;
+    }
+    // Fresh modules (first task) are part of the committed state only after EndTask; keep them
+    // pending here.
+    pending_share_ = std::move(share);
+    pending_ella_ = std::move(ella);
+    return absl::OkStatus();
+  }
+
+  absl::Status DoEndTask(const std::string& task_name, CausalLM* model) override {
+    std::map<std::string, ShareModule> share = pending_share_;
+    std::map<std::string, EllaModule> ella = pending_ella_;
+    std::vector<at::Tensor> weight_updates(modules_.size());
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      const std::string& m = modules_[i];
+      at::Tensor delta = (use_share_ ? share_adapters_[i]->DeltaWeight() : lora_adapters_[i]->DeltaWeight())
+                             .detach()
+                             .to(at::kCPU, at::kFloat);
+      if (!at::isfinite(delta).all().item<bool>()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            name(), ": the update of module \"", m, "\" for task \"", task_name, "\" has non-finite values"));
+      }
+      at::Tensor old_sum;
+      if (use_share_ && !use_ella_) {
+        ASSIGN_OR_RETURN(old_sum, ReconstructedSum(share.at(m)));
+      }
+      if (use_share_) RETURN_IF_ERROR(share.at(m).Merge(task_name, share_adapters_[i]->factors()));
+      if (use_ella_) RETURN_IF_ERROR(ella.at(m).Merge(delta));
+      if (use_ella_) {
+        weight_updates[i] = delta;  // W0 + W_past: the exact update
+      } else {
+        ASSIGN_OR_RETURN(at::Tensor new_sum, ReconstructedSum(share.at(m)));
+        weight_updates[i] = new_sum.sub(old_sum);
+      }
+    }
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      LinearLayer* layer = model->FindLinear(modules_[i]);
+      TORCH_CHECK(layer != nullptr, name(), ": the working model lost ", modules_[i]);
+      layer->adapter.reset();
+      AddToWeight(layer, weight_updates[i]);
+    }
+    share_ = std::move(share);
+    ella_ = std::move(ella);
+    DoAbortTask();
+    return absl::OkStatus();
+  }
+
+  void DoAbortTask() override {
+    share_adapters_.clear();
+    lora_adapters_.clear();
+    pending_share_.clear();
+    pending_ella_.clear();
+    penalty_active_ = false;
+  }
+
+  void ExportTensors(std::map<std::string, at::Tensor>* tensors, std::string* extra) const override {
+    json j = json::object();
+    json share = json::object();
+    json ella = json::object();
+    for (const auto& [m, module] : share_) {
+      module.ExportState("share/" + m + "/", tensors);
+      share[m] = module.ConfigJson();
+    }
+    for (const auto& [m, module] : ella_) {
+      module.ExportState("ella/" + m + "/", tensors);
+      ella[m] = module.ConfigJson();
+    }
+    j["share"] = share;
+    j["ella"] = ella;
+    *extra = j.dump();
+  }
+
+  absl::Status ImportTensors(const std::map<std::string, at::Tensor>& tensors,
+                             const std::string& extra) override {
+    json j = json::parse(extra, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return absl::InvalidArgumentError(name() + " state: bad \"extra\"");
+    std::map<std::string, ShareModule> share;
+    std::map<std::string, EllaModule> ella;
+    auto config_of = [&](const char* kind, const std::string& m) -> absl::StatusOr<std::string> {
+      if (!j.contains(kind) || !j[kind].is_object() || !j[kind].contains(m) || !j[kind][m].is_string()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), " state: no ", kind, " config for module \"", m, "\""));
+      }
+      return j[kind][m].get<std::string>();
+    };
+    if (!tasks_.empty()) {
+      for (size_t i = 0; i < modules_.size(); ++i) {
+        const std::string& m = modules_[i];
+        if (use_share_) {
+          ASSIGN_OR_RETURN(std::string cfg, config_of("share", m));
+          ASSIGN_OR_RETURN(ShareModule module, ShareModule::ImportState(cfg, "share/" + m + "/", tensors));
+          if (module.out_features() != n_of(i) || module.in_features() != d_of(i) ||
+              module.TaskNames() != tasks_) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                name(), " state: Share module \"", m, "\" does not match the method's shapes or task list"));
+          }
+          share.emplace(m, std::move(module));
+        }
+        if (use_ella_) {
+          ASSIGN_OR_RETURN(std::string cfg, config_of("ella", m));
+          ASSIGN_OR_RETURN(EllaModule module, EllaModule::ImportState(cfg, "ella/" + m + "/", tensors));
+          if (module.out_features() != n_of(i) || module.in_features() != d_of(i)) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(name(), " state: ELLA module \"", m, "\" does not match the method's shapes"));
+          }
+          ella.emplace(m, std::move(module));
+        }
+      }
+    }
+    share_ = std::move(share);
+    ella_ = std::move(ella);
+    DoAbortTask();
+    return absl::OkStatus();
+  }
+
+ private:
+  int64_t n_of(size_t i) const { return module_shapes_[i].first; }
+  int64_t d_of(size_t i) const { return module_shapes_[i].second; }
+
+  bool use_share_;
+  bool use_ella_;
+  // Committed, by module name.
+  std::map<std::string, ShareModule> share_;
+  std::map<std::string, EllaModule> ella_;
+  // Active task.
+  std::map<std::string, ShareModule> pending_share_;
+  std::map<std::string, EllaModule> pending_ella_;
+  std::vector<std::shared_ptr<ShareAdapter>> share_adapters_;
+  std::vector<std::shared_ptr<LoraAdapter>> lora_adapters_;
+  bool penalty_active_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Method> NewShareEllaMethod(const MethodConfig& config, bool use_share, bool use_ella) {
+  return std::make_unique<ShareEllaMethod>(config, use_share, use_ella);
+}
+
+}  // namespace strata

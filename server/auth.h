@@ -1,0 +1,44 @@
+#pragma once
+// Bearer-token authentication of RPCs ("authorization: Bearer <token>" metadata).
+//
+// The services call Check() first thing in every handler they protect (AdaptationService and
+// AdminService always when a token is configured; InferenceService with --auth_inference). Health
+// and reflection are never checked. A handler-level check is used rather than an interceptor:
+// gRPC 1.51's server interceptors cannot fail a call with a status, and an AuthMetadataProcessor
+// needs TLS credentials (insecure credentials abort on it).
+//
+// The comparison is constant-time over SHA-256 digests, so neither the token's bytes nor its
+// length leak through timing.
+//
+// Thread safety: immutable after construction; Check() is safe from any thread.
+
+#include <grpcpp/server_context.h>
+#include <grpcpp/support/status.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace strata {
+
+class BearerAuth {
+ public:
+  // Reads the token from `path` (surrounding whitespace removed). INVALID_ARGUMENT naming the file
+  // when it is empty, NOT_FOUND when missing.
+  static absl::StatusOr<std::unique_ptr<BearerAuth>> FromFile(const std::string& path);
+  explicit BearerAuth(const std::string& token);
+
+  // OK when the call carries the token; UNAUTHENTICATED (saying what is missing) otherwise.
+  grpc::Status Check(const grpc::ServerContext& context) const;
+
+ private:
+  std::string digest_;  // raw SHA-256 of the token
+};
+
+// Check() when `auth` is set, OK otherwise (auth disabled or not required for this service).
+inline grpc::Status Authorize(const BearerAuth* auth, const grpc::ServerContext& context) {
+  return auth ? auth->Check(context) : grpc::Status::OK;
+}
+
+}  // namespace strata

@@ -1,0 +1,192 @@
+#include "server/inference_service.h"
+
+#include <chrono>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/data/encode.h"
+#include "core/data/jsonl.h"
+#include "core/model/generate.h"
+#include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
+#include "server/status_util.h"
+
+namespace strata {
+namespace {
+
+namespace pb = strata::v1;
+using Clock = std::chrono::steady_clock;
+
+constexpr int32_t kDefaultMaxNewTokens = 128;
+
+absl::StatusOr<SamplingOptions> SamplingFromProto(const pb::SamplingParams& p, int32_t limit) {
+  SamplingOptions o;
+  if (p.max_new_tokens() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.max_new_tokens: must be >= 0, got ", p.max_new_tokens()));
+  }
+  o.max_new_tokens = p.max_new_tokens() == 0 ? std::min(kDefaultMaxNewTokens, limit) : p.max_new_tokens();
+  if (o.max_new_tokens > limit) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.max_new_tokens: ", p.max_new_tokens(),
+                                                   " is more than this server's limit ", limit,
+                                                   " (--max_new_tokens)"));
+  }
+  if (!std::isfinite(p.temperature()) || p.temperature() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sampling.temperature: must be a finite number >= 0 (0 = greedy), got ", p.temperature()));
+  }
+  o.temperature = p.temperature();
+  if (p.top_k() < 0)
+    return absl::InvalidArgumentError(absl::StrCat("sampling.top_k: must be >= 0, got ", p.top_k()));
+  o.top_k = p.top_k();
+  if (!std::isfinite(p.top_p()) || p.top_p() < 0 || p.top_p() > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.top_p: must be in [0, 1] (0 or 1 = off), got ", p.top_p()));
+  }
+  o.top_p = p.top_p() == 0 ? 1.0f : p.top_p();
+  o.seed = p.seed();
+  for (const std::string& s : p.stop()) {
+    if (s.empty()) return absl::InvalidArgumentError("sampling.stop: stop strings must not be empty");
+    o.stop_strings.push_back(s);
+  }
+  return o;
+}
+
+// Proto3 strings must be UTF-8 (a receiver refuses the message otherwise): invalid bytes in
+// generated text become U+FFFD; a token that is not text on its own (a byte piece) is shown as
+// <0xXX> bytes.
+std::string ValidUtf8(std::string text) {
+  size_t bad = 0;
+  std::string out;
+  std::string_view rest(text);
+  if (IsValidUtf8(rest, &bad)) return text;
+  while (!IsValidUtf8(rest, &bad)) {
+    out.append(rest.substr(0, bad));
+    out.append("\xEF\xBF\xBD");
+    rest.remove_prefix(bad + 1);
+  }
+  out.append(rest);
+  return out;
+}
+
+std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
+  std::string token = tokenizer.IdToToken(id);
+  if (IsValidUtf8(token)) return token;
+  std::string out;
+  for (unsigned char c : token) absl::StrAppend(&out, absl::StrFormat("<0x%02X>", c));
+  return out;
+}
+
+double Seconds(Clock::time_point since) {
+  return std::chrono::duration<double>(Clock::now() - since).count();
+}
+
+}  // namespace
+
+InferenceServiceImpl::InferenceServiceImpl(const Engine* engine, const BearerAuth* auth,
+                                           ServerMetrics* metrics, InferenceOptions options)
+    : engine_(engine), auth_(auth), metrics_(metrics), options_(options) {}
+
+grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const pb::GenerateRequest* request,
+                                            grpc::ServerWriter<pb::GenerateResponse>* writer) {
+  const Clock::time_point start = Clock::now();
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  auto sampling = SamplingFromProto(request->sampling(), options_.max_new_tokens);
+  if (!sampling.ok()) return ToGrpcStatus(sampling.status());
+  SetTorchThreads(options_.serving_threads);
+
+  // One version for the whole request.
+  const std::shared_ptr<const ServedVersion> version = engine_->Current();
+  std::shared_ptr<const CausalLM> model = version->model;
+  if (!request->task().empty()) {
+    auto routed = engine_->Routed(request->task());
+    if (!routed.ok()) return ToGrpcStatus(routed.status());
+    model = *routed;
+  }
+  const Tokenizer& tokenizer = engine_->tokenizer();
+  std::vector<int32_t> prompt = EncodePrompt(tokenizer, request->prompt());
+
+  std::vector<int32_t> pending_ids;  // generated ids not yet sent (their text is incomplete)
+  std::optional<double> ttft;
+  bool write_failed = false;
+  auto on_token = [&](size_t, int32_t id, const std::string& delta) {
+    if (id >= 0) {
+      pending_ids.push_back(id);
+      if (!ttft) ttft = Seconds(start);
+    }
+    if (!delta.empty()) {
+      pb::GenerateResponse msg;
+      msg.set_text(ValidUtf8(delta));
+      for (int32_t i : pending_ids) msg.add_token_ids(i);
+      msg.set_weights_version(version->version);
+      pending_ids.clear();
+      if (!writer->Write(msg)) {
+        write_failed = true;
+        return false;
+      }
+    }
+    return !context->IsCancelled();
+  };
+  auto results = strata::Generate(*model, tokenizer, {prompt}, *sampling, on_token);
+  if (!results.ok()) return ToGrpcStatus(results.status());
+  const GenerationResult& r = (*results)[0];
+  if (metrics_) metrics_->RecordGeneration(static_cast<int64_t>(r.ids.size()), ttft);
+  if (write_failed || context->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the generation");
+  }
+  pb::GenerateResponse last;
+  for (int32_t i : pending_ids) last.add_token_ids(i);
+  last.set_weights_version(version->version);
+  last.set_finish_reason(r.finish_reason);
+  last.set_prompt_tokens(static_cast<int32_t>(r.prompt_tokens));
+  last.set_completion_tokens(static_cast<int32_t>(r.ids.size()));
+  last.set_time_to_first_token_seconds(ttft.value_or(Seconds(start)));
+  writer->Write(last);
+  return grpc::Status::OK;
+}
+
+grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb::ScoreRequest* request,
+                                         pb::ScoreResponse* response) {
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  if (request->completions_size() == 0) {
+    return ToGrpcStatus(absl::InvalidArgumentError("completions: at least one is required"));
+  }
+  SetTorchThreads(options_.serving_threads);
+  const std::shared_ptr<const ServedVersion> version = engine_->Current();
+  std::shared_ptr<const CausalLM> model = version->model;
+  if (!request->task().empty()) {
+    auto routed = engine_->Routed(request->task());
+    if (!routed.ok()) return ToGrpcStatus(routed.status());
+    model = *routed;
+  }
+  std::vector<std::string> completions(request->completions().begin(), request->completions().end());
+  auto scores = engine_->ScoreCompletions(*model, request->prompt(), completions);
+  if (!scores.ok()) return ToGrpcStatus(scores.status());
+  for (size_t i = 0; i < completions.size(); ++i) {
+    pb::CompletionScore* s = response->add_scores();
+    s->set_completion(completions[i]);
+    if (i < scores->log_likelihood.size()) s->set_log_likelihood(scores->log_likelihood[i]);
+    if (i < scores->tokens.size()) s->set_tokens(scores->tokens[i]);
+  }
+  response->set_best(scores->best);
+  response->set_weights_version(version->version);
+  return grpc::Status::OK;
+}
+
+grpc::Status InferenceServiceImpl::Tokenize(grpc::ServerContext* context, const pb::TokenizeRequest* request,
+                                            pb::TokenizeResponse* response) {
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  const Tokenizer& tokenizer = engine_->tokenizer();
+  for (int32_t id : tokenizer.Encode(request->text(), request->add_special_tokens())) {
+    response->add_ids(id);
+    response->add_tokens(TokenText(tokenizer, id));
+  }
+  response->set_weights_version(engine_->Current()->version);
+  return grpc::Status::OK;
+}
+
+}  // namespace strata

@@ -1,0 +1,332 @@
+#include "server/metrics.h"
+
+#include <grpcpp/support/status.h>
+
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/jobs/job_store.h"
+#include "core/state/engine.h"
+#include "core/util/process_info.h"
+
+namespace strata {
+namespace {
+
+const std::vector<std::string>& CodeNames() {
+  static const std::vector<std::string> names = {
+      "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+      "DATA_LOSS", "UNAUTHENTICATED"};
+  return names;
+}
+
+prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = prometheus::MetricType::Gauge;
+  prometheus::ClientMetric m;
+  m.gauge.value = value;
+  f.metric.push_back(m);
+  return f;
+}
+
+// Standard process_* figures (names as the official client libraries export them).
+class ProcessCollector : public prometheus::Collectable {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    ProcessStats s = ReadProcessStats();
+    std::vector<prometheus::MetricFamily> out;
+    prometheus::MetricFamily cpu;
+    cpu.name = "process_cpu_seconds_total";
+    cpu.help = "Total user and system CPU time spent in seconds.";
+    cpu.type = prometheus::MetricType::Counter;
+    prometheus::ClientMetric m;
+    m.counter.value = s.cpu_seconds;
+    cpu.metric.push_back(m);
+    out.push_back(cpu);
+    out.push_back(GaugeFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
+                              static_cast<double>(s.resident_bytes)));
+    out.push_back(GaugeFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                              static_cast<double>(s.virtual_bytes)));
+    out.push_back(GaugeFamily("process_start_time_seconds",
+                              "Start time of the process since unix epoch in seconds.",
+                              s.start_time_seconds));
+    out.push_back(
+        GaugeFamily("process_open_fds", "Number of open file descriptors.", static_cast<double>(s.open_fds)));
+    out.push_back(GaugeFamily("process_max_fds", "Maximum number of open file descriptors.",
+                              static_cast<double>(s.max_fds)));
+    out.push_back(GaugeFamily("process_threads", "Number of OS threads in the process.",
+                              static_cast<double>(s.threads)));
+    auto now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    out.push_back(GaugeFamily("strata_uptime_seconds", "Seconds since the server process started.",
+                              now - s.start_time_seconds));
+    return out;
+  }
+};
+
+class MetricsInterceptor : public grpc::experimental::Interceptor {
+ public:
+  MetricsInterceptor(ServerMetrics* metrics, std::string method)
+      : metrics_(metrics), method_(std::move(method)), start_(std::chrono::steady_clock::now()) {}
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_STATUS)) {
+      grpc::Status status = methods->GetSendStatus();
+      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      metrics_->RecordRpc(method_, static_cast<int>(status.error_code()), seconds);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  ServerMetrics* metrics_;
+  std::string method_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+class MetricsInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit MetricsInterceptorFactory(ServerMetrics* metrics) : metrics_(metrics) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo* info) override {
+    return new MetricsInterceptor(metrics_, info->method());
+  }
+
+ private:
+  ServerMetrics* metrics_;
+};
+
+prometheus::MetricFamily LabeledGaugeFamily(const std::string& name, const std::string& help,
+                                            const std::string& label,
+                                            const std::vector<std::pair<std::string, double>>& values) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = prometheus::MetricType::Gauge;
+  for (const auto& [label_value, value] : values) {
+    prometheus::ClientMetric m;
+    m.label.push_back({label, label_value});
+    m.gauge.value = value;
+    f.metric.push_back(m);
+  }
+  return f;
+}
+
+std::vector<std::pair<std::string, double>> Finite(
+    const std::vector<std::pair<std::string, double>>& values) {
+  std::vector<std::pair<std::string, double>> out;
+  for (const auto& v : values) {
+    if (std::isfinite(v.second)) out.push_back(v);
+  }
+  return out;
+}
+
+}  // namespace
+
+// The scrape-time families of the service state (see metrics.h).
+class StateCollector : public prometheus::Collectable {
+ public:
+  explicit StateCollector(const ServerMetrics* metrics) : metrics_(metrics) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<prometheus::MetricFamily> out;
+    if (const JobStore* store = metrics_->jobs_.load()) CollectJobs(*store, &out);
+    if (const Engine* engine = metrics_->engine_.load()) {
+      const int64_t version = engine->Current()->version;
+      out.push_back(GaugeFamily("strata_weights_version", "The weights version being served.",
+                                static_cast<double>(version)));
+      out.push_back(LabeledGaugeFamily("strata_weights_info",
+                                       "The weights version being served, as a label; the value is always 1.",
+                                       "version", {{absl::StrCat(version), 1.0}}));
+    }
+    std::optional<ModelFigures> figures;
+    {
+      absl::MutexLock lock(&metrics_->figures_mu_);
+      figures = metrics_->figures_;
+    }
+    if (figures) CollectFigures(*figures, &out);
+    return out;
+  }
+
+ private:
+  static void CollectJobs(const JobStore& store, std::vector<prometheus::MetricFamily>* out) {
+    std::vector<std::pair<std::string, double>> by_state;
+    std::map<JobState, double> counts;
+    std::optional<JobRecord> training;
+    for (const JobRecord& job : store.List()) {
+      counts[job.state] += 1;
+      if (job.state == JobState::kTraining) training = job;
+    }
+    for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
+                       JobState::kFailed, JobState::kCancelled}) {
+      by_state.emplace_back(JobStateName(s), counts[s]);
+    }
+    out->push_back(LabeledGaugeFamily("strata_jobs", "Jobs in the journal by state.", "state", by_state));
+    // Finished jobs never leave their terminal state and the journal keeps every job, so the count
+    // is monotonic (and survives restarts): a counter.
+    prometheus::MetricFamily finished;
+    finished.name = "strata_jobs_finished_total";
+    finished.help = "Jobs that ended, by final state (succeeded, failed, cancelled), from the job journal.";
+    finished.type = prometheus::MetricType::Counter;
+    for (JobState s : {JobState::kSucceeded, JobState::kFailed, JobState::kCancelled}) {
+      prometheus::ClientMetric m;
+      m.label.push_back({"state", JobStateName(s)});
+      m.counter.value = counts[s];
+      finished.metric.push_back(m);
+    }
+    out->push_back(finished);
+    out->push_back(GaugeFamily("strata_queue_length", "Jobs waiting for the training worker.",
+                               counts[JobState::kQueued]));
+    if (training && training->progress.step > 0) {
+      if (std::isfinite(training->progress.loss)) {
+        out->push_back(GaugeFamily("strata_training_loss",
+                                   "Training loss of the job being trained (latest step); absent while idle.",
+                                   training->progress.loss));
+      }
+      out->push_back(GaugeFamily("strata_training_tokens_per_second",
+                                 "Training throughput of the job being trained in tokens per second; absent "
+                                 "while idle.",
+                                 training->progress.tokens_per_second));
+    }
+  }
+
+  static void CollectFigures(const ModelFigures& f, std::vector<prometheus::MetricFamily>* out) {
+    out->push_back(LabeledGaugeFamily("strata_task_score",
+                                      "Score of each learned task on the served weights.", "task",
+                                      Finite(f.task_score)));
+    out->push_back(
+        LabeledGaugeFamily("strata_task_forgetting",
+                           "Forgetting of each learned task: best earlier score minus the current score.",
+                           "task", Finite(f.task_forgetting)));
+    auto optional_gauge = [&](const char* name, const char* help, const std::optional<double>& v) {
+      if (v.has_value() && std::isfinite(*v)) out->push_back(GaugeFamily(name, help, *v));
+    };
+    optional_gauge("strata_average_score", "Average score over the learned tasks (AA) after the latest task.",
+                   f.average_score);
+    optional_gauge("strata_backward_transfer", "Backward transfer (BWT) over the learned tasks.",
+                   f.backward_transfer);
+    optional_gauge("strata_forward_transfer", "Forward transfer (FWT) over the learned tasks.",
+                   f.forward_transfer);
+    optional_gauge(
+        "strata_reference_nll",
+        "Mean negative log-likelihood of the reference text on the served weights (general ability).",
+        f.reference_nll);
+    out->push_back(GaugeFamily("strata_tasks_learned", "Tasks learned by the served weights.",
+                               static_cast<double>(f.tasks_learned)));
+    out->push_back(GaugeFamily("strata_adaptation_state_bytes",
+                               "Size of the durable adaptation state (checkpoint) in bytes.",
+                               static_cast<double>(f.adaptation_state_bytes)));
+  }
+
+  const ServerMetrics* metrics_;
+};
+
+ModelFigures CollectModelFigures(const Engine& engine) {
+  ModelFigures f;
+  EngineReport report = engine.Report();
+  f.weights_version = report.weights_version;
+  for (const TaskInfo& t : engine.Tasks()) {
+    f.task_score.emplace_back(t.name, t.current_score);
+    f.task_forgetting.emplace_back(t.name, t.forgetting);
+  }
+  f.average_score = report.average_score;
+  f.backward_transfer = report.backward_transfer;
+  f.forward_transfer = report.forward_transfer;
+  // Only the latest stage counts (an older value would pass for the current one).
+  if (!report.reference_nll.empty() && std::isfinite(report.reference_nll.back())) {
+    f.reference_nll = report.reference_nll.back();
+  }
+  f.tasks_learned = static_cast<int64_t>(report.tasks.size());
+  f.adaptation_state_bytes = report.adaptation_state_bytes;
+  return f;
+}
+
+ServerMetrics::ServerMetrics(const BuildFacts& facts) : registry_(std::make_shared<prometheus::Registry>()) {
+  prometheus::BuildGauge()
+      .Name("strata_build_info")
+      .Help("Build facts of the running server; the value is always 1.")
+      .Register(*registry_)
+      .Add({{"version", facts.version},
+            {"git_commit", facts.git_commit},
+            {"torch_version", facts.torch_version},
+            {"device", facts.device},
+            {"blas", facts.blas},
+            {"allocator", facts.allocator}})
+      .Set(1);
+  process_collector_ = std::make_shared<ProcessCollector>();
+  rpc_requests_ = &prometheus::BuildCounter()
+                       .Name("strata_rpc_requests_total")
+                       .Help("Finished RPCs by full method name and gRPC status code.")
+                       .Register(*registry_);
+  rpc_latency_ =
+      &prometheus::BuildHistogram()
+           .Name("strata_rpc_duration_seconds")
+           .Help("RPC latency from arrival to status, by full method name (streams: whole stream).")
+           .Register(*registry_);
+  generated_tokens_ = &prometheus::BuildCounter()
+                           .Name("strata_generated_tokens_total")
+                           .Help("Tokens generated by InferenceService.Generate.")
+                           .Register(*registry_)
+                           .Add({});
+  time_to_first_token_ = &prometheus::BuildHistogram()
+                              .Name("strata_time_to_first_token_seconds")
+                              .Help("Time from a Generate request's arrival to its first generated token.")
+                              .Register(*registry_)
+                              .Add({}, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1,
+                                                                               0.25, 0.5, 1, 2.5, 5, 10, 30});
+  state_collector_ = std::make_shared<StateCollector>(this);
+}
+
+void ServerMetrics::RecordGeneration(int64_t tokens, std::optional<double> ttft) {
+  generated_tokens_->Increment(static_cast<double>(tokens));
+  if (ttft.has_value()) time_to_first_token_->Observe(*ttft);
+}
+
+void ServerMetrics::SetSources(const JobStore* jobs, const Engine* engine) {
+  jobs_ = jobs;
+  engine_ = engine;
+}
+
+void ServerMetrics::RefreshModelFigures() {
+  const Engine* engine = engine_.load();
+  if (engine == nullptr) return;
+  ModelFigures figures = CollectModelFigures(*engine);
+  absl::MutexLock lock(&figures_mu_);
+  figures_ = std::move(figures);
+}
+
+void ServerMetrics::RecordRpc(const std::string& method, int grpc_code, double seconds) {
+  const auto& names = CodeNames();
+  std::string code = grpc_code >= 0 && grpc_code < static_cast<int>(names.size()) ? names[grpc_code]
+                                                                                  : absl::StrCat(grpc_code);
+  rpc_requests_->Add({{"method", method}, {"code", code}}).Increment();
+  static const prometheus::Histogram::BucketBoundaries kBuckets = {
+      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
+  rpc_latency_->Add({{"method", method}}, kBuckets).Observe(seconds);
+}
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+ServerMetrics::MakeInterceptorFactory() {
+  return std::make_unique<MetricsInterceptorFactory>(this);
+}
+
+absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartMetricsExposer(const std::string& host, int port,
+                                                                         ServerMetrics& metrics) {
+  std::string addr = absl::StrCat(host, ":", port);
+  try {
+    auto exposer = std::make_unique<prometheus::Exposer>(addr, /*num_threads=*/2);
+    exposer->RegisterCollectable(metrics.registry_ptr());
+    exposer->RegisterCollectable(metrics.process_collector());
+    exposer->RegisterCollectable(metrics.state_collector());
+    return exposer;
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrCat("cannot serve /metrics on ", addr,
+                                               " (port in use or address not available): ", e.what()));
+  }
+}
+
+}  // namespace strata

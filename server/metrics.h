@@ -1,0 +1,109 @@
+#pragma once
+// Prometheus metrics of the server: the registry, the /metrics HTTP exposer, build info, standard
+// process figures, RED metrics for every RPC (through a gRPC server interceptor), generation
+// figures, and the state of the service:
+//   jobs and training   strata_jobs{state}, strata_jobs_finished_total{state}, strata_queue_length,
+//                       strata_training_loss,
+//                       strata_training_tokens_per_second (read from the job store at scrape time;
+//                       the training figures only while a job trains)
+//   served weights      strata_weights_version, strata_weights_info{version} (= 1)
+//   continual learning  strata_task_score{task}, strata_task_forgetting{task},
+//                       strata_average_score, strata_backward_transfer, strata_forward_transfer
+//                       (each only once defined), strata_reference_nll (latest stage),
+//                       strata_tasks_learned, strata_adaptation_state_bytes
+//                       (a snapshot refreshed by RefreshModelFigures: at start and on publish)
+//
+// Thread safety: all members are safe to use from any thread after construction. The snapshot has
+// its own mutex, never held while calling the engine or the job store.
+
+#include <grpcpp/support/server_interceptor.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace strata {
+
+class Engine;
+class JobStore;
+
+struct BuildFacts {
+  std::string version, git_commit, torch_version, device, blas, allocator;
+};
+
+// What the continual-learning gauges show (NaN / nullopt values are not exported).
+struct ModelFigures {
+  int64_t weights_version = 0;
+  std::vector<std::pair<std::string, double>> task_score;       // current score per task
+  std::vector<std::pair<std::string, double>> task_forgetting;  // per task
+  std::optional<double> average_score, backward_transfer, forward_transfer, reference_nll;
+  int64_t tasks_learned = 0;
+  int64_t adaptation_state_bytes = 0;
+};
+
+ModelFigures CollectModelFigures(const Engine& engine);
+
+class ServerMetrics {
+ public:
+  explicit ServerMetrics(const BuildFacts& facts);
+
+  prometheus::Registry& registry() { return *registry_; }
+  std::shared_ptr<prometheus::Registry> registry_ptr() { return registry_; }
+  std::shared_ptr<prometheus::Collectable> process_collector() { return process_collector_; }
+
+  // Records one finished RPC.
+  void RecordRpc(const std::string& method, int grpc_code, double seconds);
+
+  // A gRPC interceptor factory feeding RecordRpc; owned by the server builder.
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeInterceptorFactory();
+
+  // One finished generation: tokens generated and the time to its first token (none when no token
+  // was generated).
+  void RecordGeneration(int64_t tokens, std::optional<double> time_to_first_token_seconds);
+
+  // Sources of the service gauges (not owned; must outlive the exposer). Either may be null.
+  void SetSources(const JobStore* jobs, const Engine* engine);
+  // Re-reads the continual-learning figures from the engine (at start and after each publish).
+  void RefreshModelFigures();
+
+  // Every scrape-time family (jobs, training, weights, continual learning).
+  std::shared_ptr<prometheus::Collectable> state_collector() { return state_collector_; }
+
+ private:
+  friend class StateCollector;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<prometheus::Collectable> process_collector_;
+  std::shared_ptr<prometheus::Collectable> state_collector_;
+  prometheus::Family<prometheus::Counter>* rpc_requests_;
+  prometheus::Family<prometheus::Histogram>* rpc_latency_;
+  prometheus::Counter* generated_tokens_;
+  prometheus::Histogram* time_to_first_token_;
+
+  std::atomic<const JobStore*> jobs_{nullptr};
+  std::atomic<const Engine*> engine_{nullptr};
+  mutable absl::Mutex figures_mu_;
+  std::optional<ModelFigures> figures_ ABSL_GUARDED_BY(figures_mu_);
+};
+
+// Starts the HTTP exposer for /metrics on host:port. UNAVAILABLE with the reason when it cannot
+// bind (port in use, bad address).
+absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartMetricsExposer(const std::string& host, int port,
+                                                                         ServerMetrics& metrics);
+
+}  // namespace strata

@@ -1,0 +1,429 @@
+// strata-server: the Strata gRPC server.
+//
+// Flags have environment twins (--grpc_port / STRATA_GRPC_PORT); the command line wins.
+
+#include <dlfcn.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "core/jobs/job_store.h"
+#include "core/jobs/worker.h"
+#include "core/model/model.h"
+#include "core/model/model_summary.h"
+#include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
+#include "core/state/engine.h"
+#include "core/util/env_flags.h"
+#include "core/util/file_util.h"
+#include "core/util/logging.h"
+#include "server/adaptation_service.h"
+#include "server/admin_service.h"
+#include "server/auth.h"
+#include "server/inference_service.h"
+#include "server/metrics.h"
+#include "strata/build_info.h"
+
+// Debian's civetweb (under prometheus-cpp's Exposer) asks for a 100 KiB thread stack, smaller than
+// the static TLS of LibTorch + OpenBLAS + glog (~108 KiB), so pthread_create fails with EINVAL and
+// the Exposer cannot start. Raise every requested stack size to at least 1 MiB.
+extern "C" int pthread_attr_setstacksize(pthread_attr_t* attr, size_t size) {
+  using Fn = int (*)(pthread_attr_t*, size_t);
+  static Fn real = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "pthread_attr_setstacksize"));
+  constexpr size_t kMinStack = size_t{1} << 20;
+  return real(attr, size < kMinStack ? kMinStack : size);
+}
+
+ABSL_FLAG(std::string, host, "127.0.0.1", "Address to listen on (gRPC and /metrics).");
+ABSL_FLAG(int32_t, grpc_port, 50051, "gRPC port.");
+ABSL_FLAG(int32_t, metrics_port, 9464, "Prometheus /metrics HTTP port (0 disables the exposer).");
+ABSL_FLAG(std::string, state_dir, "./strata-state",
+          "Directory for durable state (checkpoints, job journal).");
+ABSL_FLAG(std::string, model, "",
+          "Hugging Face model directory (config.json, *.safetensors, tokenizer.json). "
+          "Empty: the embedded default model (random init, byte-level tokenizer).");
+ABSL_FLAG(std::string, device, "cpu", "Device: cpu, cuda or cuda:N.");
+ABSL_FLAG(std::string, dtype, "float32", "Weight dtype: float32 or bfloat16.");
+ABSL_FLAG(int32_t, threads, 0, "Intra-op CPU threads for LibTorch (0 = number of cores).");
+ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one JSON object per line).");
+ABSL_FLAG(std::string, log_level, "info", "Log level: trace, debug, info, warn, error.");
+ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.");
+// Training defaults (a task's spec may override them).
+ABSL_FLAG(std::string, method, "share_ella",
+          "Adaptation method of a new state directory: share_ella, share, ella, seq_lora, inc_lora, o_lora, "
+          "seq_ft, mtl (an existing checkpoint keeps its own).");
+ABSL_FLAG(double, learning_rate, 3e-3, "Default learning rate.");
+ABSL_FLAG(int32_t, max_steps, 300, "Default optimizer steps per task (0 = use epochs).");
+ABSL_FLAG(int32_t, batch_size, 16, "Default batch size.");
+ABSL_FLAG(int32_t, rank, 8, "Default adapter rank.");
+ABSL_FLAG(double, ella_lambda, 1.0, "Default ELLA penalty weight.");
+ABSL_FLAG(int32_t, max_seq_len, 256,
+          "Default maximum tokens per example: longer submitted examples are refused.");
+ABSL_FLAG(std::string, reference_text, "",
+          "Text file whose NLL is measured after each task (general-ability retention); empty = none.");
+ABSL_FLAG(int32_t, training_threads, 0, "Intra-op threads of the training worker (0 = --threads).");
+ABSL_FLAG(int32_t, serving_threads, 0, "Intra-op threads of each inference request (0 = --threads).");
+// Limits.
+ABSL_FLAG(int64_t, max_task_examples, 100000, "Most examples (train + eval) one task may have.");
+ABSL_FLAG(int64_t, max_task_bytes, int64_t{256} << 20, "Most bytes of data one task may have.");
+ABSL_FLAG(int32_t, max_queue, 100, "Most jobs waiting in the queue.");
+ABSL_FLAG(int32_t, max_new_tokens, 1024, "Most tokens one Generate request may ask for.");
+ABSL_FLAG(int32_t, max_message_bytes, 16 << 20, "Largest gRPC message the server accepts or sends.");
+// Export / import roots.
+ABSL_FLAG(std::string, export_root, "",
+          "Directory that ExportWeights / ExportState paths must lie under (default <state_dir>/exports).");
+ABSL_FLAG(std::string, import_root, "",
+          "Directory that ImportAdapters paths must lie under (default <state_dir>/imports).");
+// Security.
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve gRPC over TLS (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File holding a bearer token that AdaptationService and AdminService calls must carry "
+          "(metadata 'authorization: Bearer <token>'); empty = no token.");
+ABSL_FLAG(bool, auth_inference, false, "Require the bearer token for InferenceService too.");
+
+namespace strata {
+namespace {
+
+// clang-format off
+const std::vector<std::string> kFlagNames = {
+    "host", "grpc_port", "metrics_port", "state_dir", "model", "device", "dtype", "threads",
+    "log_format", "log_level", "shutdown_grace_seconds",
+    // Training defaults and thread budgets.
+    "method", "learning_rate", "max_steps", "batch_size", "rank", "ella_lambda", "max_seq_len",
+    "reference_text", "training_threads", "serving_threads",
+    // Limits, roots, security.
+    "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
+    "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
+// clang-format on
+
+absl::Status ValidateFlags() {
+  auto port_ok = [](int p, bool allow_zero) { return (allow_zero && p == 0) || (p >= 1 && p <= 65535); };
+  if (!port_ok(absl::GetFlag(FLAGS_grpc_port), false)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--grpc_port: ", absl::GetFlag(FLAGS_grpc_port), " is not a port (1-65535)"));
+  }
+  if (!port_ok(absl::GetFlag(FLAGS_metrics_port), true)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics_port: ", absl::GetFlag(FLAGS_metrics_port), " is not a port (0-65535)"));
+  }
+  if (absl::GetFlag(FLAGS_threads) < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads: must be >= 0, got ", absl::GetFlag(FLAGS_threads)));
+  }
+  if (absl::GetFlag(FLAGS_host).empty()) return absl::InvalidArgumentError("--host: must not be empty");
+  std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (dtype != "float32" && dtype != "bfloat16") {
+    return absl::InvalidArgumentError(absl::StrCat("--dtype: '", dtype, "' (expected float32 or bfloat16)"));
+  }
+  if (absl::GetFlag(FLAGS_state_dir).empty())
+    return absl::InvalidArgumentError("--state_dir: must not be empty");
+  if (absl::GetFlag(FLAGS_shutdown_grace_seconds) < 0) {
+    return absl::InvalidArgumentError("--shutdown_grace_seconds: must be >= 0");
+  }
+  if (!(absl::GetFlag(FLAGS_learning_rate) > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--learning_rate: must be > 0, got ", absl::GetFlag(FLAGS_learning_rate)));
+  }
+  auto at_least = [](const char* name, int64_t value, int64_t min) -> absl::Status {
+    if (value < min)
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= ", min, ", got ", value));
+    return absl::OkStatus();
+  };
+  for (const absl::Status& st :
+       {at_least("max_steps", absl::GetFlag(FLAGS_max_steps), 0),
+        at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1),
+        at_least("rank", absl::GetFlag(FLAGS_rank), 1),
+        at_least("max_seq_len", absl::GetFlag(FLAGS_max_seq_len), 8),
+        at_least("training_threads", absl::GetFlag(FLAGS_training_threads), 0),
+        at_least("serving_threads", absl::GetFlag(FLAGS_serving_threads), 0),
+        at_least("max_task_examples", absl::GetFlag(FLAGS_max_task_examples), 1),
+        at_least("max_task_bytes", absl::GetFlag(FLAGS_max_task_bytes), 1),
+        at_least("max_queue", absl::GetFlag(FLAGS_max_queue), 1),
+        at_least("max_new_tokens", absl::GetFlag(FLAGS_max_new_tokens), 1),
+        at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
+    if (!st.ok()) return st;
+  }
+  if (!(absl::GetFlag(FLAGS_ella_lambda) >= 0))
+    return absl::InvalidArgumentError("--ella_lambda: must be >= 0");
+  if (absl::GetFlag(FLAGS_tls_cert).empty() != absl::GetFlag(FLAGS_tls_key).empty()) {
+    return absl::InvalidArgumentError("--tls_cert and --tls_key: give both or neither");
+  }
+  if (absl::GetFlag(FLAGS_auth_inference) && absl::GetFlag(FLAGS_auth_token_file).empty()) {
+    return absl::InvalidArgumentError("--auth_inference: needs --auth_token_file");
+  }
+  return absl::OkStatus();
+}
+
+struct LoadedModel {
+  std::unique_ptr<CausalLM> model;
+  std::shared_ptr<const Tokenizer> tokenizer;
+  ModelSummary summary;
+  std::string id;  // identifies the base model in checkpoints: its absolute directory
+};
+
+absl::StatusOr<LoadedModel> LoadModel(const std::string& dir, const std::string& device,
+                                      const std::string& dtype) {
+  LoadedModel out;
+  ModelLoadOptions opts;
+  opts.device = device;
+  opts.dtype = dtype;
+  if (dir.empty()) {
+    auto model = CausalLM::RandomInit(CausalLM::EmbeddedDefaultConfig(), /*seed=*/1234, opts);
+    if (!model.ok()) return model.status();
+    out.model = std::move(*model);
+    out.tokenizer = std::shared_ptr<const Tokenizer>(Tokenizer::ByteLevelDefault());
+    out.summary = SummarizeModel(*out.model, "embedded-default", "");
+    out.id = "embedded-default";
+    return out;
+  }
+  auto model = CausalLM::Load(dir, opts);
+  if (!model.ok()) return model.status();
+  auto tok = Tokenizer::FromDirectory(dir);
+  if (!tok.ok()) return tok.status();
+  out.model = std::move(*model);
+  out.tokenizer = std::shared_ptr<const Tokenizer>(std::move(*tok));
+  std::string abs = AbsolutePath(dir);
+  out.summary = SummarizeModel(*out.model, std::filesystem::path(abs).filename().string(), abs);
+  out.id = abs;
+  return out;
+}
+
+int Fail(const absl::Status& status) {
+  spdlog::critical("{}", status.ToString());
+  std::fprintf(stderr, "strata-server: %s\n", std::string(status.message()).c_str());
+  return 2;
+}
+
+absl::StatusOr<std::string> ReadPem(const std::string& path, const char* flag) {
+  auto text = ReadFile(path);
+  if (!text.ok())
+    return absl::Status(text.status().code(), absl::StrCat("--", flag, ": ", text.status().message()));
+  return text;
+}
+
+int Run() {
+  auto started = std::chrono::steady_clock::now();
+  // Block the shutdown signals in every thread; one thread waits for them with sigwait.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  const std::string host = absl::GetFlag(FLAGS_host);
+  const int grpc_port = absl::GetFlag(FLAGS_grpc_port);
+  const int metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  const std::string state_dir = AbsolutePath(absl::GetFlag(FLAGS_state_dir));
+  const std::string export_root = AbsolutePath(
+      absl::GetFlag(FLAGS_export_root).empty() ? state_dir + "/exports" : absl::GetFlag(FLAGS_export_root));
+  const std::string import_root = AbsolutePath(
+      absl::GetFlag(FLAGS_import_root).empty() ? state_dir + "/imports" : absl::GetFlag(FLAGS_import_root));
+
+  auto device = ResolveDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return Fail(device.status());
+  int threads = absl::GetFlag(FLAGS_threads);
+  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int training_threads =
+      absl::GetFlag(FLAGS_training_threads) > 0 ? absl::GetFlag(FLAGS_training_threads) : threads;
+  const int serving_threads =
+      absl::GetFlag(FLAGS_serving_threads) > 0 ? absl::GetFlag(FLAGS_serving_threads) : threads;
+  SetTorchThreads(threads);
+  spdlog::info("strata-server {} ({}, {}) starting", kVersion, kGitCommit, kBuildType);
+  spdlog::info("runtime: {}", TorchRuntimeSummary());
+  spdlog::info("BLAS: {}; allocator: {}; torch threads: {} (training {}, serving {} per request)",
+               LoadedBlasLibrary(), LoadedAllocator(), GetTorchThreads(), training_threads, serving_threads);
+
+  for (const std::string& dir : {state_dir, export_root, import_root}) {
+    if (auto st = MakeDirs(dir); !st.ok()) return Fail(st);
+  }
+
+  // Security material first: a bad file should stop the server before the model loads.
+  std::unique_ptr<BearerAuth> auth;
+  if (!absl::GetFlag(FLAGS_auth_token_file).empty()) {
+    auto a = BearerAuth::FromFile(absl::GetFlag(FLAGS_auth_token_file));
+    if (!a.ok()) return Fail(a.status());
+    auth = std::move(*a);
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  const bool tls = !absl::GetFlag(FLAGS_tls_cert).empty();
+  if (tls) {
+    auto cert = ReadPem(absl::GetFlag(FLAGS_tls_cert), "tls_cert");
+    if (!cert.ok()) return Fail(cert.status());
+    auto key = ReadPem(absl::GetFlag(FLAGS_tls_key), "tls_key");
+    if (!key.ok()) return Fail(key.status());
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({*key, *cert});
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  spdlog::info("loading model: {}", model_dir.empty() ? "embedded default" : model_dir);
+  auto t0 = std::chrono::steady_clock::now();
+  auto loaded = LoadModel(model_dir, *device, absl::GetFlag(FLAGS_dtype));
+  if (!loaded.ok()) return Fail(loaded.status());
+  const ModelSummary summary = loaded->summary;
+  spdlog::info("model '{}' ({}, {} parameters, {}) loaded in {:.2f} s", summary.name, summary.architecture,
+               summary.parameter_count, summary.dtype,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+
+  EngineOptions engine_options;
+  engine_options.state_dir = state_dir;
+  engine_options.defaults.method = absl::GetFlag(FLAGS_method);
+  engine_options.defaults.learning_rate = absl::GetFlag(FLAGS_learning_rate);
+  engine_options.defaults.max_steps = absl::GetFlag(FLAGS_max_steps);
+  engine_options.defaults.batch_size = absl::GetFlag(FLAGS_batch_size);
+  engine_options.defaults.rank = absl::GetFlag(FLAGS_rank);
+  engine_options.defaults.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
+  engine_options.defaults.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  engine_options.reference_text_path = absl::GetFlag(FLAGS_reference_text);
+  engine_options.training_threads = training_threads;
+  engine_options.serving_threads = serving_threads;
+  engine_options.base_model_id = loaded->id;
+  auto engine_or = Engine::Create(std::move(loaded->model), loaded->tokenizer, summary, engine_options);
+  if (!engine_or.ok()) return Fail(engine_or.status());
+  std::unique_ptr<Engine> engine = std::move(*engine_or);
+  SetTorchThreads(threads);  // the engine may have changed this thread's budget
+  auto store_or = JobStore::Open(state_dir + "/jobs");
+  if (!store_or.ok()) return Fail(store_or.status());
+  std::unique_ptr<JobStore> store = std::move(*store_or);
+  spdlog::info("state {}: method {}, weights version {}, {} task(s) learned, {} job(s) in the journal",
+               state_dir, engine->method(), engine->Current()->version, engine->Current()->tasks_learned,
+               store->List().size());
+
+  BuildFacts facts{kVersion, kGitCommit, kTorchVersion, *device, LoadedBlasLibrary(), LoadedAllocator()};
+  ServerMetrics metrics(facts);
+  metrics.SetSources(store.get(), engine.get());
+  metrics.RefreshModelFigures();
+  engine->SetOnPublish([&metrics] { metrics.RefreshModelFigures(); });
+  std::unique_ptr<prometheus::Exposer> exposer;
+  if (metrics_port != 0) {
+    auto ex = StartMetricsExposer(host, metrics_port, metrics);
+    if (!ex.ok()) return Fail(ex.status());
+    exposer = std::move(*ex);
+    spdlog::info("metrics on http://{}:{}/metrics", host, metrics_port);
+  }
+
+  Worker worker(store.get(), engine.get());
+
+  ServerFacts server_facts;
+  server_facts.device = *device;
+  server_facts.blas = LoadedBlasLibrary();
+  server_facts.allocator = LoadedAllocator();
+  server_facts.state_dir = state_dir;
+  server_facts.training_threads = training_threads;
+  server_facts.serving_threads = serving_threads;
+  server_facts.started = started;
+  server_facts.auth_required = auth != nullptr;
+  server_facts.inference_auth_required = auth != nullptr && absl::GetFlag(FLAGS_auth_inference);
+  server_facts.tls = tls;
+  server_facts.export_root = export_root;
+  server_facts.import_root = import_root;
+  AdminServiceImpl admin(server_facts, engine.get(), auth.get());
+  SubmitLimits limits;
+  limits.max_examples = absl::GetFlag(FLAGS_max_task_examples);
+  limits.max_bytes = absl::GetFlag(FLAGS_max_task_bytes);
+  limits.max_queue = absl::GetFlag(FLAGS_max_queue);
+  limits.max_tokens = absl::GetFlag(FLAGS_max_seq_len);
+  AdaptationServiceImpl adaptation(store.get(), &worker, engine.get(), auth.get(), limits);
+  InferenceOptions inference_options;
+  inference_options.serving_threads = serving_threads;
+  inference_options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  InferenceServiceImpl inference(engine.get(), server_facts.inference_auth_required ? auth.get() : nullptr,
+                                 &metrics, inference_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(absl::StrCat(host, ":", grpc_port), credentials, &bound_port);
+  builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
+  builder.SetMaxSendMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
+  builder.RegisterService(&admin);
+  builder.RegisterService(&adaptation);
+  builder.RegisterService(&inference);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(metrics.MakeInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    return Fail(absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ", host, ":", grpc_port,
+                                                    " (port in use or address not available)")));
+  }
+  // Jobs interrupted by a crash are re-queued (or marked done) before the worker takes the next one.
+  if (auto st = worker.Start(); !st.ok()) {
+    server->Shutdown();
+    return Fail(st);
+  }
+  const std::vector<std::string> services = {"strata.v1.AdminService", "strata.v1.AdaptationService",
+                                             "strata.v1.InferenceService"};
+  auto* health = server->GetHealthCheckService();
+  for (const auto& name : services) health->SetServingStatus(name, true);
+  health->SetServingStatus(true);
+  spdlog::info(
+      "serving gRPC on {}:{}{} (health, reflection, AdminService, AdaptationService, InferenceService{})",
+      host, bound_port, tls ? " with TLS" : "",
+      auth ? (server_facts.inference_auth_required ? "; bearer token required"
+                                                   : "; bearer token required except for inference")
+           : "");
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  const int grace = absl::GetFlag(FLAGS_shutdown_grace_seconds);
+  spdlog::info("received {}, shutting down (grace {} s)", sig == SIGTERM ? "SIGTERM" : "SIGINT", grace);
+  health->SetServingStatus(false);
+  for (const auto& name : services) health->SetServingStatus(name, false);
+  adaptation.BeginShutdown();
+  // The running job stops at its next step and stays queued for the next start.
+  worker.Stop();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
+  server->Wait();
+  exposer.reset();
+  spdlog::info("shutdown complete");
+  return 0;
+}
+
+}  // namespace
+}  // namespace strata
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Strata continual-adaptation server.\n"
+      "Usage: strata-server [--model=DIR] [--grpc_port=50051] [--metrics_port=9464] [--state_dir=DIR] ...\n"
+      "Every flag has an environment twin: --grpc_port <-> STRATA_GRPC_PORT.");
+  // Environment first, so the command line overrides it.
+  if (auto st = strata::ApplyEnvironmentTwins(strata::kFlagNames); !st.ok()) {
+    std::fprintf(stderr, "strata-server: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  if (rest.size() > 1) {
+    std::fprintf(stderr, "strata-server: unexpected argument '%s' (flags are --name=value)\n", rest[1]);
+    return 2;
+  }
+  if (auto st = strata::ValidateFlags(); !st.ok()) {
+    std::fprintf(stderr, "strata-server: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (auto st = strata::InitLogging(absl::GetFlag(FLAGS_log_format), absl::GetFlag(FLAGS_log_level));
+      !st.ok()) {
+    std::fprintf(stderr, "strata-server: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  return strata::Run();
+}

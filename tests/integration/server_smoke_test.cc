@@ -1,0 +1,209 @@
+// Runs the real strata-server and strata CLI on 127.0.0.1 (foundation behaviour).
+
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <sstream>
+#include <string>
+
+#include "nlohmann/json.hpp"
+#include "tests/test_util.h"
+
+namespace strata::testing {
+namespace {
+
+struct RunningServer {
+  TempDir dir;
+  int grpc_port = FreePort();
+  int metrics_port = FreePort();
+  std::unique_ptr<Subprocess> proc;
+
+  std::string addr() const { return "127.0.0.1:" + std::to_string(grpc_port); }
+
+  void Start(std::vector<std::string> extra = {}, std::map<std::string, std::string> env = {}) {
+    std::vector<std::string> argv = {BinaryPath("strata-server"),
+                                     "--grpc_port=" + std::to_string(grpc_port),
+                                     "--metrics_port=" + std::to_string(metrics_port),
+                                     "--state_dir=" + dir.path() + "/state", "--threads=1"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    proc = std::make_unique<Subprocess>(argv, dir.path() + "/server.log", env);
+  }
+};
+
+TEST(ServerSmoke, HealthInfoMetricsAndCleanShutdown) {
+  RunningServer s;
+  s.Start();
+  ASSERT_TRUE(WaitForServing(s.grpc_port, 60, s.proc.get())) << s.proc->Log();
+
+  auto health = RunCommand({BinaryPath("strata"), "health", "--server", s.addr()});
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+  EXPECT_EQ(health.out, "SERVING\n");
+
+  auto health_json = RunCommand({BinaryPath("strata"), "health", "--server", s.addr(), "--json"});
+  ASSERT_EQ(health_json.exit_code, 0) << health_json.err;
+  EXPECT_EQ(nlohmann::json::parse(health_json.out)["status"], "SERVING");
+
+  auto svc = RunCommand({BinaryPath("strata"), "health", "--server", s.addr(), "--service",
+                         "strata.v1.AdminService"});
+  EXPECT_EQ(svc.exit_code, 0) << svc.err;
+  EXPECT_EQ(svc.out, "SERVING\n");
+
+  auto info = RunCommand({BinaryPath("strata"), "info", "--server", s.addr(), "--json"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  auto j = nlohmann::json::parse(info.out);
+  EXPECT_EQ(j["version"], "0.1.0");
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_EQ(j["training_threads"], 1);
+  EXPECT_NE(j["blas"].get<std::string>().find("blas"), std::string::npos) << j["blas"];
+  EXPECT_TRUE(j["model"]["loaded"].get<bool>());
+  EXPECT_EQ(j["model"]["name"], "embedded-default");
+  EXPECT_EQ(j["model"]["architecture"], "LlamaForCausalLM");
+  EXPECT_GT(std::stoll(j["model"]["parameter_count"].get<std::string>()), 10000);
+  EXPECT_GE(j["uptime_seconds"].get<double>(), 0.0);
+
+  auto table = RunCommand({BinaryPath("strata"), "info", "--server", s.addr()});
+  ASSERT_EQ(table.exit_code, 0) << table.err;
+  EXPECT_NE(table.out.find("embedded-default"), std::string::npos) << table.out;
+  EXPECT_NE(table.out.find("parameters"), std::string::npos) << table.out;
+
+  int http_status = 0;
+  auto metrics = HttpGet(s.metrics_port, "/metrics", &http_status);
+  ASSERT_TRUE(metrics.has_value());
+  EXPECT_EQ(http_status, 200);
+  for (const char* name : {"strata_build_info{", "process_cpu_seconds_total", "process_resident_memory_bytes",
+                           "process_start_time_seconds", "strata_uptime_seconds",
+                           "strata_rpc_requests_total{code=\"OK\",method=\"/strata.v1.AdminService/GetServerInfo\"}",
+                           "strata_rpc_duration_seconds_bucket"}) {
+    EXPECT_NE(metrics->find(name), std::string::npos) << name << " missing from:\n" << *metrics;
+  }
+
+  EXPECT_EQ(s.proc->Stop(SIGTERM), 0) << s.proc->Log();
+  EXPECT_NE(s.proc->Log().find("shutdown complete"), std::string::npos) << s.proc->Log();
+}
+
+TEST(ServerSmoke, RealModelAndJsonLogs) {
+  RunningServer s;
+  s.Start({"--model=" + SharedPath("models/stories260K"), "--log_format=json"});
+  ASSERT_TRUE(WaitForServing(s.grpc_port, 60, s.proc.get())) << s.proc->Log();
+  auto info = RunCommand({BinaryPath("strata"), "info", "--server", s.addr(), "--json"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  auto j = nlohmann::json::parse(info.out);
+  EXPECT_EQ(j["model"]["name"], "stories260K");
+  EXPECT_EQ(j["model"]["hidden_size"], 64);
+  EXPECT_EQ(j["model"]["num_layers"], 5);
+  EXPECT_EQ(j["model"]["vocab_size"], 512);
+  ASSERT_EQ(s.proc->Stop(SIGINT), 0);
+  std::istringstream log(s.proc->Log());
+  std::string line;
+  int lines = 0;
+  while (std::getline(log, line)) {
+    if (line.empty()) continue;
+    auto parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    ASSERT_FALSE(parsed.is_discarded()) << "not JSON: " << line;
+    EXPECT_TRUE(parsed.contains("msg") && parsed.contains("level") && parsed.contains("ts")) << line;
+    ++lines;
+  }
+  EXPECT_GT(lines, 3);
+}
+
+TEST(ServerSmoke, EnvironmentTwinSetsThePort) {
+  RunningServer s;
+  int env_port = FreePort();
+  std::vector<std::string> argv = {BinaryPath("strata-server"), "--metrics_port=0",
+                                   "--state_dir=" + s.dir.path() + "/state", "--threads=1"};
+  Subprocess proc(argv, s.dir.path() + "/server.log", {{"STRATA_GRPC_PORT", std::to_string(env_port)}});
+  ASSERT_TRUE(WaitForServing(env_port, 60, &proc)) << proc.Log();
+  EXPECT_EQ(proc.Stop(SIGTERM), 0);
+}
+
+TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
+  TempDir dir;
+  auto unknown = RunCommand({BinaryPath("strata-server"), "--no_such_flag=1"});
+  EXPECT_NE(unknown.exit_code, 0);
+  EXPECT_NE(unknown.err.find("no_such_flag"), std::string::npos) << unknown.err;
+
+  auto bad_port = RunCommand({BinaryPath("strata-server"), "--grpc_port=70000"});
+  EXPECT_EQ(bad_port.exit_code, 2);
+  EXPECT_NE(bad_port.err.find("--grpc_port"), std::string::npos) << bad_port.err;
+
+  auto not_int = RunCommand({BinaryPath("strata-server"), "--grpc_port=abc"});
+  EXPECT_NE(not_int.exit_code, 0);
+  EXPECT_NE(not_int.err.find("grpc_port"), std::string::npos) << not_int.err;
+
+  auto bad_env = RunCommand({BinaryPath("strata-server")}, 30, {{"STRATA_METRICS_PORT", "lots"}});
+  EXPECT_EQ(bad_env.exit_code, 2);
+  EXPECT_NE(bad_env.err.find("STRATA_METRICS_PORT"), std::string::npos) << bad_env.err;
+
+  auto bad_device = RunCommand({BinaryPath("strata-server"), "--device=tpu", "--state_dir=" + dir.path(),
+                                "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
+  EXPECT_EQ(bad_device.exit_code, 2);
+  EXPECT_NE(bad_device.err.find("tpu"), std::string::npos) << bad_device.err;
+
+  auto bad_model = RunCommand({BinaryPath("strata-server"), "--model=" + dir.path() + "/nope",
+                               "--state_dir=" + dir.path(), "--metrics_port=0",
+                               "--grpc_port=" + std::to_string(FreePort())});
+  EXPECT_EQ(bad_model.exit_code, 2);
+  EXPECT_NE(bad_model.err.find("nope"), std::string::npos) << bad_model.err;
+}
+
+TEST(ServerSmoke, PortInUseIsReported) {
+  RunningServer first;
+  first.Start();
+  ASSERT_TRUE(WaitForServing(first.grpc_port, 60, first.proc.get())) << first.proc->Log();
+  TempDir dir;
+  auto second = RunCommand({BinaryPath("strata-server"), "--grpc_port=" + std::to_string(FreePort()),
+                            "--metrics_port=" + std::to_string(first.metrics_port),
+                            "--state_dir=" + dir.path(), "--threads=1"});
+  EXPECT_EQ(second.exit_code, 2);
+  EXPECT_NE(second.err.find(std::to_string(first.metrics_port)), std::string::npos) << second.err;
+}
+
+TEST(Cli, ExitCodes) {
+  int port = FreePort();
+  auto unreachable = RunCommand({BinaryPath("strata"), "health", "--server",
+                                 "127.0.0.1:" + std::to_string(port), "--timeout", "1"});
+  EXPECT_EQ(unreachable.exit_code, 3);
+  EXPECT_NE(unreachable.err.find("cannot reach"), std::string::npos) << unreachable.err;
+
+  auto usage = RunCommand({BinaryPath("strata"), "no-such-command"});
+  EXPECT_EQ(usage.exit_code, 2);
+  auto missing = RunCommand({BinaryPath("strata")});
+  EXPECT_EQ(missing.exit_code, 2);
+  auto help = RunCommand({BinaryPath("strata"), "--help"});
+  EXPECT_EQ(help.exit_code, 0);
+  EXPECT_NE(help.out.find("health"), std::string::npos);
+  auto sub_help = RunCommand({BinaryPath("strata"), "info", "--help"});
+  EXPECT_EQ(sub_help.exit_code, 0);
+  EXPECT_NE(sub_help.out.find("--server"), std::string::npos) << sub_help.out;
+}
+
+TEST(Cli, OfflineTokenizeAndGenerate) {
+  const std::string model = SharedPath("models/stories260K");
+  auto tok = RunCommand({BinaryPath("strata"), "tokenize", "--model", model, "--text", "Once upon a time"});
+  ASSERT_EQ(tok.exit_code, 0) << tok.err;
+  EXPECT_EQ(tok.out, "1 403 407 261 378\n");
+  auto tok_json =
+      RunCommand({BinaryPath("strata"), "tokenize", "--model", model, "--text", "Once upon a time", "--json"});
+  ASSERT_EQ(tok_json.exit_code, 0) << tok_json.err;
+  EXPECT_EQ(nlohmann::json::parse(tok_json.out)["ids"], nlohmann::json({1, 403, 407, 261, 378}));
+
+  auto gen = RunCommand({BinaryPath("strata"), "generate", "--model", model, "--prompt", "Once upon a time",
+                         "--max-tokens", "16", "--temperature", "0", "--threads", "1"});
+  ASSERT_EQ(gen.exit_code, 0) << gen.err;
+  EXPECT_EQ(gen.out.rfind(", there was a little girl", 0), 0u) << gen.out;
+
+  auto gen_json = RunCommand({BinaryPath("strata"), "generate", "--model", model, "--prompt",
+                              "Once upon a time", "--max-tokens", "16", "--temperature", "0", "--json",
+                              "--threads", "1"});
+  ASSERT_EQ(gen_json.exit_code, 0) << gen_json.err;
+  auto j = nlohmann::json::parse(gen_json.out);
+  EXPECT_EQ(j["ids"].size(), 16u);
+  EXPECT_EQ(j["text"].get<std::string>().rfind(", there was", 0), 0u);
+  EXPECT_GT(j["tokens_per_second"].get<double>(), 0.0);
+
+  auto missing = RunCommand({BinaryPath("strata"), "generate", "--model", "/nonexistent", "--prompt", "x"});
+  EXPECT_EQ(missing.exit_code, 2);
+}
+
+}  // namespace
+}  // namespace strata::testing
