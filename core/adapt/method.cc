@@ -454,4 +454,11 @@ void AddToWeight(LinearLayer* layer, const at::Tensor& delta) {
   }
 }
 
+absl::Status Method::ImportPeftAdapter(const std::string& task, const PeftLoraAdapter& adapter,
+                                       const CausalLM& base) {
+  return absl::UnimplementedError(absl::StrCat("method ", name(),
+                                               " cannot import LoRA adapters (it keeps no shared subspace); "
+                                               "use share or share_ella"));
+}
+
 }  // namespace strata

@@ -45,6 +45,8 @@
 
 namespace strata {
 
+struct PeftLoraAdapter;
+
 inline constexpr char kDefaultMethod[] = "share_ella";
 
 // Hyper-parameters of every method (each reads the fields it needs).
@@ -174,6 +176,15 @@ class Method {
   // Routes `base` (holding W0) to task `task`: attaches the task's side path W0 + ΔW_task as a
   // frozen low-rank adapter. NOT_FOUND for an unknown task, UNIMPLEMENTED when unsupported.
   virtual absl::Status ApplyTaskRouting(const std::string& task, CausalLM* base) const;
+
+  // ---- import ---------------------------------------------------------------------------------
+  // Merges an existing PEFT LoRA adapter as the committed task `task` without gradient steps (Share:
+  // into the subspace; ELLA: into W_past). `base` (holding W0) resolves the target modules when the
+  // state has none yet. Every adapter module must be a target module. UNIMPLEMENTED for methods
+  // without a subspace; FAILED_PRECONDITION while a task is active; ALREADY_EXISTS for a known task.
+  // All or nothing.
+  virtual absl::Status ImportPeftAdapter(const std::string& task, const PeftLoraAdapter& adapter,
+                                         const CausalLM& base);
 
   // ---- state ----------------------------------------------------------------------------------
   // FAILED_PRECONDITION while a task is active. Tensors are CPU and contiguous (they may share

@@ -16,6 +16,7 @@
 #include "core/adapt/ella.h"
 #include "core/adapt/lora.h"
 #include "core/adapt/method.h"
+#include "core/adapt/peft_import.h"
 #include "core/adapt/methods.h"
 #include "core/adapt/share.h"
 #include "core/util/status_macros.h"
@@ -130,6 +131,59 @@ class ShareEllaMethod : public Method {
       adapters.push_back(std::make_shared<LoraAdapter>(a.to(dev), b.to(dev), share.scale()));
     }
     for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->adapter = adapters[i];
+    return absl::OkStatus();
+  }
+
+  absl::Status ImportPeftAdapter(const std::string& task, const PeftLoraAdapter& adapter,
+                                 const CausalLM& base) override {
+    if (!use_share_) return Method::ImportPeftAdapter(task, adapter, base);
+    if (task_active()) {
+      return absl::FailedPreconditionError(absl::StrCat(name(), ": cannot import while task \"", active_task(),
+                                                        "\" is training"));
+    }
+    if (std::find(tasks_.begin(), tasks_.end(), task) != tasks_.end()) {
+      return absl::AlreadyExistsError(absl::StrCat(name(), ": task \"", task, "\" already exists"));
+    }
+    std::vector<std::string> modules = modules_;
+    std::vector<std::pair<int64_t, int64_t>> shapes = module_shapes_;
+    if (modules.empty()) {
+      ASSIGN_OR_RETURN(modules, ResolveTargetModules(base, config_.target_modules));
+      for (const auto& m : modules) {
+        const LinearLayer* layer = base.FindLinear(m);
+        shapes.emplace_back(layer->weight.size(0), layer->weight.size(1));
+      }
+    }
+    for (const auto& [m, module] : adapter.modules) {
+      if (std::find(modules.begin(), modules.end(), m) == modules.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(name(), ": adapter module \"", m,
+                                                       "\" is not a target module of this state (",
+                                                       modules.size(), " targets, e.g. \"", modules.front(), "\")"));
+      }
+    }
+    at::NoGradGuard no_grad;
+    std::map<std::string, ShareModule> share = share_;
+    std::map<std::string, EllaModule> ella = ella_;
+    for (size_t i = 0; i < modules.size(); ++i) {
+      if (!share.count(modules[i])) {
+        ASSIGN_OR_RETURN(ShareModule m, ShareModule::Create(shapes[i].first, shapes[i].second, MakeShareOptions()));
+        share.emplace(modules[i], std::move(m));
+      }
+      if (use_ella_ && !ella.count(modules[i])) {
+        ASSIGN_OR_RETURN(EllaModule m, EllaModule::Create(shapes[i].first, shapes[i].second, MakeEllaOptions()));
+        ella.emplace(modules[i], std::move(m));
+      }
+    }
+    RETURN_IF_ERROR(MergePeftIntoShare(adapter, task, MakeShareOptions(), &share));
+    if (use_ella_) {
+      for (const auto& [m, module] : adapter.modules) {
+        RETURN_IF_ERROR(ella.at(m).Merge(module.Delta().to(at::kCPU, at::kFloat)));
+      }
+    }
+    share_ = std::move(share);
+    ella_ = std::move(ella);
+    modules_ = std::move(modules);
+    module_shapes_ = std::move(shapes);
+    tasks_.push_back(task);
     return absl::OkStatus();
   }
 

@@ -83,6 +83,8 @@ absl::StatusOr<JobRecord> JobStore::Create(const TaskSpecification& spec, const 
 }
 
 absl::Status JobStore::Update(const JobRecord& job) {
+  // io_mu_ serialises writers so the file and the in-memory record always agree.
+  absl::MutexLock io_lock(&io_mu_);
   {
     absl::ReaderMutexLock lock(&mu_);
     if (jobs_.count(job.id) == 0) return absl::NotFoundError(absl::StrCat("no job ", job.id));

@@ -60,7 +60,8 @@ class JobStore {
   bool WaitForChange(const std::string& id, int64_t* seen, absl::Duration timeout, JobRecord* out) const;
   // Blocks until a job is queued or `timeout`; true if one is queued.
   bool WaitForQueued(absl::Duration timeout) const;
-  // Wakes every waiter (shutdown).
+  // Wakes every waiter (shutdown); afterwards WaitForChange/WaitForQueued return at once, so callers
+  // must check their own shutdown flag.
   void Interrupt();
 
   const std::string& dir() const { return dir_; }
@@ -70,6 +71,7 @@ class JobStore {
   std::string JobDir(const std::string& id) const { return dir_ + "/" + id; }
 
   const std::string dir_;
+  absl::Mutex io_mu_;  // taken before mu_ (lock order: io_mu_, then mu_)
   mutable absl::Mutex mu_;
   std::map<std::string, JobRecord> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> change_ ABSL_GUARDED_BY(mu_);

@@ -49,12 +49,17 @@ absl::StatusOr<JobRecord> Worker::Cancel(const std::string& id) {
     return absl::FailedPreconditionError(
         absl::StrCat("job ", id, " already ", JobStateName(job->state), "; nothing to cancel"));
   }
-  {
-    absl::MutexLock lock(&mu_);
-    if (running_ == id) {
-      cancel_current_ = true;
-      return *job;  // the worker marks it cancelled when training stops
-    }
+  // Under mu_ so the worker cannot pick this job up between the check and the update.
+  absl::MutexLock lock(&mu_);
+  job = store_->Get(id);
+  if (!job.ok()) return job.status();
+  if (running_ == id) {
+    cancel_current_ = true;
+    return *job;  // the worker marks it cancelled when training stops
+  }
+  if (IsTerminal(job->state)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", id, " already ", JobStateName(job->state), "; nothing to cancel"));
   }
   job->state = JobState::kCancelled;
   job->finished = NowUnixSeconds();
@@ -67,18 +72,20 @@ absl::StatusOr<JobRecord> Worker::Cancel(const std::string& id) {
 void Worker::Loop() {
   while (!stopping_) {
     if (!store_->WaitForQueued(absl::Seconds(1))) continue;
-    std::optional<JobRecord> next = store_->NextQueued();
-    if (!next || stopping_) continue;
+    std::optional<JobRecord> next;
+    {
+      // Claim the job under mu_ (Cancel takes it too), so a cancelled job is never started.
+      absl::MutexLock lock(&mu_);
+      next = store_->NextQueued();
+      if (!next || stopping_) continue;
+      cancel_current_ = false;
+      running_ = next->id;
+    }
     RunOne(std::move(*next));
   }
 }
 
 void Worker::RunOne(JobRecord job) {
-  {
-    absl::MutexLock lock(&mu_);
-    running_ = job.id;
-  }
-  cancel_current_ = false;
   job.state = JobState::kTraining;
   job.started = NowUnixSeconds();
   job.attempts += 1;

@@ -74,7 +74,8 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
                 {"tasks", tasks},
                 {"matrix", matrix},
                 {"base", NumbersToJson(data.base)},
-                {"reference_nll", NumbersToJson(data.reference_nll)}};
+                {"reference_nll", NumbersToJson(data.reference_nll)},
+                {"stage_versions", data.stage_versions}};
   const std::string state_text = state.dump(1);
   if (auto st = WriteFileAtomic(tmp + "/state.json", state_text); !st.ok()) return fail(st);
 
@@ -146,6 +147,7 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     for (const auto& row : state.at("matrix")) data.matrix.push_back(NumbersFromJson(row));
     data.base = NumbersFromJson(state.at("base"));
     data.reference_nll = NumbersFromJson(state.at("reference_nll"));
+    if (state.contains("stage_versions")) data.stage_versions = state["stage_versions"].get<std::vector<int64_t>>();
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(dir, "/state.json: ", e.what()));
   }

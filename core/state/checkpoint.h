@@ -39,6 +39,8 @@ struct CheckpointData {
   std::vector<std::vector<double>> matrix;
   std::vector<double> base;
   std::vector<double> reference_nll;
+  // Weights version published after each stage (same length as matrix).
+  std::vector<int64_t> stage_versions;
 };
 
 // Writes `data` as <state_dir>/checkpoint atomically (see above).

@@ -118,6 +118,7 @@ struct Engine::Impl {
     d.matrix = matrix;
     d.base = base_scores;
     d.reference_nll = reference_nll;
+    d.stage_versions = stage_versions;
     return d;
   }
 };
@@ -169,6 +170,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     impl->matrix = checkpoint->matrix;
     impl->base_scores = checkpoint->base;
     impl->reference_nll = checkpoint->reference_nll;
+    impl->stage_versions = checkpoint->stage_versions;
     for (const auto& t : impl->tasks) {
       ValidationOptions vo;
       auto parsed = ParseJsonlFile(options.state_dir + "/" + t.eval_file, vo);
@@ -230,7 +232,9 @@ bool Engine::TaskIsLearned(const std::string& task_name) const {
   for (const auto& t : impl_->tasks) {
     if (t.name == task_name) return true;
   }
-  return false;
+  // Imported adapters are tasks of the method without eval data.
+  const auto& imported = impl_->current->method->tasks();
+  return std::find(imported.begin(), imported.end(), task_name) != imported.end();
 }
 
 int64_t Engine::AdaptationStateBytes() const {
@@ -248,9 +252,10 @@ absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const std::string
     absl::MutexLock lock(&impl_->mu);
     auto it = impl_->routed_cache.find(task);
     if (it != impl_->routed_cache.end()) return it->second;
-    bool known = false;
-    for (const auto& t : impl_->tasks) known |= t.name == task;
-    if (!known) return absl::NotFoundError(absl::StrCat("no learned task '", task, "'"));
+    const auto& known = impl_->current->method->tasks();
+    if (std::find(known.begin(), known.end(), task) == known.end()) {
+      return absl::NotFoundError(absl::StrCat("no learned task '", task, "'"));
+    }
   }
   auto model = impl_->base->ShallowCopy();
   RETURN_IF_ERROR(Current()->method->ApplyTaskRouting(task, model.get()));
@@ -470,6 +475,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   snapshot.tasks = tasks;
   if (snapshot.reference_nll.empty()) snapshot.reference_nll.push_back(Nan());
   snapshot.reference_nll.push_back(ref_nll);
+  snapshot.stage_versions.resize(tasks.size() - 1, 0);
+  snapshot.stage_versions.push_back(before->version + 1);
   if (auto st = SaveCheckpoint(s.options.state_dir, snapshot); !st.ok()) return rollback(st);
 
   auto version = std::make_shared<ServedVersion>();
@@ -488,8 +495,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
     s.matrix = snapshot.matrix;
     s.base_scores = snapshot.base;
     s.reference_nll = snapshot.reference_nll;
-    s.stage_versions.resize(tasks.size() - 1, 0);
-    s.stage_versions.push_back(version->version);
+    s.stage_versions = snapshot.stage_versions;
     s.state_bytes = CheckpointBytes(s.options.state_dir);
     s.routed_cache.clear();
     s.current = version;  // the atomic swap: new requests see version N+1
@@ -528,7 +534,54 @@ absl::Status Engine::ExportState(const std::string& dir) const {
 }
 
 absl::StatusOr<int64_t> Engine::ImportAdapters(const std::vector<std::string>& dirs) {
-  return absl::UnimplementedError("ImportAdapters: not wired yet");
+  Impl& s = *impl_;
+  absl::MutexLock train_lock(&s.train_mu);
+  if (dirs.empty()) return absl::InvalidArgumentError("dirs: at least one adapter directory is required");
+  SetTorchThreads(s.options.training_threads);
+  ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
+  auto rollback = [&](const absl::Status& st) {
+    if (auto r = s.method->ImportState(previous_state); !r.ok()) {
+      spdlog::critical("cannot roll back the adaptation state: {}", r.ToString());
+    }
+    return st;
+  };
+  std::vector<std::string> names;
+  for (const auto& dir : dirs) {
+    std::string task = fs::path(AbsolutePath(dir)).filename().string();
+    if (TaskIsLearned(task)) return rollback(absl::AlreadyExistsError(absl::StrCat("task '", task, "' already exists")));
+    auto adapter = ReadPeftLoraAdapter(dir);
+    if (!adapter.ok()) return rollback(adapter.status());
+    if (auto st = s.method->ImportPeftAdapter(task, *adapter, *s.base); !st.ok()) return rollback(st);
+    names.push_back(task);
+  }
+  auto served = s.base->ShallowCopy();
+  if (auto st = s.method->ApplyServedWeights(served.get()); !st.ok()) return rollback(st);
+  auto new_state = s.method->ExportState();
+  if (!new_state.ok()) return rollback(new_state.status());
+  auto frozen = CreateMethodFromState(*new_state);
+  if (!frozen.ok()) return rollback(frozen.status());
+  std::shared_ptr<const ServedVersion> before = Current();
+  CheckpointData snapshot;
+  {
+    absl::MutexLock lock(&s.mu);
+    snapshot = s.Snapshot(*new_state, before->version + 1);
+  }
+  if (auto st = SaveCheckpoint(s.options.state_dir, snapshot); !st.ok()) return rollback(st);
+  auto version = std::make_shared<ServedVersion>();
+  version->version = before->version + 1;
+  version->model = std::shared_ptr<const CausalLM>(std::move(served));
+  version->tasks_learned = before->tasks_learned;
+  version->method = std::shared_ptr<const Method>(std::move(*frozen));
+  {
+    absl::MutexLock lock(&s.mu);
+    s.state_bytes = CheckpointBytes(s.options.state_dir);
+    s.routed_cache.clear();
+    s.current = version;
+  }
+  spdlog::info("imported {} adapter(s) [{}] into the {} state: weights version {}", names.size(),
+               absl::StrJoin(names, ", "), s.method->name(), version->version);
+  if (on_publish_) on_publish_();
+  return version->version;
 }
 
 }  // namespace strata
