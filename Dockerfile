@@ -57,7 +57,7 @@ ARG CUDA_BUILD_PACKAGES="cmake ninja-build g++ pkg-config ccache \
     libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
     libabsl-dev libssl-dev prometheus-cpp-dev libspdlog-dev \
     nlohmann-json3-dev libpcre2-dev libcli11-dev libicu-dev libjemalloc-dev \
-    curl unzip ca-certificates binutils"
+    curl unzip ca-certificates binutils python3-yaml"
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${CUDA_BUILD_PACKAGES} \
  && rm -rf /var/lib/apt/lists/*

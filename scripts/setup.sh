@@ -66,6 +66,8 @@ install_deps() {
 build() {
   export CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}
   export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+  # Relative paths in the cache key: a fresh clone elsewhere (CI) reuses this machine's cache.
+  export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$ROOT}
   say "configuring Release build in $BUILD_DIR (ccache: $(command -v ccache || echo none))"
   cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
   say "building with $JOBS jobs (first build takes several minutes; ccache makes rebuilds fast)"

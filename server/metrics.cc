@@ -159,7 +159,11 @@ class StateCollector : public prometheus::Collectable {
     std::optional<JobRecord> training;
     for (const JobRecord& job : store.List()) {
       counts[job.state] += 1;
-      if (job.state == JobState::kTraining) training = job;
+      // The running job, else the newest job that trained: the gauges keep the last training figures.
+      if (job.progress.step > 0 && (!training || job.state == JobState::kTraining ||
+                                    (training->state != JobState::kTraining && job.sequence > training->sequence))) {
+        training = job;
+      }
     }
     for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
                        JobState::kFailed, JobState::kCancelled}) {
@@ -184,12 +188,12 @@ class StateCollector : public prometheus::Collectable {
     if (training && training->progress.step > 0) {
       if (std::isfinite(training->progress.loss)) {
         out->push_back(GaugeFamily("strata_training_loss",
-                                   "Training loss of the job being trained (latest step); absent while idle.",
+                                   "Training loss of the latest training step (the running job, else the last job that trained).",
                                    training->progress.loss));
       }
       out->push_back(GaugeFamily("strata_training_tokens_per_second",
-                                 "Training throughput of the job being trained in tokens per second; absent "
-                                 "while idle.",
+                                 "Training throughput in tokens per second (the running job, else the last job "
+                                 "that trained).",
                                  training->progress.tokens_per_second));
     }
   }
