@@ -45,6 +45,9 @@ json ConfigToJsonValue(const MethodConfig& c) {
   j["ft_scope"] = c.ft_scope;
   j["mtl_shape"] = c.mtl_shape;
   j["seed"] = c.seed;
+  j["osft_urr"] = c.osft_urr;
+  j["osft_rank"] = c.osft_rank;
+  j["pm_epsilon"] = c.pm_epsilon;
   return j;
 }
 
@@ -88,11 +91,17 @@ absl::StatusOr<MethodConfig> ConfigFromJsonValue(const json& j, const std::strin
     } else if (key == "ft_scope" || key == "mtl_shape") {
       if (!v.is_string()) return bad("a string");
       (key == "ft_scope" ? c.ft_scope : c.mtl_shape) = v.get<std::string>();
+    } else if (key == "osft_urr" || key == "pm_epsilon") {
+      if (!v.is_number()) return bad("a number");
+      (key == "osft_urr" ? c.osft_urr : c.pm_epsilon) = v.get<double>();
+    } else if (key == "osft_rank") {
+      if (!v.is_string()) return bad("a string");
+      c.osft_rank = v.get<std::string>();
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat(source, ": unknown field \"", key,
                        "\" (valid: target_modules, rank, alpha, ella_lambda, olora_lambda, k_max, phi, p, "
-                       "energy_threshold, ft_scope, mtl_shape, seed)"));
+                       "energy_threshold, ft_scope, mtl_shape, seed, osft_urr, osft_rank, pm_epsilon)"));
     }
   }
   return c;
@@ -147,6 +156,15 @@ absl::Status ValidateMethodConfig(const MethodConfig& c) {
   }
   if (c.mtl_shape != "full" && c.mtl_shape != "lora") {
     return bad("mtl_shape", absl::StrCat("must be \"full\" or \"lora\", got \"", c.mtl_shape, "\""));
+  }
+  if (!(c.osft_urr >= 0 && c.osft_urr <= 1)) {
+    return bad("osft_urr", absl::StrCat("must be in [0, 1], got ", c.osft_urr));
+  }
+  if (c.osft_rank != "uniform" && c.osft_rank != "adaptive") {
+    return bad("osft_rank", absl::StrCat("must be \"uniform\" or \"adaptive\", got \"", c.osft_rank, "\""));
+  }
+  if (!(c.pm_epsilon >= 0 && c.pm_epsilon <= 1)) {
+    return bad("pm_epsilon", absl::StrCat("must be in [0, 1], got ", c.pm_epsilon));
   }
   return absl::OkStatus();
 }
@@ -407,7 +425,7 @@ absl::Status Method::ImportState(const MethodState& state) {
 // ---- factory -----------------------------------------------------------------------------------
 
 std::vector<std::string> MethodNames() {
-  return {"share_ella", "share", "ella", "seq_lora", "inc_lora", "o_lora", "seq_ft", "mtl"};
+  return {"share_ella", "share", "ella", "seq_lora", "inc_lora", "o_lora", "seq_ft", "mtl", "osft", "pm"};
 }
 
 absl::StatusOr<std::unique_ptr<Method>> CreateMethod(const std::string& name, const MethodConfig& config) {
@@ -424,6 +442,8 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethod(const std::string& name, co
   if (name == "inc_lora") return NewIncLoraMethod(config, false);
   if (name == "o_lora") return NewIncLoraMethod(config, true);
   if (name == "seq_ft") return NewSeqFtMethod(config, false);
+  if (name == "osft") return NewOsftMethod(config);
+  if (name == "pm") return NewPmMethod(config);
   // mtl
   if (config.mtl_shape == "lora") return NewSeqLoraMethod(config, true);
   return NewSeqFtMethod(config, true);

@@ -17,7 +17,7 @@
 // was. Methods never modify tensors in place that the served model or the committed state share:
 // BeginTask replaces weight slots of the working copy by new tensors and EndTask installs new ones.
 //
-// Methods (CreateMethod): share_ella (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft,
+// Methods (CreateMethod): share_ella (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft, osft, pm,
 // mtl. Later methods (OSFT, Perturb-and-Merge) plug in through the hooks below without trainer
 // changes: BeforeForward (P&M: rescale the active branch by 1 ± ε), BeforeOptimizerStep (OSFT:
 // project gradients), AfterOptimizerStep (OSFT: project the applied update), AfterTraining (P&M:
@@ -69,6 +69,12 @@ struct MethodConfig {
   // target modules / rank / alpha, trained jointly).
   std::string mtl_shape = "full";
   uint64_t seed = 0;  // adapter initialisation (mixed with module and task names)
+  // osft: unfreeze-rank ratio URR (uniform ranks k_l = floor(min(n,d)·(1 − URR))), in [0, 1].
+  double osft_urr = 0.25;
+  // osft: "uniform" (r_l = 1 − URR) or "adaptive" (r_l from input/output activation similarity).
+  std::string osft_rank = "uniform";
+  // pm: perturbation size ε (branch scales 1, 1 + ε, 1 − ε), in [0, 1].
+  double pm_epsilon = 0.5;
 };
 
 // INVALID_ARGUMENT naming the field.
