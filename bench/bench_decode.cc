@@ -1,0 +1,206 @@
+// strata-bench-decode: prefill and KV-cached decode throughput of the Strata decoder.
+//
+//   strata-bench-decode [--threads N] [--models stories260K,110m] [--dtype float32|bfloat16]
+//                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR]
+//
+// For each model and batch size (1 and 8) it times a prefill of a --prompt-token random prompt and
+// then --new greedy decode steps through the KV cache (the model's own Forward loop, no tokenizer),
+// and a single-sequence prefill of 256 tokens. Each figure is the median over --reps runs after one
+// warm-up run. Tokens/s counts every sequence of the batch.
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "core/model/model.h"
+#include "core/model/runtime.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Flags {
+  int threads = 2;
+  std::vector<std::string> models = {"stories260K", "110m"};
+  std::string dtype = "float32";
+  int64_t prompt = 32;
+  int64_t new_tokens = 128;
+  int reps = 3;
+  std::string model_dir = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
+};
+
+void Usage() {
+  std::fprintf(stderr,
+               "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
+               "[--dtype float32|bfloat16] [--prompt 32] [--new 128] [--reps 3] "
+               "[--model-dir DIR]\n");
+}
+
+bool ParseFlags(int argc, char** argv, Flags* f) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    std::string v;
+    if (arg == "--help" || arg == "-h") return false;
+    if (!value(&v)) return false;
+    if (arg == "--threads") {
+      if (!absl::SimpleAtoi(v, &f->threads) || f->threads < 1) return false;
+    } else if (arg == "--models") {
+      f->models = absl::StrSplit(v, ',', absl::SkipEmpty());
+    } else if (arg == "--dtype") {
+      f->dtype = v;
+    } else if (arg == "--prompt") {
+      if (!absl::SimpleAtoi(v, &f->prompt) || f->prompt < 1) return false;
+    } else if (arg == "--new") {
+      if (!absl::SimpleAtoi(v, &f->new_tokens) || f->new_tokens < 1) return false;
+    } else if (arg == "--reps") {
+      if (!absl::SimpleAtoi(v, &f->reps) || f->reps < 1) return false;
+    } else if (arg == "--model-dir") {
+      f->model_dir = v;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+struct RunTimes {
+  double prefill = 0;
+  double decode = 0;
+};
+
+// One prefill of [batch, prompt] and `steps` greedy decode steps through the KV cache.
+RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, int64_t steps,
+                 uint64_t seed) {
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  const at::Tensor ids = at::randint(3, model.config().vocab_size, {batch, prompt}, gen,
+                                     at::TensorOptions().dtype(at::kLong));
+  strata::KVCache cache;
+  cache.Reserve(prompt + steps);
+  RunTimes t;
+  const auto t0 = Clock::now();
+  at::Tensor logits = model.Forward(ids, at::Tensor(), &cache, 1);
+  at::Tensor next = logits.select(1, -1).argmax(-1).view({batch, 1});
+  const auto t1 = Clock::now();
+  for (int64_t s = 0; s < steps; ++s) {
+    logits = model.Forward(next, at::Tensor(), &cache, 1);
+    next = logits.select(1, -1).argmax(-1).view({batch, 1});
+  }
+  (void)next.sum().item<int64_t>();
+  const auto t2 = Clock::now();
+  t.prefill = Seconds(t0, t1);
+  t.decode = Seconds(t1, t2);
+  return t;
+}
+
+void Bench(const std::string& name, const strata::CausalLM& model, const Flags& f) {
+  const strata::ModelConfig& c = model.config();
+  std::printf("\n== %s: %.2fM parameters (hidden %ld, %ld layers, %ld heads / %ld kv, "
+              "intermediate %ld, vocab %ld), %s\n",
+              name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size,
+              c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+              c.intermediate_size, c.vocab_size, f.dtype.c_str());
+  RunOnce(model, 1, f.prompt, 8, 99);  // warm-up
+  for (int64_t batch : {int64_t{1}, int64_t{8}}) {
+    std::vector<double> prefill, decode;
+    for (int r = 0; r < f.reps; ++r) {
+      const RunTimes t = RunOnce(model, batch, f.prompt, f.new_tokens, 100 + r);
+      prefill.push_back(static_cast<double>(batch * f.prompt) / t.prefill);
+      decode.push_back(static_cast<double>(batch * f.new_tokens) / t.decode);
+    }
+    std::printf("batch %ld: prefill %ld tokens: %10.1f tokens/s | decode %ld new tokens: "
+                "%10.1f tokens/s (%.2f ms/step)\n",
+                batch, f.prompt, Median(prefill), f.new_tokens, Median(decode),
+                1e3 * static_cast<double>(batch) / Median(decode));
+    std::fflush(stdout);
+  }
+  const int64_t long_prompt = std::min<int64_t>(256, c.max_position_embeddings);
+  std::vector<double> prefill;
+  for (int r = 0; r < f.reps; ++r) {
+    const RunTimes t = RunOnce(model, 1, long_prompt, 0, 200 + r);
+    prefill.push_back(static_cast<double>(long_prompt) / t.prefill);
+  }
+  std::printf("batch 1: prefill %ld tokens: %10.1f tokens/s\n", long_prompt, Median(prefill));
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags f;
+  if (!ParseFlags(argc, argv, &f)) {
+    Usage();
+    return 2;
+  }
+  strata::SetTorchThreads(f.threads);
+  c10::InferenceMode guard;
+  std::printf("%s\n", strata::TorchRuntimeSummary().c_str());
+  {
+    std::ifstream loadavg("/proc/loadavg");
+    std::string line;
+    std::getline(loadavg, line);
+    const char* wait = std::getenv("OMP_WAIT_POLICY");
+    std::printf("load average at start: %s; OMP_WAIT_POLICY=%s\n", line.c_str(),
+                wait != nullptr ? wait : "(unset)");
+  }
+  strata::ModelLoadOptions options;
+  options.dtype = f.dtype;
+  for (const std::string& name : f.models) {
+    if (name == "stories260K") {
+      auto model = strata::CausalLM::Load(f.model_dir, options);
+      if (!model.ok()) {
+        std::fprintf(stderr, "loading %s: %s\n", f.model_dir.c_str(),
+                     model.status().ToString().c_str());
+        return 1;
+      }
+      Bench(name, **model, f);
+    } else if (name == "110m") {
+      strata::ModelConfig c;
+      c.architecture = "LlamaForCausalLM";
+      c.hidden_size = 768;
+      c.intermediate_size = 2048;
+      c.num_hidden_layers = 12;
+      c.num_attention_heads = 12;
+      c.num_key_value_heads = 12;
+      c.head_dim = 64;
+      c.vocab_size = 32000;
+      c.max_position_embeddings = 2048;
+      c.rms_norm_eps = 1e-5;
+      c.tie_word_embeddings = true;
+      c.bos_token_id = 1;
+      c.eos_token_ids = {2};
+      auto model = strata::CausalLM::RandomInit(c, 1234, options);
+      if (!model.ok()) {
+        std::fprintf(stderr, "RandomInit 110m: %s\n", model.status().ToString().c_str());
+        return 1;
+      }
+      Bench("random-init 110M (Llama, tied)", **model, f);
+    } else {
+      std::fprintf(stderr, "unknown model %s (expected stories260K or 110m)\n", name.c_str());
+      return 2;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,70 @@
+#pragma once
+// `strata bench cl`: the continual-learning benchmark (docs ALGORITHMS.md sections 6-7) as a
+// library function, so both the `strata` CLI and the standalone `strata-bench` driver run it.
+//
+// For every method it trains the task order stage by stage from the same base model (one
+// Trainer::Train per task), evaluates every task of the order after every stage (a[i][j] for all
+// i, j, including tasks not trained yet) and the base model once (b_j), and reports the accuracy
+// matrix, AA / BWT / FWT / forgetting (core/eval/metrics.h), the NLL of a reference text before and
+// after, the trainable parameters, the adaptation state size (Method::ExportState tensor bytes) and
+// the wall time. `mtl` (Method::joint()) trains all tasks at once in one Train call
+// (steps × number of tasks) and is evaluated once at the end: its matrix is a single final row and
+// only AA is reported. Output: an aligned text report on stdout, JSON (--json), optional gnuplot
+// PNGs (--plots).
+//
+// Exit codes: 0 ok; 1 a method failed at run time (the others still run and are written; the JSON
+// lists the failure under "failed"), or the JSON/plots could not be written; 2 bad input (unknown
+// method, task directory or model, empty order, duplicate task, bad numbers).
+//
+// Thread safety: RunClBenchCommand sets the process-wide torch thread count; run one at a time.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}  // namespace CLI
+
+namespace strata::bench {
+
+struct ClBenchArgs {
+  std::string model_dir;                // HF model directory (config.json, model.safetensors, tokenizer.json)
+  std::string tasks_dir;                // parent of the task directories named in `order`
+  std::vector<std::string> order;       // task directory names (or paths containing '/'), in training order
+  std::vector<std::string> methods;     // empty = every name in MethodNames(); "mtl_lora" = mtl with LoRA shape
+  int64_t max_train = 0;                // per task, 0 = all (seeded sample, dataset.h)
+  int64_t max_test = 0;                 // per task, 0 = all
+  int64_t epochs = 1;                   // used when steps == 0
+  int64_t steps = 300;                  // optimizer steps per stage (0 = epochs); mtl: steps × tasks
+  double lr = 3e-3;
+  int64_t batch_size = 16;
+  int64_t rank = 8;                     // LoRA rank r and Share pseudo-rank p
+  double alpha = 16.0;                  // LoRA alpha (s = alpha / r)
+  double lambda = 1.0;                  // ELLA λ
+  double olora_lambda = 0.5;            // O-LoRA λ1
+  int64_t phi = 2;                      // Share: temporary basis vectors per side
+  int64_t k_max = 32;                   // Share: cap on the subspace rank per side
+  std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
+  int64_t warmup_steps = 0;
+  std::string lr_schedule = "linear";
+  int64_t max_seq_len = 256;            // tokens per training / scoring sequence
+  uint64_t seed = 0;
+  int threads = 2;
+  std::string reference;                // reference text (default shared/data/lm/tinystories_val.txt)
+  int64_t reference_texts = 64;         // first N stories (blank-line separated)
+  std::string json_out;                 // required by the CLI; empty = no JSON
+  std::string plots_dir;                // empty = no plots
+  bool quiet = false;                   // no per-stage progress lines on stderr
+};
+
+// Registers the options above on `sub` (the caller owns `args` and sets the callback).
+void AddClBenchOptions(CLI::App* sub, ClBenchArgs* args);
+
+// Runs the benchmark; see the exit codes above.
+int RunClBenchCommand(const ClBenchArgs& args);
+
+// The default reference text (STRATA_SHARED_DIR/data/lm/tinystories_val.txt).
+std::string DefaultReferenceText();
+
+}  // namespace strata::bench

@@ -1,0 +1,39 @@
+// strata-bench: standalone driver for the benchmark commands that `strata bench` also registers.
+//
+//   strata-bench cl --model DIR --tasks DIR --order t1,t2 [--methods m1,m2] ... --json OUT [--plots DIR]
+//   strata-bench train [--models stories260K,110m] [--methods ...] [--json OUT]
+//
+// Exit codes: 0 ok, 1 a measurement / method failed, 2 usage error.
+
+#include <CLI/CLI.hpp>
+
+#include "bench/cl_bench.h"
+#include "bench/train_bench.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"strata-bench: continual-learning and training benchmarks"};
+  app.require_subcommand(1);
+  int exit_code = 0;
+
+  strata::bench::ClBenchArgs cl_args;
+  CLI::App* cl = app.add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
+  strata::bench::AddClBenchOptions(cl, &cl_args);
+  cl->callback([&] { exit_code = strata::bench::RunClBenchCommand(cl_args); });
+
+  strata::bench::TrainBenchArgs train_args;
+  CLI::App* train = app.add_subcommand("train", "Training throughput per method and cost against the task count");
+  strata::bench::AddTrainBenchOptions(train, &train_args);
+  train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  return exit_code;
+}
