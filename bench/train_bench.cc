@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -114,8 +115,15 @@ TrainTask RandomTask(const std::string& name, int64_t rows, int64_t seq, int64_t
   return t;
 }
 
-bool IsFullFineTuning(const Method& method) {
-  return method.name() == "seq_ft" || (method.name() == "mtl" && method.config().mtl_shape == "full");
+// Model FLOPs per token of one training step: forward 2N + input gradients 2N + weight gradients
+// 2 per trainable parameter (capped at N; embeddings and norms are counted like matmul weights).
+double FlopsPerToken(int64_t n_matmul, int64_t trainable) {
+  return 4.0 * static_cast<double>(n_matmul) + 2.0 * static_cast<double>(std::min(trainable, n_matmul));
+}
+
+double LoadAverage() {
+  double load[1] = {0};
+  return getloadavg(load, 1) == 1 ? load[0] : -1.0;
 }
 
 struct StepTiming {
@@ -293,9 +301,10 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                    {"threads", a.threads},     {"dtype", "float32"},      {"blas", LoadedBlasLibrary()},
                    {"allocator", LoadedAllocator()}, {"runtime", TorchRuntimeSummary()}};
   out["flops_formula"] =
-      "model GFLOP/s = k * N_matmul * tokens / step_seconds / 1e9; N_matmul = q,k,v,o,gate,up,down weights + "
-      "lm_head; k = 6 for full fine-tuning (seq_ft, mtl full), 4 for adapter methods (frozen base: no weight "
-      "gradients); attention scores and adapter FLOPs not counted";
+      "model GFLOP/s = (4 * N + 2 * min(P, N)) * tokens / step_seconds / 1e9, N = matmul parameters (q,k,v,o,"
+      "gate,up,down weights + lm_head), P = trainable parameters: forward 2N + input gradients 2N + weight "
+      "gradients 2 per trainable parameter (= 6N for full fine-tuning, ~4N for adapters); attention scores and "
+      "the adapters' own forward FLOPs are not counted";
 
   const double gemm = MeasureGemmGflops();
   out["gemm_gflops"] = gemm;
@@ -303,8 +312,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
               static_cast<long long>(a.batch_size), static_cast<long long>(a.seq_len), a.threads, a.targets.c_str(),
               static_cast<long long>(a.rank), TorchRuntimeSummary().c_str());
   std::printf("measured fp32 GEMM (1024^3 torch::mm, median of 10): %.1f GFLOP/s\n", gemm);
-  std::printf("model FLOPs per step: 6*N*tokens (full fine-tuning) or 4*N*tokens (adapters; frozen base), "
-              "N = matmul parameters (linears + lm_head); attention scores not counted\n");
+  std::printf("model FLOPs per step = k*N*tokens, k = 4 + 2*min(P, N)/N (6 = full fine-tuning, ~4 = adapters); "
+              "N = matmul parameters (linears + lm_head), P = trainable parameters; attention scores not counted\n");
   std::fflush(stdout);
 
   // ---- part 1: throughput ---------------------------------------------------------------------
@@ -324,8 +333,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
     std::printf("\n%s: %lld parameters, %lld in matmuls; %lld warmup + %lld timed steps\n", model_name.c_str(),
                 static_cast<long long>((*model)->ParameterCount()), static_cast<long long>(n_matmul),
                 static_cast<long long>(warmup), static_cast<long long>(steps));
-    std::printf("%-12s %12s %10s %12s %9s %8s %12s\n", "method", "trainable", "step_s", "tokens/s", "k", "GFLOP/s",
-                "%_of_GEMM");
+    std::printf("%-12s %12s %9s %10s %6s %8s %9s %7s %6s\n", "method", "trainable", "step_s", "tokens/s", "k",
+                "GFLOP/s", "GEMM_now", "%GEMM", "load");
     std::fflush(stdout);
     json jm = json::object();
     for (const std::string& name : methods) {
@@ -336,6 +345,10 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         exit_code = kExitFailed;
         continue;
       }
+      // The GEMM rate just before this method, and the 1-minute load: a shared machine's other jobs
+      // show up in both.
+      const double gemm_now = MeasureGemmGflops();
+      const double load = LoadAverage();
       absl::StatusOr<StepTiming> t = TimeSteps(**model, **method, "bench", a, warmup, steps, a.seed);
       if (!t.ok()) {
         std::printf("%-12s FAILED: %s\n", name.c_str(), t.status().ToString().c_str());
@@ -343,21 +356,25 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         exit_code = kExitFailed;
         continue;
       }
-      const int k = IsFullFineTuning(**method) ? 6 : 4;
-      const double gflops = static_cast<double>(k) * static_cast<double>(n_matmul) * static_cast<double>(tokens) /
-                            t->step_seconds / 1e9;
-      std::printf("%-12s %12lld %10.4f %12.0f %9d %8.1f %11.0f%%\n", name.c_str(),
-                  static_cast<long long>(t->trainable), t->step_seconds, t->tokens_per_second, k, gflops,
-                  100.0 * gflops / gemm);
+      // k = FLOPs per token per matmul parameter: 6 for full fine-tuning, ~4 for adapters.
+      const double k = FlopsPerToken(n_matmul, t->trainable) / static_cast<double>(n_matmul);
+      const double gflops = k * static_cast<double>(n_matmul) * static_cast<double>(tokens) / t->step_seconds / 1e9;
+      std::printf("%-12s %12lld %9.4f %10.0f %6.2f %8.1f %9.1f %6.0f%% %6.2f\n", name.c_str(),
+                  static_cast<long long>(t->trainable), t->step_seconds, t->tokens_per_second, k, gflops, gemm_now,
+                  100.0 * gflops / gemm_now, load);
       std::fflush(stdout);
       jm[name] = {{"trainable_parameters", t->trainable}, {"step_seconds", t->step_seconds},
                   {"tokens_per_second", t->tokens_per_second}, {"flops_factor", k},
-                  {"gflops", gflops}, {"first_step_seconds", t->first_step_seconds}};
+                  {"gflops", gflops}, {"gemm_gflops_before", gemm_now}, {"load_average_1min", load},
+                  {"first_step_seconds", t->first_step_seconds}};
     }
     jmodels[model_name] = {{"parameters", (*model)->ParameterCount()}, {"matmul_parameters", n_matmul},
                            {"warmup", warmup}, {"steps", steps}, {"methods", jm}};
   }
   out["models"] = jmodels;
+  const double gemm_end = MeasureGemmGflops();
+  out["gemm_gflops_end"] = gemm_end;
+  std::printf("\nfp32 GEMM at the end: %.1f GFLOP/s (start %.1f)\n", gemm_end, gemm);
 
   // ---- part 2: cost against the number of learned tasks ----------------------------------------
   if (!a.scaling_method.empty() && !a.scaling_tasks.empty()) {

@@ -8,10 +8,13 @@
 // target, fp32) for warmup + measured steps; it reports the steady-state step time, training
 // tokens/s (forward + backward + optimizer step + the method's hooks and extra loss) and the
 // achieved model GFLOP/s next to the measured fp32 GEMM GFLOP/s (a 1024³ torch::mm).
-// Model FLOPs: N = parameters in matmuls (every q/k/v/o/gate/up/down weight + lm_head), tokens =
-// batch × seq; full fine-tuning (seq_ft, mtl) ≈ 6·N·tokens per step (forward 2N, backward 4N);
-// adapter methods ≈ 4·N·tokens (no weight gradients for the frozen base; the input gradients still
-// flow through every layer). Attention-score FLOPs and the adapters' own FLOPs are not counted.
+// Model FLOPs per step = (4·N + 2·min(P, N))·tokens, N = parameters in matmuls (every
+// q/k/v/o/gate/up/down weight + lm_head), P = trainable parameters, tokens = batch × seq: forward
+// 2N, input gradients 2N (they flow through every layer even with a frozen base), weight gradients 2
+// per trainable parameter. That is 6·N for full fine-tuning (seq_ft, mtl full) and ≈ 4·N for
+// adapter methods. Attention-score FLOPs and the adapters' own forward FLOPs are not counted. The
+// GEMM rate is measured again right before each method, and the 1-minute load average is printed
+// next to it, so contention on a shared machine is visible.
 // The measured steps never merge: the run is cancelled after the last timed step.
 //
 // Part 2 (scaling, --scaling-method, default share_ella): the method's state is grown to t tasks
