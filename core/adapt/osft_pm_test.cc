@@ -9,55 +9,17 @@
 #include "core/adapt/lora.h"
 #include "core/adapt/method.h"
 #include "core/adapt/methods.h"
+#include "core/adapt/test_fixtures.h"
 #include "core/adapt/trainer.h"
 
 namespace strata {
 namespace {
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 64;
-  c.vocab_size = 32;
-  c.tie_word_embeddings = true;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  c.torch_dtype = "float32";
-  return c;
-}
-
-std::unique_ptr<CausalLM> TinyModel() {
-  auto m = CausalLM::RandomInit(TinyConfig(), 3);
-  EXPECT_TRUE(m.ok()) << m.status();
-  at::Tensor* embed = (*m)->FindParameter("model.embed_tokens.weight");
-  *embed = embed->mul(25.0);
-  (*m)->RetieEmbeddings();
-  return std::move(m).value();
-}
-
-TrainTask SyntheticTask(const std::string& name, int offset = 0, int n = 32) {
-  TrainTask task;
-  task.name = name;
-  for (int i = 0; i < n; ++i) {
-    EncodedExample e;
-    const int x = 3 + (i % 5);
-    const int y = 10 + (i % 8);
-    e.ids.push_back(1);
-    e.ids.push_back(x);
-    if (i % 3 == 0) e.ids.push_back(17);
-    e.ids.push_back(y);
-    e.ids.push_back(20 + (y + offset) % 8);
-    e.target_start = static_cast<int32_t>(e.ids.size()) - 1;
-    task.examples.push_back(e);
-  }
-  return task;
+using testing::TinyConfig;
+using testing::TinyModel;
+// 32 examples per synthetic task here.
+TrainTask SyntheticTask(const std::string& name, int offset = 0) {
+  return testing::SyntheticTask(name, offset, 32);
 }
 
 std::unique_ptr<Method> MakeMethod(const std::string& name, const MethodConfig& config) {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -105,6 +106,36 @@ struct Engine::Impl {
       return Nan();
     }
     return r->mean_nll;
+  }
+
+  // Restores the method's committed state after a failure past the merge; returns `st`.
+  absl::Status Rollback(const MethodState& previous, absl::Status st) {
+    if (auto r = method->ImportState(previous); !r.ok()) {
+      spdlog::critical("cannot roll back the adaptation state: {}", r.ToString());
+    }
+    return st;
+  }
+
+  // Checkpoints `snapshot`, then publishes `model` as version snapshot.weights_version with a frozen
+  // copy of `state` (a restart reports exactly what was published). `commit` runs under mu right
+  // before the pointer swap, to install the report data that goes with the version.
+  absl::StatusOr<std::shared_ptr<const ServedVersion>> CheckpointAndPublish(
+      const CheckpointData& snapshot, const MethodState& state, std::shared_ptr<const CausalLM> model,
+      int64_t tasks_learned, const std::function<void()>& commit) {
+    auto version = std::make_shared<ServedVersion>();
+    version->version = snapshot.weights_version;
+    version->model = std::move(model);
+    version->tasks_learned = tasks_learned;
+    ASSIGN_OR_RETURN(auto frozen, CreateMethodFromState(state));
+    version->method = std::shared_ptr<const Method>(std::move(frozen));
+    RETURN_IF_ERROR(SaveCheckpoint(options.state_dir, snapshot));
+    const int64_t bytes = CheckpointBytes(options.state_dir);
+    absl::MutexLock lock(&mu);
+    if (commit) commit();
+    state_bytes = bytes;
+    routed_cache.clear();
+    current = version;  // the atomic swap: new requests see the new version
+    return std::shared_ptr<const ServedVersion>(version);
   }
 
   CheckpointData Snapshot(const MethodState& state, int64_t version) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
@@ -288,6 +319,11 @@ std::vector<TaskInfo> Engine::Tasks() const {
   std::vector<TaskInfo> out;
   const auto& m = impl_->matrix;
   const int T = static_cast<int>(impl_->tasks.size());
+  std::vector<std::optional<double>> forgetting;
+  if (!m.empty()) {
+    auto cl = ComputeClReport(m, impl_->base_scores);
+    if (cl.ok()) forgetting = cl->task_forgetting;
+  }
   for (int j = 0; j < T; ++j) {
     const auto& t = impl_->tasks[j];
     TaskInfo info;
@@ -300,16 +336,15 @@ std::vector<TaskInfo> Engine::Tasks() const {
     info.eval_examples = t.eval_examples;
     info.base_score = j < static_cast<int>(impl_->base_scores.size()) ? impl_->base_scores[j] : Nan();
     info.history.push_back({0, "", info.base_score, 0});
-    double best = -INFINITY;
     for (int i = 0; i < static_cast<int>(m.size()); ++i) {
       if (j >= static_cast<int>(m[i].size()) || std::isnan(m[i][j])) continue;
       info.history.push_back({i + 1, impl_->tasks[i].name, m[i][j],
                               i < static_cast<int>(impl_->stage_versions.size()) ? impl_->stage_versions[i] : 0});
       if (i == j) info.learned_score = m[i][j];
-      if (i >= j && i < T - 1) best = std::max(best, m[i][j]);
     }
     info.current_score = m.empty() || j >= static_cast<int>(m.back().size()) ? Nan() : m.back()[j];
-    info.forgetting = (j < T - 1 && std::isfinite(best)) ? best - info.current_score : 0.0;
+    // F_j as ALGORITHMS.md section 7 defines it (metrics.h); 0 for the newest task.
+    info.forgetting = j < static_cast<int>(forgetting.size()) && forgetting[j].has_value() ? *forgetting[j] : 0.0;
     out.push_back(std::move(info));
   }
   return out;
@@ -414,12 +449,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   if (!result.ok()) return result.status();
   spdlog::info("task '{}': {} steps in {:.1f} s, loss {:.4f} -> {:.4f}, merge {:.2f} s", job.spec.name,
                result->steps, result->seconds, result->first_loss, result->final_loss, result->merge_seconds);
-  auto rollback = [&](const absl::Status& st) {
-    if (auto r = s.method->ImportState(previous_state); !r.ok()) {
-      spdlog::critical("cannot roll back the adaptation state: {}", r.ToString());
-    }
-    return st;
-  };
+  auto rollback = [&](absl::Status st) { return s.Rollback(previous_state, std::move(st)); };
   if (ctx.set_state) ctx.set_state(JobState::kEvaluating);
 
   // Keep the eval split (the only data kept after the task) before the checkpoint names it.
@@ -477,31 +507,18 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   snapshot.reference_nll.push_back(ref_nll);
   snapshot.stage_versions.resize(tasks.size() - 1, 0);
   snapshot.stage_versions.push_back(before->version + 1);
-  if (auto st = SaveCheckpoint(s.options.state_dir, snapshot); !st.ok()) return rollback(st);
-
-  auto version = std::make_shared<ServedVersion>();
-  version->version = before->version + 1;
-  version->model = new_model;
-  {
-    auto frozen = CreateMethodFromState(*new_state);
-    if (!frozen.ok()) return rollback(frozen.status());
-    version->method = std::shared_ptr<const Method>(std::move(*frozen));
-  }
-  version->tasks_learned = static_cast<int64_t>(tasks.size());
-  {
-    absl::MutexLock lock(&s.mu);
-    s.tasks = tasks;
-    s.eval_sets = std::move(eval_sets);
-    s.matrix = snapshot.matrix;
-    s.base_scores = snapshot.base;
-    s.reference_nll = snapshot.reference_nll;
-    s.stage_versions = snapshot.stage_versions;
-    s.state_bytes = CheckpointBytes(s.options.state_dir);
-    s.routed_cache.clear();
-    s.current = version;  // the atomic swap: new requests see version N+1
-  }
-  outcome.weights_version = version->version;
-  spdlog::info("task '{}' learned: weights version {}, scores [{}]", job.spec.name, version->version,
+  auto version = s.CheckpointAndPublish(snapshot, *new_state, new_model, static_cast<int64_t>(tasks.size()),
+                                        [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+                                          s.tasks = tasks;
+                                          s.eval_sets = std::move(eval_sets);
+                                          s.matrix = snapshot.matrix;
+                                          s.base_scores = snapshot.base;
+                                          s.reference_nll = snapshot.reference_nll;
+                                          s.stage_versions = snapshot.stage_versions;
+                                        });
+  if (!version.ok()) return rollback(version.status());
+  outcome.weights_version = (*version)->version;
+  spdlog::info("task '{}' learned: weights version {}, scores [{}]", job.spec.name, (*version)->version,
                absl::StrJoin(row, ", "));
   if (on_publish_) on_publish_();
   return outcome;
@@ -539,12 +556,7 @@ absl::StatusOr<int64_t> Engine::ImportAdapters(const std::vector<std::string>& d
   if (dirs.empty()) return absl::InvalidArgumentError("dirs: at least one adapter directory is required");
   SetTorchThreads(s.options.training_threads);
   ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
-  auto rollback = [&](const absl::Status& st) {
-    if (auto r = s.method->ImportState(previous_state); !r.ok()) {
-      spdlog::critical("cannot roll back the adaptation state: {}", r.ToString());
-    }
-    return st;
-  };
+  auto rollback = [&](absl::Status st) { return s.Rollback(previous_state, std::move(st)); };
   std::vector<std::string> names;
   for (const auto& dir : dirs) {
     std::string task = fs::path(AbsolutePath(dir)).filename().string();
@@ -558,30 +570,19 @@ absl::StatusOr<int64_t> Engine::ImportAdapters(const std::vector<std::string>& d
   if (auto st = s.method->ApplyServedWeights(served.get()); !st.ok()) return rollback(st);
   auto new_state = s.method->ExportState();
   if (!new_state.ok()) return rollback(new_state.status());
-  auto frozen = CreateMethodFromState(*new_state);
-  if (!frozen.ok()) return rollback(frozen.status());
   std::shared_ptr<const ServedVersion> before = Current();
   CheckpointData snapshot;
   {
     absl::MutexLock lock(&s.mu);
     snapshot = s.Snapshot(*new_state, before->version + 1);
   }
-  if (auto st = SaveCheckpoint(s.options.state_dir, snapshot); !st.ok()) return rollback(st);
-  auto version = std::make_shared<ServedVersion>();
-  version->version = before->version + 1;
-  version->model = std::shared_ptr<const CausalLM>(std::move(served));
-  version->tasks_learned = before->tasks_learned;
-  version->method = std::shared_ptr<const Method>(std::move(*frozen));
-  {
-    absl::MutexLock lock(&s.mu);
-    s.state_bytes = CheckpointBytes(s.options.state_dir);
-    s.routed_cache.clear();
-    s.current = version;
-  }
+  auto version = s.CheckpointAndPublish(snapshot, *new_state, std::shared_ptr<const CausalLM>(std::move(served)),
+                                        before->tasks_learned, nullptr);
+  if (!version.ok()) return rollback(version.status());
   spdlog::info("imported {} adapter(s) [{}] into the {} state: weights version {}", names.size(),
-               absl::StrJoin(names, ", "), s.method->name(), version->version);
+               absl::StrJoin(names, ", "), s.method->name(), (*version)->version);
   if (on_publish_) on_publish_();
-  return version->version;
+  return (*version)->version;
 }
 
 }  // namespace strata
