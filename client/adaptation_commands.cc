@@ -132,7 +132,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("submit", "Stream a task's JSONL data to the server; prints the job id");
   struct Args {
     std::string task, file, eval_file, method, scorer, description;
-    double eval_fraction = 0.1, lr = 0;
+    double eval_fraction = 0.1, lr = 0, alpha = 0, ella_lambda = 0;
     int eval_cap = 0, steps = 0, epochs = 0, batch_size = 0, rank = 0, seed = 0, max_seq_len = 0;
     bool wait = false;
   };
@@ -160,6 +160,10 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* batch = cmd->add_option("--batch-size", a->batch_size, "Batch size")->check(CLI::PositiveNumber);
   auto* rank = cmd->add_option("--rank", a->rank, "Adapter rank (fixed after the first task)")
                    ->check(CLI::PositiveNumber);
+  auto* alpha = cmd->add_option("--alpha", a->alpha, "LoRA alpha (fixed after the first task)")
+                    ->check(CLI::PositiveNumber);
+  auto* lambda = cmd->add_option("--lambda", a->ella_lambda, "ELLA penalty weight for this task")
+                     ->check(CLI::NonNegativeNumber);
   auto* seed =
       cmd->add_option("--seed", a->seed, "Training and hold-out seed")->check(CLI::NonNegativeNumber);
   auto* seq = cmd->add_option("--max-seq-len", a->max_seq_len, "Maximum tokens per example")
@@ -170,7 +174,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   cmd->add_option("--description", a->description, "Free-form description kept with the task");
   cmd->add_flag("--wait", a->wait,
                 "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
-  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, seed, seq] {
+  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq] {
     pb::SubmitTaskRequest spec_msg;
     pb::TaskSpec* spec = spec_msg.mutable_spec();
     spec->set_name(a->task);
@@ -189,6 +193,8 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     if (epochs->count()) o->set_epochs(a->epochs);
     if (batch->count()) o->set_batch_size(a->batch_size);
     if (rank->count()) o->set_rank(a->rank);
+    if (alpha->count()) o->set_alpha(a->alpha);
+    if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
     if (seed->count()) o->set_seed(a->seed);
     if (seq->count()) o->set_max_seq_len(a->max_seq_len);
 

@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -22,6 +23,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/adapt/method.h"
 #include "core/jobs/job_store.h"
 #include "core/jobs/worker.h"
 #include "core/model/model.h"
@@ -64,14 +68,23 @@ ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one JSON o
 ABSL_FLAG(std::string, log_level, "info", "Log level: trace, debug, info, warn, error.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.");
 // Training defaults (a task's spec may override them).
+// The defaults were chosen on the cl-small benchmark (docs/benchmarks.md).
 ABSL_FLAG(std::string, method, "share_ella",
           "Adaptation method of a new state directory: share_ella, share, ella, seq_lora, inc_lora, o_lora, "
-          "seq_ft, mtl (an existing checkpoint keeps its own).");
+          "seq_ft, mtl, osft, pm (an existing checkpoint keeps its own).");
 ABSL_FLAG(double, learning_rate, 3e-3, "Default learning rate.");
 ABSL_FLAG(int32_t, max_steps, 300, "Default optimizer steps per task (0 = use epochs).");
 ABSL_FLAG(int32_t, batch_size, 16, "Default batch size.");
-ABSL_FLAG(int32_t, rank, 8, "Default adapter rank.");
-ABSL_FLAG(double, ella_lambda, 1.0, "Default ELLA penalty weight.");
+ABSL_FLAG(int32_t, rank, 8, "Adapter rank r (Share: pseudo-rank p) of a new state directory.");
+ABSL_FLAG(double, alpha, 16, "LoRA alpha (scale alpha / r) of a new state directory.");
+ABSL_FLAG(std::string, targets, "all-linear",
+          "Target modules of a new state directory: all-linear or comma-separated names (q_proj,v_proj,...).");
+ABSL_FLAG(int32_t, k_max, 32, "Share: cap on the subspace rank per side (new state directory).");
+ABSL_FLAG(int32_t, phi, 8, "Share: temporary basis vectors per side while a task trains.");
+ABSL_FLAG(double, ella_lambda, 0.1, "Default ELLA penalty weight of each task.");
+ABSL_FLAG(double, osft_urr, 0.25, "OSFT: unfreeze-rank ratio, in [0, 1].");
+ABSL_FLAG(std::string, osft_rank, "uniform", "OSFT: per-layer frozen rank, uniform or adaptive.");
+ABSL_FLAG(double, pm_epsilon, 0.5, "Perturb-and-Merge: perturbation size, in [0, 1].");
 ABSL_FLAG(int32_t, max_seq_len, 256,
           "Default maximum tokens per example: longer submitted examples are refused.");
 ABSL_FLAG(std::string, reference_text, "",
@@ -105,7 +118,8 @@ const std::vector<std::string> kFlagNames = {
     "host", "grpc_port", "metrics_port", "state_dir", "model", "device", "dtype", "threads",
     "log_format", "log_level", "shutdown_grace_seconds",
     // Training defaults and thread budgets.
-    "method", "learning_rate", "max_steps", "batch_size", "rank", "ella_lambda", "max_seq_len",
+    "method", "learning_rate", "max_steps", "batch_size", "rank", "alpha", "targets", "k_max", "phi",
+    "ella_lambda", "osft_urr", "osft_rank", "pm_epsilon", "max_seq_len",
     "reference_text", "training_threads", "serving_threads",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
@@ -159,8 +173,38 @@ absl::Status ValidateFlags() {
         at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
     if (!st.ok()) return st;
   }
-  if (!(absl::GetFlag(FLAGS_ella_lambda) >= 0))
-    return absl::InvalidArgumentError("--ella_lambda: must be >= 0");
+  // The method options, checked as the method will check them (the error names the flag).
+  {
+    MethodConfig mc;
+    mc.rank = mc.p = absl::GetFlag(FLAGS_rank);
+    mc.alpha = absl::GetFlag(FLAGS_alpha);
+    mc.target_modules = absl::StrSplit(absl::GetFlag(FLAGS_targets), ',', absl::SkipEmpty());
+    mc.k_max = absl::GetFlag(FLAGS_k_max);
+    mc.phi = absl::GetFlag(FLAGS_phi);
+    mc.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
+    mc.osft_urr = absl::GetFlag(FLAGS_osft_urr);
+    mc.osft_rank = absl::GetFlag(FLAGS_osft_rank);
+    mc.pm_epsilon = absl::GetFlag(FLAGS_pm_epsilon);
+    if (absl::Status st = ValidateMethodConfig(mc); !st.ok()) {
+      // "method config: <field> <why>" -> "--<flag>: <why>"
+      std::string message(st.message());
+      const std::string prefix = "method config: ";
+      if (message.rfind(prefix, 0) == 0) {
+        std::string rest = message.substr(prefix.size());
+        std::string field = rest.substr(0, rest.find(' '));
+        std::string why = rest.substr(std::min(rest.size(), field.size() + 1));
+        if (field == "target_modules") field = "targets";
+        if (field == "p") field = "rank";
+        message = absl::StrCat("--", field, ": ", why);
+      }
+      return absl::InvalidArgumentError(message);
+    }
+    const auto methods = MethodNames();
+    if (std::find(methods.begin(), methods.end(), absl::GetFlag(FLAGS_method)) == methods.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("--method: unknown method '", absl::GetFlag(FLAGS_method),
+                                                     "' (valid: ", absl::StrJoin(methods, ", "), ")"));
+    }
+  }
   if (absl::GetFlag(FLAGS_tls_cert).empty() != absl::GetFlag(FLAGS_tls_key).empty()) {
     return absl::InvalidArgumentError("--tls_cert and --tls_key: give both or neither");
   }
@@ -289,7 +333,14 @@ int Run() {
   engine_options.defaults.max_steps = absl::GetFlag(FLAGS_max_steps);
   engine_options.defaults.batch_size = absl::GetFlag(FLAGS_batch_size);
   engine_options.defaults.rank = absl::GetFlag(FLAGS_rank);
+  engine_options.defaults.alpha = absl::GetFlag(FLAGS_alpha);
+  engine_options.defaults.targets = absl::GetFlag(FLAGS_targets);
+  engine_options.defaults.k_max = absl::GetFlag(FLAGS_k_max);
+  engine_options.defaults.phi = absl::GetFlag(FLAGS_phi);
   engine_options.defaults.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
+  engine_options.defaults.osft_urr = absl::GetFlag(FLAGS_osft_urr);
+  engine_options.defaults.osft_rank = absl::GetFlag(FLAGS_osft_rank);
+  engine_options.defaults.pm_epsilon = absl::GetFlag(FLAGS_pm_epsilon);
   engine_options.defaults.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   engine_options.reference_text_path = absl::GetFlag(FLAGS_reference_text);
   engine_options.training_threads = training_threads;

@@ -207,6 +207,19 @@ absl::StatusOr<std::vector<std::string>> ResolveTargetModules(const CausalLM& mo
 
 // ---- Method ------------------------------------------------------------------------------------
 
+absl::Status Method::SetTaskHyperparameters(double ella_lambda, double pm_epsilon) {
+  if (active_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("task '", active_task_, "' is active: hyper-parameters change only between tasks"));
+  }
+  MethodConfig next = config_;
+  next.ella_lambda = ella_lambda;
+  next.pm_epsilon = pm_epsilon;
+  RETURN_IF_ERROR(ValidateMethodConfig(next));
+  config_ = std::move(next);
+  return absl::OkStatus();
+}
+
 absl::Status Method::BeginTask(const std::string& task_name, CausalLM* model) {
   if (active_) {
     return absl::FailedPreconditionError(

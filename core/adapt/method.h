@@ -137,6 +137,10 @@ class Method {
   // Resolved target modules (empty until the first task or an import).
   const std::vector<std::string>& modules() const { return modules_; }
   bool task_active() const { return active_; }
+  // The hyper-parameters that may differ from task to task (they do not shape the state): the ELLA
+  // penalty weight and, for pm, the perturbation size. FAILED_PRECONDITION while a task is active,
+  // INVALID_ARGUMENT naming the field for a bad value.
+  absl::Status SetTaskHyperparameters(double ella_lambda, double pm_epsilon);
   const std::string& active_task() const { return active_task_; }
 
   // Whether the trainer may pass several tasks' data at once (joint, task-balanced training: mtl).

@@ -31,6 +31,24 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The method configuration of a new (empty) state: the server defaults, with a task's overrides of
+// the state-shaping fields (rank, alpha) and of λ.
+MethodConfig NewMethodConfig(const TrainDefaults& d, const TrainOverrides& o) {
+  MethodConfig mc;
+  mc.rank = o.rank.value_or(d.rank);
+  mc.p = mc.rank;
+  mc.alpha = o.alpha.value_or(d.alpha);
+  mc.ella_lambda = o.ella_lambda.value_or(d.ella_lambda);
+  mc.k_max = d.k_max;
+  mc.phi = d.phi;
+  mc.seed = static_cast<uint64_t>(d.seed);
+  mc.target_modules = absl::StrSplit(d.targets, ',', absl::SkipEmpty());
+  mc.osft_urr = d.osft_urr;
+  mc.osft_rank = d.osft_rank;
+  mc.pm_epsilon = d.pm_epsilon;
+  return mc;
+}
+
 double Nan() { return std::nan(""); }
 
 std::string AutoScorer(const std::vector<Example>& examples) {
@@ -212,15 +230,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     spdlog::info("restored checkpoint: method {}, {} tasks, weights version {}", checkpoint->method,
                  impl->tasks.size(), version);
   } else {
-    MethodConfig mc;
-    mc.rank = options.defaults.rank;
-    mc.p = options.defaults.rank;
-    mc.alpha = options.defaults.alpha;
-    mc.ella_lambda = options.defaults.ella_lambda;
-    mc.k_max = options.defaults.k_max;
-    mc.seed = static_cast<uint64_t>(options.defaults.seed);
-    mc.target_modules = absl::StrSplit(options.defaults.targets, ',', absl::SkipEmpty());
-    ASSIGN_OR_RETURN(impl->method, CreateMethod(options.defaults.method, mc));
+    ASSIGN_OR_RETURN(impl->method, CreateMethod(options.defaults.method, NewMethodConfig(options.defaults, {})));
     spdlog::info("new adaptation state: method {}", options.defaults.method);
   }
 
@@ -394,8 +404,23 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
         s.method->name(), " (one method per state directory; start another server with --method=",
         job.spec.method, " and its own --state_dir)"));
   }
-  if (o.rank.has_value() && *o.rank != s.method->config().rank && s.method->num_tasks() > 0) {
-    return absl::FailedPreconditionError("overrides.rank: the rank is fixed once the first task is learned");
+  // rank and alpha shape the state: a task's overrides may set them only while the state is empty
+  // (the method is then rebuilt from the server defaults plus the overrides). The per-task
+  // hyper-parameters (ELLA λ, P&M ε) come from the overrides or the server defaults every task.
+  if (s.method->num_tasks() == 0) {
+    ASSIGN_OR_RETURN(s.method, CreateMethod(s.method->name(), NewMethodConfig(d, o)));
+  } else {
+    if (o.rank.has_value() && *o.rank != s.method->config().rank) {
+      return absl::FailedPreconditionError(absl::StrCat("overrides.rank: the rank is fixed once the first task is learned (",
+                                                        s.method->config().rank, ")"));
+    }
+    if (o.alpha.has_value() && *o.alpha != s.method->config().alpha) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "overrides.alpha: alpha is fixed once the first task is learned (", s.method->config().alpha, ")"));
+    }
+  }
+  if (auto st = s.method->SetTaskHyperparameters(o.ella_lambda.value_or(d.ella_lambda), d.pm_epsilon); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("overrides: ", st.message()));
   }
   if (TaskIsLearned(job.spec.name)) {
     return absl::AlreadyExistsError(absl::StrCat("task '", job.spec.name, "' is already learned"));

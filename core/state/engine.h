@@ -43,11 +43,15 @@ struct TrainDefaults {
   int32_t batch_size = 16;
   int32_t rank = 8;
   double alpha = 16;
-  double ella_lambda = 1.0;
+  double ella_lambda = 0.1;
   int32_t max_seq_len = 256;
   int32_t seed = 0;
   std::string targets = "all-linear";
   int32_t k_max = 32;
+  int32_t phi = 8;
+  double osft_urr = 0.25;
+  std::string osft_rank = "uniform";
+  double pm_epsilon = 0.5;
 };
 
 struct EngineOptions {

@@ -198,5 +198,55 @@ TEST(Engine, CancelledAndFailedTasksLeaveTheStateUntouched) {
   EXPECT_EQ((*engine)->Current()->version, 2);
 }
 
+// rank and alpha come from the first task's overrides (then they are fixed); λ is per task.
+TEST(Engine, OverridesShapeTheFirstTaskAndLambdaIsPerTask) {
+  SetTorchThreads(2);
+  Dir dir;
+  EngineOptions o = Options(dir.path);
+  o.defaults.ella_lambda = 0.1;
+  auto engine = MakeEngine(o);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::atomic<bool> cancel{false};
+  JobContext ctx;
+  ctx.cancel = &cancel;
+  auto capitals = Task("capitals");
+  auto iso3 = Task("iso3");
+
+  auto first = Job("capitals", "job-000001");
+  first.spec.overrides.rank = 4;
+  first.spec.overrides.alpha = 8;
+  first.spec.overrides.ella_lambda = 0.5;
+  auto r1 = (*engine)->RunJob(first, capitals.train, capitals.test, ctx);
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  EXPECT_EQ((*engine)->Current()->method->config().rank, 4);
+  EXPECT_EQ((*engine)->Current()->method->config().p, 4);
+  EXPECT_EQ((*engine)->Current()->method->config().alpha, 8);
+  EXPECT_EQ((*engine)->Current()->method->config().ella_lambda, 0.5);
+
+  auto bad_rank = Job("iso3", "job-000002");
+  bad_rank.spec.overrides.rank = 8;
+  auto r2 = (*engine)->RunJob(bad_rank, iso3.train, iso3.test, ctx);
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kFailedPrecondition) << r2.status();
+  EXPECT_NE(std::string(r2.status().message()).find("overrides.rank"), std::string::npos) << r2.status();
+  auto bad_alpha = Job("iso3", "job-000003");
+  bad_alpha.spec.overrides.alpha = 16;
+  auto r3 = (*engine)->RunJob(bad_alpha, iso3.train, iso3.test, ctx);
+  EXPECT_EQ(r3.status().code(), absl::StatusCode::kFailedPrecondition) << r3.status();
+  EXPECT_NE(std::string(r3.status().message()).find("overrides.alpha"), std::string::npos) << r3.status();
+  auto bad_lambda = Job("iso3", "job-000004");
+  bad_lambda.spec.overrides.ella_lambda = -1;
+  auto r4 = (*engine)->RunJob(bad_lambda, iso3.train, iso3.test, ctx);
+  EXPECT_EQ(r4.status().code(), absl::StatusCode::kInvalidArgument) << r4.status();
+  EXPECT_NE(std::string(r4.status().message()).find("ella_lambda"), std::string::npos) << r4.status();
+  EXPECT_EQ((*engine)->Current()->version, 2);
+
+  // Without overrides the second task trains with the server's λ; rank and alpha stay.
+  auto r5 = (*engine)->RunJob(Job("iso3", "job-000005"), iso3.train, iso3.test, ctx);
+  ASSERT_TRUE(r5.ok()) << r5.status();
+  EXPECT_EQ((*engine)->Current()->method->config().ella_lambda, 0.1);
+  EXPECT_EQ((*engine)->Current()->method->config().rank, 4);
+  EXPECT_EQ((*engine)->Current()->method->config().alpha, 8);
+}
+
 }  // namespace
 }  // namespace strata

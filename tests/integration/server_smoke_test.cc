@@ -134,6 +134,18 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
   EXPECT_EQ(bad_env.exit_code, 2);
   EXPECT_NE(bad_env.err.find("STRATA_METRICS_PORT"), std::string::npos) << bad_env.err;
 
+  // The method options are checked at start, each error naming its flag.
+  for (const auto& [flag, want] : std::vector<std::pair<std::string, std::string>>{
+           {"--method=nope", "--method: unknown method 'nope'"},
+           {"--pm_epsilon=2", "--pm_epsilon:"},
+           {"--phi=0", "--phi:"},
+           {"--targets=", "--targets:"},
+           {"--osft_rank=sometimes", "--osft_rank:"}}) {
+    auto bad = RunCommand({BinaryPath("strata-server"), flag});
+    EXPECT_EQ(bad.exit_code, 2) << flag;
+    EXPECT_NE(bad.err.find(want), std::string::npos) << flag << ": " << bad.err;
+  }
+
   auto bad_device = RunCommand({BinaryPath("strata-server"), "--device=tpu", "--state_dir=" + dir.path(),
                                 "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_device.exit_code, 2);

@@ -15,6 +15,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "nlohmann/json.hpp"
 #include "strata/v1/adaptation.grpc.pb.h"
@@ -339,6 +340,70 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
   // A relearn under the same name is refused.
   ExpectRpcError(s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval", cap_eval}),
                  "ALREADY_EXISTS", "already learned");
+}
+
+// The other published methods through the service: a server started with --method=osft or pm
+// learns two tasks submitted with `--method <m>`, serves the merged weights (an export of them
+// generates the same text offline), keeps the method across a restart and refuses another method.
+TEST(Service, OsftAndPerturbAndMergeLearnThroughTheService) {
+  for (const std::string method : {"osft", "pm"}) {
+    SCOPED_TRACE(method);
+    Server s({"--method=" + method, "--reference_text=" + SharedPath("data/lm/tinystories_val.txt")});
+    s.Start();
+    const std::string dir = s.dir.path();
+    const std::string cap_train = HeadLines(ClSmall("capitals/train.jsonl"), 48, dir + "/capitals.jsonl");
+    const std::string cap_eval = HeadLines(ClSmall("capitals/test.jsonl"), 16, dir + "/capitals-eval.jsonl");
+    const std::string iso_train = HeadLines(ClSmall("iso3/train.jsonl"), 48, dir + "/iso3.jsonl");
+    const std::string iso_eval = HeadLines(ClSmall("iso3/test.jsonl"), 16, dir + "/iso3-eval.jsonl");
+    for (const auto& [task, train, eval] : std::vector<std::tuple<std::string, std::string, std::string>>{
+             {"capitals", cap_train, cap_eval}, {"iso3", iso_train, iso_eval}}) {
+      CommandResult r = s.Cli({"submit", "--task", task, train, "--eval", eval, "--method", method, "--steps", "6",
+                               "--batch-size", "8", "--wait"});
+      ASSERT_EQ(r.exit_code, 0) << r.err << r.out << s.Log();
+      EXPECT_NE(r.out.find("succeeded: task '" + task + "' learned"), std::string::npos) << r.out;
+    }
+    json report = s.CliJson({"report"});
+    EXPECT_EQ(report["method"], method);
+    EXPECT_EQ(report["tasks"], json({"capitals", "iso3"}));
+    ASSERT_EQ(report["matrix"].size(), 2u) << report.dump();
+    EXPECT_EQ(report["weights_version"], "3");
+    EXPECT_TRUE(report.contains("backward_transfer")) << report.dump();
+    EXPECT_GT(std::stoll(report["adaptation_state_bytes"].get<std::string>()), 0);
+    const std::string metrics = s.Metrics();
+    EXPECT_EQ(MetricValue(metrics, "strata_tasks_learned"), 2) << metrics;
+    EXPECT_FALSE(std::isnan(MetricValue(metrics, "strata_task_score{task=\"iso3\"}"))) << metrics;
+
+    // The served model is the method's merged weights: they changed from the base, and an export of
+    // them generates the same greedy text offline.
+    const std::vector<std::string> gen = {"generate", "--prompt", "The capital of France is", "--max-tokens", "12",
+                                          "--temperature", "0"};
+    CommandResult served = s.Cli(gen);
+    ASSERT_EQ(served.exit_code, 0) << served.err;
+    json exported = s.CliJson({"export", "merged"});
+    std::vector<std::string> offline = {BinaryPath("strata")};
+    offline.insert(offline.end(), gen.begin(), gen.end());
+    offline.insert(offline.end(), {"--model", exported["path"].get<std::string>(), "--threads", "1"});
+    CommandResult from_export = RunCommand(offline);
+    ASSERT_EQ(from_export.exit_code, 0) << from_export.err;
+    EXPECT_EQ(from_export.out, served.out);
+    std::vector<std::string> base = {BinaryPath("strata")};
+    base.insert(base.end(), gen.begin(), gen.end());
+    base.insert(base.end(), {"--model", Model(), "--threads", "1"});
+    CommandResult from_base = RunCommand(base);
+    ASSERT_EQ(from_base.exit_code, 0) << from_base.err;
+    EXPECT_NE(from_base.out, served.out) << "the served weights did not change";
+
+    ExpectRpcError(s.Cli({"submit", "--task", "other", cap_train, "--eval", cap_eval, "--method", "share_ella"}),
+                   "FAILED_PRECONDITION", method);
+    ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
+    s.Start();
+    json info = s.CliJson({"info"});
+    EXPECT_EQ(info["method"], method);
+    EXPECT_EQ(info["tasks_learned"], "2");
+    EXPECT_EQ(s.CliJson({"report"})["matrix"], report["matrix"]);
+    CommandResult after = s.Cli(gen);
+    EXPECT_EQ(after.out, served.out);
+  }
 }
 
 // Prometheus itself scrapes the server and answers a query for both tasks' scores.
@@ -696,8 +761,6 @@ TEST(Service, ImportsPeftAdapterFromTheImportRoot) {
   s.Start();
   WritePeftAdapter(s.state() + "/imports/adapter-a");
   CommandResult r = s.Cli({"import", "adapter-a"});
-  if (r.err.find("UNIMPLEMENTED") != std::string::npos)
-    GTEST_SKIP() << "the engine cannot import yet: " << r.err;
   ASSERT_EQ(r.exit_code, 0) << r.err << s.Log();
   EXPECT_NE(r.out.find("imported 1 adapter(s); weights version 2"), std::string::npos) << r.out;
   EXPECT_EQ(s.CliJson({"info"})["weights_version"], "2");
