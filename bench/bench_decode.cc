@@ -20,6 +20,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 
@@ -177,20 +178,7 @@ int main(int argc, char** argv) {
       }
       Bench(name, **model, f);
     } else if (name == "110m") {
-      strata::ModelConfig c;
-      c.architecture = "LlamaForCausalLM";
-      c.hidden_size = 768;
-      c.intermediate_size = 2048;
-      c.num_hidden_layers = 12;
-      c.num_attention_heads = 12;
-      c.num_key_value_heads = 12;
-      c.head_dim = 64;
-      c.vocab_size = 32000;
-      c.max_position_embeddings = 2048;
-      c.rms_norm_eps = 1e-5;
-      c.tie_word_embeddings = true;
-      c.bos_token_id = 1;
-      c.eos_token_ids = {2};
+      strata::ModelConfig c = strata::bench::Llama110mConfig();
       auto model = strata::CausalLM::RandomInit(c, 1234, options);
       if (!model.ok()) {
         std::fprintf(stderr, "RandomInit 110m: %s\n", model.status().ToString().c_str());

@@ -34,6 +34,7 @@
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
+#include "bench/bench_util.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -41,17 +42,9 @@
 namespace strata::bench {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-constexpr int kExitUsage = 2;
 constexpr char kMtlLora[] = "mtl_lora";  // bench alias: mtl with the LoRA adapter shape
-
-double SecondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 int Usage(const std::string& message) {
   std::fprintf(stderr, "strata bench cl: %s\n", message.c_str());
@@ -71,6 +64,11 @@ struct MethodRun {
   std::vector<std::string> row_labels;         // one per matrix row
   std::vector<std::vector<double>> matrix;     // rows: stages (joint: one final row)
   std::optional<ClReport> report;              // continual methods
+  // Task-routed evaluation (methods that keep per-task adapters: share, share_ella, inc_lora,
+  // o_lora): a[i][j] for a learned task j (j <= i) scored on W0 + ΔW_j, the task's own weights
+  // reconstructed from the state after stage i; tasks not learned yet keep the merged score.
+  std::vector<std::vector<double>> routed_matrix;
+  std::optional<ClReport> routed_report;
   double aa = std::numeric_limits<double>::quiet_NaN();
   double nll_before = 0, nll_after = 0;
   int64_t state_bytes = 0;
@@ -162,7 +160,8 @@ std::string Pad(const std::string& s, size_t width, bool right = false) {
 }
 
 // The matrix of one method as an aligned table (base row first).
-void PrintMatrix(const MethodRun& run, const std::vector<BenchTask>& tasks, const std::vector<double>& base) {
+void PrintMatrix(const MethodRun& run, const std::vector<std::vector<double>>& matrix,
+                 const std::vector<BenchTask>& tasks, const std::vector<double>& base) {
   size_t label_width = 4;
   for (const auto& l : run.row_labels) label_width = std::max(label_width, l.size());
   label_width += 2;
@@ -181,29 +180,12 @@ void PrintMatrix(const MethodRun& run, const std::vector<BenchTask>& tasks, cons
     std::printf("%s\n", line.c_str());
   };
   print_row("base", base);
-  for (size_t i = 0; i < run.matrix.size(); ++i) print_row(run.row_labels[i], run.matrix[i]);
+  for (size_t i = 0; i < matrix.size(); ++i) print_row(run.row_labels[i], matrix[i]);
 }
 
 json OptJson(const std::optional<double>& v) {
   if (!v.has_value() || std::isnan(*v)) return nullptr;
   return *v;
-}
-
-std::vector<std::string> SplitList(const std::string& s) {
-  std::vector<std::string> out;
-  for (absl::string_view part : absl::StrSplit(s, ',', absl::SkipWhitespace())) {
-    out.emplace_back(absl::StripAsciiWhitespace(part));
-  }
-  return out;
-}
-
-// Flattens CLI11's vector options given either as "a,b" or "a b" or repeated.
-std::vector<std::string> FlattenList(const std::vector<std::string>& in) {
-  std::vector<std::string> out;
-  for (const std::string& s : in) {
-    for (std::string& p : SplitList(s)) out.push_back(std::move(p));
-  }
-  return out;
 }
 
 json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
@@ -541,13 +523,32 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       current = std::move(result->model);
       const Clock::time_point e0 = Clock::now();
       absl::StatusOr<std::vector<double>> row = EvaluateAll(*current, tokenizer, tasks, max_seq_len);
-      const double eval_s = SecondsSince(e0);
       if (!row.ok()) {
         fail(absl::StrCat("after stage \"", stage_name, "\": ", row.status().message()));
         return false;
       }
       run.matrix.push_back(*row);
       run.row_labels.push_back(label);
+      if (!run.joint && method.SupportsTaskRouting()) {
+        // Each learned task on its own routed weights (W0 + ΔW_j from the state after this stage).
+        std::vector<double> routed = *row;
+        for (size_t j = 0; j < tasks.size(); ++j) {
+          const auto& learned = method.tasks();
+          if (std::find(learned.begin(), learned.end(), tasks[j].data.name) == learned.end()) continue;
+          std::unique_ptr<CausalLM> model = base_model->ShallowCopy();
+          absl::Status st = method.ApplyTaskRouting(tasks[j].data.name, model.get());
+          absl::StatusOr<double> acc =
+              st.ok() ? Evaluate(*model, tokenizer, tasks[j], max_seq_len) : absl::StatusOr<double>(st);
+          if (!acc.ok()) {
+            fail(absl::StrCat("routed to \"", tasks[j].data.name, "\" after stage \"", stage_name,
+                              "\": ", acc.status().message()));
+            return false;
+          }
+          routed[j] = *acc;
+        }
+        run.routed_matrix.push_back(std::move(routed));
+      }
+      const double eval_s = SecondsSince(e0);
       run.stage_train_seconds.push_back(train_s);
       run.stage_eval_seconds.push_back(eval_s);
       run.stage_final_loss.push_back(result->final_loss);
@@ -560,6 +561,12 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
                      result->final_loss, train_s, result->merge_seconds, eval_s,
                      absl::StrJoin(*row, " ", [](std::string* o, double v) { absl::StrAppendFormat(o, "%.3f", v); })
                          .c_str());
+        if (run.routed_matrix.size() == run.matrix.size()) {
+          std::fprintf(stderr, "[%s] %s routed: %s\n", requested.c_str(), label.c_str(),
+                       absl::StrJoin(run.routed_matrix.back(), " ", [](std::string* o, double v) {
+                         absl::StrAppendFormat(o, "%.3f", v);
+                       }).c_str());
+        }
       }
       return true;
     };
@@ -603,18 +610,33 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       }
       run.report = *report;
       run.aa = report->aa.value_or(std::numeric_limits<double>::quiet_NaN());
+      if (!run.routed_matrix.empty()) {
+        absl::StatusOr<ClReport> routed = ComputeClReport(run.routed_matrix, base);
+        if (!routed.ok()) {
+          fail(absl::StrCat("routed metrics: ", routed.status().message()));
+          continue;
+        }
+        run.routed_report = *routed;
+      }
     }
     run.seconds = SecondsSince(method_start);
 
     std::printf("\n== %s (%s%.1f s) ==\n", run.name.c_str(),
                 run.joint ? "joint training on all tasks, evaluated once at the end; " : "", run.seconds);
-    PrintMatrix(run, tasks, base);
+    PrintMatrix(run, run.matrix, tasks, base);
     if (run.joint) {
       std::printf("AA %.3f (BWT/FWT/forgetting: not defined for joint training)\n", run.aa);
     } else {
       std::printf("AA %s  BWT %s  FWT %s  forgetting %s\n", FormatOpt(run.report->aa).c_str(),
                   FormatOpt(run.report->bwt, true).c_str(), FormatOpt(run.report->fwt, true).c_str(),
                   FormatOpt(run.report->forgetting).c_str());
+    }
+    if (run.routed_report.has_value()) {
+      std::printf("task-routed (each learned task on W0 + its own ΔW from the state):\n");
+      PrintMatrix(run, run.routed_matrix, tasks, base);
+      std::printf("routed: AA %s  BWT %s  FWT %s  forgetting %s\n", FormatOpt(run.routed_report->aa).c_str(),
+                  FormatOpt(run.routed_report->bwt, true).c_str(), FormatOpt(run.routed_report->fwt, true).c_str(),
+                  FormatOpt(run.routed_report->forgetting).c_str());
     }
     std::printf("reference NLL %.4f -> %.4f  trainable parameters %lld  state %s (%lld bytes)\n", run.nll_before,
                 run.nll_after, static_cast<long long>(run.trainable), FormatBytes(run.state_bytes).c_str(),
@@ -635,6 +657,18 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
                 FormatOpt(bwt, true).c_str(), FormatOpt(fwt, true).c_str(), FormatOpt(fgt).c_str(), run.nll_before,
                 run.nll_after, static_cast<long long>(run.state_bytes), static_cast<long long>(run.trainable),
                 run.seconds);
+  }
+  bool any_routed = false;
+  for (const MethodRun& run : runs) any_routed = any_routed || run.routed_report.has_value();
+  if (any_routed) {
+    std::printf("\nTask-routed (the task's own weights W0 + ΔW_j; needs the task name at inference)\n");
+    std::printf("%-12s %7s %8s %8s %10s\n", "method", "AA", "BWT", "FWT", "forgetting");
+    for (const MethodRun& run : runs) {
+      if (!run.routed_report.has_value()) continue;
+      const ClReport& r = *run.routed_report;
+      std::printf("%-12s %7s %8s %8s %10s\n", run.name.c_str(), FormatOpt(r.aa).c_str(),
+                  FormatOpt(r.bwt, true).c_str(), FormatOpt(r.fwt, true).c_str(), FormatOpt(r.forgetting).c_str());
+    }
   }
   for (const auto& [name, why] : failures) std::printf("%-12s FAILED: %s\n", name.c_str(), why.c_str());
   if (std::find(methods.begin(), methods.end(), "mtl") != methods.end() ||
@@ -680,6 +714,11 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       j["fwt"] = nullptr;
       j["forgetting"] = nullptr;
       j["note"] = "joint training on all tasks; evaluated once at the end (single final row): AA only";
+    }
+    if (run.routed_report.has_value()) {
+      j["routed"] = ClReportToJson(*run.routed_report);
+    } else {
+      j["routed"] = nullptr;
     }
     j["joint"] = run.joint;
     j["method"] = run.method;

@@ -110,6 +110,14 @@ TEST(ClBenchTest, MixedOrderRunsEndToEndAndWritesDocumentedJson) {
   // AA is the mean of the last row.
   EXPECT_NEAR(se["aa"].get<double>(),
               (se["matrix"][1][0].get<double>() + se["matrix"][1][1].get<double>()) / 2.0, 1e-9);
+  // Task-routed evaluation for methods that keep per-task adapters: the same shape; a task not
+  // learned yet has no route and keeps the merged score.
+  ASSERT_TRUE(se["routed"].is_object()) << se.dump();
+  ASSERT_EQ(se["routed"]["matrix"].size(), 2u);
+  EXPECT_EQ(se["routed"]["matrix"][0][1], se["matrix"][0][1]);
+  EXPECT_TRUE(se["routed"]["bwt"].is_number());
+  EXPECT_TRUE(j["methods"]["seq_lora"]["routed"].is_null());
+  EXPECT_TRUE(j["methods"]["mtl"]["routed"].is_null());
   // The base scores are the same for every method.
   EXPECT_EQ(se["base"], j["methods"]["seq_lora"]["base"]);
   // mtl: one final row, AA only.

@@ -27,6 +27,7 @@
 #include "core/adapt/trainer.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
+#include "bench/bench_util.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -34,54 +35,11 @@
 namespace strata::bench {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
-
-constexpr int kExitOk = 0;
-constexpr int kExitFailed = 1;
-constexpr int kExitUsage = 2;
-
-double SecondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 int Usage(const std::string& message) {
   std::fprintf(stderr, "strata bench train: %s\n", message.c_str());
   return kExitUsage;
-}
-
-std::vector<std::string> SplitList(const std::string& s) {
-  std::vector<std::string> out;
-  for (absl::string_view part : absl::StrSplit(s, ',', absl::SkipWhitespace())) {
-    out.emplace_back(absl::StripAsciiWhitespace(part));
-  }
-  return out;
-}
-
-std::vector<std::string> FlattenList(const std::vector<std::string>& in) {
-  std::vector<std::string> out;
-  for (const std::string& s : in) {
-    for (std::string& p : SplitList(s)) out.push_back(std::move(p));
-  }
-  return out;
-}
-
-ModelConfig Llama110mConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 768;
-  c.intermediate_size = 2048;
-  c.num_hidden_layers = 12;
-  c.num_attention_heads = 12;
-  c.num_key_value_heads = 12;
-  c.head_dim = 64;
-  c.vocab_size = 32000;
-  c.max_position_embeddings = 2048;
-  c.rms_norm_eps = 1e-5;
-  c.tie_word_embeddings = true;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  return c;
 }
 
 absl::StatusOr<std::unique_ptr<CausalLM>> LoadBenchModel(const std::string& name, const TrainBenchArgs& a) {

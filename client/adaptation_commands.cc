@@ -174,94 +174,95 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   cmd->add_option("--description", a->description, "Free-form description kept with the task");
   cmd->add_flag("--wait", a->wait,
                 "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
-  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq] {
-    pb::SubmitTaskRequest spec_msg;
-    pb::TaskSpec* spec = spec_msg.mutable_spec();
-    spec->set_name(a->task);
-    if (method->count()) spec->set_method(a->method);
-    if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
-    if (cap->count()) spec->set_eval_cap(a->eval_cap);
-    if (!a->scorer.empty()) {
-      spec->set_scorer(a->scorer == "choice"        ? pb::SCORER_CHOICE
-                       : a->scorer == "exact_match" ? pb::SCORER_EXACT_MATCH
-                                                    : pb::SCORER_NLL);
-    }
-    spec->set_description(a->description);
-    pb::TrainingOverrides* o = spec->mutable_overrides();
-    if (lr->count()) o->set_learning_rate(a->lr);
-    if (steps->count()) o->set_max_steps(a->steps);
-    if (epochs->count()) o->set_epochs(a->epochs);
-    if (batch->count()) o->set_batch_size(a->batch_size);
-    if (rank->count()) o->set_rank(a->rank);
-    if (alpha->count()) o->set_alpha(a->alpha);
-    if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
-    if (seed->count()) o->set_seed(a->seed);
-    if (seq->count()) o->set_max_seq_len(a->max_seq_len);
+  cmd->callback(
+      [&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq] {
+        pb::SubmitTaskRequest spec_msg;
+        pb::TaskSpec* spec = spec_msg.mutable_spec();
+        spec->set_name(a->task);
+        if (method->count()) spec->set_method(a->method);
+        if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
+        if (cap->count()) spec->set_eval_cap(a->eval_cap);
+        if (!a->scorer.empty()) {
+          spec->set_scorer(a->scorer == "choice"        ? pb::SCORER_CHOICE
+                           : a->scorer == "exact_match" ? pb::SCORER_EXACT_MATCH
+                                                        : pb::SCORER_NLL);
+        }
+        spec->set_description(a->description);
+        pb::TrainingOverrides* o = spec->mutable_overrides();
+        if (lr->count()) o->set_learning_rate(a->lr);
+        if (steps->count()) o->set_max_steps(a->steps);
+        if (epochs->count()) o->set_epochs(a->epochs);
+        if (batch->count()) o->set_batch_size(a->batch_size);
+        if (rank->count()) o->set_rank(a->rank);
+        if (alpha->count()) o->set_alpha(a->alpha);
+        if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
+        if (seed->count()) o->set_seed(a->seed);
+        if (seq->count()) o->set_max_seq_len(a->max_seq_len);
 
-    std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
-    if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
-    int64_t total = 0;
-    for (const auto& [path, is_eval] : files) {
-      std::error_code ec;
-      total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
-    }
+        std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
+        if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
+        int64_t total = 0;
+        for (const auto& [path, is_eval] : files) {
+          std::error_code ec;
+          total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
+        }
 
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = pb::AdaptationService::NewStub(channel);
-    pb::Job job;
-    {
-      grpc::ClientContext ctx;
-      PrepareContext(&ctx, opts, /*with_deadline=*/false);
-      auto writer = stub->SubmitTask(&ctx, &job);
-      bool open = writer->Write(spec_msg);
-      int64_t sent = 0, lines = 0;
-      ProgressLine progress;
-      auto text = [&] {
-        return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
-                               FormatBytes(sent), FormatBytes(total), lines);
-      };
-      for (const auto& [path, is_eval] : files) {
-        if (!open) break;
-        std::ifstream in(path, std::ios::binary);
-        if (!in) {
-          ctx.TryCancel();
-          *exit_code = UsageError("cannot read " + path, opts);
+        auto channel = Connect(opts);
+        if (!channel) {
+          *exit_code = kExitUnreachable;
           return;
         }
-        std::string buf(kChunkBytes, '\0');
-        while (open && in) {
-          in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-          std::streamsize n = in.gcount();
-          if (n <= 0) break;
-          pb::SubmitTaskRequest msg;
-          pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
-          chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
-          open = writer->Write(msg);
-          sent += n;
-          lines += std::count(buf.data(), buf.data() + n, '\n');
-          progress.Update(text());
+        auto stub = pb::AdaptationService::NewStub(channel);
+        pb::Job job;
+        {
+          grpc::ClientContext ctx;
+          PrepareContext(&ctx, opts, /*with_deadline=*/false);
+          auto writer = stub->SubmitTask(&ctx, &job);
+          bool open = writer->Write(spec_msg);
+          int64_t sent = 0, lines = 0;
+          ProgressLine progress;
+          auto text = [&] {
+            return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
+                                   FormatBytes(sent), FormatBytes(total), lines);
+          };
+          for (const auto& [path, is_eval] : files) {
+            if (!open) break;
+            std::ifstream in(path, std::ios::binary);
+            if (!in) {
+              ctx.TryCancel();
+              *exit_code = UsageError("cannot read " + path, opts);
+              return;
+            }
+            std::string buf(kChunkBytes, '\0');
+            while (open && in) {
+              in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+              std::streamsize n = in.gcount();
+              if (n <= 0) break;
+              pb::SubmitTaskRequest msg;
+              pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
+              chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
+              open = writer->Write(msg);
+              sent += n;
+              lines += std::count(buf.data(), buf.data() + n, '\n');
+              progress.Update(text());
+            }
+          }
+          if (open) writer->WritesDone();
+          grpc::Status status = writer->Finish();
+          if (!status.ok()) {
+            progress.Finish(text() + " (refused)");
+            *exit_code = ReportRpcError("SubmitTask", status, opts);
+            return;
+          }
+          progress.Finish(text());
         }
-      }
-      if (open) writer->WritesDone();
-      grpc::Status status = writer->Finish();
-      if (!status.ok()) {
-        progress.Finish(text() + " (refused)");
-        *exit_code = ReportRpcError("SubmitTask", status, opts);
-        return;
-      }
-      progress.Finish(text());
-    }
-    if (!a->wait) {
-      std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
-      return;
-    }
-    if (!opts.json) std::cout << job.id() << std::endl;
-    *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
-  });
+        if (!a->wait) {
+          std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
+          return;
+        }
+        if (!opts.json) std::cout << job.id() << std::endl;
+        *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
+      });
 }
 
 void AddJobs(CLI::App& app, GlobalOptions& opts, int* exit_code) {
@@ -337,22 +338,14 @@ void AddCancel(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto id = std::make_shared<std::string>();
   cmd->add_option("job", *id, "Job id")->required();
   cmd->callback([&opts, exit_code, id] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = pb::AdaptationService::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
     pb::CancelJobRequest request;
     request.set_id(*id);
-    pb::Job job;
-    grpc::Status st = stub->CancelJob(&ctx, request, &job);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("CancelJob", st, opts);
-      return;
-    }
+    auto job_or = CallUnary<pb::AdaptationService, pb::Job>(
+        opts, exit_code, "CancelJob", [&](auto& stub, grpc::ClientContext* ctx, pb::Job* out) {
+          return stub.CancelJob(ctx, request, out);
+        });
+    if (!job_or) return;
+    const pb::Job& job = *job_or;
     if (opts.json) {
       std::cout << ProtoToJson(job) << "\n";
     } else if (job.state() == pb::JOB_STATE_CANCELLED) {
@@ -366,20 +359,12 @@ void AddCancel(CLI::App& app, GlobalOptions& opts, int* exit_code) {
 void AddTasks(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("tasks", "List the learned tasks with their scores");
   cmd->callback([&opts, exit_code] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = pb::AdaptationService::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
-    pb::ListTasksResponse tasks;
-    grpc::Status st = stub->ListTasks(&ctx, pb::ListTasksRequest(), &tasks);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("ListTasks", st, opts);
-      return;
-    }
+    auto tasks_or = CallUnary<pb::AdaptationService, pb::ListTasksResponse>(
+        opts, exit_code, "ListTasks", [&](auto& stub, grpc::ClientContext* ctx, pb::ListTasksResponse* out) {
+          return stub.ListTasks(ctx, pb::ListTasksRequest(), out);
+        });
+    if (!tasks_or) return;
+    const pb::ListTasksResponse& tasks = *tasks_or;
     if (opts.json) {
       std::cout << ProtoToJson(tasks) << "\n";
       return;
@@ -403,20 +388,12 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       "report",
       "The accuracy matrix and the continual-learning summary (AA, BWT, FWT, forgetting, reference NLL)");
   cmd->callback([&opts, exit_code] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = pb::AdaptationService::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
-    pb::Report r;
-    grpc::Status st = stub->GetReport(&ctx, pb::GetReportRequest(), &r);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("GetReport", st, opts);
-      return;
-    }
+    auto r_or = CallUnary<pb::AdaptationService, pb::Report>(
+        opts, exit_code, "GetReport", [&](auto& stub, grpc::ClientContext* ctx, pb::Report* out) {
+          return stub.GetReport(ctx, pb::GetReportRequest(), out);
+        });
+    if (!r_or) return;
+    const pb::Report& r = *r_or;
     if (opts.json) {
       std::cout << ProtoToJson(r) << "\n";
       return;

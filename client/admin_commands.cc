@@ -73,22 +73,16 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     auto dirs = std::make_shared<std::vector<std::string>>();
     cmd->add_option("dirs", *dirs, "Adapter directories on the server")->required();
     cmd->callback([&opts, exit_code, dirs] {
-      auto channel = Connect(opts);
-      if (!channel) {
-        *exit_code = kExitUnreachable;
-        return;
-      }
-      auto stub = pb::AdminService::NewStub(channel);
-      grpc::ClientContext ctx;
-      PrepareContext(&ctx, opts, /*with_deadline=*/false);
       pb::ImportAdaptersRequest request;
       for (const auto& d : *dirs) request.add_dirs(d);
-      pb::ImportAdaptersResponse response;
-      grpc::Status st = stub->ImportAdapters(&ctx, request, &response);
-      if (!st.ok()) {
-        *exit_code = ReportRpcError("ImportAdapters", st, opts);
-        return;
-      }
+      auto response_or = CallUnary<pb::AdminService, pb::ImportAdaptersResponse>(
+          opts, exit_code, "ImportAdapters",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::ImportAdaptersResponse* out) {
+            return stub.ImportAdapters(ctx, request, out);
+          },
+          /*with_deadline=*/false);
+      if (!response_or) return;
+      const pb::ImportAdaptersResponse& response = *response_or;
       if (opts.json) {
         std::cout << ProtoToJson(response) << "\n";
       } else {

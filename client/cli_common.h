@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -35,6 +36,29 @@ void PrepareContext(grpc::ClientContext* ctx, const GlobalOptions& opts, bool wi
 
 // Prints an RPC error and returns the exit code for it (3 for UNAVAILABLE, else 1).
 int ReportRpcError(const std::string& what, const grpc::Status& status, const GlobalOptions& opts);
+
+// One unary RPC of `Service` on a fresh connection: `call(stub, &ctx, &response)` issues it and
+// returns its status. On failure prints the error, sets *exit_code (3 unreachable, 1 server error)
+// and returns nullopt.
+template <typename Service, typename Response, typename Call>
+std::optional<Response> CallUnary(const GlobalOptions& opts, int* exit_code, const std::string& rpc,
+                                  Call&& call, bool with_deadline = true) {
+  auto channel = Connect(opts);
+  if (!channel) {
+    *exit_code = kExitUnreachable;
+    return std::nullopt;
+  }
+  auto stub = Service::NewStub(channel);
+  grpc::ClientContext ctx;
+  PrepareContext(&ctx, opts, with_deadline);
+  Response response;
+  grpc::Status st = call(*stub, &ctx, &response);
+  if (!st.ok()) {
+    *exit_code = ReportRpcError(rpc, st, opts);
+    return std::nullopt;
+  }
+  return response;
+}
 
 // Prints rows as an aligned two-column table.
 void PrintKeyValues(const std::vector<std::pair<std::string, std::string>>& rows);

@@ -110,24 +110,16 @@ void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   cmd->add_option("--completion", a->completions, "A completion (repeatable)")->required();
   cmd->add_option("--task", a->task, "Use the task-routed weights of this learned task");
   cmd->callback([&opts, exit_code, a] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = pb::InferenceService::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
     pb::ScoreRequest request;
     request.set_prompt(a->prompt);
     request.set_task(a->task);
     for (const auto& c : a->completions) request.add_completions(c);
-    pb::ScoreResponse response;
-    grpc::Status st = stub->Score(&ctx, request, &response);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("Score", st, opts);
-      return;
-    }
+    auto response_or = CallUnary<pb::InferenceService, pb::ScoreResponse>(
+        opts, exit_code, "Score", [&](auto& stub, grpc::ClientContext* ctx, pb::ScoreResponse* out) {
+          return stub.Score(ctx, request, out);
+        });
+    if (!response_or) return;
+    const pb::ScoreResponse& response = *response_or;
     if (opts.json) {
       std::cout << ProtoToJson(response) << "\n";
       return;

@@ -17,22 +17,15 @@ void AddHealthCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto service = std::make_shared<std::string>();
   cmd->add_option("--service", *service, "Service name to check (default: the whole server)");
   cmd->callback([&opts, exit_code, service] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = grpc::health::v1::Health::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
     grpc::health::v1::HealthCheckRequest req;
     req.set_service(*service);
-    grpc::health::v1::HealthCheckResponse resp;
-    grpc::Status st = stub->Check(&ctx, req, &resp);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("health check", st, opts);
-      return;
-    }
+    auto resp_or = CallUnary<grpc::health::v1::Health, grpc::health::v1::HealthCheckResponse>(
+        opts, exit_code, "health check",
+        [&](auto& stub, grpc::ClientContext* ctx, grpc::health::v1::HealthCheckResponse* out) {
+          return stub.Check(ctx, req, out);
+        });
+    if (!resp_or) return;
+    const grpc::health::v1::HealthCheckResponse& resp = *resp_or;
     std::string status = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
     if (opts.json) {
       std::cout << nlohmann::json{{"server", opts.server}, {"service", *service}, {"status", status}}.dump()
@@ -47,20 +40,13 @@ void AddHealthCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
 void AddInfoCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("info", "Show what the server is: version, build, device, model, uptime");
   cmd->callback([&opts, exit_code] {
-    auto channel = Connect(opts);
-    if (!channel) {
-      *exit_code = kExitUnreachable;
-      return;
-    }
-    auto stub = strata::v1::AdminService::NewStub(channel);
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx, opts);
-    strata::v1::ServerInfo info;
-    grpc::Status st = stub->GetServerInfo(&ctx, strata::v1::GetServerInfoRequest(), &info);
-    if (!st.ok()) {
-      *exit_code = ReportRpcError("GetServerInfo", st, opts);
-      return;
-    }
+    auto info_or = CallUnary<strata::v1::AdminService, strata::v1::ServerInfo>(
+        opts, exit_code, "GetServerInfo",
+        [&](auto& stub, grpc::ClientContext* ctx, strata::v1::ServerInfo* out) {
+          return stub.GetServerInfo(ctx, strata::v1::GetServerInfoRequest(), out);
+        });
+    if (!info_or) return;
+    const strata::v1::ServerInfo& info = *info_or;
     if (opts.json) {
       std::cout << ProtoToJson(info) << "\n";
       return;

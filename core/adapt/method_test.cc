@@ -8,31 +8,16 @@
 
 #include "core/adapt/lora.h"
 #include "core/adapt/methods.h"
+#include "core/adapt/test_fixtures.h"
 
 namespace strata {
 namespace {
 
 using ::testing::HasSubstr;
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 64;
-  c.vocab_size = 32;
-  c.tie_word_embeddings = true;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  c.torch_dtype = "float32";
-  return c;
-}
+using testing::TinyConfig;
 
+// The plain RandomInit model (test_fixtures.h's TinyModel rescales the embeddings).
 std::unique_ptr<CausalLM> TinyModel(uint64_t seed = 7) {
   auto m = CausalLM::RandomInit(TinyConfig(), seed);
   EXPECT_TRUE(m.ok()) << m.status();
