@@ -148,9 +148,11 @@ RUN groupadd --gid 10001 strata \
  && mkdir -p /var/lib/strata /models \
  && chown strata:strata /var/lib/strata
 # Environment twins of the server flags (--host, --state_dir); the command line still wins.
+# OMP_WAIT_POLICY=PASSIVE: OpenMP workers sleep while waiting (training and serving share the cores).
 ENV STRATA_HOST=0.0.0.0 \
     STRATA_STATE_DIR=/var/lib/strata \
-    HOME=/var/lib/strata
+    HOME=/var/lib/strata \
+    OMP_WAIT_POLICY=PASSIVE
 USER 10001:10001
 WORKDIR /var/lib/strata
 VOLUME ["/var/lib/strata"]

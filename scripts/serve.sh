@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-$PWD/build}
 scripts/setup.sh >&2
+# OpenMP workers sleep instead of spinning while they wait: training and serving share the cores
+# (spinning made decode 1.2-55x slower under load; docs/benchmarks.md). Set it to override.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec "$BUILD_DIR/server/strata-server" "$@"

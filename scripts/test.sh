@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-$PWD/build}
 scripts/setup.sh
+# OpenMP workers sleep instead of spinning while they wait: training and serving share the cores
+# (spinning made decode 1.2-55x slower under load; docs/benchmarks.md). Set it to override.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [[ ! -d ../shared/models ]]; then
   echo "[test] ../shared (models, tokenizers, data) must sit beside the checkout" >&2
   exit 1

@@ -125,6 +125,10 @@ std::string TorchRuntimeSummary() {
   std::string openmp = at::get_openmp_version();
   // "OpenMP 201511 (a.k.a. OpenMP 4.5)" -> keep as is; empty when torch was built without it.
   if (openmp.empty()) openmp = "no OpenMP";
+  // Spinning OpenMP workers (the default policy) slow two torch workloads sharing cores by up to
+  // 55x (docs/benchmarks.md): say which policy is in force.
+  const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
+  openmp = absl::StrCat(openmp, ", OMP_WAIT_POLICY ", wait_policy != nullptr ? wait_policy : "unset");
   return absl::StrCat("torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR, ".",
                       TORCH_VERSION_PATCH, "; BLAS ", LoadedBlasLibrary(), "; threads ",
                       at::get_num_threads(), " (interop ", at::get_num_interop_threads(),
