@@ -183,8 +183,12 @@ class Method {
   // method with no task leaves `base` unchanged). INVALID_ARGUMENT on missing modules/shapes.
   virtual absl::Status ApplyServedWeights(CausalLM* base) const = 0;
   virtual bool SupportsTaskRouting() const { return false; }
-  // Routes `base` (holding W0) to task `task`: attaches the task's side path W0 + ΔW_task as a
-  // frozen low-rank adapter. NOT_FOUND for an unknown task, UNIMPLEMENTED when unsupported.
+  // Routes `base` (holding W0) to task `task`, the i-th merged task: attaches a frozen low-rank side
+  // path that gives the model as of that task, W0 + Σ_{j ≤ i} ΔW_j (task i trained on top of the
+  // earlier tasks' merged updates, so its own ΔW_i on W0 alone is not the model it learned; later
+  // tasks are left out, so they cannot make it forget). Share builds it from the subspace (rank k,
+  // whatever i is); inc_lora/o_lora from the stored LoRAs (rank r·i). NOT_FOUND for an unknown
+  // task, UNIMPLEMENTED when unsupported.
   virtual absl::Status ApplyTaskRouting(const std::string& task, CausalLM* base) const;
 
   // ---- import ---------------------------------------------------------------------------------

@@ -365,6 +365,15 @@ TEST(MethodTest, ShareServesReconstructedTaskUpdatesAndRoutes) {
       merged0->FindLinear(m)->weight = base->FindLinear(m)->weight + per_task["task0"][m];
     }
     EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged0)), 1e-4) << name;
+    // Routing to task 1: the model as of task 1, W0 + ΔW_0 + ΔW_1 (here: the served weights), as
+    // one side path of rank k.
+    auto routed1 = base->ShallowCopy();
+    ASSERT_TRUE(method->ApplyTaskRouting("task1", routed1.get()).ok());
+    for (const auto& m : method->modules()) {
+      ASSERT_NE(routed1->FindLinear(m)->adapter, nullptr);
+    }
+    EXPECT_LT(MaxDiff(Logits(*routed1), Logits(*served)), 1e-4) << name;
+    EXPECT_GT(MaxDiff(Logits(*routed1), Logits(*merged0)), 1e-3) << name;
     EXPECT_EQ(method->ApplyTaskRouting("nope", base->ShallowCopy().get()).code(),
               absl::StatusCode::kNotFound);
   }
@@ -373,18 +382,26 @@ TEST(MethodTest, ShareServesReconstructedTaskUpdatesAndRoutes) {
   EXPECT_EQ(ella->ApplyTaskRouting("x", base.get()).code(), absl::StatusCode::kUnimplemented);
 }
 
-TEST(MethodTest, IncLoraRoutesToOneTask) {
+TEST(MethodTest, IncLoraRoutesToTheModelAsOfATask) {
   auto base = TinyModel();
   auto method = MakeMethod("inc_lora");
   std::unique_ptr<CausalLM> served = base->ShallowCopy();
-  std::map<std::string, at::Tensor> d0, d1;
+  std::map<std::string, at::Tensor> d0, d1, d2;
   served = RunTask(*method, *served, "a", 1, &d0);
   served = RunTask(*method, *served, "b", 2, &d1);
+  served = RunTask(*method, *served, "c", 3, &d2);
+  // "b": W0 + ΔW_a + ΔW_b (the model it trained on plus its own update), without "c".
   auto routed = base->ShallowCopy();
   ASSERT_TRUE(method->ApplyTaskRouting("b", routed.get()).ok());
-  auto merged = base->ShallowCopy();
-  for (const auto& m : method->modules()) merged->FindLinear(m)->weight = base->FindLinear(m)->weight + d1[m];
-  EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged)), 1e-5);
+  auto as_of_b = base->ShallowCopy();
+  for (const auto& m : method->modules()) {
+    as_of_b->FindLinear(m)->weight = base->FindLinear(m)->weight + d0[m] + d1[m];
+  }
+  EXPECT_LT(MaxDiff(Logits(*routed), Logits(*as_of_b)), 1e-5);
+  EXPECT_GT(MaxDiff(Logits(*routed), Logits(*served)), 1e-3);
+  auto routed_last = base->ShallowCopy();
+  ASSERT_TRUE(method->ApplyTaskRouting("c", routed_last.get()).ok());
+  EXPECT_LT(MaxDiff(Logits(*routed_last), Logits(*served)), 1e-5);
 }
 
 TEST(MethodTest, SeqFtTrainsCopiesAndKeepsTheServedModel) {

@@ -228,11 +228,18 @@ class IncLoraMethod : public Method {
     auto it = std::find(tasks_.begin(), tasks_.end(), task);
     if (it == tasks_.end()) return absl::NotFoundError(absl::StrCat(name(), ": unknown task \"", task, "\""));
     RETURN_IF_ERROR(CheckBaseModules(*base, modules_, module_shapes_, name()));
+    // The model as of task t: its own LoRA and every earlier one (it trained on top of them), as one
+    // side path of rank r·(t+1).
     const size_t t = static_cast<size_t>(it - tasks_.begin());
     for (size_t m = 0; m < modules_.size(); ++m) {
+      std::vector<at::Tensor> as, bs;
+      for (size_t i = 0; i <= t; ++i) {
+        as.push_back(a_[i][m]);
+        bs.push_back(b_[i][m]);
+      }
       LinearLayer* layer = base->FindLinear(modules_[m]);
       const at::Device dev = layer->weight.device();
-      layer->adapter = std::make_shared<LoraAdapter>(a_[t][m].to(dev), b_[t][m].to(dev), scale());
+      layer->adapter = std::make_shared<LoraAdapter>(at::cat(as, 0).to(dev), at::cat(bs, 1).to(dev), scale());
     }
     return absl::OkStatus();
   }

@@ -125,10 +125,10 @@ class ShareEllaMethod : public Method {
     std::vector<std::shared_ptr<LoraAdapter>> adapters;
     for (const auto& m : modules_) {
       const ShareModule& share = share_.at(m);
-      ASSIGN_OR_RETURN(at::Tensor b, share.TaskB(task));
-      ASSIGN_OR_RETURN(at::Tensor a, share.TaskA(task));
+      ASSIGN_OR_RETURN(auto factors, share.CumulativeFactors(task));
       const at::Device dev = base->FindLinear(m)->weight.device();
-      adapters.push_back(std::make_shared<LoraAdapter>(a.to(dev), b.to(dev), share.scale()));
+      adapters.push_back(
+          std::make_shared<LoraAdapter>(factors.second.to(dev), factors.first.to(dev), share.scale()));
     }
     for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->adapter = adapters[i];
     return absl::OkStatus();

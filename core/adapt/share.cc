@@ -418,6 +418,21 @@ absl::StatusOr<at::Tensor> ShareModule::TaskDelta(const std::string& task) const
   return b.mm(a).mul(scale());
 }
 
+absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::CumulativeFactors(const std::string& task) const {
+  const TaskRecord* rec = FindTask(task);
+  if (rec == nullptr) return absl::NotFoundError(absl::StrCat("Share: no task '", task, "'"));
+  at::NoGradGuard no_grad;
+  const int64_t cols = rec->offset + rec->rank;  // tasks are stored in order: columns of tasks ≤ i
+  if (k_beta() == 0 || k_alpha() == 0 || cols == 0) {
+    return std::make_pair(at::zeros({n_, 1}, F32()), at::zeros({1, d_}, F32()));
+  }
+  at::Tensor c = e_beta_.narrow(1, 0, cols)
+                     .to(at::kDouble)
+                     .mm(e_alpha_.narrow(1, 0, cols).to(at::kDouble).t())
+                     .to(at::kFloat);  // [kβ, kα]
+  return std::make_pair(beta_.clone(), c.mm(alpha_.t()).contiguous());
+}
+
 at::Tensor ShareModule::SumOfTaskDeltas() const {
   at::NoGradGuard no_grad;
   if (k_beta() == 0 || k_alpha() == 0 || e_beta_.size(1) == 0) return at::zeros({n_, d_}, F32());

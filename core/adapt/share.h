@@ -13,7 +13,8 @@
 //   ShareTaskFactors f = module.BeginTask(seed, device);  // trainable tensors, step 0 = served model
 //   ... optimise f.Parameters() on loss(f.Forward(x) side path) ...
 //   module.Merge("task-name", f);                         // basis update, f becomes stale
-//   module.TaskDelta("task-name") / TaskB / TaskA          // task-routed weights, any time later
+//   module.TaskDelta("task-name") / TaskB / TaskA          // one task's update, any time later
+//   module.CumulativeFactors("task-name")                   // task-routed weights (tasks up to it)
 //
 // Merge (per side; B side shown, A side identical with α and A_tᵀ):
 //   M = [β Eβ_1 … β Eβ_{t−1} | B_t]. With X = [β | B_t] = Q R (Householder QR, float64) and
@@ -138,6 +139,12 @@ class ShareModule {
   absl::StatusOr<at::Tensor> TaskB(const std::string& task) const;      // [n, r_i]  β Eβ_i
   absl::StatusOr<at::Tensor> TaskA(const std::string& task) const;      // [r_i, d]  (α Eα_i)ᵀ
   absl::StatusOr<at::Tensor> TaskDelta(const std::string& task) const;  // [n, d]    s·B_i A_i
+  // The model "as of" `task` (the i-th merged task): Σ_{j ≤ i} ΔW_j = s·β C_i αᵀ with
+  // C_i = Σ_{j ≤ i} Eβ_j Eα_jᵀ, as factors B = β [n, kβ] and A = C_i αᵀ [kβ, d] (float32, CPU; one
+  // rank-kβ side path whatever i is; rank 1 of zeros while the subspace is empty). Task-routed
+  // serving uses this: task i trained on top of the earlier tasks' merged updates, so W0 + ΔW_i
+  // alone is not the model it learned on.
+  absl::StatusOr<std::pair<at::Tensor, at::Tensor>> CumulativeFactors(const std::string& task) const;
   // Σ_i ΔW_i over every task = s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ [n, d] (float32, CPU), in one GEMM chain
   // (cost independent of t apart from the k×Σr_i·k product).
   at::Tensor SumOfTaskDeltas() const;
