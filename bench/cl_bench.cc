@@ -65,8 +65,9 @@ struct MethodRun {
   std::vector<std::vector<double>> matrix;     // rows: stages (joint: one final row)
   std::optional<ClReport> report;              // continual methods
   // Task-routed evaluation (methods that keep per-task adapters: share, share_ella, inc_lora,
-  // o_lora): a[i][j] for a learned task j (j <= i) scored on W0 + ΔW_j, the task's own weights
-  // reconstructed from the state after stage i; tasks not learned yet keep the merged score.
+  // o_lora): a[i][j] for a learned task j (j <= i) scored on the task-routed weights, the model as
+  // of task j (W0 + Σ_{l ≤ j} ΔW_l) rebuilt from the state after stage i; tasks not learned yet
+  // keep the merged score.
   std::vector<std::vector<double>> routed_matrix;
   std::optional<ClReport> routed_report;
   double aa = std::numeric_limits<double>::quiet_NaN();
@@ -530,7 +531,7 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       run.matrix.push_back(*row);
       run.row_labels.push_back(label);
       if (!run.joint && method.SupportsTaskRouting()) {
-        // Each learned task on its own routed weights (W0 + ΔW_j from the state after this stage).
+        // Each learned task on its routed weights (the model as of that task, from this stage's state).
         std::vector<double> routed = *row;
         for (size_t j = 0; j < tasks.size(); ++j) {
           const auto& learned = method.tasks();
@@ -632,7 +633,7 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
                   FormatOpt(run.report->forgetting).c_str());
     }
     if (run.routed_report.has_value()) {
-      std::printf("task-routed (each learned task on W0 + its own ΔW from the state):\n");
+      std::printf("task-routed (each learned task on the model as of that task, rebuilt from the state):\n");
       PrintMatrix(run, run.routed_matrix, tasks, base);
       std::printf("routed: AA %s  BWT %s  FWT %s  forgetting %s\n", FormatOpt(run.routed_report->aa).c_str(),
                   FormatOpt(run.routed_report->bwt, true).c_str(), FormatOpt(run.routed_report->fwt, true).c_str(),
@@ -661,7 +662,7 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   bool any_routed = false;
   for (const MethodRun& run : runs) any_routed = any_routed || run.routed_report.has_value();
   if (any_routed) {
-    std::printf("\nTask-routed (the task's own weights W0 + ΔW_j; needs the task name at inference)\n");
+    std::printf("\nTask-routed (the model as of each task, W0 + Σ_{l<=j} ΔW_l; needs the task name at inference)\n");
     std::printf("%-12s %7s %8s %8s %10s\n", "method", "AA", "BWT", "FWT", "forgetting");
     for (const MethodRun& run : runs) {
       if (!run.routed_report.has_value()) continue;

@@ -81,7 +81,7 @@ ABSL_FLAG(std::string, targets, "all-linear",
           "Target modules of a new state directory: all-linear or comma-separated names (q_proj,v_proj,...).");
 ABSL_FLAG(int32_t, k_max, 32, "Share: cap on the subspace rank per side (new state directory).");
 ABSL_FLAG(int32_t, phi, 8, "Share: temporary basis vectors per side while a task trains.");
-ABSL_FLAG(double, ella_lambda, 0.1, "Default ELLA penalty weight of each task.");
+ABSL_FLAG(double, ella_lambda, 0.0, "Default ELLA penalty weight of each task.");
 ABSL_FLAG(double, osft_urr, 0.25, "OSFT: unfreeze-rank ratio, in [0, 1].");
 ABSL_FLAG(std::string, osft_rank, "uniform", "OSFT: per-layer frozen rank, uniform or adaptive.");
 ABSL_FLAG(double, pm_epsilon, 0.5, "Perturb-and-Merge: perturbation size, in [0, 1].");

@@ -43,7 +43,7 @@ struct TrainDefaults {
   int32_t batch_size = 16;
   int32_t rank = 8;
   double alpha = 16;
-  double ella_lambda = 0.1;
+  double ella_lambda = 0.0;
   int32_t max_seq_len = 256;
   int32_t seed = 0;
   std::string targets = "all-linear";
