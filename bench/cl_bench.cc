@@ -217,6 +217,7 @@ json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
   j["max_seq_len"] = a.max_seq_len;
   j["seed"] = a.seed;
   j["threads"] = a.threads;
+  j["device"] = a.device;
   j["reference"] = reference;
   j["reference_texts"] = a.reference_texts;
   j["blas"] = LoadedBlasLibrary();
@@ -315,6 +316,7 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
       ->check(CLI::Range(int64_t{2}, int64_t{1} << 20));
   sub->add_option("--seed", a->seed, "Seed (data sampling, batch order, adapter init)")->capture_default_str();
   sub->add_option("--threads", a->threads, "Torch CPU threads")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--device", a->device, "Device: cpu, cuda or cuda:N")->capture_default_str();
   sub->add_option("--reference", a->reference, "Reference text for NLL before/after (default: TinyStories val)");
   sub->add_option("--reference-texts", a->reference_texts, "Stories of the reference text to score")
       ->capture_default_str()
@@ -380,7 +382,11 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
 
   // ---- model, tokenizer, tasks, reference text ------------------------------------------------
   if (!PathExists(args.model_dir)) return Usage(absl::StrCat("--model ", args.model_dir, ": no such directory"));
-  absl::StatusOr<std::unique_ptr<CausalLM>> loaded = CausalLM::Load(args.model_dir);
+  absl::StatusOr<std::string> device = ResolveDevice(args.device);
+  if (!device.ok()) return Usage(absl::StrCat("--device: ", device.status().message()));
+  ModelLoadOptions load_options;
+  load_options.device = *device;
+  absl::StatusOr<std::unique_ptr<CausalLM>> loaded = CausalLM::Load(args.model_dir, load_options);
   if (!loaded.ok()) return Usage(absl::StrCat("--model: ", loaded.status().message()));
   std::unique_ptr<CausalLM> base_model = std::move(*loaded);
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::FromDirectory(args.model_dir);
@@ -451,11 +457,11 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
                 t.dir.c_str());
   }
   std::printf("  steps/stage %s, batch %lld, lr %g, rank %lld, alpha %g, lambda %g, targets %s, seed %llu, "
-              "threads %d\n  %s\n",
+              "threads %d, device %s\n  %s\n",
               args.steps > 0 ? std::to_string(args.steps).c_str() : absl::StrCat(args.epochs, " epoch(s)").c_str(),
               static_cast<long long>(args.batch_size), args.lr, static_cast<long long>(args.rank), args.alpha,
               args.lambda, args.targets.c_str(), static_cast<unsigned long long>(args.seed), args.threads,
-              TorchRuntimeSummary().c_str());
+              device->c_str(), TorchRuntimeSummary().c_str());
   std::fflush(stdout);
 
   // ---- base scores ----------------------------------------------------------------------------

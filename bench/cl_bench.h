@@ -41,9 +41,9 @@ struct ClBenchArgs {
   int64_t batch_size = 16;
   int64_t rank = 8;                     // LoRA rank r and Share pseudo-rank p
   double alpha = 16.0;                  // LoRA alpha (s = alpha / r)
-  double lambda = 1.0;                  // ELLA λ
+  double lambda = 0.0;                  // ELLA λ (the server default, chosen on cl-small)
   double olora_lambda = 0.5;            // O-LoRA λ1
-  int64_t phi = 2;                      // Share: temporary basis vectors per side
+  int64_t phi = 8;                      // Share: temporary basis vectors per side (server default)
   int64_t k_max = 32;                   // Share: cap on the subspace rank per side
   std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
   int64_t warmup_steps = 0;
@@ -51,6 +51,7 @@ struct ClBenchArgs {
   int64_t max_seq_len = 256;            // tokens per training / scoring sequence
   uint64_t seed = 0;
   int threads = 2;
+  std::string device = "cpu";           // cpu, cuda or cuda:N (model, training and scoring)
   std::string reference;                // reference text (default shared/data/lm/tinystories_val.txt)
   int64_t reference_texts = 64;         // first N stories (blank-line separated)
   std::string json_out;                 // required by the CLI; empty = no JSON

@@ -168,6 +168,11 @@ TEST(ClBenchTest, BadInputExitsWithUsageError) {
     a.model_dir = dir + "/no_model";
     EXPECT_EQ(RunClBenchCommand(a), 2);
   }
+  {
+    ClBenchArgs a = SmallArgs(dir);
+    a.device = "tpu";
+    EXPECT_EQ(RunClBenchCommand(a), 2);
+  }
   std::ifstream json(dir + "/cl.json");
   EXPECT_FALSE(json.good());  // nothing is written on a usage error
 }
