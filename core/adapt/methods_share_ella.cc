@@ -7,7 +7,8 @@
 //   ella:       EllaModule; task t trains a fresh LoRA (rank, alpha) with λ‖ΔW_t ⊙ Ŵ_past‖²;
 //               merge W_past += ΔW_t; served W0 + W_past (exact).
 //   share_ella: both on the same ΔW_t = s·B_t A_t from Share's factors; served W0 + W_past (exact),
-//               the subspace gives compact per-task adapters and task routing.
+//               the subspace gives compact per-task adapters and task routing (the model as of a
+//               task, rebuilt from the coefficients of it and every earlier task).
 #include <torch/torch.h>
 
 #include <nlohmann/json.hpp>

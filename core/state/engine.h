@@ -131,7 +131,9 @@ class Engine : public TaskRunner {
   const ModelSummary& summary() const { return summary_; }
   const EngineOptions& options() const { return options_; }
 
-  // Task-routed weights (W0 + ΔW_task) for methods that keep per-task updates (share, share_ella).
+  // Task-routed weights, the model as of `task` (W0 + the updates of it and every earlier task;
+  // Method::ApplyTaskRouting), for methods that keep per-task updates (share, share_ella, inc_lora,
+  // o_lora).
   // NOT_FOUND for an unknown task, FAILED_PRECONDITION when the method has no per-task weights.
   absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const std::string& task) const;
 
