@@ -37,7 +37,7 @@ struct ClBenchArgs {
   int64_t max_test = 0;                 // per task, 0 = all
   int64_t epochs = 1;                   // used when steps == 0
   int64_t steps = 300;                  // optimizer steps per stage (0 = epochs); mtl: steps × tasks
-  double lr = 3e-3;
+  double lr = 5e-3;
   int64_t batch_size = 16;
   int64_t rank = 8;                     // LoRA rank r and Share pseudo-rank p
   double alpha = 16.0;                  // LoRA alpha (s = alpha / r)

@@ -72,7 +72,7 @@ ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "Seconds in-flight RPCs get to fi
 ABSL_FLAG(std::string, method, "share_ella",
           "Adaptation method of a new state directory: share_ella, share, ella, seq_lora, inc_lora, o_lora, "
           "seq_ft, mtl, osft, pm (an existing checkpoint keeps its own).");
-ABSL_FLAG(double, learning_rate, 3e-3, "Default learning rate.");
+ABSL_FLAG(double, learning_rate, 5e-3, "Default learning rate.");
 ABSL_FLAG(int32_t, max_steps, 300, "Default optimizer steps per task (0 = use epochs).");
 ABSL_FLAG(int32_t, batch_size, 16, "Default batch size.");
 ABSL_FLAG(int32_t, rank, 8, "Adapter rank r (Share: pseudo-rank p) of a new state directory.");

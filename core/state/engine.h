@@ -37,7 +37,7 @@ class Method;
 
 struct TrainDefaults {
   std::string method = "share_ella";
-  double learning_rate = 3e-3;
+  double learning_rate = 5e-3;
   int32_t max_steps = 300;  // 0 = use epochs
   int32_t epochs = 1;
   int32_t batch_size = 16;
