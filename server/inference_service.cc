@@ -103,7 +103,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
   const std::shared_ptr<const ServedVersion> version = engine_->Current();
   std::shared_ptr<const CausalLM> model = version->model;
   if (!request->task().empty()) {
-    auto routed = engine_->Routed(request->task());
+    auto routed = engine_->Routed(*version, request->task());
     if (!routed.ok()) return ToGrpcStatus(routed.status());
     model = *routed;
   }
@@ -159,7 +159,7 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   const std::shared_ptr<const ServedVersion> version = engine_->Current();
   std::shared_ptr<const CausalLM> model = version->model;
   if (!request->task().empty()) {
-    auto routed = engine_->Routed(request->task());
+    auto routed = engine_->Routed(*version, request->task());
     if (!routed.ok()) return ToGrpcStatus(routed.status());
     model = *routed;
   }

@@ -83,7 +83,8 @@ struct Engine::Impl {
   std::vector<double> reference_nll ABSL_GUARDED_BY(mu);  // [stage]
   std::vector<int64_t> stage_versions ABSL_GUARDED_BY(mu);  // weights version of each stage
   int64_t state_bytes ABSL_GUARDED_BY(mu) = 0;
-  std::map<std::string, std::shared_ptr<const CausalLM>> routed_cache ABSL_GUARDED_BY(mu);
+  // Task-routed models by task, with the weights version they were built from.
+  std::map<std::string, std::pair<int64_t, std::shared_ptr<const CausalLM>>> routed_cache ABSL_GUARDED_BY(mu);
 
   // Task score in [0, 1] for choice / exact_match; for nll the NEGATIVE mean NLL (nats/token), so
   // that higher is better for every scorer and BWT/forgetting keep their meaning. NaN on failure.
@@ -266,7 +267,8 @@ std::shared_ptr<const ServedVersion> Engine::Current() const {
   return impl_->current;
 }
 
-std::string Engine::method() const { return impl_->method->name(); }
+// The published copy's name (the live method belongs to the training worker, which may rebuild it).
+std::string Engine::method() const { return Current()->method->name(); }
 
 bool Engine::TaskIsLearned(const std::string& task_name) const {
   absl::MutexLock lock(&impl_->mu);
@@ -283,27 +285,28 @@ int64_t Engine::AdaptationStateBytes() const {
   return impl_->state_bytes;
 }
 
-absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const std::string& task) const {
-  if (!Current()->method->SupportsTaskRouting()) {
-    return absl::FailedPreconditionError(absl::StrCat("method ", impl_->method->name(),
-                                                      " keeps no per-task weights; task routing needs "
-                                                      "share or share_ella"));
+absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const ServedVersion& version,
+                                                                const std::string& task) const {
+  const Method& method = *version.method;
+  if (!method.SupportsTaskRouting()) {
+    // The method's own UNIMPLEMENTED message names the methods that route.
+    return absl::FailedPreconditionError(method.ApplyTaskRouting(task, nullptr).message());
+  }
+  const auto& known = method.tasks();
+  if (std::find(known.begin(), known.end(), task) == known.end()) {
+    return absl::NotFoundError(absl::StrCat("no learned task '", task, "'"));
   }
   {
     absl::MutexLock lock(&impl_->mu);
     auto it = impl_->routed_cache.find(task);
-    if (it != impl_->routed_cache.end()) return it->second;
-    const auto& known = impl_->current->method->tasks();
-    if (std::find(known.begin(), known.end(), task) == known.end()) {
-      return absl::NotFoundError(absl::StrCat("no learned task '", task, "'"));
-    }
+    if (it != impl_->routed_cache.end() && it->second.first == version.version) return it->second.second;
   }
   auto model = impl_->base->ShallowCopy();
-  RETURN_IF_ERROR(Current()->method->ApplyTaskRouting(task, model.get()));
+  RETURN_IF_ERROR(method.ApplyTaskRouting(task, model.get()));
   std::shared_ptr<const CausalLM> shared(std::move(model));
   absl::MutexLock lock(&impl_->mu);
   if (impl_->routed_cache.size() > 8) impl_->routed_cache.clear();
-  impl_->routed_cache[task] = shared;
+  impl_->routed_cache[task] = {version.version, shared};
   return shared;
 }
 
@@ -340,7 +343,7 @@ std::vector<TaskInfo> Engine::Tasks() const {
     info.name = t.name;
     info.index = j + 1;
     info.scorer = t.scorer;
-    info.method = impl_->method->name();
+    info.method = impl_->current->method->name();
     info.job_id = t.job_id;
     info.description = t.description;
     info.eval_examples = t.eval_examples;
@@ -377,8 +380,8 @@ EngineReport Engine::Report() const {
     r.reference_nll = impl_->reference_nll;
     r.weights_version = impl_->current->version;
     r.adaptation_state_bytes = impl_->state_bytes;
+    r.method = impl_->current->method->name();
   }
-  r.method = impl_->method->name();
   if (!r.matrix.empty()) {
     auto cl = ComputeClReport(r.matrix, r.base);
     if (cl.ok()) {

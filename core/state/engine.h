@@ -131,11 +131,11 @@ class Engine : public TaskRunner {
   const ModelSummary& summary() const { return summary_; }
   const EngineOptions& options() const { return options_; }
 
-  // Task-routed weights, the model as of `task` (W0 + the updates of it and every earlier task;
-  // Method::ApplyTaskRouting), for methods that keep per-task updates (share, share_ella, inc_lora,
-  // o_lora).
+  // Task-routed weights of `version` (the one the request serves, from Current()): the model as of
+  // `task` (W0 + the updates of it and every earlier task; Method::ApplyTaskRouting), for methods
+  // that keep per-task updates (share, share_ella, inc_lora, o_lora). Cached per task and version.
   // NOT_FOUND for an unknown task, FAILED_PRECONDITION when the method has no per-task weights.
-  absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const std::string& task) const;
+  absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const ServedVersion& version, const std::string& task) const;
 
   // Log-likelihood of each completion after `prompt` on `model`.
   absl::StatusOr<CompletionScores> ScoreCompletions(const CausalLM& model, const std::string& prompt,

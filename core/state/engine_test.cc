@@ -132,9 +132,22 @@ TEST(Engine, LearnsTasksPublishesVersionsAndRestoresFromCheckpoint) {
   EXPECT_EQ(tasks[0].scorer, "exact_match");
   EXPECT_GE(tasks[0].history.size(), 3u);  // base, after capitals, after langid
 
-  auto routed = (*engine)->Routed("capitals");
+  auto routed = (*engine)->Routed(*(*engine)->Current(), "capitals");
   ASSERT_TRUE(routed.ok()) << routed.status();
-  EXPECT_EQ((*engine)->Routed("nope").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*engine)->Routed(*(*engine)->Current(), "nope").status().code(), absl::StatusCode::kNotFound);
+  // Cached for this version: the same model again.
+  auto routed_again = (*engine)->Routed(*(*engine)->Current(), "capitals");
+  ASSERT_TRUE(routed_again.ok()) << routed_again.status();
+  EXPECT_EQ(routed_again->get(), routed->get());
+  {
+    // A method without per-task weights: FAILED_PRECONDITION naming the methods that route.
+    Dir other_dir;
+    auto seq = MakeEngine(Options(other_dir.path, "seq_lora"));
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    auto refused = (*seq)->Routed(*(*seq)->Current(), "capitals");
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(std::string(refused.status().message()).find("inc_lora"), std::string::npos) << refused.status();
+  }
 
   auto scores = (*engine)->ScoreCompletions(*v2->model, "Word: maison\nLanguage:", {" english", " french"});
   ASSERT_TRUE(scores.ok()) << scores.status();
