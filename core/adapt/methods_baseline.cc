@@ -53,6 +53,27 @@ LinearLayer* RequireLinear(CausalLM* model, const std::string& module, const std
   return layer;
 }
 
+// The end of a LoRA task (seq_lora, inc_lora, o_lora): the trained factors, detached to CPU and
+// checked finite (an error before `model` is touched), then each module's adapter removed and
+// s·B A added to its weight. Returns the factors per module.
+absl::StatusOr<std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>> MergeLoraAdapters(
+    const std::string& method, const std::vector<std::string>& modules,
+    const std::vector<std::shared_ptr<LoraAdapter>>& adapters, double scale, CausalLM* model) {
+  std::vector<at::Tensor> a, b;
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    a.push_back(adapters[i]->a().detach().to(at::kCPU).contiguous());
+    b.push_back(adapters[i]->b().detach().to(at::kCPU).contiguous());
+    RETURN_IF_ERROR(CheckFinite(method, modules[i] + ".lora_A", a.back()));
+    RETURN_IF_ERROR(CheckFinite(method, modules[i] + ".lora_B", b.back()));
+  }
+  for (size_t i = 0; i < modules.size(); ++i) {
+    LinearLayer* layer = RequireLinear(model, modules[i], method);
+    layer->adapter.reset();
+    AddToWeight(layer, at::matmul(b[i], a[i]).mul(scale));
+  }
+  return std::make_pair(std::move(a), std::move(b));
+}
+
 absl::Status CheckBaseModules(const CausalLM& base, const std::vector<std::string>& modules,
                               const std::vector<std::pair<int64_t, int64_t>>& shapes,
                               const std::string& method) {
@@ -128,20 +149,9 @@ class SeqLoraMethod : public Method {
   }
 
   absl::Status DoEndTask(const std::string& task_name, CausalLM* model) override {
-    std::vector<at::Tensor> a, b;
-    for (size_t i = 0; i < adapters_.size(); ++i) {
-      a.push_back(adapters_[i]->a().detach().to(at::kCPU).contiguous());
-      b.push_back(adapters_[i]->b().detach().to(at::kCPU).contiguous());
-      RETURN_IF_ERROR(CheckFinite(name(), modules_[i] + ".lora_A", a.back()));
-      RETURN_IF_ERROR(CheckFinite(name(), modules_[i] + ".lora_B", b.back()));
-    }
-    for (size_t i = 0; i < modules_.size(); ++i) {
-      LinearLayer* layer = RequireLinear(model, modules_[i], name());
-      layer->adapter.reset();
-      AddToWeight(layer, at::matmul(b[i], a[i]).mul(scale()));
-    }
-    a_ = std::move(a);
-    b_ = std::move(b);
+    ASSIGN_OR_RETURN(auto factors, MergeLoraAdapters(name(), modules_, adapters_, scale(), model));
+    a_ = std::move(factors.first);
+    b_ = std::move(factors.second);
     adapters_.clear();
     return absl::OkStatus();
   }
@@ -270,20 +280,9 @@ class IncLoraMethod : public Method {
   }
 
   absl::Status DoEndTask(const std::string& task_name, CausalLM* model) override {
-    std::vector<at::Tensor> a, b;
-    for (size_t i = 0; i < adapters_.size(); ++i) {
-      a.push_back(adapters_[i]->a().detach().to(at::kCPU).contiguous());
-      b.push_back(adapters_[i]->b().detach().to(at::kCPU).contiguous());
-      RETURN_IF_ERROR(CheckFinite(name(), modules_[i] + ".lora_A", a.back()));
-      RETURN_IF_ERROR(CheckFinite(name(), modules_[i] + ".lora_B", b.back()));
-    }
-    for (size_t i = 0; i < modules_.size(); ++i) {
-      LinearLayer* layer = RequireLinear(model, modules_[i], name());
-      layer->adapter.reset();
-      AddToWeight(layer, at::matmul(b[i], a[i]).mul(scale()));
-    }
-    a_.push_back(std::move(a));
-    b_.push_back(std::move(b));
+    ASSIGN_OR_RETURN(auto factors, MergeLoraAdapters(name(), modules_, adapters_, scale(), model));
+    a_.push_back(std::move(factors.first));
+    b_.push_back(std::move(factors.second));
     adapters_.clear();
     past_a_.clear();
     return absl::OkStatus();

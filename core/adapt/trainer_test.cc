@@ -549,25 +549,5 @@ TEST(TrainerStoriesTest, SeqLoraForgetsAndShareEllaForgetsLess) {
   EXPECT_LT(se.capitals_loss[2] - se.capitals_loss[0], 0.5 * seq_rise);
 }
 
-// Not run by default (a few minutes): the same sequence for every continual method, printed
-// for comparison. Run with --gtest_also_run_disabled_tests --gtest_filter='*AllMethods*'.
-TEST(TrainerStoriesTest, DISABLED_ForgettingAllMethods) {
-  OneThread one_thread;
-  Stories s = LoadStories();
-  MethodConfig mc;
-  mc.target_modules = {"all-linear"};
-  mc.ella_lambda = EnvDouble("STRATA_FORGET_LAMBDA", 10.0);
-  TrainOptions o;
-  o.learning_rate = EnvDouble("STRATA_FORGET_LR", 3e-3);
-  o.batch_size = 16;
-  o.max_steps = static_cast<int64_t>(EnvDouble("STRATA_FORGET_STEPS", 300));
-  o.warmup_steps = 10;
-  TrainOptions later = o;
-  later.max_steps = static_cast<int64_t>(EnvDouble("STRATA_FORGET_LATER_STEPS", 100));
-  for (const std::string name : {"seq_lora", "inc_lora", "o_lora", "ella", "share", "share_ella", "seq_ft"}) {
-    RunSequence(s, name, mc, o, later);
-  }
-}
-
 }  // namespace
 }  // namespace strata
