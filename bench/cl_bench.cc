@@ -79,9 +79,54 @@ struct MethodRun {
   std::vector<double> stage_eval_seconds;
   std::vector<double> stage_final_loss;
   std::vector<int64_t> stage_steps;
+  std::vector<double> stage_merge_seconds;     // the end-of-task merge inside Train()
+  std::vector<int64_t> stage_state_bytes;      // method state after each stage
+  // share, share_ella: mean subspace rank per side over the target modules after each stage.
+  std::vector<double> stage_share_k_beta, stage_share_k_alpha;
+  std::vector<double> pm_alphas;               // pm: the merge coefficient α_t of each task
+  json pm_merge_terms;                         // pm: what decided each α_t (own, past, cross, ...)
   double seconds = 0;                          // total wall time (train + eval + export)
   std::string method_config_json;
 };
+
+// Facts read from an exported state after a stage: the Share subspace ranks (mean over modules of
+// k_β and k_α; NaN without a subspace) and P&M's merge coefficients.
+struct StateFacts {
+  double k_beta = std::numeric_limits<double>::quiet_NaN();
+  double k_alpha = std::numeric_limits<double>::quiet_NaN();
+  std::vector<double> pm_alphas;
+  json pm_merge_terms;
+};
+
+StateFacts ReadStateFacts(const MethodState& state) {
+  StateFacts f;
+  json j = json::parse(state.config_json, nullptr, false);
+  if (j.is_discarded() || !j.contains("extra") || !j["extra"].is_object()) return f;
+  const json& extra = j["extra"];
+  if (extra.contains("share") && extra["share"].is_object() && !extra["share"].empty()) {
+    double kb = 0, ka = 0;
+    int64_t n = 0;
+    for (const auto& [module, config] : extra["share"].items()) {
+      if (!config.is_string()) continue;
+      json c = json::parse(config.get<std::string>(), nullptr, false);
+      if (c.is_discarded() || !c.contains("k_beta") || !c.contains("k_alpha")) continue;
+      kb += c["k_beta"].get<double>();
+      ka += c["k_alpha"].get<double>();
+      ++n;
+    }
+    if (n > 0) {
+      f.k_beta = kb / static_cast<double>(n);
+      f.k_alpha = ka / static_cast<double>(n);
+    }
+  }
+  if (extra.contains("merge_terms")) f.pm_merge_terms = extra["merge_terms"];
+  if (extra.contains("alphas") && extra["alphas"].is_array()) {
+    for (const json& a : extra["alphas"]) {
+      if (a.is_number()) f.pm_alphas.push_back(a.get<double>());
+    }
+  }
+  return f;
+}
 
 // Accuracy of `model` on `task`'s test split with its scorer.
 absl::StatusOr<double> Evaluate(const CausalLM& model, const Tokenizer& tokenizer, const BenchTask& task,
@@ -211,6 +256,7 @@ json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
   j["olora_lambda"] = a.olora_lambda;
   j["phi"] = a.phi;
   j["k_max"] = a.k_max;
+  j["share_training"] = a.share_training;
   j["targets"] = a.targets;
   j["warmup_steps"] = a.warmup_steps;
   j["lr_schedule"] = a.lr_schedule;
@@ -303,6 +349,10 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
   sub->add_option("--k-max", a->k_max, "Share: subspace rank cap per side")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  sub->add_option("--share-training", a->share_training,
+                  "Share: lora (a LoRA folded into the subspace) or subspace (published training)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lora", "subspace"}));
   sub->add_option("--targets", a->targets, "Target modules: comma-separated short names or all-linear")
       ->capture_default_str();
   sub->add_option("--warmup-steps", a->warmup_steps, "Warmup steps per stage")
@@ -361,6 +411,7 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   base_config.olora_lambda = args.olora_lambda;
   base_config.phi = args.phi;
   base_config.k_max = args.k_max;
+  base_config.share_training = args.share_training;
   base_config.seed = args.seed;
   if (absl::Status s = ValidateMethodConfig(base_config); !s.ok()) {
     return Usage(absl::StrCat("method settings: ", s.message()));
@@ -560,6 +611,15 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       run.stage_eval_seconds.push_back(eval_s);
       run.stage_final_loss.push_back(result->final_loss);
       run.stage_steps.push_back(result->steps);
+      run.stage_merge_seconds.push_back(result->merge_seconds);
+      if (absl::StatusOr<MethodState> state = method.ExportState(); state.ok()) {
+        run.stage_state_bytes.push_back(StateBytes(*state));
+        const StateFacts facts = ReadStateFacts(*state);
+        run.stage_share_k_beta.push_back(facts.k_beta);
+        run.stage_share_k_alpha.push_back(facts.k_alpha);
+        run.pm_alphas = facts.pm_alphas;
+        run.pm_merge_terms = facts.pm_merge_terms;
+      }
       run.trainable_per_stage.push_back(stage_trainable);
       run.trainable = std::max(run.trainable, stage_trainable);
       if (!args.quiet) {
@@ -739,6 +799,19 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     j["stage_eval_seconds"] = run.stage_eval_seconds;
     j["stage_steps"] = run.stage_steps;
     j["stage_final_loss"] = run.stage_final_loss;
+    j["stage_merge_seconds"] = run.stage_merge_seconds;
+    j["stage_state_bytes"] = run.stage_state_bytes;
+    auto nan_to_null = [](const std::vector<double>& v) {
+      json a = json::array();
+      for (double x : v) a.push_back(std::isnan(x) ? json(nullptr) : json(x));
+      return a;
+    };
+    j["stage_share_k_beta"] = nan_to_null(run.stage_share_k_beta);
+    j["stage_share_k_alpha"] = nan_to_null(run.stage_share_k_alpha);
+    if (run.method == "pm") {
+      j["pm_alphas"] = run.pm_alphas;
+      j["pm_merge_terms"] = run.pm_merge_terms;
+    }
     j["method_config"] = json::parse(run.method_config_json, nullptr, false);
     jm[run.name] = j;
   }

@@ -45,6 +45,7 @@ struct ClBenchArgs {
   double olora_lambda = 0.5;            // O-LoRA λ1
   int64_t phi = 8;                      // Share: temporary basis vectors per side (server default)
   int64_t k_max = 32;                   // Share: cap on the subspace rank per side
+  std::string share_training = "lora";  // Share: "lora" (fold a LoRA) or "subspace" (server default)
   std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
   int64_t warmup_steps = 0;
   std::string lr_schedule = "linear";

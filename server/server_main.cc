@@ -80,7 +80,11 @@ ABSL_FLAG(double, alpha, 16, "LoRA alpha (scale alpha / r) of a new state direct
 ABSL_FLAG(std::string, targets, "all-linear",
           "Target modules of a new state directory: all-linear or comma-separated names (q_proj,v_proj,...).");
 ABSL_FLAG(int32_t, k_max, 32, "Share: cap on the subspace rank per side (new state directory).");
-ABSL_FLAG(int32_t, phi, 8, "Share: temporary basis vectors per side while a task trains.");
+ABSL_FLAG(int32_t, phi, 8,
+          "Share: temporary basis vectors per side while a task trains (--share_training=subspace).");
+ABSL_FLAG(std::string, share_training, "lora",
+          "Share: how a task trains before its merge into the subspace: lora (a rank-p LoRA folded in at "
+          "the end of the task) or subspace (the published coefficients + temporary vectors).");
 ABSL_FLAG(double, ella_lambda, 0.0, "Default ELLA penalty weight of each task.");
 ABSL_FLAG(double, osft_urr, 0.25, "OSFT: unfreeze-rank ratio, in [0, 1].");
 ABSL_FLAG(std::string, osft_rank, "uniform", "OSFT: per-layer frozen rank, uniform or adaptive.");
@@ -119,7 +123,7 @@ const std::vector<std::string> kFlagNames = {
     "log_format", "log_level", "shutdown_grace_seconds",
     // Training defaults and thread budgets.
     "method", "learning_rate", "max_steps", "batch_size", "rank", "alpha", "targets", "k_max", "phi",
-    "ella_lambda", "osft_urr", "osft_rank", "pm_epsilon", "max_seq_len",
+    "share_training", "ella_lambda", "osft_urr", "osft_rank", "pm_epsilon", "max_seq_len",
     "reference_text", "training_threads", "serving_threads",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
@@ -181,6 +185,7 @@ absl::Status ValidateFlags() {
     mc.target_modules = absl::StrSplit(absl::GetFlag(FLAGS_targets), ',', absl::SkipEmpty());
     mc.k_max = absl::GetFlag(FLAGS_k_max);
     mc.phi = absl::GetFlag(FLAGS_phi);
+    mc.share_training = absl::GetFlag(FLAGS_share_training);
     mc.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
     mc.osft_urr = absl::GetFlag(FLAGS_osft_urr);
     mc.osft_rank = absl::GetFlag(FLAGS_osft_rank);
@@ -337,6 +342,7 @@ int Run() {
   engine_options.defaults.targets = absl::GetFlag(FLAGS_targets);
   engine_options.defaults.k_max = absl::GetFlag(FLAGS_k_max);
   engine_options.defaults.phi = absl::GetFlag(FLAGS_phi);
+  engine_options.defaults.share_training = absl::GetFlag(FLAGS_share_training);
   engine_options.defaults.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
   engine_options.defaults.osft_urr = absl::GetFlag(FLAGS_osft_urr);
   engine_options.defaults.osft_rank = absl::GetFlag(FLAGS_osft_rank);

@@ -42,6 +42,7 @@ json ConfigToJsonValue(const MethodConfig& c) {
   j["phi"] = c.phi;
   j["p"] = c.p;
   j["energy_threshold"] = c.energy_threshold;
+  j["share_training"] = c.share_training;
   j["ft_scope"] = c.ft_scope;
   j["mtl_shape"] = c.mtl_shape;
   j["seed"] = c.seed;
@@ -88,9 +89,9 @@ absl::StatusOr<MethodConfig> ConfigFromJsonValue(const json& j, const std::strin
        : key == "ella_lambda"  ? c.ella_lambda
        : key == "olora_lambda" ? c.olora_lambda
                                : c.energy_threshold) = x;
-    } else if (key == "ft_scope" || key == "mtl_shape") {
+    } else if (key == "ft_scope" || key == "mtl_shape" || key == "share_training") {
       if (!v.is_string()) return bad("a string");
-      (key == "ft_scope" ? c.ft_scope : c.mtl_shape) = v.get<std::string>();
+      (key == "ft_scope" ? c.ft_scope : key == "mtl_shape" ? c.mtl_shape : c.share_training) = v.get<std::string>();
     } else if (key == "osft_urr" || key == "pm_epsilon") {
       if (!v.is_number()) return bad("a number");
       (key == "osft_urr" ? c.osft_urr : c.pm_epsilon) = v.get<double>();
@@ -101,7 +102,7 @@ absl::StatusOr<MethodConfig> ConfigFromJsonValue(const json& j, const std::strin
       return absl::InvalidArgumentError(
           absl::StrCat(source, ": unknown field \"", key,
                        "\" (valid: target_modules, rank, alpha, ella_lambda, olora_lambda, k_max, phi, p, "
-                       "energy_threshold, ft_scope, mtl_shape, seed, osft_urr, osft_rank, pm_epsilon)"));
+                       "energy_threshold, share_training, ft_scope, mtl_shape, seed, osft_urr, osft_rank, pm_epsilon)"));
     }
   }
   return c;
@@ -150,6 +151,10 @@ absl::Status ValidateMethodConfig(const MethodConfig& c) {
   if (c.phi < 1) return bad("phi", absl::StrCat("must be >= 1, got ", c.phi));
   if (!(c.energy_threshold > 0 && c.energy_threshold <= 1)) {
     return bad("energy_threshold", absl::StrCat("must be in (0, 1], got ", c.energy_threshold));
+  }
+  if (c.share_training != "lora" && c.share_training != "subspace") {
+    return bad("share_training",
+               absl::StrCat("must be \"lora\" or \"subspace\", got \"", c.share_training, "\""));
   }
   if (c.ft_scope != "all" && c.ft_scope != "target") {
     return bad("ft_scope", absl::StrCat("must be \"all\" or \"target\", got \"", c.ft_scope, "\""));

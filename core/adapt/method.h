@@ -62,6 +62,14 @@ struct MethodConfig {
   int64_t phi = 2;                  // Share: temporary basis vectors per side
   int64_t p = 8;                    // Share: pseudo-rank per task
   double energy_threshold = 0.999;  // Share: explained-energy fraction
+  // share, share_ella: how a task trains before its merge into the subspace.
+  //   "lora" (default): a plain rank-p LoRA (A kaiming-uniform, B = 0; the plasticity of inc_lora),
+  //       folded into the subspace at the end of the task with its factors balanced
+  //       (BalanceLowRankFactors in share.h): the merge Share uses for imported adapters.
+  //   "subspace": the published Share training: coefficients on the frozen basis plus φ temporary
+  //       vectors per side (ShareModule::BeginTask). Kept for comparison with the paper; it learns
+  //       hard tasks worse (docs/benchmarks.md, "Share plasticity").
+  std::string share_training = "lora";
   // seq_ft and mtl (full): "all" trains every parameter (embeddings, norms, linears); "target"
   // trains the weights of the target modules only.
   std::string ft_scope = "all";

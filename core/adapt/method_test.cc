@@ -343,8 +343,19 @@ TEST(MethodTest, ShareServesReconstructedTaskUpdatesAndRoutes) {
   MethodConfig config = SmallConfig();
   config.k_max = 64;  // nothing truncated: reconstructions exact
   config.energy_threshold = 1.0;
+  for (const std::string training : {"lora", "subspace"})
   for (const std::string name : {"share", "share_ella"}) {
+    SCOPED_TRACE(name + " trained as " + training);
+    config.share_training = training;
     auto method = MakeMethod(name, config);
+    // "lora" trains a plain LoRA (lora_A, lora_B); "subspace" the coefficients and temporary vectors.
+    {
+      auto work = base->ShallowCopy();
+      ASSERT_TRUE(method->BeginTask("probe", work.get()).ok());
+      EXPECT_THAT(method->TrainableParameters().front().first,
+                  HasSubstr(training == "lora" ? ".lora_A" : ".r_beta1"));
+      method->AbortTask(work.get());
+    }
     std::unique_ptr<CausalLM> served = base->ShallowCopy();
     std::map<std::string, std::map<std::string, at::Tensor>> per_task;
     for (int t = 0; t < 2; ++t) {

@@ -1,7 +1,9 @@
 // share, ella and share_ella (docs ALGORITHMS.md sections 1-3) on ShareModule / EllaModule.
 //
 // Per target module:
-//   share:      ShareModule; task t trains ShareTaskFactors; merge = basis update. Served weights
+//   share:      ShareModule; task t trains a plain rank-p LoRA (share_training "lora", the default)
+//               or ShareTaskFactors (share_training "subspace", the published training); merge =
+//               basis update (the LoRA is balanced, then folded in like an imported adapter). Served weights
 //               W0 + Σ_i ΔW_i with ΔW_i = s·β Eβ_i (α Eα_i)ᵀ reconstructed from the current subspace
 //               (= s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ, one k×k sum and one n×k×d product per module).
 //   ella:       EllaModule; task t trains a fresh LoRA (rank, alpha) with λ‖ΔW_t ⊙ Ŵ_past‖²;
@@ -88,9 +90,7 @@ class ShareEllaMethod : public Method {
     for (size_t i = 0; i < modules_.size(); ++i) {
       const EllaModule& ella = pending_ella_.at(modules_[i]);
       if (ella.past_rms() == 0.0) continue;
-      const at::Tensor delta =
-          use_share_ ? share_adapters_[i]->DeltaWeight() : lora_adapters_[i]->DeltaWeight();
-      at::Tensor term = ella.Penalty(delta);
+      at::Tensor term = ella.Penalty(PendingDelta(i));
       total = total.defined() ? total.add(term) : term;
     }
     return total;
@@ -248,13 +248,14 @@ class ShareEllaMethod : public Method {
       TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", modules_[i]);
       const at::Device dev = layer->weight.device();
       const uint64_t seed = DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
-      if (use_share_) {
+      if (!lora_training()) {
         auto adapter = std::make_shared<ShareAdapter>(share.at(modules_[i]).BeginTask(seed, dev));
         layer->adapter = adapter;
         share_adapters_.push_back(std::move(adapter));
       } else {
-        auto adapter =
-            LoraAdapter::Create(d_of(i), n_of(i), config_.rank, config_.alpha, seed, at::kFloat, dev);
+        // Share folds a rank-p LoRA (scale alpha / p, as the subspace's); ELLA trains rank r.
+        const int64_t rank = use_share_ ? config_.p : config_.rank;
+        auto adapter = LoraAdapter::Create(d_of(i), n_of(i), rank, config_.alpha, seed, at::kFloat, dev);
         adapter->SetTrainable(true);
         layer->adapter = adapter;
         lora_adapters_.push_back(std::move(adapter));
@@ -274,9 +275,7 @@ class ShareEllaMethod : public Method {
     std::vector<at::Tensor> weight_updates(modules_.size());
     for (size_t i = 0; i < modules_.size(); ++i) {
       const std::string& m = modules_[i];
-      at::Tensor delta = (use_share_ ? share_adapters_[i]->DeltaWeight() : lora_adapters_[i]->DeltaWeight())
-                             .detach()
-                             .to(at::kCPU, at::kFloat);
+      at::Tensor delta = PendingDelta(i).detach().to(at::kCPU, at::kFloat);
       if (!at::isfinite(delta).all().item<bool>()) {
         return absl::InvalidArgumentError(absl::StrCat(
             name(), ": the update of module \"", m, "\" for task \"", task_name, "\" has non-finite values"));
@@ -285,7 +284,14 @@ class ShareEllaMethod : public Method {
       if (use_share_ && !use_ella_) {
         ASSIGN_OR_RETURN(old_sum, ReconstructedSum(share.at(m)));
       }
-      if (use_share_) RETURN_IF_ERROR(share.at(m).Merge(task_name, share_adapters_[i]->factors()));
+      if (use_share_ && lora_training()) {
+        // Fold: the trained LoRA, balanced (both sides carry √σ of ΔW), merged like an import.
+        const LoraAdapter& lora = *lora_adapters_[i];
+        auto [b, a] = BalanceLowRankFactors(lora.b(), lora.a());
+        RETURN_IF_ERROR(share.at(m).MergeLora(task_name, b, a, lora.scaling()));
+      } else if (use_share_) {
+        RETURN_IF_ERROR(share.at(m).Merge(task_name, share_adapters_[i]->factors()));
+      }
       if (use_ella_) RETURN_IF_ERROR(ella.at(m).Merge(delta));
       if (use_ella_) {
         weight_updates[i] = delta;  // W0 + W_past: the exact update
@@ -377,6 +383,13 @@ class ShareEllaMethod : public Method {
 
  private:
   int64_t n_of(size_t i) const { return module_shapes_[i].first; }
+  // Whether the active task trains a plain LoRA (ella always; share/share_ella unless
+  // share_training is "subspace").
+  bool lora_training() const { return !use_share_ || config_.share_training == "lora"; }
+  // The pending task's ΔW_t = s·B_t A_t of module i (differentiable).
+  at::Tensor PendingDelta(size_t i) const {
+    return lora_training() ? lora_adapters_[i]->DeltaWeight() : share_adapters_[i]->DeltaWeight();
+  }
   int64_t d_of(size_t i) const { return module_shapes_[i].second; }
 
   bool use_share_;

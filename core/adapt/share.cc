@@ -163,6 +163,33 @@ absl::StatusOr<at::Tensor> StateTensor(const std::map<std::string, at::Tensor>& 
 
 }  // namespace
 
+std::pair<at::Tensor, at::Tensor> BalanceLowRankFactors(const at::Tensor& b, const at::Tensor& a) {
+  at::NoGradGuard no_grad;
+  at::Tensor bd = b.detach().to(at::kCPU, at::kDouble);
+  at::Tensor ad = a.detach().to(at::kCPU, at::kDouble);
+  const int64_t r = bd.size(1);
+  TORCH_CHECK(ad.dim() == 2 && ad.size(0) == r, "BalanceLowRankFactors: b ", Shape(bd), " and a ", Shape(ad),
+              " do not chain");
+  if (r == 0) return {bd, ad};
+  at::Tensor qb, rb, qa, ra;
+  std::tie(qb, rb) = at::linalg_qr(bd, "reduced");        // qb [n, m_b], rb [m_b, r]
+  std::tie(qa, ra) = at::linalg_qr(ad.t(), "reduced");    // qa [d, m_a], ra [m_a, r]
+  at::Tensor u, sv, vh;
+  std::tie(u, sv, vh) = at::linalg_svd(rb.mm(ra.t()), /*full_matrices=*/false, c10::nullopt);
+  // Directions with σ_i ≤ 1e-6·σ_1 are rounding noise of float32 factors (a rank-deficient b·a):
+  // exact zero columns, so that they claim no subspace direction.
+  const double smax = sv.numel() > 0 ? sv.max().item<double>() : 0.0;
+  at::Tensor root = at::where(sv > 1e-6 * smax, sv, at::zeros_like(sv)).sqrt();  // [m], m = min(m_b, m_a)
+  at::Tensor b_out = qb.mm(u).mul(root);                  // [n, m]
+  at::Tensor a_out = qa.mm(vh.t()).mul(root).t();         // [m, d]
+  const int64_t m = root.size(0);
+  if (m < r) {
+    b_out = at::cat({b_out, at::zeros({bd.size(0), r - m}, F64())}, 1);
+    a_out = at::cat({a_out, at::zeros({r - m, ad.size(1)}, F64())}, 0);
+  }
+  return {b_out.contiguous(), a_out.contiguous()};
+}
+
 absl::Status ShareOptions::Validate() const {
   if (k_max < 1) return absl::InvalidArgumentError(absl::StrCat("ShareOptions.k_max must be >= 1, got ", k_max));
   if (p < 1) return absl::InvalidArgumentError(absl::StrCat("ShareOptions.p must be >= 1, got ", p));

@@ -97,6 +97,16 @@ struct ShareTaskFactors {
   at::Tensor Forward(const at::Tensor& x) const;
 };
 
+// Balanced factors of a low-rank update b·a (b [n, r], a [r, d], any dtype/device): returns
+// (b', a') in float64 on CPU with b'·a' = b·a (to round-off), b' = Q_b U √S and a'ᵀ = Q_a V √S, where
+// b = Q_b R_b and aᵀ = Q_a R_a (reduced QR) and R_b R_aᵀ = U S Vᵀ. The columns of b' are the left
+// singular directions of b·a weighted by √σ, those of a'ᵀ the right ones, so both sides carry the
+// same energy (Σ σ_i) whatever scale split training left between b and a (a LoRA's A keeps its
+// random init, its B is small): the per-side energy rule of a merge then ranks directions by
+// their singular value in ΔW. Always r columns: directions beyond rank(b·a) (σ_i ≤ 1e-6·σ_1, float32
+// rounding) are exact zero columns. Fails by TORCH_CHECK when the shapes do not chain.
+std::pair<at::Tensor, at::Tensor> BalanceLowRankFactors(const at::Tensor& b, const at::Tensor& a);
+
 class ShareModule {
  public:
   // An empty subspace (kβ = kα = 0, no tasks). INVALID_ARGUMENT for bad sizes or options.

@@ -229,6 +229,98 @@ TEST(ShareTest, MergeProjectsEffectiveFactorWithTemporaryVectors) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// The fold of a trained LoRA (share_training "lora"): the LoRA's factors are balanced, then merged.
+
+// Balancing keeps the product, puts √σ of ΔW on both sides, and gives a rank-deficient update zero
+// columns beyond its rank.
+TEST(ShareTest, BalancedFactorsKeepTheProductAndSplitItsEnergy) {
+  const int64_t n = 30, d = 26, r = 5;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(31);
+  // A LoRA after training: B small, A near its kaiming init (very different scales).
+  at::Tensor b = Randn({n, r}, gen) * 1e-3;
+  at::Tensor a = Randn({r, d}, gen) * 0.2;
+  auto [bb, ab] = BalanceLowRankFactors(b, a);
+  ASSERT_EQ(bb.sizes(), (std::vector<int64_t>{n, r}));
+  ASSERT_EQ(ab.sizes(), (std::vector<int64_t>{r, d}));
+  EXPECT_EQ(bb.scalar_type(), at::kDouble);
+  EXPECT_LT(RelErr(bb.mm(ab), b.to(at::kDouble).mm(a.to(at::kDouble))), 1e-10);
+  // Column i of b' and row i of a' both have norm √σ_i (σ the singular values of b·a).
+  at::Tensor sv = at::linalg_svdvals(b.to(at::kDouble).mm(a.to(at::kDouble)));
+  EXPECT_LT(RelErr(bb.norm(2, {0}), sv.narrow(0, 0, r).sqrt()), 1e-8);
+  EXPECT_LT(RelErr(ab.norm(2, {1}), sv.narrow(0, 0, r).sqrt()), 1e-8);
+  // b' and a'ᵀ have orthogonal columns.
+  at::Tensor gb = bb.t().mm(bb);
+  EXPECT_LT((gb - at::diag(at::diag(gb))).abs().max().item<double>(), 1e-12);
+  // Rank 2 in r = 5: three zero columns, product kept.
+  at::Tensor b2 = Randn({n, 2}, gen).mm(Randn({2, r}, gen));
+  auto [bb2, ab2] = BalanceLowRankFactors(b2, a);
+  EXPECT_LT(RelErr(bb2.mm(ab2), b2.to(at::kDouble).mm(a.to(at::kDouble))), 1e-6);
+  EXPECT_EQ(bb2.narrow(1, 2, 3).abs().max().item<double>(), 0.0);
+  EXPECT_EQ(ab2.narrow(0, 2, 3).abs().max().item<double>(), 0.0);
+}
+
+// A trained LoRA folded into a subspace that has room for it is reproduced exactly, and folding
+// its balanced factors claims no more directions than ΔW's rank.
+TEST(ShareTest, FoldReproducesALowRankUpdateWhenItFits) {
+  const int64_t n = 48, d = 40, p = 4;
+  ShareOptions opt;
+  opt.p = p;
+  opt.k_max = 16;
+  ShareModule m = MakeModule(n, d, opt);  // default τ = 0.999
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(32);
+  std::map<std::string, at::Tensor> want;
+  for (int t = 0; t < 3; ++t) {
+    at::Tensor b = Randn({n, p}, gen) * 0.01;
+    at::Tensor a = Randn({p, d}, gen) * (0.15 * (t + 1));
+    if (t == 2) b = Randn({n, 2}, gen).mm(Randn({2, p}, gen)) * 0.01;  // rank 2
+    const std::string name = "t" + std::to_string(t);
+    want[name] = b.mm(a) * 2.0;  // trained with scale 2 (alpha 8 / r 4)
+    auto [bb, ab] = BalanceLowRankFactors(b, a);
+    ASSERT_TRUE(m.MergeLora(name, bb, ab, 2.0).ok());
+  }
+  EXPECT_EQ(m.k_beta(), 4 + 4 + 2);
+  EXPECT_EQ(m.k_alpha(), 4 + 4 + 2);
+  for (auto& [name, w] : want) EXPECT_LT(RelErr(*m.TaskDelta(name), w), 1e-5) << name;
+  EXPECT_LT(RelErr(m.SumOfTaskDeltas(), want["t0"] + want["t1"] + want["t2"]), 1e-5);
+}
+
+// Folding a task whose update is orthogonal to the basis on both sides leaves every earlier task's
+// reconstruction (and the model as of it) unchanged, at the default energy threshold.
+TEST(ShareTest, FoldingAnOrthogonalTaskLeavesEarlierTasksUnchanged) {
+  const int64_t n = 64, d = 56, p = 4;
+  ShareOptions opt;
+  opt.p = p;
+  opt.k_max = 32;
+  ShareModule m = MakeModule(n, d, opt);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(33);
+  for (int t = 0; t < 3; ++t) {
+    auto [bb, ab] = BalanceLowRankFactors(Randn({n, p}, gen) * 0.02, Randn({p, d}, gen) * 0.2);
+    ASSERT_TRUE(m.MergeLora("t" + std::to_string(t), bb, ab, m.scale()).ok());
+  }
+  std::map<std::string, at::Tensor> before, before_cum;
+  for (const std::string& name : m.TaskNames()) {
+    before[name] = *m.TaskDelta(name);
+    auto cum = *m.CumulativeFactors(name);
+    before_cum[name] = cum.first.mm(cum.second);
+  }
+  // The new update lives in the orthogonal complements of β and α.
+  at::Tensor pb = at::eye(n) - m.beta().mm(m.beta().t());
+  at::Tensor pa = at::eye(d) - m.alpha().mm(m.alpha().t());
+  at::Tensor b = pb.mm(Randn({n, p}, gen)) * 0.05;
+  at::Tensor a = Randn({p, d}, gen).mm(pa) * 0.3;
+  ASSERT_LT(m.beta().t().mm(b).abs().max().item<float>(), 1e-5);
+  auto [bb, ab] = BalanceLowRankFactors(b, a);
+  ASSERT_TRUE(m.MergeLora("orthogonal", bb, ab, m.scale()).ok());
+  EXPECT_EQ(m.k_beta(), 4 * p);
+  for (const auto& [name, w] : before) {
+    EXPECT_LT(RelErr(*m.TaskDelta(name), w), 1e-5) << name;
+    auto cum = *m.CumulativeFactors(name);
+    EXPECT_LT(RelErr(cum.first.mm(cum.second), before_cum[name]), 1e-5) << name;
+  }
+  EXPECT_LT(RelErr(*m.TaskDelta("orthogonal"), b.mm(a) * m.scale()), 1e-5);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Truncation by the energy threshold τ. Per merge and per side, with M = [B_1 … B_{t−1} | B_t] the
 // columns before the merge and P = β'β'ᵀ:  Σ_i ‖(I − P) B_i‖²_F = Σ_{j>k} σ_j² ≤ (1 − τ)‖M‖²_F, so the
 // stacked relative error is ≤ √(1 − τ). For one task's update (B' = PB, A'ᵀ = P_α Aᵀ):

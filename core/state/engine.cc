@@ -41,6 +41,7 @@ MethodConfig NewMethodConfig(const TrainDefaults& d, const TrainOverrides& o) {
   mc.ella_lambda = o.ella_lambda.value_or(d.ella_lambda);
   mc.k_max = d.k_max;
   mc.phi = d.phi;
+  mc.share_training = d.share_training;
   mc.seed = static_cast<uint64_t>(d.seed);
   mc.target_modules = absl::StrSplit(d.targets, ',', absl::SkipEmpty());
   mc.osft_urr = d.osft_urr;

@@ -49,6 +49,7 @@ struct TrainDefaults {
   std::string targets = "all-linear";
   int32_t k_max = 32;
   int32_t phi = 8;
+  std::string share_training = "lora";
   double osft_urr = 0.25;
   std::string osft_rank = "uniform";
   double pm_epsilon = 0.5;
