@@ -5,9 +5,14 @@
 // branch by one of 1, 1 + ε, 1 − ε (probability 1/3 each, StepContext::rng): a stochastic estimate
 // of the Hessian term (ε²/3) Δᵀ H Δ at no extra forward/backward.
 //
-// AfterTraining: diagonal (empirical) Fisher of the new task at θ*_t w.r.t. the target weights,
-// F_t = Σ_batches (∂L_batch/∂W)² with ∂L/∂W = ∂L/∂ΔW (the layer computes x (W + ΔW)ᵀ), via
-// TaskContext::for_each_batch (at most kFisherBatches batches), branch scale 1.
+// AfterTraining: diagonal (empirical) Fisher of the new task at θ*_t w.r.t. the target weights, per
+// target token: F_t = (1/n_b) Σ_b T_b (∂L̄_b/∂W)², with L̄_b the batch's mean loss over its T_b target
+// tokens and ∂L/∂W = ∂L/∂ΔW (the layer computes x (W + ΔW)ᵀ), via TaskContext::for_each_batch (at
+// most kFisherBatches batches), branch scale 1. With token gradients g of mean ≈ 0 at θ*_t,
+// E[T_b (∂L̄_b/∂W)²] = E[g²]: the estimate does not depend on the batch count or the tokens per
+// batch, so the Fisher of tasks with short and long answers (or of different sizes) are on one
+// scale in the closed form below. (Until 2026-12 the sum Σ_b (∂L̄_b/∂W)² was used: it scales with
+// n_b / T_b and gave tasks with long answers almost no weight.)
 //
 // Merge: α_t = Σ_i Σ_k F_ik (θ*_ik − θ̂_{t−1,k}) Δ_tk / Σ_i Σ_k F_ik Δ_tk², clamped to [0, 1], over the
 // past tasks and the current one; θ̂_t = θ̂_{t−1} + α_t Δ_t. Storing each task's F_i and θ*_i would
@@ -112,16 +117,22 @@ class PmMethod : public Method {
     }
     std::vector<at::Tensor> fisher;
     for (const auto& w : weights) fisher.push_back(at::zeros(w.sizes(), w.options().dtype(at::kFloat)));
-    absl::Status status = ctx.for_each_batch(0, kFisherBatches, [&](const at::Tensor& loss, int64_t) {
+    int64_t batches = 0;
+    absl::Status status = ctx.for_each_batch(0, kFisherBatches, [&](const at::Tensor& loss, int64_t tokens) {
       auto grads = torch::autograd::grad({loss}, weights, {}, false, false, true);
       at::NoGradGuard g;
+      const double weight = static_cast<double>(std::max<int64_t>(tokens, 1));
       for (size_t i = 0; i < grads.size(); ++i) {
-        if (grads[i].defined()) fisher[i].add_(grads[i].to(at::kFloat).square());
+        if (grads[i].defined()) fisher[i].add_(grads[i].to(at::kFloat).square().mul(weight));
       }
+      ++batches;
       return absl::OkStatus();
     });
     for (size_t i = 0; i < layers.size(); ++i) layers[i]->weight = saved[i];
     RETURN_IF_ERROR(status);
+    if (batches > 0) {
+      for (auto& f : fisher) f.div_(static_cast<double>(batches));
+    }
     pending_fisher_.clear();
     for (auto& f : fisher) pending_fisher_.push_back(f.to(at::kCPU));
     return absl::OkStatus();
@@ -196,6 +207,33 @@ class PmMethod : public Method {
       fdsum.push_back(fds);
     }
     const double alpha = PmMergeCoefficient(fsum, fdsum, prev, delta);
+    // What decided α_t (logged in the state and read by `strata bench cl`): the new task's own
+    // curvature term ⟨F_t, Δ_t²⟩, the earlier tasks' ⟨Σ_{i<t} F_i, Δ_t²⟩ and the cross term
+    // Σ_{i<t} ⟨F_i ⊙ (θ*_i − θ̂_{t−1}), Δ_t⟩; unclamped α = (own + cross) / (own + past).
+    json terms;
+    {
+      double own = 0, past_term = 0, cross = 0, fisher_mean = 0, delta_sq = 0;
+      int64_t entries = 0;
+      for (size_t i = 0; i < nm; ++i) {
+        at::Tensor d = delta[i].to(at::kDouble);
+        at::Tensor f = (pending_fisher_.size() == nm ? pending_fisher_[i] : at::ones_like(delta[i])).to(at::kDouble);
+        own += (f * d * d).sum().item<double>();
+        if (!fisher_sum_.empty()) {
+          at::Tensor fp = fisher_sum_[i].to(at::kDouble);
+          past_term += (fp * d * d).sum().item<double>();
+          cross += ((fisher_delta_sum_[i].to(at::kDouble) - fp * prev[i].to(at::kDouble)) * d).sum().item<double>();
+        }
+        fisher_mean += f.sum().item<double>();
+        delta_sq += (d * d).sum().item<double>();
+        entries += d.numel();
+      }
+      terms["own"] = own;
+      terms["past"] = past_term;
+      terms["cross"] = cross;
+      terms["raw_alpha"] = own + past_term > 0 ? (own + cross) / (own + past_term) : 0.0;
+      terms["fisher_mean"] = entries > 0 ? fisher_mean / static_cast<double>(entries) : 0.0;
+      terms["delta_norm"] = std::sqrt(delta_sq);
+    }
     std::vector<at::Tensor> past;
     for (size_t i = 0; i < nm; ++i) past.push_back((prev[i] + delta[i] * alpha).contiguous());
     for (size_t i = 0; i < nm; ++i) {
@@ -208,6 +246,7 @@ class PmMethod : public Method {
     fisher_sum_ = std::move(fsum);
     fisher_delta_sum_ = std::move(fdsum);
     alphas_.push_back(alpha);
+    merge_terms_.push_back(std::move(terms));
     adapters_.clear();
     pending_fisher_.clear();
     return absl::OkStatus();
@@ -226,6 +265,7 @@ class PmMethod : public Method {
     }
     json j;
     j["alphas"] = alphas_;
+    j["merge_terms"] = merge_terms_;
     *extra = j.dump();
   }
 
@@ -255,10 +295,18 @@ class PmMethod : public Method {
         alphas.push_back(e.get<double>());
       }
     }
+    json merge_terms = json::array();
+    if (j.contains("merge_terms")) {  // absent in states written before it was logged
+      if (!j["merge_terms"].is_array()) {
+        return absl::InvalidArgumentError(name() + " state: merge_terms must be a list");
+      }
+      merge_terms = j["merge_terms"];
+    }
     past_ = std::move(past);
     fisher_sum_ = std::move(fs);
     fisher_delta_sum_ = std::move(fds);
     alphas_ = std::move(alphas);
+    merge_terms_ = std::move(merge_terms);
     adapters_.clear();
     pending_fisher_.clear();
     return absl::OkStatus();
@@ -270,6 +318,7 @@ class PmMethod : public Method {
   std::vector<at::Tensor> fisher_sum_;        // Σ_i F_i
   std::vector<at::Tensor> fisher_delta_sum_;  // Σ_i F_i ⊙ δ*_i  (δ*_i = θ*_i − W0)
   std::vector<double> alphas_;
+  json merge_terms_ = json::array();  // per task: own, past, cross, raw_alpha, fisher_mean, delta_norm
   // Active task.
   std::vector<std::shared_ptr<LoraAdapter>> adapters_;
   std::vector<at::Tensor> pending_fisher_;
