@@ -64,6 +64,13 @@ class LoraAdapter : public LowRankAdapter {
 
 // A deterministic per-module seed from a base seed and strings (module name, task name).
 uint64_t DeriveSeed(uint64_t seed, const std::string& a, const std::string& b = "");
+// The init seed of the fresh LoRA a method trains for `task` on `module`: the same for every method
+// that trains one plain LoRA per task (share and share_ella with share_training "lora", ella,
+// inc_lora, o_lora, pm), so that with one seed their runs start from the same factors (common random
+// numbers: a benchmark then compares the methods, not their initialisations).
+inline uint64_t TaskLoraSeed(uint64_t seed, const std::string& module, const std::string& task) {
+  return DeriveSeed(seed, module, "lora/" + task);
+}
 
 // The uniform(−1/√d, 1/√d) kaiming init of a [rows × d] matrix (PEFT's LoRA A init), in float32
 // on CPU from `seed`, then converted.

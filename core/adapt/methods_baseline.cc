@@ -265,7 +265,7 @@ class IncLoraMethod : public Method {
       LinearLayer* layer = RequireLinear(model, modules_[i], name());
       auto adapter =
           LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank, config_.alpha,
-                              DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name)),
+                              TaskLoraSeed(config_.seed, modules_[i], task_name),
                               at::kFloat, layer->weight.device());
       adapter->SetTrainable(true);
       layer->adapter = adapter;

@@ -176,7 +176,7 @@ class PmMethod : public Method {
       }
       auto adapter =
           LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank, config_.alpha,
-                              DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name)),
+                              TaskLoraSeed(config_.seed, modules_[i], task_name),
                               at::kFloat, layer->weight.device());
       adapter->SetTrainable(true);
       layer->adapter = adapter;

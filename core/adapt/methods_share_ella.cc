@@ -247,7 +247,8 @@ class ShareEllaMethod : public Method {
       LinearLayer* layer = model->FindLinear(modules_[i]);
       TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", modules_[i]);
       const at::Device dev = layer->weight.device();
-      const uint64_t seed = DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
+      const uint64_t seed = lora_training() ? TaskLoraSeed(config_.seed, modules_[i], task_name)
+                                            : DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
       if (!lora_training()) {
         auto adapter = std::make_shared<ShareAdapter>(share.at(modules_[i]).BeginTask(seed, dev));
         layer->adapter = adapter;
