@@ -142,15 +142,20 @@ ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="strata" \
       org.opencontainers.image.description="Strata: continual adaptation of LLMs over gRPC (${VARIANT})" \
       org.opencontainers.image.revision="${GIT_COMMIT}"
+# A short general-English text for the general-ability figures (strata_reference_nll): the reference
+# NLL is measured after every task, through the merged weights and through automatic routing.
+COPY deploy/reference/general.txt /usr/share/strata/reference.txt
 RUN groupadd --gid 10001 strata \
  && useradd --uid 10001 --gid strata --home-dir /var/lib/strata --no-create-home \
         --shell /usr/sbin/nologin strata \
  && mkdir -p /var/lib/strata /models \
  && chown strata:strata /var/lib/strata
-# Environment twins of the server flags (--host, --state_dir); the command line still wins.
+# Environment twins of the server flags (--host, --state_dir, --reference_text); the command line
+# still wins.
 # OMP_WAIT_POLICY=PASSIVE: OpenMP workers sleep while waiting (training and serving share the cores).
 ENV STRATA_HOST=0.0.0.0 \
     STRATA_STATE_DIR=/var/lib/strata \
+    STRATA_REFERENCE_TEXT=/usr/share/strata/reference.txt \
     HOME=/var/lib/strata \
     OMP_WAIT_POLICY=PASSIVE
 USER 10001:10001

@@ -6,7 +6,9 @@
 // For each model and batch size (1 and 8) it times a prefill of a --prompt-token random prompt and
 // then --new greedy decode steps through the KV cache (the model's own Forward loop, no tokenizer),
 // and a single-sequence prefill of 256 tokens. Each figure is the median over --reps runs after one
-// warm-up run. Tokens/s counts every sequence of the batch.
+// warm-up run. Tokens/s counts every sequence of the batch. Then the cost of automatic routing: the
+// router's feature pass on W0 (the first (layers + 1) / 2 decoder layers over the prompt) and its
+// decision among 8 tasks, against a batch-1 generation of 64 tokens (prefill + 64 decode steps).
 
 #include <torch/torch.h>
 
@@ -21,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "core/adapt/router.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 
@@ -144,6 +147,37 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
     prefill.push_back(static_cast<double>(long_prompt) / t.prefill);
   }
   std::printf("batch 1: prefill %ld tokens: %10.1f tokens/s\n", long_prompt, Median(prefill));
+  std::fflush(stdout);
+
+  // Automatic routing overhead (what Engine::Resolve adds to a request; tokenisation excluded).
+  strata::TaskRouter router;
+  const int64_t layer = router.FeatureLayer(model);
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  for (int t = 0; t < 8; ++t) {
+    at::Tensor feats = at::randn({64, c.hidden_size}, gen, at::TensorOptions().dtype(at::kFloat));
+    feats.select(1, t).add_(5.0);
+    (void)router.AddTask("task" + std::to_string(t), feats, layer);
+  }
+  const at::Tensor ids = at::randint(3, c.vocab_size, {1, f.prompt}, gen, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor mask = at::ones({1, f.prompt}, at::TensorOptions().dtype(at::kLong));
+  std::vector<double> feature_s, decide_s, generate_s;
+  for (int r = 0; r < f.reps + 1; ++r) {
+    const auto t0 = Clock::now();
+    at::Tensor h = model.HiddenStates(ids, mask, layer).mean(1);
+    const auto t1 = Clock::now();
+    auto decisions = router.Route(h);
+    const auto t2 = Clock::now();
+    const RunTimes g = RunOnce(model, 1, f.prompt, 64, 300 + r);
+    if (r == 0) continue;  // warm-up
+    feature_s.push_back(Seconds(t0, t1));
+    decide_s.push_back(Seconds(t1, t2));
+    generate_s.push_back(g.prefill + g.decode);
+  }
+  const double feature = Median(feature_s), decide = Median(decide_s), generate = Median(generate_s);
+  std::printf("routing: feature pass (%ld of %ld layers, %ld-token prompt) %.3f ms + decision (8 tasks) %.3f ms "
+              "= %.1f%% of a 64-token generation (%.1f ms)\n",
+              layer, c.num_hidden_layers, f.prompt, 1e3 * feature, 1e3 * decide,
+              100.0 * (feature + decide) / generate, 1e3 * generate);
   std::fflush(stdout);
 }
 

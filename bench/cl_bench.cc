@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -27,6 +28,7 @@
 #include "absl/strings/strip.h"
 #include "bench/gnuplot.h"
 #include "core/adapt/method.h"
+#include "core/adapt/router.h"
 #include "core/adapt/trainer.h"
 #include "core/data/dataset.h"
 #include "core/eval/metrics.h"
@@ -70,6 +72,14 @@ struct MethodRun {
   // keep the merged score.
   std::vector<std::vector<double>> routed_matrix;
   std::optional<ClReport> routed_report;
+  // Automatic routing (same methods): a[i][j] = task j's test examples, each routed by the router
+  // of stage i (tasks 1..i) to the model as of its task or, fitting none, to the base model W0;
+  // router_accuracy[i][j] = share of task j's test prompts routed to task j; the reference NLL with
+  // each text routed the same way after the last stage.
+  std::vector<std::vector<double>> auto_matrix;
+  std::vector<std::vector<double>> router_accuracy;
+  std::optional<ClReport> auto_report;
+  double auto_reference_nll = std::numeric_limits<double>::quiet_NaN();
   double aa = std::numeric_limits<double>::quiet_NaN();
   double nll_before = 0, nll_after = 0;
   int64_t state_bytes = 0;
@@ -88,6 +98,46 @@ struct MethodRun {
   double seconds = 0;                          // total wall time (train + eval + export)
   std::string method_config_json;
 };
+
+// The models automatic routing selects from for `method`'s current state: [0] the base model W0
+// (a prompt that fits no task), [1 + k] the model as of the router's k-th task.
+absl::StatusOr<std::vector<std::unique_ptr<CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
+                                                                    const TaskRouter& router) {
+  std::vector<std::unique_ptr<CausalLM>> out;
+  out.push_back(base.ShallowCopy());
+  for (const std::string& task : router.TaskNames()) {
+    std::unique_ptr<CausalLM> model = base.ShallowCopy();
+    RETURN_IF_ERROR(method.ApplyTaskRouting(task, model.get()));
+    out.push_back(std::move(model));
+  }
+  return out;
+}
+
+size_t RouteIndex(const RouteDecision& d) { return d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1; }
+
+// Accuracy of `task`'s test split with example i served by models[RouteIndex(decisions[i])].
+absl::StatusOr<double> EvaluateRouted(const std::vector<std::unique_ptr<CausalLM>>& models,
+                                      const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
+                                      const BenchTask& task, int64_t max_seq_len);
+
+// Reference NLL (token-weighted) with text i served by models[RouteIndex(decisions[i])].
+absl::StatusOr<double> RoutedReferenceNll(const std::vector<std::unique_ptr<CausalLM>>& models,
+                                          const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
+                                          const std::vector<std::string>& texts, int64_t max_seq_len) {
+  std::map<size_t, std::vector<std::string>> groups;
+  for (size_t i = 0; i < texts.size(); ++i) groups[RouteIndex(decisions[i])].push_back(texts[i]);
+  double nll = 0;
+  int64_t tokens = 0;
+  NllOptions o;
+  o.max_seq_len = max_seq_len;
+  for (const auto& [index, group] : groups) {
+    ASSIGN_OR_RETURN(NllScore s, ScoreNll(*models[index], tokenizer, group, o));
+    nll += s.mean_nll * static_cast<double>(s.tokens);
+    tokens += s.tokens;
+  }
+  if (tokens == 0) return absl::InvalidArgumentError("reference text: no token");
+  return nll / static_cast<double>(tokens);
+}
 
 // Facts read from an exported state after a stage: the Share subspace ranks (mean over modules of
 // k_β and k_α; NaN without a subspace) and P&M's merge coefficients.
@@ -142,6 +192,26 @@ absl::StatusOr<double> Evaluate(const CausalLM& model, const Tokenizer& tokenize
   o.batch_size = 32;
   ASSIGN_OR_RETURN(ExactMatchScore s, ScoreExactMatch(model, tokenizer, task.data.test, o));
   return s.accuracy;
+}
+
+absl::StatusOr<double> EvaluateRouted(const std::vector<std::unique_ptr<CausalLM>>& models,
+                                      const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
+                                      const BenchTask& task, int64_t max_seq_len) {
+  std::map<size_t, BenchTask> groups;
+  for (size_t i = 0; i < task.data.test.size(); ++i) {
+    BenchTask& g = groups[RouteIndex(decisions[i])];
+    if (g.data.test.empty()) {
+      g.data.name = task.data.name;
+      g.data.scorer = task.data.scorer;
+    }
+    g.data.test.push_back(task.data.test[i]);
+  }
+  double correct = 0;
+  for (const auto& [index, group] : groups) {
+    ASSIGN_OR_RETURN(double acc, Evaluate(*models[index], tokenizer, group, max_seq_len));
+    correct += acc * static_cast<double>(group.data.test.size());
+  }
+  return task.data.test.empty() ? 0.0 : correct / static_cast<double>(task.data.test.size());
 }
 
 absl::StatusOr<std::vector<double>> EvaluateAll(const CausalLM& model, const Tokenizer& tokenizer,
@@ -257,6 +327,9 @@ json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
   j["phi"] = a.phi;
   j["k_max"] = a.k_max;
   j["share_training"] = a.share_training;
+  j["energy_threshold"] = a.energy_threshold;
+  j["pm_epsilon"] = a.pm_epsilon;
+  j["router_layer"] = a.router_layer;
   j["targets"] = a.targets;
   j["warmup_steps"] = a.warmup_steps;
   j["lr_schedule"] = a.lr_schedule;
@@ -353,6 +426,16 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
                   "Share: lora (a LoRA folded into the subspace) or subspace (published training)")
       ->capture_default_str()
       ->check(CLI::IsMember({"lora", "subspace"}));
+  sub->add_option("--energy-threshold", a->energy_threshold, "Share: explained-energy fraction kept by a merge")
+      ->capture_default_str()
+      ->check(CLI::Range(1e-6, 1.0));
+  sub->add_option("--router-layer", a->router_layer,
+                  "Automatic routing: base-model decoder layers run for a prompt's feature (-1 = half)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{-1}, int64_t{1} << 20));
+  sub->add_option("--pm-epsilon", a->pm_epsilon, "Perturb-and-Merge: perturbation size")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   sub->add_option("--targets", a->targets, "Target modules: comma-separated short names or all-linear")
       ->capture_default_str();
   sub->add_option("--warmup-steps", a->warmup_steps, "Warmup steps per stage")
@@ -412,6 +495,8 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   base_config.phi = args.phi;
   base_config.k_max = args.k_max;
   base_config.share_training = args.share_training;
+  base_config.energy_threshold = args.energy_threshold;
+  base_config.pm_epsilon = args.pm_epsilon;
   base_config.seed = args.seed;
   if (absl::Status s = ValidateMethodConfig(base_config); !s.ok()) {
     return Usage(absl::StrCat("method settings: ", s.message()));
@@ -447,6 +532,9 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   const int64_t max_seq_len = std::min(args.max_seq_len, base_model->config().max_position_embeddings);
 
   std::vector<BenchTask> tasks;
+  RouterOptions router_options;
+  router_options.layer = args.router_layer;
+  if (absl::Status s = router_options.Validate(); !s.ok()) return Usage(absl::StrCat("--router-layer: ", s.message()));
   {
     std::set<std::string> names;
     for (const std::string& entry : args.order) {
@@ -528,6 +616,56 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
                  *nll_base, SecondsSince(base_start));
   }
 
+  // ---- automatic routing: one router per stage (method-independent: it sees the base model) ------
+  // routers[i] knows tasks 1..i+1; decisions[i][j] routes task j's test prompts with it.
+  std::vector<TaskRouter> routers;
+  std::vector<std::vector<std::vector<RouteDecision>>> decisions;
+  std::vector<RouteDecision> ref_decisions;  // the reference texts, with the last router
+  {
+    const Clock::time_point r0 = Clock::now();
+    TaskRouter router(router_options);
+    const int64_t layer = router.FeatureLayer(*base_model);
+    std::vector<at::Tensor> test_features;
+    for (const BenchTask& t : tasks) {
+      std::vector<std::string> prompts;
+      for (const Example& e : t.data.test) prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
+      if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
+      test_features.push_back(*f);
+    }
+    for (const BenchTask& t : tasks) {
+      std::vector<std::string> prompts;
+      for (const Example& e : t.data.train) prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
+      if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
+      if (absl::Status st = router.AddTask(t.data.name, *f, layer); !st.ok()) {
+        return Usage(absl::StrCat("router: ", st.message()));
+      }
+      routers.push_back(router);
+      std::vector<std::vector<RouteDecision>> stage;
+      for (const at::Tensor& tf : test_features) stage.push_back(router.Route(tf));
+      decisions.push_back(std::move(stage));
+    }
+    absl::StatusOr<at::Tensor> rf = router.Features(*base_model, tokenizer, ref_texts);
+    if (!rf.ok()) return Usage(absl::StrCat("router features (reference): ", rf.status().message()));
+    ref_decisions = router.Route(*rf);
+    int64_t ref_base = 0;
+    for (const auto& d : ref_decisions) ref_base += d.task.empty();
+    std::vector<std::string> accuracy;
+    for (size_t j = 0; j < tasks.size(); ++j) {
+      int64_t right = 0;
+      for (const auto& d : decisions.back()[j]) right += d.task == tasks[j].data.name;
+      accuracy.push_back(absl::StrFormat("%s %.3f", tasks[j].data.name,
+                                         static_cast<double>(right) / std::max<size_t>(1, decisions.back()[j].size())));
+    }
+    std::printf("router: layer %lld of %lld, %lld bytes (%lld per task); accuracy after the last task: %s; "
+                "reference texts routed to the base model: %lld of %zu (%.1f s)\n",
+                static_cast<long long>(layer), static_cast<long long>(base_model->num_layers()),
+                static_cast<long long>(router.StateBytes()), static_cast<long long>(router.StateBytesPerTask()),
+                absl::StrJoin(accuracy, ", ").c_str(), static_cast<long long>(ref_base), ref_decisions.size(),
+                SecondsSince(r0));
+  }
+
   // ---- methods ----------------------------------------------------------------------------------
   std::vector<MethodRun> runs;
   std::vector<std::pair<std::string, std::string>> failures;
@@ -605,6 +743,36 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
           routed[j] = *acc;
         }
         run.routed_matrix.push_back(std::move(routed));
+        // Automatic routing with this stage's router.
+        const size_t stage = run.matrix.size() - 1;
+        absl::StatusOr<std::vector<std::unique_ptr<CausalLM>>> models = RouteModels(*base_model, method, routers[stage]);
+        if (!models.ok()) {
+          fail(absl::StrCat("auto routing after stage \"", stage_name, "\": ", models.status().message()));
+          return false;
+        }
+        std::vector<double> auto_row, accuracy_row;
+        for (size_t j = 0; j < tasks.size(); ++j) {
+          absl::StatusOr<double> acc = EvaluateRouted(*models, decisions[stage][j], tokenizer, tasks[j], max_seq_len);
+          if (!acc.ok()) {
+            fail(absl::StrCat("auto-routed \"", tasks[j].data.name, "\" after stage \"", stage_name, "\": ",
+                              acc.status().message()));
+            return false;
+          }
+          auto_row.push_back(*acc);
+          int64_t right = 0;
+          for (const auto& d : decisions[stage][j]) right += d.task == tasks[j].data.name;
+          accuracy_row.push_back(static_cast<double>(right) / std::max<size_t>(1, decisions[stage][j].size()));
+        }
+        run.auto_matrix.push_back(std::move(auto_row));
+        run.router_accuracy.push_back(std::move(accuracy_row));
+        if (stage + 1 == tasks.size()) {
+          absl::StatusOr<double> nll = RoutedReferenceNll(*models, ref_decisions, tokenizer, ref_texts, max_seq_len);
+          if (!nll.ok()) {
+            fail(absl::StrCat("auto-routed reference NLL: ", nll.status().message()));
+            return false;
+          }
+          run.auto_reference_nll = *nll;
+        }
       }
       const double eval_s = SecondsSince(e0);
       run.stage_train_seconds.push_back(train_s);
@@ -631,6 +799,15 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
         if (run.routed_matrix.size() == run.matrix.size()) {
           std::fprintf(stderr, "[%s] %s routed: %s\n", requested.c_str(), label.c_str(),
                        absl::StrJoin(run.routed_matrix.back(), " ", [](std::string* o, double v) {
+                         absl::StrAppendFormat(o, "%.3f", v);
+                       }).c_str());
+        }
+        if (run.auto_matrix.size() == run.matrix.size()) {
+          std::fprintf(stderr, "[%s] %s auto: %s (router %s)\n", requested.c_str(), label.c_str(),
+                       absl::StrJoin(run.auto_matrix.back(), " ", [](std::string* o, double v) {
+                         absl::StrAppendFormat(o, "%.3f", v);
+                       }).c_str(),
+                       absl::StrJoin(run.router_accuracy.back(), " ", [](std::string* o, double v) {
                          absl::StrAppendFormat(o, "%.3f", v);
                        }).c_str());
         }
@@ -685,6 +862,14 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
         }
         run.routed_report = *routed;
       }
+      if (!run.auto_matrix.empty()) {
+        absl::StatusOr<ClReport> automatic = ComputeClReport(run.auto_matrix, base);
+        if (!automatic.ok()) {
+          fail(absl::StrCat("auto metrics: ", automatic.status().message()));
+          continue;
+        }
+        run.auto_report = *automatic;
+      }
     }
     run.seconds = SecondsSince(method_start);
 
@@ -704,6 +889,13 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       std::printf("routed: AA %s  BWT %s  FWT %s  forgetting %s\n", FormatOpt(run.routed_report->aa).c_str(),
                   FormatOpt(run.routed_report->bwt, true).c_str(), FormatOpt(run.routed_report->fwt, true).c_str(),
                   FormatOpt(run.routed_report->forgetting).c_str());
+      if (run.auto_report.has_value()) {
+        std::printf("auto-routed (each test example routed by the stage's router; no task name):\n");
+        PrintMatrix(run, run.auto_matrix, tasks, base);
+        std::printf("auto: AA %s  BWT %s  forgetting %s  reference NLL %.4f\n", FormatOpt(run.auto_report->aa).c_str(),
+                    FormatOpt(run.auto_report->bwt, true).c_str(), FormatOpt(run.auto_report->forgetting).c_str(),
+                    run.auto_reference_nll);
+      }
     }
     std::printf("reference NLL %.4f -> %.4f  trainable parameters %lld  state %s (%lld bytes)\n", run.nll_before,
                 run.nll_after, static_cast<long long>(run.trainable), FormatBytes(run.state_bytes).c_str(),
@@ -735,6 +927,21 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       const ClReport& r = *run.routed_report;
       std::printf("%-12s %7s %8s %8s %10s\n", run.name.c_str(), FormatOpt(r.aa).c_str(),
                   FormatOpt(r.bwt, true).c_str(), FormatOpt(r.fwt, true).c_str(), FormatOpt(r.forgetting).c_str());
+    }
+  }
+  bool any_auto = false;
+  for (const MethodRun& run : runs) any_auto = any_auto || run.auto_report.has_value();
+  if (any_auto) {
+    std::printf("\nAuto-routed (no task name: the router picks the task, or the base model when none fits)\n");
+    std::printf("%-12s %7s %8s %10s %10s  %s\n", "method", "AA", "BWT", "forgetting", "ref NLL", "router accuracy");
+    for (const MethodRun& run : runs) {
+      if (!run.auto_report.has_value()) continue;
+      const ClReport& r = *run.auto_report;
+      std::printf("%-12s %7s %8s %10s %10.4f  %s\n", run.name.c_str(), FormatOpt(r.aa).c_str(),
+                  FormatOpt(r.bwt, true).c_str(), FormatOpt(r.forgetting).c_str(), run.auto_reference_nll,
+                  absl::StrJoin(run.router_accuracy.back(), " ", [](std::string* o, double v) {
+                    absl::StrAppendFormat(o, "%.3f", v);
+                  }).c_str());
     }
   }
   for (const auto& [name, why] : failures) std::printf("%-12s FAILED: %s\n", name.c_str(), why.c_str());
@@ -786,6 +993,21 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       j["routed"] = ClReportToJson(*run.routed_report);
     } else {
       j["routed"] = nullptr;
+    }
+    // Automatic routing (methods with per-task state); these key names are read by other tools.
+    if (run.auto_report.has_value()) {
+      json a;
+      a["aa"] = OptJson(run.auto_report->aa);
+      a["bwt"] = OptJson(run.auto_report->bwt);
+      a["fwt"] = OptJson(run.auto_report->fwt);
+      a["forgetting"] = OptJson(run.auto_report->forgetting);
+      a["matrix"] = run.auto_matrix;
+      a["router_accuracy"] = run.router_accuracy.empty() ? json(nullptr) : json(run.router_accuracy.back());
+      a["router_accuracy_matrix"] = run.router_accuracy;
+      a["reference_nll_after"] = OptJson(run.auto_reference_nll);
+      j["auto"] = a;
+    } else {
+      j["auto"] = nullptr;
     }
     j["joint"] = run.joint;
     j["method"] = run.method;

@@ -46,6 +46,9 @@ struct ClBenchArgs {
   int64_t phi = 8;                      // Share: temporary basis vectors per side (server default)
   int64_t k_max = 32;                   // Share: cap on the subspace rank per side
   std::string share_training = "lora";  // Share: "lora" (fold a LoRA) or "subspace" (server default)
+  double energy_threshold = 0.999;      // Share: explained-energy fraction kept by a merge
+  double pm_epsilon = 0.1;              // Perturb-and-Merge: perturbation size (server default)
+  int64_t router_layer = -1;            // automatic routing: feature layer (-1 = half; server default)
   std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
   int64_t warmup_steps = 0;
   std::string lr_schedule = "linear";

@@ -377,9 +377,15 @@ void AddTasks(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     for (const auto& t : tasks.tasks()) {
       rows.push_back({absl::StrCat(t.index()), t.name(), ScorerName(t.scorer()), FormatScore(t.base_score()),
                       FormatScore(t.learned_score()), FormatScore(t.current_score()),
-                      FormatScore(t.forgetting()), absl::StrCat(t.eval_examples()), t.job_id()});
+                      FormatScore(t.forgetting()), FormatScore(t.current_routed_score()),
+                      FormatScore(t.current_auto_score()), FormatScore(t.router_accuracy()),
+                      absl::StrCat(t.eval_examples()), t.job_id()});
     }
-    PrintTable({"#", "TASK", "SCORER", "BASE", "LEARNED", "CURRENT", "FORGETTING", "EVAL", "JOB"}, rows);
+    // CURRENT/FORGETTING: the merged weights; ROUTED: served by the task's name; AUTO: routed
+    // automatically (what a request naming no task gets); ROUTER: share of its prompts routed to it.
+    PrintTable({"#", "TASK", "SCORER", "BASE", "LEARNED", "CURRENT", "FORGETTING", "ROUTED", "AUTO", "ROUTER",
+                "EVAL", "JOB"},
+               rows);
   });
 }
 
@@ -402,22 +408,33 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                                  r.method(), r.weights_version(), r.tasks_size(),
                                  FormatBytes(r.adaptation_state_bytes()));
     if (r.tasks_size() == 0) return;
-    std::cout << "\naccuracy matrix (row: after learning the task; column: score on the task)\n";
-    std::vector<std::string> header = {""};
-    for (const auto& t : r.tasks()) header.push_back(t);
-    std::vector<std::vector<std::string>> rows;
-    std::vector<std::string> base = {"base model"};
-    for (int j = 0; j < r.tasks_size(); ++j) base.push_back(j < r.base_size() ? FormatScore(r.base(j)) : "-");
-    rows.push_back(base);
-    for (int i = 0; i < r.matrix_size(); ++i) {
-      std::vector<std::string> row = {"after " +
-                                      (i < r.tasks_size() ? r.tasks(i) : absl::StrCat("stage ", i + 1))};
-      for (int j = 0; j < r.tasks_size(); ++j) {
-        row.push_back(j < r.matrix(i).scores_size() ? FormatScore(r.matrix(i).scores(j)) : "-");
+    auto print_matrix = [&](const std::string& title,
+                            const google::protobuf::RepeatedPtrField<pb::MatrixRow>& matrix, bool with_base) {
+      if (matrix.empty()) return;
+      std::cout << "\n" << title << " (row: after learning the task; column: score on the task)\n";
+      std::vector<std::string> header = {""};
+      for (const auto& t : r.tasks()) header.push_back(t);
+      std::vector<std::vector<std::string>> rows;
+      if (with_base) {
+        std::vector<std::string> base = {"base model"};
+        for (int j = 0; j < r.tasks_size(); ++j) base.push_back(j < r.base_size() ? FormatScore(r.base(j)) : "-");
+        rows.push_back(base);
       }
-      rows.push_back(row);
-    }
-    PrintTable(header, rows);
+      for (int i = 0; i < matrix.size(); ++i) {
+        std::vector<std::string> row = {"after " +
+                                        (i < r.tasks_size() ? r.tasks(i) : absl::StrCat("stage ", i + 1))};
+        for (int j = 0; j < r.tasks_size(); ++j) {
+          row.push_back(j < matrix.Get(i).scores_size() ? FormatScore(matrix.Get(i).scores(j)) : "-");
+        }
+        rows.push_back(row);
+      }
+      PrintTable(header, rows);
+    };
+    print_matrix("accuracy matrix, merged weights", r.matrix(), true);
+    print_matrix("accuracy matrix, each task served by its name (--route TASK)", r.routed_matrix(), false);
+    print_matrix("accuracy matrix, routed automatically (what a request naming no task gets)", r.auto_matrix(),
+                 false);
+    print_matrix("router accuracy (share of each task's eval prompts routed to it)", r.router_accuracy(), false);
     std::cout << "\n";
     auto opt = [](bool has, double v) {
       return has ? absl::StrFormat("%.4f", v) : std::string("- (needs 2 tasks)");
@@ -427,6 +444,11 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
         {"backward transfer (BWT)", opt(r.has_backward_transfer(), r.backward_transfer())},
         {"forward transfer (FWT)", opt(r.has_forward_transfer(), r.forward_transfer())},
         {"forgetting", opt(r.has_forgetting(), r.forgetting())},
+        {"auto-routed AA", r.has_auto_average_score() ? absl::StrFormat("%.4f", r.auto_average_score()) : "-"},
+        {"auto-routed BWT", opt(r.has_auto_backward_transfer(), r.auto_backward_transfer())},
+        {"auto-routed forgetting", opt(r.has_auto_forgetting(), r.auto_forgetting())},
+        {"router state", absl::StrCat(FormatBytes(r.router_bytes()), " (", FormatBytes(r.router_bytes_per_task()),
+                                      " per task)")},
     };
     std::string nll;
     for (int i = 0; i < r.reference_nll_size(); ++i) {
@@ -434,7 +456,15 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       std::string stage = i == 0 ? "base" : (i - 1 < r.tasks_size() ? r.tasks(i - 1) : absl::StrCat(i));
       absl::StrAppend(&nll, nll.empty() ? "" : ", ", stage, " ", absl::StrFormat("%.4f", r.reference_nll(i)));
     }
-    summary.push_back({"reference NLL", nll.empty() ? "- (no --reference_text)" : nll});
+    summary.push_back({"reference NLL, merged", nll.empty() ? "- (no --reference_text)" : nll});
+    std::string nll_auto;
+    for (int i = 0; i < r.reference_nll_auto_size(); ++i) {
+      if (!std::isfinite(r.reference_nll_auto(i))) continue;
+      std::string stage = i == 0 ? "base" : (i - 1 < r.tasks_size() ? r.tasks(i - 1) : absl::StrCat(i));
+      absl::StrAppend(&nll_auto, nll_auto.empty() ? "" : ", ", stage, " ",
+                      absl::StrFormat("%.4f", r.reference_nll_auto(i)));
+    }
+    if (!nll_auto.empty()) summary.push_back({"reference NLL, auto-routed", nll_auto});
     PrintKeyValues(summary);
   });
 }

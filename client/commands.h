@@ -24,7 +24,7 @@ void AddAdaptationCommands(CLI::App& app, GlobalOptions& opts, int* exit_code);
 void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code);
 
 struct GenerateArgs {
-  std::string model, prompt, task, device = "cpu";
+  std::string model, prompt, task, route, device = "cpu";
   int max_tokens = 64;
   float temperature = 0, top_p = 1;
   int top_k = 0, threads = 0;

@@ -22,6 +22,14 @@ nlohmann::json Text(const std::string& s) {
       nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
 }
 
+// "route capitals (chosen automatically, confidence 0.99), weights version 3"
+std::string RouteLine(const std::string& route, bool automatic, double confidence, int64_t version) {
+  return absl::StrFormat("route %s (%s), weights version %d", route,
+                         automatic ? absl::StrFormat("chosen automatically, confidence %.2f", confidence)
+                                   : std::string("as requested"),
+                         version);
+}
+
 }  // namespace
 
 int ServerTokenize(const std::string& text, bool add_special_tokens, const GlobalOptions& opts) {
@@ -59,6 +67,7 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
   pb::GenerateRequest request;
   request.set_prompt(a.prompt);
   request.set_task(a.task);
+  request.set_route(a.route);
   pb::SamplingParams* s = request.mutable_sampling();
   s->set_max_new_tokens(a.max_tokens);
   s->set_temperature(a.temperature);
@@ -73,16 +82,19 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
   std::vector<int32_t> ids;
   pb::GenerateResponse last;
   int64_t version = 0;
+  pb::GenerateResponse route;  // the route fields come with every message
   while (reader->Read(&msg)) {
     text += msg.text();
     ids.insert(ids.end(), msg.token_ids().begin(), msg.token_ids().end());
     version = msg.weights_version();
+    route = msg;
     if (!opts.json && !msg.text().empty()) std::cout << msg.text() << std::flush;
     if (!msg.finish_reason().empty()) last = msg;
   }
   grpc::Status st = reader->Finish();
   if (!opts.json && !text.empty()) std::cout << "\n";
   if (!st.ok()) return ReportRpcError("Generate", st, opts);
+  if (!opts.json) std::cerr << RouteLine(route.route(), route.route_automatic(), route.route_confidence(), version) << "\n";
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (opts.json) {
     nlohmann::json j;
@@ -93,6 +105,9 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
     j["completion_tokens"] = last.completion_tokens();
     j["time_to_first_token_seconds"] = last.time_to_first_token_seconds();
     j["weights_version"] = version;
+    j["route"] = route.route();
+    j["route_automatic"] = route.route_automatic();
+    j["route_confidence"] = route.route_confidence();
     j["tokens_per_second"] = secs > 0 ? ids.size() / secs : 0.0;
     std::cout << j.dump() << "\n";
   }
@@ -102,17 +117,21 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
 void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("score", "Log-likelihood of completions after a prompt (server)");
   struct Args {
-    std::string prompt, task;
+    std::string prompt, task, route;
     std::vector<std::string> completions;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
   cmd->add_option("--completion", a->completions, "A completion (repeatable)")->required();
-  cmd->add_option("--task", a->task, "Use the task-routed weights of this learned task");
+  cmd->add_option("--task", a->task, "Use the task-routed weights of this learned task (= --route NAME)");
+  cmd->add_option("--route", a->route,
+                  "auto (default: the server picks the learned task the prompt belongs to, or the base model), "
+                  "merged, base, or a learned task's name");
   cmd->callback([&opts, exit_code, a] {
     pb::ScoreRequest request;
     request.set_prompt(a->prompt);
     request.set_task(a->task);
+    request.set_route(a->route);
     for (const auto& c : a->completions) request.add_completions(c);
     auto response_or = CallUnary<pb::InferenceService, pb::ScoreResponse>(
         opts, exit_code, "Score", [&](auto& stub, grpc::ClientContext* ctx, pb::ScoreResponse* out) {
@@ -131,7 +150,9 @@ void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                       absl::StrCat(s.tokens()), nlohmann::json(s.completion()).dump()});
     }
     PrintTable({"BEST", "LOG-LIKELIHOOD", "TOKENS", "COMPLETION"}, rows);
-    std::cout << "weights version " << response.weights_version() << "\n";
+    std::cout << RouteLine(response.route(), response.route_automatic(), response.route_confidence(),
+                           response.weights_version())
+              << "\n";
   });
 }
 

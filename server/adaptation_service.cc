@@ -451,6 +451,17 @@ void TaskToProto(const TaskInfo& t, pb::Task* out) {
   out->set_eval_examples(t.eval_examples);
   out->set_job_id(t.job_id);
   out->set_description(t.description);
+  out->set_current_routed_score(t.current_routed_score);
+  out->set_current_auto_score(t.current_auto_score);
+  out->set_router_accuracy(t.router_accuracy);
+}
+
+void MatrixToProto(const std::vector<std::vector<double>>& m,
+                   google::protobuf::RepeatedPtrField<pb::MatrixRow>* out) {
+  for (const auto& row : m) {
+    pb::MatrixRow* r = out->Add();
+    for (double v : row) r->add_scores(v);
+  }
 }
 
 }  // namespace
@@ -476,10 +487,11 @@ grpc::Status AdaptationServiceImpl::GetReport(grpc::ServerContext* context, cons
   if (auto st = Authorize(auth_, *context); !st.ok()) return st;
   EngineReport r = engine_->Report();
   for (const std::string& t : r.tasks) response->add_tasks(t);
-  for (const auto& row : r.matrix) {
-    pb::MatrixRow* out = response->add_matrix();
-    for (double v : row) out->add_scores(v);
-  }
+  MatrixToProto(r.matrix, response->mutable_matrix());
+  MatrixToProto(r.routed_matrix, response->mutable_routed_matrix());
+  MatrixToProto(r.auto_matrix, response->mutable_auto_matrix());
+  MatrixToProto(r.router_accuracy, response->mutable_router_accuracy());
+  for (double v : r.reference_nll_auto) response->add_reference_nll_auto(v);
   for (double b : r.base) response->add_base(b);
   // Unset while undefined (or not a number: a failed evaluation).
   auto set_if = [](const std::optional<double>& v, auto setter) {
@@ -489,6 +501,11 @@ grpc::Status AdaptationServiceImpl::GetReport(grpc::ServerContext* context, cons
   set_if(r.backward_transfer, [&](double v) { response->set_backward_transfer(v); });
   set_if(r.forward_transfer, [&](double v) { response->set_forward_transfer(v); });
   set_if(r.forgetting, [&](double v) { response->set_forgetting(v); });
+  set_if(r.auto_average_score, [&](double v) { response->set_auto_average_score(v); });
+  set_if(r.auto_backward_transfer, [&](double v) { response->set_auto_backward_transfer(v); });
+  set_if(r.auto_forgetting, [&](double v) { response->set_auto_forgetting(v); });
+  response->set_router_bytes(r.router_bytes);
+  response->set_router_bytes_per_task(r.router_bytes_per_task);
   for (double v : r.reference_nll) response->add_reference_nll(v);
   response->set_method(r.method);
   response->set_weights_version(r.weights_version);

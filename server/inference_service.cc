@@ -81,6 +81,17 @@ std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
   return out;
 }
 
+// The route a request asks for: `route`, or `task` (the older field), "auto" when both are empty.
+absl::StatusOr<std::string> RequestedRoute(const std::string& task, const std::string& route) {
+  if (!task.empty() && !route.empty() && task != route) {
+    return absl::InvalidArgumentError(absl::StrCat("route: '", route, "' and task: '", task,
+                                                   "' name different routes (give one of them)"));
+  }
+  if (!route.empty()) return route;
+  if (!task.empty()) return task;
+  return std::string("auto");
+}
+
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
@@ -99,14 +110,21 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
   if (!sampling.ok()) return ToGrpcStatus(sampling.status());
   SetTorchThreads(options_.serving_threads);
 
+  auto requested = RequestedRoute(request->task(), request->route());
+  if (!requested.ok()) return ToGrpcStatus(requested.status());
+
   // One version for the whole request.
   const std::shared_ptr<const ServedVersion> version = engine_->Current();
-  std::shared_ptr<const CausalLM> model = version->model;
-  if (!request->task().empty()) {
-    auto routed = engine_->Routed(*version, request->task());
-    if (!routed.ok()) return ToGrpcStatus(routed.status());
-    model = *routed;
-  }
+  auto choice = engine_->Resolve(*version, *requested, request->prompt());
+  if (!choice.ok()) return ToGrpcStatus(choice.status());
+  if (metrics_) metrics_->RecordRoute(choice->route);
+  std::shared_ptr<const CausalLM> model = choice->model;
+  auto set_route = [&](pb::GenerateResponse* msg) {
+    msg->set_weights_version(version->version);
+    msg->set_route(choice->route);
+    msg->set_route_automatic(choice->automatic);
+    msg->set_route_confidence(choice->confidence);
+  };
   const Tokenizer& tokenizer = engine_->tokenizer();
   std::vector<int32_t> prompt = EncodePrompt(tokenizer, request->prompt());
 
@@ -122,7 +140,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
       pb::GenerateResponse msg;
       msg.set_text(ValidUtf8(delta));
       for (int32_t i : pending_ids) msg.add_token_ids(i);
-      msg.set_weights_version(version->version);
+      set_route(&msg);
       pending_ids.clear();
       if (!writer->Write(msg)) {
         write_failed = true;
@@ -140,7 +158,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
   }
   pb::GenerateResponse last;
   for (int32_t i : pending_ids) last.add_token_ids(i);
-  last.set_weights_version(version->version);
+  set_route(&last);
   last.set_finish_reason(r.finish_reason);
   last.set_prompt_tokens(static_cast<int32_t>(r.prompt_tokens));
   last.set_completion_tokens(static_cast<int32_t>(r.ids.size()));
@@ -155,14 +173,14 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   if (request->completions_size() == 0) {
     return ToGrpcStatus(absl::InvalidArgumentError("completions: at least one is required"));
   }
+  auto requested = RequestedRoute(request->task(), request->route());
+  if (!requested.ok()) return ToGrpcStatus(requested.status());
   SetTorchThreads(options_.serving_threads);
   const std::shared_ptr<const ServedVersion> version = engine_->Current();
-  std::shared_ptr<const CausalLM> model = version->model;
-  if (!request->task().empty()) {
-    auto routed = engine_->Routed(*version, request->task());
-    if (!routed.ok()) return ToGrpcStatus(routed.status());
-    model = *routed;
-  }
+  auto choice = engine_->Resolve(*version, *requested, request->prompt());
+  if (!choice.ok()) return ToGrpcStatus(choice.status());
+  if (metrics_) metrics_->RecordRoute(choice->route);
+  std::shared_ptr<const CausalLM> model = choice->model;
   std::vector<std::string> completions(request->completions().begin(), request->completions().end());
   auto scores = engine_->ScoreCompletions(*model, request->prompt(), completions);
   if (!scores.ok()) return ToGrpcStatus(scores.status());
@@ -174,6 +192,9 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   }
   response->set_best(scores->best);
   response->set_weights_version(version->version);
+  response->set_route(choice->route);
+  response->set_route_automatic(choice->automatic);
+  response->set_route_confidence(choice->confidence);
   return grpc::Status::OK;
 }
 

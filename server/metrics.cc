@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/eval/metrics.h"
 #include "core/jobs/job_store.h"
 #include "core/state/engine.h"
 #include "core/util/process_info.h"
@@ -116,6 +117,24 @@ prometheus::MetricFamily LabeledGaugeFamily(const std::string& name, const std::
   return f;
 }
 
+// One gauge family with several labels per series.
+prometheus::MetricFamily MultiLabelGaugeFamily(
+    const std::string& name, const std::string& help,
+    const std::vector<std::pair<std::vector<prometheus::ClientMetric::Label>, double>>& series) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = prometheus::MetricType::Gauge;
+  for (const auto& [labels, value] : series) {
+    if (!std::isfinite(value)) continue;
+    prometheus::ClientMetric m;
+    m.label = labels;
+    m.gauge.value = value;
+    f.metric.push_back(m);
+  }
+  return f;
+}
+
 std::vector<std::pair<std::string, double>> Finite(
     const std::vector<std::pair<std::string, double>>& values) {
   std::vector<std::pair<std::string, double>> out;
@@ -199,26 +218,41 @@ class StateCollector : public prometheus::Collectable {
   }
 
   static void CollectFigures(const ModelFigures& f, std::vector<prometheus::MetricFamily>* out) {
-    out->push_back(LabeledGaugeFamily("strata_task_score",
-                                      "Score of each learned task on the served weights.", "task",
-                                      Finite(f.task_score)));
-    out->push_back(
-        LabeledGaugeFamily("strata_task_forgetting",
-                           "Forgetting of each learned task: best earlier score minus the current score.",
-                           "task", Finite(f.task_forgetting)));
-    auto optional_gauge = [&](const char* name, const char* help, const std::optional<double>& v) {
-      if (v.has_value() && std::isfinite(*v)) out->push_back(GaugeFamily(name, help, *v));
+    using Series = std::vector<std::pair<std::vector<prometheus::ClientMetric::Label>, double>>;
+    Series score, forgetting, aa, bwt, fwt, nll;
+    for (const ModelFigures::View& v : f.views) {
+      for (const auto& [task, value] : v.task_score) score.push_back({{{"task", task}, {"view", v.name}}, value});
+      for (const auto& [task, value] : v.task_forgetting) {
+        forgetting.push_back({{{"task", task}, {"view", v.name}}, value});
+      }
+      auto add = [&](Series* s, const std::optional<double>& value) {
+        if (value.has_value()) s->push_back({{{"view", v.name}}, *value});
+      };
+      add(&aa, v.average_score);
+      add(&bwt, v.backward_transfer);
+      add(&fwt, v.forward_transfer);
+      add(&nll, v.reference_nll);
+    }
+    const char* views = " (view: merged = the merged weights, routed = each task served by its name, auto = "
+                        "routed automatically, what a request naming no task gets)";
+    auto push = [&](const char* name, const std::string& help, const Series& s) {
+      prometheus::MetricFamily family = MultiLabelGaugeFamily(name, help + views, s);
+      if (!family.metric.empty()) out->push_back(std::move(family));
     };
-    optional_gauge("strata_average_score", "Average score over the learned tasks (AA) after the latest task.",
-                   f.average_score);
-    optional_gauge("strata_backward_transfer", "Backward transfer (BWT) over the learned tasks.",
-                   f.backward_transfer);
-    optional_gauge("strata_forward_transfer", "Forward transfer (FWT) over the learned tasks.",
-                   f.forward_transfer);
-    optional_gauge(
-        "strata_reference_nll",
-        "Mean negative log-likelihood of the reference text on the served weights (general ability).",
-        f.reference_nll);
+    push("strata_task_score", "Score of each learned task on the served weights", score);
+    push("strata_task_forgetting", "Forgetting of each learned task: best earlier score minus the current score",
+         forgetting);
+    push("strata_average_score", "Average score over the learned tasks (AA) after the latest task", aa);
+    push("strata_backward_transfer", "Backward transfer (BWT) over the learned tasks", bwt);
+    push("strata_forward_transfer", "Forward transfer (FWT) over the learned tasks", fwt);
+    push("strata_reference_nll",
+         "Mean negative log-likelihood of the reference text on the served weights (general ability)", nll);
+    out->push_back(LabeledGaugeFamily("strata_router_accuracy",
+                                      "Fraction of each task's eval prompts the router sends to that task "
+                                      "(latest stage).",
+                                      "task", Finite(f.router_accuracy)));
+    out->push_back(GaugeFamily("strata_router_bytes", "Size of the automatic task router's state in bytes.",
+                               static_cast<double>(f.router_bytes)));
     out->push_back(GaugeFamily("strata_tasks_learned", "Tasks learned by the served weights.",
                                static_cast<double>(f.tasks_learned)));
     out->push_back(GaugeFamily("strata_adaptation_state_bytes",
@@ -233,19 +267,58 @@ ModelFigures CollectModelFigures(const Engine& engine) {
   ModelFigures f;
   EngineReport report = engine.Report();
   f.weights_version = report.weights_version;
-  for (const TaskInfo& t : engine.Tasks()) {
-    f.task_score.emplace_back(t.name, t.current_score);
-    f.task_forgetting.emplace_back(t.name, t.forgetting);
-  }
-  f.average_score = report.average_score;
-  f.backward_transfer = report.backward_transfer;
-  f.forward_transfer = report.forward_transfer;
+  const size_t stages = report.matrix.size();
   // Only the latest stage counts (an older value would pass for the current one).
-  if (!report.reference_nll.empty() && std::isfinite(report.reference_nll.back())) {
-    f.reference_nll = report.reference_nll.back();
+  auto latest = [&](const std::vector<double>& per_stage) -> std::optional<double> {
+    if (per_stage.size() != stages + 1 || !std::isfinite(per_stage.back())) return std::nullopt;
+    return per_stage.back();
+  };
+  auto finite = [](const std::optional<double>& v) -> std::optional<double> {
+    return v.has_value() && std::isfinite(*v) ? v : std::nullopt;
+  };
+  auto add_view = [&](const char* name, const std::vector<std::vector<double>>& m,
+                      const std::vector<double>& reference) {
+    if (m.size() != stages || stages == 0) return;
+    ModelFigures::View v;
+    v.name = name;
+    auto cl = ComputeClReport(m, report.base);
+    for (size_t j = 0; j < report.tasks.size() && j < m.back().size(); ++j) {
+      v.task_score.emplace_back(report.tasks[j], m.back()[j]);
+      // F_j (metrics.h); 0 for the newest task.
+      double forgetting = j + 1 == report.tasks.size() ? 0.0 : std::nan("");
+      if (cl.ok() && j < cl->task_forgetting.size() && cl->task_forgetting[j].has_value()) {
+        forgetting = *cl->task_forgetting[j];
+      }
+      v.task_forgetting.emplace_back(report.tasks[j], forgetting);
+    }
+    if (cl.ok()) {
+      v.average_score = finite(cl->aa);
+      v.backward_transfer = finite(cl->bwt);
+      v.forward_transfer = finite(cl->fwt);
+    }
+    v.reference_nll = latest(reference);
+    f.views.push_back(std::move(v));
+  };
+  add_view("merged", report.matrix, report.reference_nll);
+  add_view("routed", report.routed_matrix, {});
+  add_view("auto", report.auto_matrix, report.reference_nll_auto);
+  if (f.views.empty()) {
+    // No task yet: the reference NLL of the base model still shows.
+    ModelFigures::View v;
+    v.name = "merged";
+    if (report.reference_nll.size() == 1 && std::isfinite(report.reference_nll[0])) {
+      v.reference_nll = report.reference_nll[0];
+    }
+    f.views.push_back(std::move(v));
+  }
+  if (!report.router_accuracy.empty() && report.router_accuracy.size() == stages) {
+    for (size_t j = 0; j < report.tasks.size() && j < report.router_accuracy.back().size(); ++j) {
+      f.router_accuracy.emplace_back(report.tasks[j], report.router_accuracy.back()[j]);
+    }
   }
   f.tasks_learned = static_cast<int64_t>(report.tasks.size());
   f.adaptation_state_bytes = report.adaptation_state_bytes;
+  f.router_bytes = report.router_bytes;
   return f;
 }
 
@@ -282,8 +355,15 @@ ServerMetrics::ServerMetrics(const BuildFacts& facts) : registry_(std::make_shar
                               .Register(*registry_)
                               .Add({}, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1,
                                                                                0.25, 0.5, 1, 2.5, 5, 10, 30});
+  route_requests_ = &prometheus::BuildCounter()
+                        .Name("strata_route_requests_total")
+                        .Help("Generate and Score requests by the route they were served on (base, merged or a "
+                              "learned task's name).")
+                        .Register(*registry_);
   state_collector_ = std::make_shared<StateCollector>(this);
 }
+
+void ServerMetrics::RecordRoute(const std::string& route) { route_requests_->Add({{"route", route}}).Increment(); }
 
 void ServerMetrics::RecordGeneration(int64_t tokens, std::optional<double> ttft) {
   generated_tokens_->Increment(static_cast<double>(tokens));

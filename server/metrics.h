@@ -7,11 +7,16 @@
 //                       strata_training_tokens_per_second (read from the job store at scrape time;
 //                       the training figures only while a job trains)
 //   served weights      strata_weights_version, strata_weights_info{version} (= 1)
-//   continual learning  strata_task_score{task}, strata_task_forgetting{task},
-//                       strata_average_score, strata_backward_transfer, strata_forward_transfer
-//                       (each only once defined), strata_reference_nll (latest stage),
-//                       strata_tasks_learned, strata_adaptation_state_bytes
-//                       (a snapshot refreshed by RefreshModelFigures: at start and on publish)
+//   continual learning  strata_task_score{task,view}, strata_task_forgetting{task,view},
+//                       strata_average_score{view}, strata_backward_transfer{view},
+//                       strata_forward_transfer{view} (each only once defined),
+//                       strata_reference_nll{view} (latest stage), strata_router_accuracy{task},
+//                       strata_tasks_learned, strata_adaptation_state_bytes, strata_router_bytes
+//                       (a snapshot refreshed by RefreshModelFigures: at start and on publish).
+//                       view: "merged" (the merged weights), "routed" (each task served by its
+//                       name), "auto" (routed automatically: what a request naming no task gets)
+//   routing             strata_route_requests_total{route} (Generate and Score requests by the
+//                       route taken: base, merged or a task name)
 //
 // Thread safety: all members are safe to use from any thread after construction. The snapshot has
 // its own mutex, never held while calling the engine or the job store.
@@ -48,12 +53,18 @@ struct BuildFacts {
 
 // What the continual-learning gauges show (NaN / nullopt values are not exported).
 struct ModelFigures {
+  struct View {
+    std::string name;  // merged, routed, auto
+    std::vector<std::pair<std::string, double>> task_score;       // current score per task
+    std::vector<std::pair<std::string, double>> task_forgetting;  // per task
+    std::optional<double> average_score, backward_transfer, forward_transfer, reference_nll;
+  };
   int64_t weights_version = 0;
-  std::vector<std::pair<std::string, double>> task_score;       // current score per task
-  std::vector<std::pair<std::string, double>> task_forgetting;  // per task
-  std::optional<double> average_score, backward_transfer, forward_transfer, reference_nll;
+  std::vector<View> views;
+  std::vector<std::pair<std::string, double>> router_accuracy;  // per task, latest stage
   int64_t tasks_learned = 0;
   int64_t adaptation_state_bytes = 0;
+  int64_t router_bytes = 0;
 };
 
 ModelFigures CollectModelFigures(const Engine& engine);
@@ -75,6 +86,8 @@ class ServerMetrics {
   // One finished generation: tokens generated and the time to its first token (none when no token
   // was generated).
   void RecordGeneration(int64_t tokens, std::optional<double> time_to_first_token_seconds);
+  // One Generate or Score request served on `route` (base, merged or a task name).
+  void RecordRoute(const std::string& route);
 
   // Sources of the service gauges (not owned; must outlive the exposer). Either may be null.
   void SetSources(const JobStore* jobs, const Engine* engine);
@@ -94,6 +107,7 @@ class ServerMetrics {
   prometheus::Family<prometheus::Histogram>* rpc_latency_;
   prometheus::Counter* generated_tokens_;
   prometheus::Histogram* time_to_first_token_;
+  prometheus::Family<prometheus::Counter>* route_requests_;
 
   std::atomic<const JobStore*> jobs_{nullptr};
   std::atomic<const Engine*> engine_{nullptr};

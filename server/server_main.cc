@@ -88,9 +88,16 @@ ABSL_FLAG(std::string, share_training, "lora",
 ABSL_FLAG(double, ella_lambda, 0.0, "Default ELLA penalty weight of each task.");
 ABSL_FLAG(double, osft_urr, 0.25, "OSFT: unfreeze-rank ratio, in [0, 1].");
 ABSL_FLAG(std::string, osft_rank, "uniform", "OSFT: per-layer frozen rank, uniform or adaptive.");
-ABSL_FLAG(double, pm_epsilon, 0.5, "Perturb-and-Merge: perturbation size, in [0, 1].");
+ABSL_FLAG(double, pm_epsilon, 0.1,
+          "Perturb-and-Merge: perturbation size, in [0, 1] (the paper: 0.5; chosen on cl-small: docs/benchmarks.md).");
 ABSL_FLAG(int32_t, max_seq_len, 256,
           "Default maximum tokens per example: longer submitted examples are refused.");
+ABSL_FLAG(std::string, unmatched_route, "base",
+          "What a request routed automatically gets when its prompt fits no learned task: base (the base "
+          "model W0) or merged (the merged weights).");
+ABSL_FLAG(int32_t, router_layer, -1,
+          "Automatic routing: decoder layers of the base model run for a prompt's feature (-1 = half of "
+          "them; a new state directory: a checkpoint keeps its router's layer).");
 ABSL_FLAG(std::string, reference_text, "",
           "Text file whose NLL is measured after each task (general-ability retention); empty = none.");
 ABSL_FLAG(int32_t, training_threads, 0, "Intra-op threads of the training worker (0 = --threads).");
@@ -124,7 +131,7 @@ const std::vector<std::string> kFlagNames = {
     // Training defaults and thread budgets.
     "method", "learning_rate", "max_steps", "batch_size", "rank", "alpha", "targets", "k_max", "phi",
     "share_training", "ella_lambda", "osft_urr", "osft_rank", "pm_epsilon", "max_seq_len",
-    "reference_text", "training_threads", "serving_threads",
+    "unmatched_route", "router_layer", "reference_text", "training_threads", "serving_threads",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
@@ -139,6 +146,14 @@ absl::Status ValidateFlags() {
   if (!port_ok(absl::GetFlag(FLAGS_metrics_port), true)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--metrics_port: ", absl::GetFlag(FLAGS_metrics_port), " is not a port (0-65535)"));
+  }
+  if (absl::GetFlag(FLAGS_unmatched_route) != "base" && absl::GetFlag(FLAGS_unmatched_route) != "merged") {
+    return absl::InvalidArgumentError(absl::StrCat("--unmatched_route: must be base or merged, got '",
+                                                   absl::GetFlag(FLAGS_unmatched_route), "'"));
+  }
+  if (absl::GetFlag(FLAGS_router_layer) < -1) {
+    return absl::InvalidArgumentError(absl::StrCat("--router_layer: must be -1 (half of the layers) or >= 0, got ",
+                                                   absl::GetFlag(FLAGS_router_layer)));
   }
   if (absl::GetFlag(FLAGS_threads) < 0) {
     return absl::InvalidArgumentError(
@@ -349,6 +364,8 @@ int Run() {
   engine_options.defaults.pm_epsilon = absl::GetFlag(FLAGS_pm_epsilon);
   engine_options.defaults.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   engine_options.reference_text_path = absl::GetFlag(FLAGS_reference_text);
+  engine_options.unmatched_route = absl::GetFlag(FLAGS_unmatched_route);
+  engine_options.router.layer = absl::GetFlag(FLAGS_router_layer);
   engine_options.training_threads = training_threads;
   engine_options.serving_threads = serving_threads;
   engine_options.base_model_id = loaded->id;

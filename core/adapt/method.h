@@ -82,7 +82,7 @@ struct MethodConfig {
   // osft: "uniform" (r_l = 1 − URR) or "adaptive" (r_l from input/output activation similarity).
   std::string osft_rank = "uniform";
   // pm: perturbation size ε (branch scales 1, 1 + ε, 1 − ε), in [0, 1].
-  double pm_epsilon = 0.5;
+  double pm_epsilon = 0.1;
 };
 
 // INVALID_ARGUMENT naming the field.

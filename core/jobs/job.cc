@@ -47,6 +47,11 @@ absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
     }
   }
   if (spec.name == "." || spec.name == "..") return absl::InvalidArgumentError("spec.name: not a valid name");
+  // Route names of Generate/Score: a task may not take them.
+  if (spec.name == "auto" || spec.name == "merged" || spec.name == "base") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "spec.name: '", spec.name, "' is reserved (requests use auto, merged and base as route names)"));
+  }
   if (!(spec.eval_fraction >= 0 && spec.eval_fraction < 1)) {
     return absl::InvalidArgumentError(absl::StrCat("spec.eval_fraction: must be in [0, 1), got ", spec.eval_fraction));
   }

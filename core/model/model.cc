@@ -325,6 +325,22 @@ at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at
 
 at::Tensor CausalLM::Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                              KVCache* cache, int64_t logits_to_keep) const {
+  at::Tensor h = RunLayers(input_ids, attention_mask, cache, static_cast<int64_t>(layers_.size()));
+  const int64_t t = h.size(1);
+  h = RmsNorm(h, final_norm_, config_.rms_norm_eps);
+  if (logits_to_keep > 0 && logits_to_keep < t) h = h.narrow(1, t - logits_to_keep, logits_to_keep);
+  return lm_head_.Forward(h).to(at::kFloat);
+}
+
+at::Tensor CausalLM::HiddenStates(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                                  int64_t num_layers) const {
+  TORCH_CHECK(num_layers >= 0 && num_layers <= static_cast<int64_t>(layers_.size()),
+              "CausalLM::HiddenStates: num_layers must be in [0, ", layers_.size(), "], got ", num_layers);
+  return RunLayers(input_ids, attention_mask, nullptr, num_layers).to(at::kFloat);
+}
+
+at::Tensor CausalLM::RunLayers(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
+                               int64_t num_layers) const {
   TORCH_CHECK(input_ids.dim() == 2, "CausalLM::Forward: input_ids must be [B, T], got ",
               input_ids.sizes());
   const int64_t batch = input_ids.size(0);
@@ -379,15 +395,13 @@ at::Tensor CausalLM::Forward(const at::Tensor& input_ids, const at::Tensor& atte
 
   at::Tensor h = AsDtype(at::embedding(embed_tokens_, ids), compute);
   const double eps = config_.rms_norm_eps;
-  for (size_t i = 0; i < layers_.size(); ++i) {
+  for (size_t i = 0; i < static_cast<size_t>(num_layers); ++i) {
     const DecoderLayer& layer = layers_[i];
     h = h + Attention(layer, i, RmsNorm(h, layer.input_norm, eps), cos, sin, mask, cache);
     const at::Tensor n = RmsNorm(h, layer.post_attn_norm, eps);
     h = h + layer.down.Forward(at::silu(layer.gate.Forward(n)) * layer.up.Forward(n));
   }
-  h = RmsNorm(h, final_norm_, eps);
-  if (logits_to_keep > 0 && logits_to_keep < t) h = h.narrow(1, t - logits_to_keep, logits_to_keep);
-  return lm_head_.Forward(h).to(at::kFloat);
+  return h;
 }
 
 // --- parameters -------------------------------------------------------------------------------------

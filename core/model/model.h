@@ -134,6 +134,14 @@ class CausalLM {
   at::Tensor Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                      KVCache* cache = nullptr, int64_t logits_to_keep = 0) const;
 
+  // The residual stream after the first `num_layers` decoder layers (0 = the token embeddings;
+  // num_layers() = the input of the final norm), [B, T, hidden] in float32, for the same inputs as
+  // Forward() (no cache). Costs num_layers / num_layers() of a forward pass (no lm_head). Used by
+  // the task router (the base model's view of a prompt). TORCH_CHECK on a bad num_layers.
+  at::Tensor HiddenStates(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                          int64_t num_layers) const;
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
   // All linear layers (attention q/k/v/o, MLP gate/up/down per decoder layer), in layer order,
   // e.g. "model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj". lm_head is excluded.
   std::vector<std::string> LinearNames() const;
@@ -168,6 +176,9 @@ class CausalLM {
   };
   CausalLM() = default;
   void InitRope();
+  // Embeddings + the first `num_layers` decoder layers (residual stream, compute dtype).
+  at::Tensor RunLayers(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
+                       int64_t num_layers) const;
   at::Tensor Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x,
                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
                        KVCache* cache) const;

@@ -19,6 +19,7 @@ using nlohmann::json;
 namespace {
 
 constexpr char kFormat[] = "strata.checkpoint.v1";
+constexpr char kRouterPrefix[] = "router/";
 
 json NumbersToJson(const std::vector<double>& v) {
   json out = json::array();
@@ -52,6 +53,7 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
   };
 
   std::vector<std::pair<std::string, at::Tensor>> tensors(data.method_tensors.begin(), data.method_tensors.end());
+  for (const auto& [name, t] : data.router_tensors) tensors.emplace_back(std::string(kRouterPrefix) + name, t);
   if (auto st = WriteSafetensors(tmp + "/method.safetensors", tensors, {{"format", kFormat}}); !st.ok()) {
     return fail(st);
   }
@@ -64,8 +66,12 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
                      {"eval_file", t.eval_file},
                      {"eval_examples", t.eval_examples}});
   }
-  json matrix = json::array();
-  for (const auto& row : data.matrix) matrix.push_back(NumbersToJson(row));
+  auto matrix_json = [](const std::vector<std::vector<double>>& m) {
+    json out = json::array();
+    for (const auto& row : m) out.push_back(NumbersToJson(row));
+    return out;
+  };
+  json matrix = matrix_json(data.matrix);
   json state = {{"format", kFormat},
                 {"base_model", data.base_model_id},
                 {"method", data.method},
@@ -75,7 +81,12 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
                 {"matrix", matrix},
                 {"base", NumbersToJson(data.base)},
                 {"reference_nll", NumbersToJson(data.reference_nll)},
-                {"stage_versions", data.stage_versions}};
+                {"stage_versions", data.stage_versions},
+                {"router", data.router_json.empty() ? std::string("{}") : data.router_json},
+                {"routed_matrix", matrix_json(data.routed_matrix)},
+                {"auto_matrix", matrix_json(data.auto_matrix)},
+                {"router_accuracy", matrix_json(data.router_accuracy)},
+                {"reference_nll_auto", NumbersToJson(data.reference_nll_auto)}};
   const std::string state_text = state.dump(1);
   if (auto st = WriteFileAtomic(tmp + "/state.json", state_text); !st.ok()) return fail(st);
 
@@ -148,6 +159,16 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     data.base = NumbersFromJson(state.at("base"));
     data.reference_nll = NumbersFromJson(state.at("reference_nll"));
     if (state.contains("stage_versions")) data.stage_versions = state["stage_versions"].get<std::vector<int64_t>>();
+    // Absent in checkpoints written before automatic routing: no router, views not measured.
+    data.router_json = state.value("router", std::string("{}"));
+    auto matrix_from = [&](const char* key, std::vector<std::vector<double>>* out) {
+      if (!state.contains(key)) return;
+      for (const auto& row : state.at(key)) out->push_back(NumbersFromJson(row));
+    };
+    matrix_from("routed_matrix", &data.routed_matrix);
+    matrix_from("auto_matrix", &data.auto_matrix);
+    matrix_from("router_accuracy", &data.router_accuracy);
+    if (state.contains("reference_nll_auto")) data.reference_nll_auto = NumbersFromJson(state.at("reference_nll_auto"));
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(dir, "/state.json: ", e.what()));
   }
@@ -160,7 +181,12 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
                            : entry.dtype == "BF16" ? at::kBFloat16
                                                    : at::kFloat;
     ASSIGN_OR_RETURN(at::Tensor t, (*file)->Get(name, dtype));
-    data.method_tensors[name] = t.clone();  // own the memory: the file may be replaced later
+    // Own the memory: the file may be replaced later.
+    if (name.rfind(kRouterPrefix, 0) == 0) {
+      data.router_tensors[name.substr(std::string(kRouterPrefix).size())] = t.clone();
+    } else {
+      data.method_tensors[name] = t.clone();
+    }
   }
   return std::optional<CheckpointData>(std::move(data));
 }

@@ -41,6 +41,14 @@ struct CheckpointData {
   std::vector<double> reference_nll;
   // Weights version published after each stage (same length as matrix).
   std::vector<int64_t> stage_versions;
+  // Automatic task routing: the router's JSON ("{}" or empty = none) and tensors (stored in
+  // method.safetensors under "router/"), and the other evaluation views (same shape as matrix; rows
+  // may be empty for stages measured before they existed): routed by name, auto-routed, router
+  // accuracy; the reference NLL through auto routing per stage ([0] = base).
+  std::string router_json;
+  std::map<std::string, at::Tensor> router_tensors;  // names without the "router/" prefix
+  std::vector<std::vector<double>> routed_matrix, auto_matrix, router_accuracy;
+  std::vector<double> reference_nll_auto;
 };
 
 // Writes `data` as <state_dir>/checkpoint atomically (see above).

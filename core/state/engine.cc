@@ -52,6 +52,12 @@ MethodConfig NewMethodConfig(const TrainDefaults& d, const TrainOverrides& o) {
 
 double Nan() { return std::nan(""); }
 
+// What the router sees of an example: its prompt (a text example: the text itself).
+std::string RouterPrompt(const Example& e) { return e.kind == ExampleKind::kText ? e.text : e.prompt; }
+
+// At most this many training prompts feed a task's router statistics (an evenly spaced subset).
+constexpr size_t kRouterMaxPrompts = 2000;
+
 std::string AutoScorer(const std::vector<Example>& examples) {
   if (examples.empty()) return "exact_match";
   switch (examples.front().kind) {
@@ -83,6 +89,13 @@ struct Engine::Impl {
   std::vector<double> base_scores ABSL_GUARDED_BY(mu);
   std::vector<double> reference_nll ABSL_GUARDED_BY(mu);  // [stage]
   std::vector<int64_t> stage_versions ABSL_GUARDED_BY(mu);  // weights version of each stage
+  // The other evaluation views (see EngineReport).
+  std::vector<std::vector<double>> routed_matrix ABSL_GUARDED_BY(mu);
+  std::vector<std::vector<double>> auto_matrix ABSL_GUARDED_BY(mu);
+  std::vector<std::vector<double>> router_accuracy ABSL_GUARDED_BY(mu);
+  std::vector<double> reference_nll_auto ABSL_GUARDED_BY(mu);
+  // The live router (mutated only under train_mu, like `method`); versions hold frozen copies.
+  TaskRouter router;
   int64_t state_bytes ABSL_GUARDED_BY(mu) = 0;
   // Task-routed models by task, with the weights version they were built from.
   std::map<std::string, std::pair<int64_t, std::shared_ptr<const CausalLM>>> routed_cache ABSL_GUARDED_BY(mu);
@@ -128,6 +141,88 @@ struct Engine::Impl {
     return r->mean_nll;
   }
 
+  // The models a router decision can select, for one method state: index 0 is what a prompt that
+  // fits no task gets (base or merged, --unmatched_route); 1 + j the route of router task j (the
+  // task-routed model for methods with per-task weights, else the merged model).
+  struct RouteModels {
+    std::vector<std::shared_ptr<const CausalLM>> models;
+    std::vector<std::string> names;
+  };
+  absl::StatusOr<RouteModels> BuildRouteModels(const Method& m, const TaskRouter& r,
+                                               std::shared_ptr<const CausalLM> merged) const {
+    RouteModels out;
+    const bool to_merged = options.unmatched_route == "merged";
+    out.models.push_back(to_merged ? merged : std::shared_ptr<const CausalLM>(base->ShallowCopy()));
+    out.names.push_back(to_merged ? "merged" : "base");
+    const auto& known = m.tasks();
+    for (const std::string& task : r.TaskNames()) {
+      const bool routable =
+          m.SupportsTaskRouting() && std::find(known.begin(), known.end(), task) != known.end();
+      if (routable) {
+        auto model = base->ShallowCopy();
+        RETURN_IF_ERROR(m.ApplyTaskRouting(task, model.get()));
+        out.models.push_back(std::shared_ptr<const CausalLM>(std::move(model)));
+        out.names.push_back(task);
+      } else {
+        out.models.push_back(merged);
+        out.names.push_back("merged");
+      }
+    }
+    return out;
+  }
+
+  // Index into RouteModels for each decision.
+  static std::vector<size_t> Choices(const std::vector<RouteDecision>& decisions) {
+    std::vector<size_t> out;
+    for (const auto& d : decisions) out.push_back(d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1);
+    return out;
+  }
+
+  // Score of `examples` when example i is served by models[choice[i]]: each group of examples on
+  // one model is scored in batches, and the scores are combined weighted by examples (exact for
+  // accuracy scorers; for nll, the per-group means weighted by examples). NaN on failure.
+  double ScoreGrouped(const RouteModels& rm, const std::vector<size_t>& choice, const std::vector<Example>& examples,
+                      const std::string& scorer) const {
+    if (examples.empty()) return Nan();
+    std::map<size_t, std::vector<Example>> groups;
+    for (size_t i = 0; i < examples.size(); ++i) groups[choice[i]].push_back(examples[i]);
+    double total = 0;
+    for (const auto& [index, group] : groups) {
+      const double score = Score(*rm.models[index], group, scorer);
+      if (std::isnan(score)) return Nan();
+      total += score * static_cast<double>(group.size());
+    }
+    return total / static_cast<double>(examples.size());
+  }
+
+  // Reference NLL with each text served where the router sends it (token-weighted). NaN when
+  // there is no reference text or on failure.
+  double RefNllGrouped(const RouteModels& rm, const TaskRouter& r) const {
+    if (reference_texts.empty()) return Nan();
+    auto features = r.Features(*base, *tokenizer, reference_texts);
+    if (!features.ok()) {
+      spdlog::warn("reference NLL (auto): {}", features.status().ToString());
+      return Nan();
+    }
+    const std::vector<size_t> choice = Choices(r.Route(*features));
+    std::map<size_t, std::vector<std::string>> groups;
+    for (size_t i = 0; i < reference_texts.size(); ++i) groups[choice[i]].push_back(reference_texts[i]);
+    double nll = 0;
+    int64_t tokens = 0;
+    NllOptions no;
+    no.max_seq_len = options.defaults.max_seq_len;
+    for (const auto& [index, texts] : groups) {
+      auto res = ScoreNll(*rm.models[index], *tokenizer, texts, no);
+      if (!res.ok()) {
+        spdlog::warn("reference NLL (auto) failed: {}", res.status().ToString());
+        return Nan();
+      }
+      nll += res->mean_nll * static_cast<double>(res->tokens);
+      tokens += res->tokens;
+    }
+    return tokens > 0 ? nll / static_cast<double>(tokens) : Nan();
+  }
+
   // Restores the method's committed state after a failure past the merge; returns `st`.
   absl::Status Rollback(const MethodState& previous, absl::Status st) {
     if (auto r = method->ImportState(previous); !r.ok()) {
@@ -141,11 +236,12 @@ struct Engine::Impl {
   // before the pointer swap, to install the report data that goes with the version.
   absl::StatusOr<std::shared_ptr<const ServedVersion>> CheckpointAndPublish(
       const CheckpointData& snapshot, const MethodState& state, std::shared_ptr<const CausalLM> model,
-      int64_t tasks_learned, const std::function<void()>& commit) {
+      int64_t tasks_learned, const TaskRouter& new_router, const std::function<void()>& commit) {
     auto version = std::make_shared<ServedVersion>();
     version->version = snapshot.weights_version;
     version->model = std::move(model);
     version->tasks_learned = tasks_learned;
+    version->router = std::make_shared<const TaskRouter>(new_router);
     ASSIGN_OR_RETURN(auto frozen, CreateMethodFromState(state));
     version->method = std::shared_ptr<const Method>(std::move(frozen));
     RETURN_IF_ERROR(SaveCheckpoint(options.state_dir, snapshot));
@@ -158,7 +254,8 @@ struct Engine::Impl {
     return std::shared_ptr<const ServedVersion>(version);
   }
 
-  CheckpointData Snapshot(const MethodState& state, int64_t version) const ABSL_SHARED_LOCKS_REQUIRED(mu) {
+  CheckpointData Snapshot(const MethodState& state, const TaskRouter& r, int64_t version) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu) {
     CheckpointData d;
     d.base_model_id = options.base_model_id;
     d.method = state.method;
@@ -170,6 +267,11 @@ struct Engine::Impl {
     d.base = base_scores;
     d.reference_nll = reference_nll;
     d.stage_versions = stage_versions;
+    d.routed_matrix = routed_matrix;
+    d.auto_matrix = auto_matrix;
+    d.router_accuracy = router_accuracy;
+    d.reference_nll_auto = reference_nll_auto;
+    r.ExportState("", &d.router_tensors, &d.router_json);
     return d;
   }
 };
@@ -222,6 +324,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     impl->base_scores = checkpoint->base;
     impl->reference_nll = checkpoint->reference_nll;
     impl->stage_versions = checkpoint->stage_versions;
+    impl->routed_matrix = checkpoint->routed_matrix;
+    impl->auto_matrix = checkpoint->auto_matrix;
+    impl->router_accuracy = checkpoint->router_accuracy;
+    impl->reference_nll_auto = checkpoint->reference_nll_auto;
+    auto router = TaskRouter::ImportState(checkpoint->router_json, "", checkpoint->router_tensors);
+    if (!router.ok()) {
+      return absl::DataLossError(absl::StrCat("cannot restore the task router from ", options.state_dir,
+                                              "/checkpoint: ", router.status().message()));
+    }
+    impl->router = router->empty() ? TaskRouter(options.router) : std::move(*router);
     for (const auto& t : impl->tasks) {
       ValidationOptions vo;
       auto parsed = ParseJsonlFile(options.state_dir + "/" + t.eval_file, vo);
@@ -232,6 +344,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     spdlog::info("restored checkpoint: method {}, {} tasks, weights version {}", checkpoint->method,
                  impl->tasks.size(), version);
   } else {
+    RETURN_IF_ERROR(options.router.Validate());
+    impl->router = TaskRouter(options.router);
     ASSIGN_OR_RETURN(impl->method, CreateMethod(options.defaults.method, NewMethodConfig(options.defaults, {})));
     spdlog::info("new adaptation state: method {}", options.defaults.method);
   }
@@ -243,7 +357,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     c10::InferenceMode guard;
     impl->reference_nll.push_back(impl->RefNll(*impl->base));
   }
+  if (impl->reference_nll_auto.empty() && !impl->reference_nll.empty()) {
+    // Stage 0 of the auto view is the base model too.
+    impl->reference_nll_auto.push_back(impl->reference_nll.front());
+  }
   auto version_ptr = std::make_shared<ServedVersion>();
+  version_ptr->router = std::make_shared<const TaskRouter>(impl->router);
   version_ptr->version = version;
   version_ptr->model = std::shared_ptr<const CausalLM>(std::move(served));
   {
@@ -311,6 +430,79 @@ absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const ServedVersi
   return shared;
 }
 
+absl::StatusOr<std::vector<RouteChoice>> Engine::ResolveBatch(const ServedVersion& version,
+                                                               const std::string& route,
+                                                               const std::vector<std::string>& prompts) const {
+  std::vector<RouteChoice> out(prompts.size());
+  if (route == "merged" || route == "base") {
+    RouteChoice c;
+    c.route = route;
+    c.model = route == "merged" ? version.model : std::shared_ptr<const CausalLM>(impl_->base->ShallowCopy());
+    std::fill(out.begin(), out.end(), c);
+    return out;
+  }
+  if (!route.empty() && route != "auto") {
+    ASSIGN_OR_RETURN(auto model, Routed(version, route));
+    RouteChoice c;
+    c.route = route;
+    c.model = model;
+    std::fill(out.begin(), out.end(), c);
+    return out;
+  }
+  // auto
+  const std::string unmatched = impl_->options.unmatched_route;
+  const TaskRouter* router = version.router.get();
+  std::vector<RouteDecision> decisions(prompts.size());
+  if (router != nullptr && !router->empty() && !prompts.empty()) {
+    ASSIGN_OR_RETURN(at::Tensor features, router->Features(*impl_->base, *tokenizer_, prompts));
+    decisions = router->Route(features);
+  }
+  const bool per_task = version.method->SupportsTaskRouting();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    RouteChoice& c = out[i];
+    c.automatic = true;
+    c.confidence = decisions[i].confidence;
+    const auto& known = version.method->tasks();
+    if (!decisions[i].task.empty() && per_task &&
+        std::find(known.begin(), known.end(), decisions[i].task) != known.end()) {
+      ASSIGN_OR_RETURN(c.model, Routed(version, decisions[i].task));
+      c.route = decisions[i].task;
+    } else if (!decisions[i].task.empty()) {
+      c.model = version.model;  // the method keeps no per-task weights: the merged ones hold the task
+      c.route = "merged";
+    } else if (unmatched == "merged") {
+      c.model = version.model;
+      c.route = "merged";
+    } else {
+      c.model = std::shared_ptr<const CausalLM>(impl_->base->ShallowCopy());
+      c.route = "base";
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::pair<RouteChoice, GenerationResult>>> Engine::GenerateRouted(
+    const ServedVersion& version, const std::string& route, const std::vector<std::string>& prompts,
+    const SamplingOptions& sampling) const {
+  ASSIGN_OR_RETURN(std::vector<RouteChoice> choices, ResolveBatch(version, route, prompts));
+  std::map<std::string, std::vector<size_t>> rows;  // by route
+  for (size_t i = 0; i < prompts.size(); ++i) rows[choices[i].route].push_back(i);
+  std::vector<std::pair<RouteChoice, GenerationResult>> out(prompts.size());
+  for (const auto& [name, idx] : rows) {
+    std::vector<std::vector<int32_t>> encoded;
+    for (size_t i : idx) encoded.push_back(EncodePrompt(*tokenizer_, prompts[i]));
+    ASSIGN_OR_RETURN(auto results, Generate(*choices[idx.front()].model, *tokenizer_, encoded, sampling));
+    for (size_t k = 0; k < idx.size(); ++k) out[idx[k]] = {choices[idx[k]], std::move(results[k])};
+  }
+  return out;
+}
+
+absl::StatusOr<RouteChoice> Engine::Resolve(const ServedVersion& version, const std::string& route,
+                                            const std::string& prompt) const {
+  ASSIGN_OR_RETURN(auto choices, ResolveBatch(version, route, {prompt}));
+  return choices.front();
+}
+
 absl::StatusOr<CompletionScores> Engine::ScoreCompletions(const CausalLM& model, const std::string& prompt,
                                                           const std::vector<std::string>& completions) const {
   if (completions.empty()) return absl::InvalidArgumentError("completions: at least one is required");
@@ -357,6 +549,12 @@ std::vector<TaskInfo> Engine::Tasks() const {
       if (i == j) info.learned_score = m[i][j];
     }
     info.current_score = m.empty() || j >= static_cast<int>(m.back().size()) ? Nan() : m.back()[j];
+    auto latest = [&](const std::vector<std::vector<double>>& view) {
+      return view.empty() || j >= static_cast<int>(view.back().size()) ? Nan() : view.back()[j];
+    };
+    info.current_routed_score = latest(impl_->routed_matrix);
+    info.current_auto_score = latest(impl_->auto_matrix);
+    info.router_accuracy = latest(impl_->router_accuracy);
     // F_j as ALGORITHMS.md section 7 defines it (metrics.h); 0 for the newest task.
     info.forgetting = j < static_cast<int>(forgetting.size()) && forgetting[j].has_value() ? *forgetting[j] : 0.0;
     out.push_back(std::move(info));
@@ -382,6 +580,26 @@ EngineReport Engine::Report() const {
     r.weights_version = impl_->current->version;
     r.adaptation_state_bytes = impl_->state_bytes;
     r.method = impl_->current->method->name();
+    r.routed_matrix = impl_->routed_matrix;
+    r.auto_matrix = impl_->auto_matrix;
+    r.router_accuracy = impl_->router_accuracy;
+    r.reference_nll_auto = impl_->reference_nll_auto;
+    if (impl_->current->router) {
+      r.router_bytes = impl_->current->router->StateBytes();
+      r.router_bytes_per_task = impl_->current->router->StateBytesPerTask();
+    }
+  }
+  // The auto view's summary once every stage of it was measured.
+  const bool auto_complete = !r.auto_matrix.empty() && r.auto_matrix.size() == r.matrix.size() &&
+                             std::all_of(r.auto_matrix.begin(), r.auto_matrix.end(),
+                                         [](const std::vector<double>& row) { return !row.empty(); });
+  if (auto_complete) {
+    auto cl = ComputeClReport(r.auto_matrix, r.base);
+    if (cl.ok()) {
+      r.auto_average_score = cl->aa;
+      r.auto_backward_transfer = cl->bwt;
+      r.auto_forgetting = cl->forgetting;
+    }
   }
   if (!r.matrix.empty()) {
     auto cl = ComputeClReport(r.matrix, r.base);
@@ -464,6 +682,21 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
     jp.eta_seconds = p.eta_seconds;
     ctx.progress(jp);
   };
+  // The router's view of the training prompts (base model W0), taken now: the training examples
+  // are dropped below and never kept.
+  at::Tensor router_features;
+  const int64_t router_layer = s.router.FeatureLayer(*s.base);
+  {
+    std::vector<std::string> prompts;
+    const size_t stride = std::max<size_t>(1, (train.size() + kRouterMaxPrompts - 1) / kRouterMaxPrompts);
+    for (size_t i = 0; i < train.size(); i += stride) prompts.push_back(RouterPrompt(train[i]));
+    auto features = s.router.Features(*s.base, *s.tokenizer, prompts);
+    if (features.ok()) {
+      router_features = *features;
+    } else {
+      spdlog::warn("task '{}': no router statistics ({})", job.spec.name, features.status().ToString());
+    }
+  }
   EncodeOptions eo;
   eo.max_seq_len = o.max_seq_len.value_or(d.max_seq_len);
   std::vector<TrainTask> data;
@@ -518,14 +751,65 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   }
   outcome.reference_nll = ref_nll;
 
+  // The router with this task, and the other views: each task served by its name (methods with
+  // per-task weights), each example routed automatically, router accuracy, reference NLL (auto).
+  TaskRouter new_router = s.router;
+  if (router_features.defined()) {
+    if (auto st = new_router.AddTask(job.spec.name, router_features, router_layer); !st.ok()) {
+      spdlog::warn("task '{}' is not routed automatically: {}", job.spec.name, st.ToString());
+    }
+  }
+  std::vector<double> routed_row(tasks.size(), Nan()), auto_row(tasks.size(), Nan()),
+      accuracy_row(tasks.size(), Nan());
+  double ref_nll_auto = Nan();
+  {
+    c10::InferenceMode guard;
+    auto rm = s.BuildRouteModels(*s.method, new_router, new_model);
+    if (!rm.ok()) return rollback(rm.status());
+    const std::vector<std::string> routes = new_router.TaskNames();
+    for (size_t j = 0; j < tasks.size(); ++j) {
+      if (ctx.cancel && ctx.cancel->load()) return rollback(absl::CancelledError("cancelled during evaluation"));
+      const auto& eval_j = eval_sets[tasks[j].name];
+      const auto it = std::find(routes.begin(), routes.end(), tasks[j].name);
+      if (s.method->SupportsTaskRouting() && it != routes.end()) {
+        routed_row[j] = s.Score(*rm->models[1 + (it - routes.begin())], eval_j, tasks[j].scorer);
+      }
+      if (new_router.empty() || eval_j.empty()) continue;
+      std::vector<std::string> prompts;
+      for (const auto& e : eval_j) prompts.push_back(RouterPrompt(e));
+      auto features = new_router.Features(*s.base, *s.tokenizer, prompts);
+      if (!features.ok()) return rollback(features.status());
+      const std::vector<RouteDecision> decisions = new_router.Route(*features);
+      int64_t right = 0;
+      for (const auto& dec : decisions) right += dec.task == tasks[j].name;
+      accuracy_row[j] = static_cast<double>(right) / static_cast<double>(decisions.size());
+      auto_row[j] = s.ScoreGrouped(*rm, Impl::Choices(decisions), eval_j, tasks[j].scorer);
+    }
+    ref_nll_auto = new_router.empty() ? ref_nll : s.RefNllGrouped(*rm, new_router);
+  }
+
   // Checkpoint, then publish (a restart reports exactly what was published).
   auto new_state = s.method->ExportState();
   if (!new_state.ok()) return rollback(new_state.status());
   CheckpointData snapshot;
   {
     absl::MutexLock lock(&s.mu);
-    snapshot = s.Snapshot(*new_state, before->version + 1);
+    snapshot = s.Snapshot(*new_state, new_router, before->version + 1);
   }
+  // The views: one row per stage, each as wide as the task list (NaN = not measured).
+  auto add_view_row = [&](std::vector<std::vector<double>>* view, const std::vector<double>& row_in) {
+    view->resize(tasks.size() - 1);
+    for (auto& r : *view) r.resize(tasks.size(), Nan());
+    view->push_back(row_in);
+  };
+  add_view_row(&snapshot.routed_matrix, routed_row);
+  add_view_row(&snapshot.auto_matrix, auto_row);
+  add_view_row(&snapshot.router_accuracy, accuracy_row);
+  snapshot.reference_nll_auto.resize(tasks.size(), Nan());  // [0] = base, then one per earlier stage
+  if (!snapshot.reference_nll.empty() && std::isnan(snapshot.reference_nll_auto[0])) {
+    snapshot.reference_nll_auto[0] = snapshot.reference_nll[0];
+  }
+  snapshot.reference_nll_auto.push_back(ref_nll_auto);
   // a[t-1][t] goes into the previous row (FWT); the new row holds every task after stage t.
   if (!snapshot.matrix.empty()) snapshot.matrix.back().push_back(pre_score);
   for (auto& r : snapshot.matrix) r.resize(tasks.size(), Nan());
@@ -537,18 +821,24 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   snapshot.stage_versions.resize(tasks.size() - 1, 0);
   snapshot.stage_versions.push_back(before->version + 1);
   auto version = s.CheckpointAndPublish(snapshot, *new_state, new_model, static_cast<int64_t>(tasks.size()),
-                                        [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+                                        new_router, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
                                           s.tasks = tasks;
                                           s.eval_sets = std::move(eval_sets);
                                           s.matrix = snapshot.matrix;
                                           s.base_scores = snapshot.base;
                                           s.reference_nll = snapshot.reference_nll;
                                           s.stage_versions = snapshot.stage_versions;
+                                          s.routed_matrix = snapshot.routed_matrix;
+                                          s.auto_matrix = snapshot.auto_matrix;
+                                          s.router_accuracy = snapshot.router_accuracy;
+                                          s.reference_nll_auto = snapshot.reference_nll_auto;
                                         });
   if (!version.ok()) return rollback(version.status());
+  s.router = std::move(new_router);
   outcome.weights_version = (*version)->version;
-  spdlog::info("task '{}' learned: weights version {}, scores [{}]", job.spec.name, (*version)->version,
-               absl::StrJoin(row, ", "));
+  spdlog::info("task '{}' learned: weights version {}, scores [{}], auto-routed [{}], router accuracy [{}]",
+               job.spec.name, (*version)->version, absl::StrJoin(row, ", "), absl::StrJoin(auto_row, ", "),
+               absl::StrJoin(accuracy_row, ", "));
   if (on_publish_) on_publish_();
   return outcome;
 }
@@ -603,10 +893,11 @@ absl::StatusOr<int64_t> Engine::ImportAdapters(const std::vector<std::string>& d
   CheckpointData snapshot;
   {
     absl::MutexLock lock(&s.mu);
-    snapshot = s.Snapshot(*new_state, before->version + 1);
+    snapshot = s.Snapshot(*new_state, s.router, before->version + 1);
   }
+  // Imported adapters come without data: they get no router statistics (served by name only).
   auto version = s.CheckpointAndPublish(snapshot, *new_state, std::shared_ptr<const CausalLM>(std::move(served)),
-                                        before->tasks_learned, nullptr);
+                                        before->tasks_learned, s.router, nullptr);
   if (!version.ok()) return rollback(version.status());
   spdlog::info("imported {} adapter(s) [{}] into the {} state: weights version {}", names.size(),
                absl::StrJoin(names, ", "), s.method->name(), (*version)->version);

@@ -26,7 +26,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "core/adapt/router.h"
 #include "core/jobs/worker.h"
+#include "core/model/generate.h"
 #include "core/model/model_summary.h"
 
 namespace strata {
@@ -52,7 +54,7 @@ struct TrainDefaults {
   std::string share_training = "lora";
   double osft_urr = 0.25;
   std::string osft_rank = "uniform";
-  double pm_epsilon = 0.5;
+  double pm_epsilon = 0.1;
 };
 
 struct EngineOptions {
@@ -67,6 +69,11 @@ struct EngineOptions {
   int serving_threads = 1;
   // Identifies the base model in the checkpoint (a checkpoint made on another base is refused).
   std::string base_model_id;
+  // Automatic task routing (a new state directory; a checkpoint keeps its own router's settings).
+  RouterOptions router;
+  // What a request routed "auto" gets when its prompt fits no learned task: "base" (W0, general
+  // ability intact) or "merged" (the served merged weights).
+  std::string unmatched_route = "base";
 };
 
 struct ServedVersion {
@@ -76,6 +83,19 @@ struct ServedVersion {
   // A frozen copy of the method's committed state at this version (task routing reads it while the
   // worker trains the live one).
   std::shared_ptr<const Method> method;
+  // The automatic task router of this version (empty before the first task).
+  std::shared_ptr<const TaskRouter> router;
+};
+
+// Where a request is served (Engine::Resolve).
+struct RouteChoice {
+  std::shared_ptr<const CausalLM> model;
+  // "base", "merged" or a learned task's name.
+  std::string route;
+  // Whether the route was chosen by the router ("auto").
+  bool automatic = false;
+  // For an automatic route: the router's confidence (RouteDecision::confidence); 1 when named.
+  double confidence = 1.0;
 };
 
 struct ScoreHistoryPoint {
@@ -98,6 +118,11 @@ struct TaskInfo {
   double current_score = 0;
   double forgetting = 0;
   std::vector<ScoreHistoryPoint> history;
+  // The latest stage in the other views (NaN when not measured): served by the task's name, routed
+  // automatically, and the fraction of the task's eval prompts the router sends to it.
+  double current_routed_score = 0;
+  double current_auto_score = 0;
+  double router_accuracy = 0;
 };
 
 struct EngineReport {
@@ -109,6 +134,15 @@ struct EngineReport {
   std::string method;
   int64_t weights_version = 0;
   int64_t adaptation_state_bytes = 0;
+  // The other evaluation views, same shape as `matrix` (empty rows for stages before they were
+  // measured): each task served by its name (methods with per-task weights) and routed
+  // automatically; router_accuracy[i][j] = fraction of task j's eval prompts routed to task j.
+  std::vector<std::vector<double>> routed_matrix, auto_matrix, router_accuracy;
+  std::vector<double> reference_nll_auto;  // per stage through auto routing, [0] = base
+  // CL summary of the auto view (what a request that names no task gets).
+  std::optional<double> auto_average_score, auto_backward_transfer, auto_forgetting;
+  int64_t router_bytes = 0;
+  int64_t router_bytes_per_task = 0;
 };
 
 // Scores of completions for InferenceService.Score.
@@ -137,6 +171,22 @@ class Engine : public TaskRunner {
   // that keep per-task updates (share, share_ella, inc_lora, o_lora). Cached per task and version.
   // NOT_FOUND for an unknown task, FAILED_PRECONDITION when the method has no per-task weights.
   absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const ServedVersion& version, const std::string& task) const;
+
+  // Where a request on `version` is served. `route`: "" or "auto" (the router picks a learned task
+  // from the prompt, or --unmatched_route when none fits), "merged", "base", or a task name (as
+  // Routed()). With auto and a method without per-task weights, a prompt that fits a task gets the
+  // merged weights. NOT_FOUND / FAILED_PRECONDITION as Routed().
+  absl::StatusOr<RouteChoice> Resolve(const ServedVersion& version, const std::string& route,
+                                      const std::string& prompt) const;
+  // Resolve for several prompts (one decision per row; the feature pass is batched).
+  absl::StatusOr<std::vector<RouteChoice>> ResolveBatch(const ServedVersion& version, const std::string& route,
+                                                        const std::vector<std::string>& prompts) const;
+
+  // Generates for several prompts routed per row (ResolveBatch): the rows of one route run as one
+  // batch on that route's model. Result i belongs to prompt i.
+  absl::StatusOr<std::vector<std::pair<RouteChoice, GenerationResult>>> GenerateRouted(
+      const ServedVersion& version, const std::string& route, const std::vector<std::string>& prompts,
+      const SamplingOptions& sampling) const;
 
   // Log-likelihood of each completion after `prompt` on `model`.
   absl::StatusOr<CompletionScores> ScoreCompletions(const CausalLM& model, const std::string& prompt,

@@ -175,6 +175,97 @@ TEST(Engine, LearnsTasksPublishesVersionsAndRestoresFromCheckpoint) {
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// Automatic routing: after two tasks, each task's prompts go to it and stories to the base model;
+// a batch whose rows take different routes generates what each row generates alone; the router,
+// the three evaluation views and the router accuracy survive a restart.
+TEST(Engine, RoutesAutomaticallyPerRowAndKeepsTheRouterAcrossRestarts) {
+  SetTorchThreads(2);
+  Dir dir;
+  auto engine = MakeEngine(Options(dir.path));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  JobContext ctx;
+  TaskLoadOptions lo;
+  lo.max_train = 120;
+  lo.max_test = 24;
+  for (const std::string name : {"capitals", "langid"}) {
+    auto t = LoadTaskDir(std::string(STRATA_SHARED_DIR) + "/data/cl-small/" + name, lo);
+    ASSERT_TRUE(t.ok()) << t.status();
+    auto r = (*engine)->RunJob(Job(name, "job-" + name), t->train, t->test, ctx);
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  auto report = (*engine)->Report();
+  ASSERT_EQ(report.auto_matrix.size(), 2u);
+  ASSERT_EQ(report.routed_matrix.size(), 2u);
+  ASSERT_EQ(report.router_accuracy.size(), 2u);
+  EXPECT_EQ(report.router_accuracy[1], (std::vector<double>{1.0, 1.0}));
+  EXPECT_TRUE(std::isnan(report.router_accuracy[0][1]));  // langid was not known after stage 1
+  // Every prompt routed to its own task: the auto view equals the named view.
+  EXPECT_EQ(report.auto_matrix[1], report.routed_matrix[1]);
+  EXPECT_TRUE(report.auto_average_score.has_value());
+  ASSERT_EQ(report.reference_nll_auto.size(), 3u);
+  // Stories go (nearly all) to the base model: its reference NLL is kept within 5 %.
+  EXPECT_LT(report.reference_nll_auto[2], 1.05 * report.reference_nll_auto[0]);
+  EXPECT_GT(report.router_bytes, 0);
+  auto tasks = (*engine)->Tasks();
+  EXPECT_EQ(tasks[0].router_accuracy, 1.0);
+
+  const std::vector<std::string> prompts = {"The capital of France is", "Word: maison\nLanguage:",
+                                            "Once upon a time, there was a little girl named Lily.",
+                                            "The capital of Italy is"};
+  auto version = (*engine)->Current();
+  auto choices = (*engine)->ResolveBatch(*version, "auto", prompts);
+  ASSERT_TRUE(choices.ok()) << choices.status();
+  std::vector<std::string> routes;
+  for (const auto& c : *choices) {
+    routes.push_back(c.route);
+    EXPECT_TRUE(c.automatic);
+    EXPECT_GT(c.confidence, 0.5);
+  }
+  EXPECT_EQ(routes, (std::vector<std::string>{"capitals", "langid", "base", "capitals"}));
+  // Named routes and their errors.
+  EXPECT_EQ((*engine)->Resolve(*version, "langid", prompts[0])->route, "langid");
+  EXPECT_EQ((*engine)->Resolve(*version, "merged", prompts[0])->model.get(), version->model.get());
+  EXPECT_EQ((*engine)->Resolve(*version, "base", prompts[0])->route, "base");
+  EXPECT_EQ((*engine)->Resolve(*version, "nope", prompts[0]).status().code(), absl::StatusCode::kNotFound);
+
+  // One batch over three routes = each row alone.
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 12;
+  auto batch = (*engine)->GenerateRouted(*version, "auto", prompts, greedy);
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = (*engine)->GenerateRouted(*version, "auto", {prompts[i]}, greedy);
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    EXPECT_EQ((*batch)[i].first.route, (*alone)[0].first.route) << i;
+    EXPECT_EQ((*batch)[i].second.ids, (*alone)[0].second.ids) << i << " " << prompts[i];
+  }
+
+  engine->reset();
+  auto restarted = MakeEngine(Options(dir.path));
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  auto after = (*restarted)->Report();
+  auto same = [](const std::vector<std::vector<double>>& a, const std::vector<std::vector<double>>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (a[i].size() != b[i].size()) return false;
+      for (size_t j = 0; j < a[i].size(); ++j) {
+        if (!(a[i][j] == b[i][j] || (std::isnan(a[i][j]) && std::isnan(b[i][j])))) return false;
+      }
+    }
+    return true;
+  };
+  EXPECT_TRUE(same(after.router_accuracy, report.router_accuracy));
+  EXPECT_TRUE(same(after.auto_matrix, report.auto_matrix));
+  EXPECT_TRUE(same({after.reference_nll_auto}, {report.reference_nll_auto}));
+  EXPECT_EQ(after.router_bytes, report.router_bytes);
+  auto again = (*restarted)->ResolveBatch(*(*restarted)->Current(), "auto", prompts);
+  ASSERT_TRUE(again.ok()) << again.status();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ((*again)[i].route, routes[i]) << i;
+    EXPECT_DOUBLE_EQ((*again)[i].confidence, (*choices)[i].confidence) << i;
+  }
+}
+
 TEST(Engine, CancelledAndFailedTasksLeaveTheStateUntouched) {
   SetTorchThreads(2);
   Dir dir;

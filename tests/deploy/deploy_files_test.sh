@@ -210,7 +210,8 @@ def c_dashboard():
             "strata_training_tokens_per_second", "strata_queue_length", "strata_jobs", "strata_jobs_finished_total",
             "strata_rpc_requests_total", "strata_rpc_duration_seconds_bucket",
             "strata_time_to_first_token_seconds_bucket", "strata_generated_tokens_total", "strata_weights_version",
-            "strata_tasks_learned", "strata_adaptation_state_bytes"]
+            "strata_tasks_learned", "strata_adaptation_state_bytes", "strata_router_accuracy",
+            "strata_route_requests_total"]
     used = set()
     for _, e in dashboard_exprs(d):
         used.update(METRIC_RE.findall(e))
@@ -253,7 +254,7 @@ def c_rules_metadata():
                         if not r.get("annotations", {}).get(a):
                             err(f"{path}: {r['alert']}: annotation {a} missing")
     exprs = " | ".join(e for _, e in rule_exprs())
-    for needle in ('strata_task_forgetting >', 'strata_backward_transfer <',
+    for needle in ('strata_task_forgetting{view="auto"} >', 'strata_backward_transfer{view="auto"} <',
                    'increase(strata_jobs_finished_total{state="failed"}', 'strata_queue_length >',
                    'up{job="strata"} == 0'):
         if needle not in exprs:

@@ -293,11 +293,43 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
   ExpectRpcError(s.Cli({"cancel", job1}), "FAILED_PRECONDITION", "already succeeded");
 
   const std::string metrics = s.Metrics();
-  for (const char* series : {"strata_task_score{task=\"capitals\"}", "strata_task_score{task=\"iso3\"}",
-                             "strata_task_forgetting{task=\"capitals\"}", "strata_average_score",
-                             "strata_backward_transfer", "strata_adaptation_state_bytes"}) {
+  for (const char* series :
+       {"strata_task_score{task=\"capitals\",view=\"merged\"}", "strata_task_score{task=\"iso3\",view=\"merged\"}",
+        "strata_task_score{task=\"iso3\",view=\"routed\"}", "strata_task_score{task=\"iso3\",view=\"auto\"}",
+        "strata_task_forgetting{task=\"capitals\",view=\"merged\"}",
+        "strata_task_forgetting{task=\"capitals\",view=\"auto\"}", "strata_average_score{view=\"merged\"}",
+        "strata_average_score{view=\"auto\"}", "strata_backward_transfer{view=\"auto\"}",
+        "strata_router_accuracy{task=\"capitals\"}", "strata_router_bytes", "strata_adaptation_state_bytes"}) {
     EXPECT_FALSE(std::isnan(MetricValue(metrics, series))) << series << " missing from\n" << metrics;
   }
+  // The router sends each task's eval prompts to it.
+  EXPECT_EQ(MetricValue(metrics, "strata_router_accuracy{task=\"capitals\"}"), 1.0) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_router_accuracy{task=\"iso3\"}"), 1.0) << metrics;
+
+  // Automatic routing through the CLI: a capitals prompt takes the capitals route, a story the base
+  // model (which continues it as the base model does); --route merged / base / a name as asked.
+  json routed = s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "4"});
+  EXPECT_EQ(routed["route"], "capitals") << routed.dump();
+  EXPECT_EQ(routed["route_automatic"], true);
+  EXPECT_GT(routed["route_confidence"].get<double>(), 0.5);
+  json story = s.CliJson({"generate", "--prompt", "Once upon a time", "--max-tokens", "8"});
+  EXPECT_EQ(story["route"], "base") << story.dump();
+  CommandResult story_text = s.Cli({"generate", "--prompt", "Once upon a time", "--max-tokens", "6"});
+  EXPECT_EQ(story_text.out.rfind(", there was a little", 0), 0u) << story_text.out;
+  EXPECT_NE(story_text.err.find("route base (chosen automatically"), std::string::npos) << story_text.err;
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--route", "merged"})
+                ["route"],
+            "merged");
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "Once upon a time", "--max-tokens", "2", "--route", "iso3"})["route"],
+            "iso3");
+  json scored = s.CliJson({"score", "--prompt", "The capital of France is", "--completion", " Paris",
+                           "--completion", " Rome"});
+  EXPECT_EQ(scored["route"], "capitals") << scored.dump();
+  ExpectRpcError(s.Cli({"generate", "--prompt", "x", "--route", "capitals", "--task", "iso3"}), "INVALID_ARGUMENT",
+                 "different routes");
+  const std::string metrics_routes = s.Metrics();
+  EXPECT_GE(MetricValue(metrics_routes, "strata_route_requests_total{route=\"capitals\"}"), 2) << metrics_routes;
+  EXPECT_GE(MetricValue(metrics_routes, "strata_route_requests_total{route=\"base\"}"), 2) << metrics_routes;
   EXPECT_EQ(MetricValue(metrics, "strata_tasks_learned"), 2);
   EXPECT_EQ(MetricValue(metrics, "strata_weights_version"), 3);
   EXPECT_EQ(MetricValue(metrics, "strata_weights_info{version=\"3\"}"), 1);
@@ -336,7 +368,11 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
   EXPECT_EQ(jobs_after["jobs"][0]["id"], job2);  // newest first
   EXPECT_EQ(jobs_after["jobs"][0]["state"], "JOB_STATE_SUCCEEDED");
   const std::string metrics_after = s.Metrics();
-  EXPECT_FALSE(std::isnan(MetricValue(metrics_after, "strata_task_score{task=\"iso3\"}"))) << metrics_after;
+  EXPECT_FALSE(std::isnan(MetricValue(metrics_after, "strata_task_score{task=\"iso3\",view=\"auto\"}")))
+      << metrics_after;
+  json report_routes = s.CliJson({"report"});
+  EXPECT_EQ(report_routes["router_accuracy"], report["router_accuracy"]);
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"], "capitals");
   // A relearn under the same name is refused.
   ExpectRpcError(s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval", cap_eval}),
                  "ALREADY_EXISTS", "already learned");
@@ -371,13 +407,17 @@ TEST(Service, OsftAndPerturbAndMergeLearnThroughTheService) {
     EXPECT_GT(std::stoll(report["adaptation_state_bytes"].get<std::string>()), 0);
     const std::string metrics = s.Metrics();
     EXPECT_EQ(MetricValue(metrics, "strata_tasks_learned"), 2) << metrics;
-    EXPECT_FALSE(std::isnan(MetricValue(metrics, "strata_task_score{task=\"iso3\"}"))) << metrics;
+    EXPECT_FALSE(std::isnan(MetricValue(metrics, "strata_task_score{task=\"iso3\",view=\"merged\"}"))) << metrics;
+    // No per-task weights: a prompt that fits a task is served on the merged weights.
+    EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"], "merged");
 
     // The served model is the method's merged weights: they changed from the base, and an export of
     // them generates the same greedy text offline.
     const std::vector<std::string> gen = {"generate", "--prompt", "The capital of France is", "--max-tokens", "12",
                                           "--temperature", "0"};
-    CommandResult served = s.Cli(gen);
+    std::vector<std::string> gen_merged = gen;
+    gen_merged.insert(gen_merged.end(), {"--route", "merged"});
+    CommandResult served = s.Cli(gen_merged);
     ASSERT_EQ(served.exit_code, 0) << served.err;
     json exported = s.CliJson({"export", "merged"});
     std::vector<std::string> offline = {BinaryPath("strata")};
