@@ -411,7 +411,7 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     auto print_matrix = [&](const std::string& title,
                             const google::protobuf::RepeatedPtrField<pb::MatrixRow>& matrix, bool with_base) {
       if (matrix.empty()) return;
-      std::cout << "\n" << title << " (row: after learning the task; column: score on the task)\n";
+      std::cout << "\n" << title << "\n";
       std::vector<std::string> header = {""};
       for (const auto& t : r.tasks()) header.push_back(t);
       std::vector<std::vector<std::string>> rows;
@@ -430,11 +430,14 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       }
       PrintTable(header, rows);
     };
-    print_matrix("accuracy matrix, merged weights", r.matrix(), true);
+    print_matrix("accuracy matrix, merged weights (row: after learning the task; column: score on the task)",
+                 r.matrix(), true);
     print_matrix("accuracy matrix, each task served by its name (--route TASK)", r.routed_matrix(), false);
     print_matrix("accuracy matrix, routed automatically (what a request naming no task gets)", r.auto_matrix(),
                  false);
-    print_matrix("router accuracy (share of each task's eval prompts routed to it)", r.router_accuracy(), false);
+    print_matrix("router accuracy (row: after learning the task; column: share of the task's eval prompts routed "
+                 "to it)",
+                 r.router_accuracy(), false);
     std::cout << "\n";
     auto opt = [](bool has, double v) {
       return has ? absl::StrFormat("%.4f", v) : std::string("- (needs 2 tasks)");
