@@ -118,9 +118,9 @@ int64_t ActivationPeakBytes(const ModelConfig& c, const MemoryPlanOptions& o, bo
   // compute dtype for the value matmul when that is not float32.
   bytes += c.num_hidden_layers * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len * (4 + (cb != 4 ? cb : 0));
   // The loss head, float32 [tokens, vocab]: the logits, log-softmax's output (kept by the loss) and,
-  // during backward, their gradient; with a 16-bit compute dtype also the lm_head output before
-  // its float32 cast.
-  bytes += tokens * c.vocab_size * (3 * 4 + (cb != 4 ? cb : 0));
+  // at the start of backward, nll_loss's gradient and log-softmax's input gradient (four at once);
+  // with a 16-bit compute dtype also the lm_head output before its float32 cast.
+  bytes += tokens * c.vocab_size * (4 * 4 + (cb != 4 ? cb : 0));
   return bytes;
 }
 
