@@ -38,6 +38,7 @@ int Usage(const std::string& message) {
 
 std::string Gib(int64_t bytes) {
   const double b = static_cast<double>(bytes);
+  if (bytes > 0 && bytes < (int64_t{1} << 20)) return absl::StrFormat("%.1f KiB", b / 1024);
   if (bytes < (int64_t{1} << 30)) return absl::StrFormat("%.1f MiB", b / (1 << 20));
   return absl::StrFormat("%.2f GiB", b / (int64_t{1} << 30));
 }

@@ -117,6 +117,9 @@ int64_t ActivationPeakBytes(const ModelConfig& c, const MemoryPlanOptions& o, bo
   // Attention probabilities [B, heads, T, T]: softmax's float32 output, plus its copy in the
   // compute dtype for the value matmul when that is not float32.
   bytes += c.num_hidden_layers * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len * (4 + (cb != 4 ? cb : 0));
+  // Backward through one layer's attention softmax holds three more float32 [B, heads, T, T] buffers
+  // at once (the gradients of the probabilities, of the masked scores and of the scaled scores).
+  bytes += 3 * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len * 4;
   // The loss head, float32 [tokens, vocab]: the logits, log-softmax's output (kept by the loss) and,
   // at the start of backward, nll_loss's gradient and log-softmax's input gradient (four at once);
   // with a 16-bit compute dtype also the lm_head output before its float32 cast.
@@ -230,7 +233,7 @@ absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& config, const MemoryPla
       } else if (name == "ella") {
         m.checkpoint_bytes = adapted_weight_bytes;
       } else if (name == "seq_lora") {
-        m.state_bytes = m.checkpoint_bytes = 4 * lora_params;
+        m.state_bytes = m.checkpoint_bytes = o.tasks > 0 ? 4 * lora_params : 0;
       } else if (name == "inc_lora" || name == "o_lora") {
         m.state_bytes = m.checkpoint_bytes = 4 * lora_params * o.tasks;
       } else if (name == "pm") {

@@ -65,8 +65,9 @@ TEST(MemoryPlanTest, TinyConfigMatchesHandComputation) {
   EXPECT_EQ(se.checkpoint_bytes, se.state_bytes + 768 * 4);  // + the served q/v weights
   EXPECT_EQ(se.task_state_bytes, 0);                        // λ = 0
   // Activations: 16 tokens; per token and layer 2h + q + 2kv + 3I = 136, + h (q/v inputs) + 2 adapters
-  // × r = 156 floats; probabilities 2·4·8·8 floats per layer; loss head 4 × 16 × 32 floats.
-  const int64_t activations = 2 * 16 * 156 * 4 + 2 * 2 * 4 * 8 * 8 * 4 + 16 * 32 * 16;
+  // × r = 156 floats; probabilities 2·4·8·8 floats per layer, plus 3 such buffers (one layer) in the
+  // softmax backward; loss head 4 × 16 × 32 floats.
+  const int64_t activations = 2 * 16 * 156 * 4 + 2 * 2 * 4 * 8 * 8 * 4 + 3 * 2 * 4 * 8 * 8 * 4 + 16 * 32 * 16;
   EXPECT_EQ(se.activation_bytes, activations);
   EXPECT_EQ(se.training_peak_bytes, se.state_bytes + 224 * 20 + activations);
 
