@@ -35,6 +35,7 @@ struct Flags {
   int threads = 2;
   std::vector<std::string> models = {"stories260K", "110m"};
   std::string dtype = "float32";
+  std::string device = "cpu";
   int64_t prompt = 32;
   int64_t new_tokens = 128;
   int reps = 3;
@@ -44,7 +45,7 @@ struct Flags {
 void Usage() {
   std::fprintf(stderr,
                "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
-               "[--dtype float32|bfloat16] [--prompt 32] [--new 128] [--reps 3] "
+               "[--dtype float32|bfloat16] [--device cpu|cuda] [--prompt 32] [--new 128] [--reps 3] "
                "[--model-dir DIR]\n");
 }
 
@@ -65,6 +66,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->models = absl::StrSplit(v, ',', absl::SkipEmpty());
     } else if (arg == "--dtype") {
       f->dtype = v;
+    } else if (arg == "--device") {
+      f->device = v;
     } else if (arg == "--prompt") {
       if (!absl::SimpleAtoi(v, &f->prompt) || f->prompt < 1) return false;
     } else if (arg == "--new") {
@@ -107,6 +110,7 @@ RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, i
   const auto t0 = Clock::now();
   at::Tensor logits = model.Forward(ids, at::Tensor(), &cache, 1);
   at::Tensor next = logits.select(1, -1).argmax(-1).view({batch, 1});
+  (void)next.sum().item<int64_t>();  // waits for the device (CUDA runs asynchronously)
   const auto t1 = Clock::now();
   for (int64_t s = 0; s < steps; ++s) {
     logits = model.Forward(next, at::Tensor(), &cache, 1);
@@ -202,6 +206,13 @@ int main(int argc, char** argv) {
   }
   strata::ModelLoadOptions options;
   options.dtype = f.dtype;
+  auto device = strata::ResolveDevice(f.device);
+  if (!device.ok()) {
+    std::fprintf(stderr, "--device: %s\n", std::string(device.status().message()).c_str());
+    return 2;
+  }
+  options.device = *device;
+  std::printf("device %s, dtype %s\n", device->c_str(), f.dtype.c_str());
   for (const std::string& name : f.models) {
     if (name == "stories260K") {
       auto model = strata::CausalLM::Load(f.model_dir, options);

@@ -337,6 +337,7 @@ json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
   j["seed"] = a.seed;
   j["threads"] = a.threads;
   j["device"] = a.device;
+  j["dtype"] = a.dtype;
   j["reference"] = reference;
   j["reference_texts"] = a.reference_texts;
   j["blas"] = LoadedBlasLibrary();
@@ -450,6 +451,7 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
   sub->add_option("--seed", a->seed, "Seed (data sampling, batch order, adapter init)")->capture_default_str();
   sub->add_option("--threads", a->threads, "Torch CPU threads")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_option("--device", a->device, "Device: cpu, cuda or cuda:N")->capture_default_str();
+  sub->add_option("--dtype", a->dtype, "Weight dtype: float32, bfloat16 (float16: CUDA only)")->capture_default_str();
   sub->add_option("--reference", a->reference, "Reference text for NLL before/after (default: TinyStories val)");
   sub->add_option("--reference-texts", a->reference_texts, "Stories of the reference text to score")
       ->capture_default_str()
@@ -522,6 +524,7 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   if (!device.ok()) return Usage(absl::StrCat("--device: ", device.status().message()));
   ModelLoadOptions load_options;
   load_options.device = *device;
+  load_options.dtype = args.dtype;
   absl::StatusOr<std::unique_ptr<CausalLM>> loaded = CausalLM::Load(args.model_dir, load_options);
   if (!loaded.ok()) return Usage(absl::StrCat("--model: ", loaded.status().message()));
   std::unique_ptr<CausalLM> base_model = std::move(*loaded);

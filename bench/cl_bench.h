@@ -56,6 +56,9 @@ struct ClBenchArgs {
   uint64_t seed = 0;
   int threads = 2;
   std::string device = "cpu";           // cpu, cuda or cuda:N (model, training and scoring)
+  // Weight dtype: float32 or bfloat16 (on CUDA bf16 weights and activations; adapters, Share and the
+  // optimizer stay float32; on CPU bf16 weights compute in float32). float16 on CUDA only.
+  std::string dtype = "float32";
   std::string reference;                // reference text (default shared/data/lm/tinystories_val.txt)
   int64_t reference_texts = 64;         // first N stories (blank-line separated)
   std::string json_out;                 // required by the CLI; empty = no JSON

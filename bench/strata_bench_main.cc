@@ -2,12 +2,14 @@
 //
 //   strata-bench cl --model DIR --tasks DIR --order t1,t2 [--methods m1,m2] ... --json OUT [--plots DIR]
 //   strata-bench train [--models stories260K,110m] [--methods ...] [--json OUT]
+//   strata-bench memory --config DIR|llama-8b|mistral-7b|qwen2-7b|110m [--dtype ...] [--measure ...]
 //
 // Exit codes: 0 ok, 1 a measurement / method failed, 2 usage error.
 
 #include <CLI/CLI.hpp>
 
 #include "bench/cl_bench.h"
+#include "bench/memory_bench.h"
 #include "bench/train_bench.h"
 
 int main(int argc, char** argv) {
@@ -24,6 +26,11 @@ int main(int argc, char** argv) {
   CLI::App* train = app.add_subcommand("train", "Training throughput per method and cost against the task count");
   strata::bench::AddTrainBenchOptions(train, &train_args);
   train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
+
+  strata::bench::MemoryBenchArgs memory_args;
+  CLI::App* memory = app.add_subcommand("memory", "Memory plan from a model config; --measure checks it on the CPU");
+  strata::bench::AddMemoryBenchOptions(memory, &memory_args);
+  memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
 
   try {
     app.parse(argc, argv);

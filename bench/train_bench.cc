@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "core/model/runtime.h"
 #include "bench/bench_util.h"
 #include "core/util/file_util.h"
+#include "core/util/process_info.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -158,6 +160,23 @@ int64_t StateBytes(const MethodState& state, const std::string& prefix = "") {
   for (const auto& [name, t] : state.tensors) {
     if (!t.defined() || name.compare(0, prefix.size(), prefix) != 0) continue;
     bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  }
+  return bytes;
+}
+
+// Bytes of the storages behind `state`'s tensors that `served` does not hold as parameters (each
+// storage counted once): what the state costs in memory beyond the served model.
+int64_t UnsharedStateBytes(const MethodState& state, const CausalLM& served) {
+  std::set<const void*> model;
+  for (const auto& [name, t] : served.NamedParameters()) model.insert(t.storage().data());
+  for (const std::string& name : served.LinearNames()) model.insert(served.FindLinear(name)->weight.storage().data());
+  std::set<const void*> seen;
+  int64_t bytes = 0;
+  for (const auto& [name, t] : state.tensors) {
+    if (!t.defined()) continue;
+    const void* p = t.storage().data();
+    if (model.count(p) || !seen.insert(p).second) continue;
+    bytes += static_cast<int64_t>(t.storage().nbytes());
   }
   return bytes;
 }
@@ -364,10 +383,13 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                   "training step (%lld timed)\n",
                   a.scaling_method.c_str(), a.scaling_model.c_str(), modules.ok() ? modules->size() : 0,
                   static_cast<long long>(steps));
-      std::printf("%6s %10s %12s %12s %14s %14s %16s\n", "tasks", "step_s", "tokens/s", "merge_s", "state_MiB",
-                  "share_MiB", "LoRA/task_MiB");
+      std::printf("%6s %10s %12s %12s %12s %12s %12s %14s %10s %10s\n", "tasks", "step_s", "tokens/s", "merge_s",
+                  "state_MiB", "share_MiB", "unshared_MiB", "LoRA/task_MiB", "RSS_MiB", "peak_MiB");
       std::fflush(stdout);
       std::unique_ptr<CausalLM> served = (*model)->ShallowCopy();
+      const int64_t rss_model = ReadProcessStats().resident_bytes;
+      const bool peak_reset = ResetPeakResident();
+      js["rss_after_model_bytes"] = rss_model;
       json rows = json::array();
       int64_t t = 0;
       std::vector<double> merge_times;
@@ -405,9 +427,13 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         }
         const int64_t bytes = StateBytes(*state);
         const int64_t share_bytes = StateBytes(*state, "share/");
-        std::printf("%6lld %10.4f %12.0f %12.4f %14s %14s %16s\n", static_cast<long long>(t), timing->step_seconds,
-                    timing->tokens_per_second, merge, Mib(bytes).c_str(), Mib(share_bytes).c_str(),
-                    Mib(lora_bytes * t).c_str());
+        const int64_t unshared = UnsharedStateBytes(*state, *served);
+        const int64_t rss = ReadProcessStats().resident_bytes;
+        const int64_t peak = PeakResidentBytes();
+        std::printf("%6lld %10.4f %12.0f %12.4f %12s %12s %12s %14s %10s %10s\n", static_cast<long long>(t),
+                    timing->step_seconds, timing->tokens_per_second, merge, Mib(bytes).c_str(),
+                    Mib(share_bytes).c_str(), Mib(unshared).c_str(), Mib(lora_bytes * t).c_str(), Mib(rss).c_str(),
+                    Mib(peak).c_str());
         std::fflush(stdout);
         rows.push_back({{"tasks", t},
                         {"step_seconds", timing->step_seconds},
@@ -416,12 +442,20 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                         {"last_merge_seconds", merge_times.back()},
                         {"state_bytes", bytes},
                         {"share_state_bytes", share_bytes},
+                        {"unshared_state_bytes", unshared},
+                        {"rss_bytes", rss},
+                        {"peak_rss_bytes", peak},
                         {"lora_per_task_bytes", lora_bytes * t}});
       }
       js["rows"] = rows;
-      std::printf("(state = ExportState tensors; share = its share/ part (bases, Gram matrices, per-task "
-                  "coefficients); LoRA/task = t x one rank-%lld LoRA per task)\n",
-                  static_cast<long long>(a.rank));
+      js["peak_reset"] = peak_reset;
+      std::printf("(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases, Gram "
+                  "matrices, per-task coefficients); unshared = the state's storages that the served model does not "
+                  "hold, i.e. its memory beyond the served weights; LoRA/task = t x one rank-%lld LoRA per task; RSS "
+                  "= process resident set after the row; peak = VmHWM since the model was built (%s); RSS after "
+                  "building the model: %s MiB)\n",
+                  static_cast<long long>(a.rank), peak_reset ? "reset there" : "reset refused: since process start",
+                  Mib(rss_model).c_str());
     }
     out["scaling"] = js;
   }

@@ -7,6 +7,7 @@
 
 #include "client/cli_common.h"
 #include "bench/cl_bench.h"
+#include "bench/memory_bench.h"
 #include "bench/train_bench.h"
 #include "client/commands.h"
 
@@ -37,7 +38,7 @@ int main(int argc, char** argv) {
   AddAdaptationCommands(app, opts, &exit_code);
   AddAdminCommands(app, opts, &exit_code);
   // `strata bench cl|train`: offline benchmarks (bench/), no server needed.
-  CLI::App* bench = app.add_subcommand("bench", "Offline benchmarks: continual learning (cl), training (train)");
+  CLI::App* bench = app.add_subcommand("bench", "Offline benchmarks: continual learning (cl), training (train), memory plan (memory)");
   bench->require_subcommand(1);
   strata::bench::ClBenchArgs cl_args;
   CLI::App* bench_cl = bench->add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
@@ -47,6 +48,11 @@ int main(int argc, char** argv) {
   CLI::App* bench_train = bench->add_subcommand("train", "Training throughput and cost against the number of tasks");
   strata::bench::AddTrainBenchOptions(bench_train, &train_args);
   bench_train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
+  strata::bench::MemoryBenchArgs memory_args;
+  CLI::App* bench_memory =
+      bench->add_subcommand("memory", "Memory plan from a model config (weights, KV cache, state, training peak)");
+  strata::bench::AddMemoryBenchOptions(bench_memory, &memory_args);
+  bench_memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
   // Global options may come before or after the subcommand (fallthrough); list them in every
   // subcommand's --help too.
   for (CLI::App* sub : app.get_subcommands({})) {

@@ -80,6 +80,29 @@ absl::StatusOr<EllaModule> EllaModule::Create(int64_t out_features, int64_t in_f
   return m;
 }
 
+absl::StatusOr<EllaModule> EllaModule::FromPast(const at::Tensor& w_past, const EllaOptions& options,
+                                                int64_t num_merged) {
+  RETURN_IF_ERROR(options.Validate());
+  if (!w_past.defined() || w_past.dim() != 2 || w_past.size(0) < 1 || w_past.size(1) < 1 ||
+      w_past.scalar_type() != at::kFloat) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ELLA: W_past must be a float32 matrix, got ", Shape(w_past)));
+  }
+  if (num_merged < 0) return absl::InvalidArgumentError("ELLA: negative number of merged tasks");
+  at::NoGradGuard no_grad;
+  if (!at::isfinite(w_past).all().item<bool>()) {
+    return absl::InvalidArgumentError("ELLA: W_past has non-finite values");
+  }
+  EllaModule m;
+  m.n_ = w_past.size(0);
+  m.d_ = w_past.size(1);
+  m.options_ = options;
+  m.num_merged_ = num_merged;
+  m.w_past_ = w_past.detach();
+  m.UpdateRms();
+  return m;
+}
+
 void EllaModule::UpdateRms() {
   at::NoGradGuard no_grad;
   rms_ = std::sqrt(w_past_.to(at::kDouble).square().mean().item<double>());

@@ -9,6 +9,8 @@
 // update to W_past; the served weights are W0 + W_past.
 //
 // W_past lives on one device (CPU unless To() moves it, e.g. next to the model during training).
+// The ella and share_ella methods keep no EllaModule between tasks: the served weights hold
+// W0 + W_past, and a task with λ > 0 builds one from W_served − W0 (FromPast) for its duration.
 // Thread safety: const methods may run concurrently; Merge/To/assignment need exclusive access.
 // Failures: absl::Status, INVALID_ARGUMENT naming the tensor/field (shape, non-finite values, bad
 // state); a failed call leaves the module unchanged.
@@ -51,6 +53,12 @@ class EllaModule {
   // W_past = 0. INVALID_ARGUMENT for bad sizes or options.
   static absl::StatusOr<EllaModule> Create(int64_t out_features, int64_t in_features,
                                            const EllaOptions& options = {});
+
+  // W_past = `w_past` [n, d] float32, kept as given (not copied; on its device), with
+  // `num_merged` merged tasks: e.g. W_served − W0. INVALID_ARGUMENT on shape, dtype, non-finite
+  // values, a negative count or bad options.
+  static absl::StatusOr<EllaModule> FromPast(const at::Tensor& w_past, const EllaOptions& options,
+                                             int64_t num_merged);
 
   int64_t out_features() const { return n_; }
   int64_t in_features() const { return d_; }

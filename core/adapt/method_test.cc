@@ -6,6 +6,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "core/adapt/ella.h"
 #include "core/adapt/lora.h"
 #include "core/adapt/methods.h"
 #include "core/adapt/test_fixtures.h"
@@ -524,6 +529,179 @@ TEST(MethodTest, AbortAndTaskLifecycleErrors) {
   absl::Status s = method->BeginTask("x", work.get());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("c_attn"));
+}
+
+// ---- ELLA state without a dense W_past --------------------------------------------------------------
+
+// Bytes of the state's storages that the served model does not hold.
+int64_t UnsharedBytes(const MethodState& state, const CausalLM& served) {
+  std::set<const void*> model;
+  for (const auto& [name, t] : served.NamedParameters()) model.insert(t.storage().data());
+  for (const auto& m : served.LinearNames()) model.insert(served.FindLinear(m)->weight.storage().data());
+  std::set<const void*> seen;
+  int64_t bytes = 0;
+  for (const auto& [k, t] : state.tensors) {
+    const void* p = t.storage().data();
+    if (model.count(p) || !seen.insert(p).second) continue;
+    bytes += static_cast<int64_t>(t.storage().nbytes());
+  }
+  return bytes;
+}
+
+// ella / share_ella keep a handle to the served weights instead of a dense float32 W_past: the state
+// beyond the served model is Share's alone, the served model is W0 + Σ ΔW_t, and it survives a state
+// round trip exactly.
+TEST(MethodTest, EllaStateSharesTheServedWeightsAndRoundTripsExactly) {
+  auto base = TinyModel();
+  for (const std::string name : {"share_ella", "ella"}) {
+    MethodConfig config = SmallConfig();
+    config.target_modules = {"all-linear"};
+    config.ella_lambda = 0.0;
+    auto method = MakeMethod(name, config);
+    std::unique_ptr<CausalLM> served = base->ShallowCopy();
+    std::map<std::string, at::Tensor> sum;
+    for (int t = 0; t < 3; ++t) {
+      std::map<std::string, at::Tensor> deltas;
+      served = RunTask(*method, *served, "task" + std::to_string(t), 40 + t, &deltas);
+      for (auto& [m, d] : deltas) sum[m] = sum.count(m) ? sum[m] + d : d;
+    }
+    auto state = method->ExportState();
+    ASSERT_TRUE(state.ok()) << state.status();
+    int64_t share_bytes = 0;
+    for (const auto& [k, t] : state->tensors) {
+      EXPECT_NE(k.rfind("ella/", 0), 0u) << name << ": dense W_past exported: " << k;
+      if (k.rfind("share/", 0) == 0) share_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    }
+    for (const auto& m : method->modules()) {
+      ASSERT_TRUE(state->tensors.count("served/" + m)) << name << " " << m;
+      const at::Tensor& w = state->tensors.at("served/" + m);
+      // The served model's own tensor: no copy.
+      EXPECT_EQ(w.storage().data(), served->FindLinear(m)->weight.storage().data()) << name << " " << m;
+      EXPECT_LT(MaxDiff(w, base->FindLinear(m)->weight + sum.at(m)), 2e-6) << name << " " << m;
+    }
+    EXPECT_EQ(UnsharedBytes(*state, *served), share_bytes) << name;
+    if (name == "ella") EXPECT_EQ(share_bytes, 0);
+
+    auto restored = CreateMethodFromState(*state);
+    ASSERT_TRUE(restored.ok()) << restored.status();
+    auto rebuilt = base->ShallowCopy();
+    ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
+    for (const auto& m : method->modules()) {
+      EXPECT_TRUE(at::equal(rebuilt->FindLinear(m)->weight, served->FindLinear(m)->weight)) << name << " " << m;
+    }
+    EXPECT_TRUE(at::equal(Logits(*rebuilt), Logits(*served))) << name;
+  }
+}
+
+// A bf16 model: the served weights (and so the state and a checkpoint) stay bf16, the adapters fp32.
+TEST(MethodTest, EllaStateKeepsTheModelDtype) {
+  ModelLoadOptions lo;
+  lo.dtype = "bfloat16";
+  auto base = CausalLM::RandomInit(TinyConfig(), 7, lo);
+  ASSERT_TRUE(base.ok()) << base.status();
+  auto method = MakeMethod("share_ella");
+  std::unique_ptr<CausalLM> served = (*base)->ShallowCopy();
+  served = RunTask(*method, *served, "a", 1);
+  auto work = served->ShallowCopy();
+  ASSERT_TRUE(method->BeginTask("b", work.get()).ok());
+  for (auto& [pname, p] : method->TrainableParameters()) EXPECT_EQ(p.scalar_type(), at::kFloat) << pname;
+  Perturb(*method, 2);
+  EXPECT_TRUE(method->ExtraLoss().defined());  // λ = 0.7 on W_served − W0 of a bf16 model
+  ASSERT_TRUE(method->EndTask(work.get()).ok());
+  served = std::move(work);
+  auto state = method->ExportState();
+  ASSERT_TRUE(state.ok());
+  int64_t served_bytes = 0;
+  for (const auto& m : method->modules()) {
+    const at::Tensor& w = state->tensors.at("served/" + m);
+    EXPECT_EQ(w.scalar_type(), at::kBFloat16) << m;
+    served_bytes += w.numel() * 2;
+    EXPECT_GT(MaxDiff(w, (*base)->FindLinear(m)->weight), 0.0) << m;
+  }
+  EXPECT_EQ(served_bytes, 2 * 2 * (16 * 16 + 8 * 16));  // q and v of 2 layers, 2 bytes each
+  auto restored = CreateMethodFromState(*state);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  auto rebuilt = (*base)->ShallowCopy();
+  ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
+  EXPECT_TRUE(at::equal(Logits(*rebuilt), Logits(*served)));
+}
+
+// With λ > 0 the penalty derives W_past = W_served − W0: a restored method needs W0, which
+// ApplyServedWeights(base) provides; the penalty then equals the original method's.
+TEST(MethodTest, EllaPenaltyAfterRestoreNeedsTheBaseAndMatches) {
+  auto base = TinyModel();
+  auto method = MakeMethod("share_ella");  // λ = 0.7
+  std::unique_ptr<CausalLM> served = base->ShallowCopy();
+  served = RunTask(*method, *served, "a", 31);
+  served = RunTask(*method, *served, "b", 32);
+  auto state = method->ExportState();
+  ASSERT_TRUE(state.ok());
+
+  auto work = served->ShallowCopy();
+  ASSERT_TRUE(method->BeginTask("c", work.get()).ok());
+  Perturb(*method, 33);
+  const double expected = method->ExtraLoss().item<double>();
+  EXPECT_GT(expected, 0.0);
+  method->AbortTask(work.get());
+
+  auto restored = CreateMethodFromState(*state);
+  ASSERT_TRUE(restored.ok());
+  auto work2 = served->ShallowCopy();
+  absl::Status s = (*restored)->BeginTask("c", work2.get());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("ApplyServedWeights"));
+  EXPECT_FALSE((*restored)->task_active());
+  auto rebuilt = base->ShallowCopy();
+  ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
+  work2 = served->ShallowCopy();
+  ASSERT_TRUE((*restored)->BeginTask("c", work2.get()).ok());
+  Perturb(**restored, 33);
+  EXPECT_NEAR((*restored)->ExtraLoss().item<double>(), expected, 1e-5 * expected);
+  (*restored)->AbortTask(work2.get());
+}
+
+// A state written before the served-weights form (strata.ella.v1: a dense float32 W_past per module)
+// still loads and serves W0 + W_past; the next task rewrites it in the new form.
+TEST(MethodTest, LegacyEllaV1StateLoadsAndIsRewrittenByTheNextTask) {
+  auto base = TinyModel();
+  auto method = MakeMethod("share_ella");
+  std::unique_ptr<CausalLM> served = base->ShallowCopy();
+  served = RunTask(*method, *served, "a", 51);
+  served = RunTask(*method, *served, "b", 52);
+  auto state = method->ExportState();
+  ASSERT_TRUE(state.ok());
+  // Rewrite it as a v1 state: ella/<m>/w_past = W_served − W0 and the per-module ELLA configs.
+  MethodState v1 = *state;
+  nlohmann::json j = nlohmann::json::parse(v1.config_json);
+  j["extra"].erase("served");
+  nlohmann::json ella = nlohmann::json::object();
+  for (const auto& m : method->modules()) {
+    at::Tensor past = v1.tensors.at("served/" + m).sub(base->FindLinear(m)->weight).contiguous();
+    v1.tensors.erase("served/" + m);
+    auto module = EllaModule::FromPast(past, EllaOptions{0.7}, 2);
+    ASSERT_TRUE(module.ok()) << module.status();
+    module->ExportState("ella/" + m + "/", &v1.tensors);
+    ella[m] = module->ConfigJson();
+  }
+  j["extra"]["ella"] = ella;
+  v1.config_json = j.dump();
+
+  auto restored = CreateMethodFromState(v1);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  auto rebuilt = base->ShallowCopy();
+  ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
+  EXPECT_LT(MaxDiff(Logits(*rebuilt), Logits(*served)), 1e-5);
+  auto again = (*restored)->ExportState();  // not rewritten before a task
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->tensors.count("ella/" + method->modules().front() + "/w_past"));
+  // The next task (penalty on the stored W_past) rewrites the state: served weights, no W_past.
+  auto next = RunTask(**restored, *rebuilt, "c", 53);
+  auto after = (*restored)->ExportState();
+  ASSERT_TRUE(after.ok());
+  for (const auto& [k, t] : after->tensors) EXPECT_NE(k.rfind("ella/", 0), 0u) << k;
+  for (const auto& m : method->modules()) {
+    EXPECT_TRUE(at::equal(after->tensors.at("served/" + m), next->FindLinear(m)->weight)) << m;
+  }
 }
 
 }  // namespace

@@ -6,12 +6,27 @@
 //               basis update (the LoRA is balanced, then folded in like an imported adapter). Served weights
 //               W0 + Σ_i ΔW_i with ΔW_i = s·β Eβ_i (α Eα_i)ᵀ reconstructed from the current subspace
 //               (= s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ, one k×k sum and one n×k×d product per module).
-//   ella:       EllaModule; task t trains a fresh LoRA (rank, alpha) with λ‖ΔW_t ⊙ Ŵ_past‖²;
-//               merge W_past += ΔW_t; served W0 + W_past (exact).
+//   ella:       task t trains a fresh LoRA (rank, alpha) with λ‖ΔW_t ⊙ Ŵ_past‖²; merge: the served
+//               weights become W0 + W_past + ΔW_t (exact).
 //   share_ella: both on the same ΔW_t = s·B_t A_t from Share's factors; served W0 + W_past (exact),
 //               the subspace gives compact per-task adapters and task routing (the model as of a
 //               task, rebuilt from the coefficients of it and every earlier task).
+//
+// Memory (ella, share_ella): no dense W_past is kept. The served model already holds
+// W_served = W0 + W_past for every target module, so the committed state keeps a handle to each
+// served weight (the same tensor the served model holds, in its dtype and on its device: no copy)
+// and W_past = W_served − W0 is derived where it is needed: only the ELLA penalty with λ > 0 needs
+// it, as a dense float32 Ŵ_past built at BeginTask and dropped at EndTask/AbortTask. W0 comes from
+// handles to the base weights, recorded at the first task (the working model then holds W0), by
+// ApplyServedWeights (its `base` holds W0) and by ImportPeftAdapter. The exported state (and so a
+// checkpoint) holds the served weights of the target modules, once, in the model's dtype
+// ("served/<module>"): the exact served model survives a restart (Share's reconstruction is
+// truncated). States written before this change hold a dense float32 "ella/<module>/w_past"
+// (format strata.ella.v1): they still load; W_past is then used as stored until the next task or
+// import rewrites the state in the new form.
 #include <torch/torch.h>
+
+#include <mutex>
 
 #include <nlohmann/json.hpp>
 
@@ -28,6 +43,16 @@ namespace strata {
 namespace {
 
 using json = nlohmann::json;
+
+// extra["served"]["format"]: the state holds the served weights of the target modules.
+constexpr char kServedFormat[] = "strata.served_weights.v1";
+
+std::string ShapeOf(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) absl::StrAppend(&s, i ? ", " : "", t.size(i));
+  return s + "]";
+}
 
 // Share's trainable factors as a side path: the factors are rebuilt (B = β Eβ + Rβ1 Rβ2, ...) on
 // every forward so gradients reach the coefficients and temporary vectors.
@@ -96,16 +121,21 @@ class ShareEllaMethod : public Method {
     return total;
   }
 
+  // Also records `base`'s target weights as W0 (handles, no copy) for the ELLA penalty.
   absl::Status ApplyServedWeights(CausalLM* base) const override {
     if (tasks_.empty()) return absl::OkStatus();
     RETURN_IF_ERROR(CheckBase(*base));
     at::NoGradGuard no_grad;
+    if (use_ella_) BindBase(*base);
     std::vector<at::Tensor> weights;
     for (const auto& m : modules_) {
       const LinearLayer* layer = base->FindLinear(m);
-      if (use_ella_) {
-        ASSIGN_OR_RETURN(at::Tensor w, ella_.at(m).ServedWeight(layer->weight));
+      if (use_ella_ && !legacy_.empty()) {
+        ASSIGN_OR_RETURN(at::Tensor w, legacy_.at(m).ServedWeight(layer->weight));
         weights.push_back(w);
+      } else if (use_ella_) {
+        // The stored served weight itself when dtype and device match (shared, not copied).
+        weights.push_back(served_.at(m).to(layer->weight.device(), layer->weight.scalar_type()));
       } else {
         ASSIGN_OR_RETURN(at::Tensor sum, ReconstructedSum(share_.at(m)));
         weights.push_back(
@@ -163,25 +193,46 @@ class ShareEllaMethod : public Method {
     }
     at::NoGradGuard no_grad;
     std::map<std::string, ShareModule> share = share_;
-    std::map<std::string, EllaModule> ella = ella_;
     for (size_t i = 0; i < modules.size(); ++i) {
       if (!share.count(modules[i])) {
         ASSIGN_OR_RETURN(ShareModule m, ShareModule::Create(shapes[i].first, shapes[i].second, MakeShareOptions()));
         share.emplace(modules[i], std::move(m));
       }
-      if (use_ella_ && !ella.count(modules[i])) {
-        ASSIGN_OR_RETURN(EllaModule m, EllaModule::Create(shapes[i].first, shapes[i].second, MakeEllaOptions()));
-        ella.emplace(modules[i], std::move(m));
-      }
     }
     RETURN_IF_ERROR(MergePeftIntoShare(adapter, task, MakeShareOptions(), &share));
+    std::map<std::string, at::Tensor> served;
     if (use_ella_) {
-      for (const auto& [m, module] : adapter.modules) {
-        RETURN_IF_ERROR(ella.at(m).Merge(module.Delta().to(at::kCPU, at::kFloat)));
+      // The new served weights: the current ones (W0 when nothing is merged yet) + the adapter's ΔW.
+      for (const auto& m : modules) {
+        const LinearLayer* layer = base.FindLinear(m);
+        if (layer == nullptr) {
+          return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no linear layer \"", m, "\""));
+        }
+        at::Tensor current;
+        if (served_.count(m)) {
+          current = served_.at(m);
+        } else if (legacy_.count(m)) {
+          ASSIGN_OR_RETURN(current, legacy_.at(m).ServedWeight(layer->weight));
+        } else {
+          current = layer->weight;
+        }
+        auto it = adapter.modules.find(m);
+        if (it == adapter.modules.end()) {
+          served[m] = current;
+          continue;
+        }
+        const at::Tensor delta = it->second.Delta().to(current.device(), at::kFloat);
+        if (!at::isfinite(delta).all().item<bool>()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(name(), ": adapter module \"", m, "\" of task \"", task, "\" has non-finite values"));
+        }
+        served[m] = current.to(at::kFloat).add(delta).to(current.scalar_type());
       }
+      BindBase(base);
     }
     share_ = std::move(share);
-    ella_ = std::move(ella);
+    served_ = std::move(served);
+    legacy_.clear();
     modules_ = std::move(modules);
     module_shapes_ = std::move(shapes);
     tasks_.push_back(task);
@@ -190,7 +241,8 @@ class ShareEllaMethod : public Method {
 
   // For tests and tools: the committed per-module state.
   const std::map<std::string, ShareModule>& share_modules() const { return share_; }
-  const std::map<std::string, EllaModule>& ella_modules() const { return ella_; }
+  // ella, share_ella: the served weight of each target module (shared with the served model).
+  const std::map<std::string, at::Tensor>& served_weights() const { return served_; }
 
  protected:
   ShareOptions MakeShareOptions() const {
@@ -230,19 +282,41 @@ class ShareEllaMethod : public Method {
     lora_adapters_.clear();
     // Modules are created lazily at the first task (their sizes come from the model).
     std::map<std::string, ShareModule> share = share_;
-    std::map<std::string, EllaModule> ella = ella_;
     for (size_t i = 0; i < modules_.size(); ++i) {
       const auto [n, d] = module_shapes_[i];
       if (use_share_ && !share.count(modules_[i])) {
         ASSIGN_OR_RETURN(ShareModule m, ShareModule::Create(n, d, MakeShareOptions()));
         share.emplace(modules_[i], std::move(m));
       }
-      if (use_ella_ && !ella.count(modules_[i])) {
-        ASSIGN_OR_RETURN(EllaModule m, EllaModule::Create(n, d, MakeEllaOptions()));
-        ella.emplace(modules_[i], std::move(m));
+    }
+    // Before the first merge the working model holds W0: remember it.
+    if (use_ella_ && tasks_.empty()) BindBase(*model);
+    // The ELLA penalty's Ŵ_past, float32, for this task only: W_served − W0 (or a v1 state's W_past).
+    std::map<std::string, EllaModule> ella;
+    penalty_active_ = false;
+    if (use_ella_ && config_.ella_lambda > 0.0 && !tasks_.empty()) {
+      for (size_t i = 0; i < modules_.size(); ++i) {
+        const std::string& m = modules_[i];
+        at::Tensor past;
+        if (legacy_.count(m)) {
+          past = legacy_.at(m).w_past();
+        } else {
+          const at::Tensor w0 = BaseWeight(m);
+          if (!w0.defined()) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                name(), ": the ELLA penalty (lambda ", config_.ella_lambda,
+                " > 0) derives W_past = W_served - W0 and needs the base weights W0 of module \"", m,
+                "\": call ApplyServedWeights(base) after importing a state"));
+          }
+          const LinearLayer* layer = model->FindLinear(m);
+          TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", m);
+          past = layer->weight.to(at::kFloat).sub(w0.to(layer->weight.device(), at::kFloat));
+        }
+        ASSIGN_OR_RETURN(EllaModule e, EllaModule::FromPast(past, MakeEllaOptions(), num_tasks()));
+        if (e.past_rms() > 0.0) penalty_active_ = true;
+        ella.emplace(m, std::move(e));
       }
     }
-    penalty_active_ = false;
     for (size_t i = 0; i < modules_.size(); ++i) {
       LinearLayer* layer = model->FindLinear(modules_[i]);
       TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", modules_[i]);
@@ -261,7 +335,6 @@ class ShareEllaMethod : public Method {
         layer->adapter = adapter;
         lora_adapters_.push_back(std::move(adapter));
       }
-      if (use_ella_ && ella.at(modules_[i]).past_rms() > 0.0) penalty_active_ = true;
     }
     // Fresh modules (first task) are part of the committed state only after EndTask; keep them
     // pending here.
@@ -272,11 +345,12 @@ class ShareEllaMethod : public Method {
 
   absl::Status DoEndTask(const std::string& task_name, CausalLM* model) override {
     std::map<std::string, ShareModule> share = pending_share_;
-    std::map<std::string, EllaModule> ella = pending_ella_;
     std::vector<at::Tensor> weight_updates(modules_.size());
     for (size_t i = 0; i < modules_.size(); ++i) {
       const std::string& m = modules_[i];
-      at::Tensor delta = PendingDelta(i).detach().to(at::kCPU, at::kFloat);
+      // ELLA checks ΔW_t here on its device and recomputes it module by module at install time
+      // below, so no dense copy of every module's update is held at once.
+      at::Tensor delta = use_ella_ ? PendingDelta(i).detach() : PendingDelta(i).detach().to(at::kCPU, at::kFloat);
       if (!at::isfinite(delta).all().item<bool>()) {
         return absl::InvalidArgumentError(absl::StrCat(
             name(), ": the update of module \"", m, "\" for task \"", task_name, "\" has non-finite values"));
@@ -293,22 +367,26 @@ class ShareEllaMethod : public Method {
       } else if (use_share_) {
         RETURN_IF_ERROR(share.at(m).Merge(task_name, share_adapters_[i]->factors()));
       }
-      if (use_ella_) RETURN_IF_ERROR(ella.at(m).Merge(delta));
-      if (use_ella_) {
-        weight_updates[i] = delta;  // W0 + W_past: the exact update
-      } else {
+      delta = at::Tensor();
+      if (!use_ella_) {
         ASSIGN_OR_RETURN(at::Tensor new_sum, ReconstructedSum(share.at(m)));
         weight_updates[i] = new_sum.sub(old_sum);
       }
     }
+    std::map<std::string, at::Tensor> served;
     for (size_t i = 0; i < modules_.size(); ++i) {
       LinearLayer* layer = model->FindLinear(modules_[i]);
       TORCH_CHECK(layer != nullptr, name(), ": the working model lost ", modules_[i]);
+      // ELLA: W0 + W_past + ΔW_t, the exact update (float32 ΔW_t added in the weight's dtype).
+      const at::Tensor update = use_ella_ ? PendingDelta(i).detach() : weight_updates[i];
       layer->adapter.reset();
-      AddToWeight(layer, weight_updates[i]);
+      AddToWeight(layer, update);
+      weight_updates[i] = at::Tensor();
+      if (use_ella_) served[modules_[i]] = layer->weight;
     }
     share_ = std::move(share);
-    ella_ = std::move(ella);
+    served_ = std::move(served);
+    legacy_.clear();
     DoAbortTask();
     return absl::OkStatus();
   }
@@ -329,12 +407,17 @@ class ShareEllaMethod : public Method {
       module.ExportState("share/" + m + "/", tensors);
       share[m] = module.ConfigJson();
     }
-    for (const auto& [m, module] : ella_) {
+    // A v1 state not yet rewritten by a task keeps its form (its W0 may not be known here).
+    for (const auto& [m, module] : legacy_) {
       module.ExportState("ella/" + m + "/", tensors);
       ella[m] = module.ConfigJson();
     }
+    for (const auto& [m, w] : served_) (*tensors)["served/" + m] = w;
     j["share"] = share;
     j["ella"] = ella;
+    if (use_ella_ && legacy_.empty() && !tasks_.empty()) {
+      j["served"] = {{"format", kServedFormat}, {"dtype", std::string(c10::toString(served_.begin()->second.scalar_type()))}};
+    }
     *extra = j.dump();
   }
 
@@ -344,7 +427,17 @@ class ShareEllaMethod : public Method {
     if (j.is_discarded() || !j.is_object())
       return absl::InvalidArgumentError(name() + " state: bad \"extra\"");
     std::map<std::string, ShareModule> share;
-    std::map<std::string, EllaModule> ella;
+    std::map<std::string, EllaModule> legacy;
+    std::map<std::string, at::Tensor> served;
+    const bool has_served = j.contains("served");
+    if (use_ella_ && has_served) {
+      const json& sj = j["served"];
+      if (!sj.is_object() || !sj.contains("format") || !sj["format"].is_string() ||
+          sj["format"].get<std::string>() != kServedFormat) {
+        return absl::InvalidArgumentError(absl::StrCat(name(), " state: \"served\" must name format \"",
+                                                       kServedFormat, "\""));
+      }
+    }
     auto config_of = [&](const char* kind, const std::string& m) -> absl::StatusOr<std::string> {
       if (!j.contains(kind) || !j[kind].is_object() || !j[kind].contains(m) || !j[kind][m].is_string()) {
         return absl::InvalidArgumentError(
@@ -365,24 +458,57 @@ class ShareEllaMethod : public Method {
           }
           share.emplace(m, std::move(module));
         }
-        if (use_ella_) {
+        if (use_ella_ && has_served) {
+          // Served weights: kept as stored (the model's dtype), not copied. Finite at their merge;
+          // a checkpoint's files are checked against their SHA-256.
+          auto it = tensors.find("served/" + m);
+          if (it == tensors.end() || !it->second.defined()) {
+            return absl::InvalidArgumentError(absl::StrCat(name(), " state: missing tensor \"served/", m, "\""));
+          }
+          const at::Tensor& w = it->second;
+          if (w.dim() != 2 || w.size(0) != n_of(i) || w.size(1) != d_of(i) || !at::isFloatingType(w.scalar_type())) {
+            return absl::InvalidArgumentError(absl::StrCat(name(), " state: tensor \"served/", m, "\" has shape ",
+                                                           ShapeOf(w), ", expected floating [", n_of(i), ", ",
+                                                           d_of(i), "]"));
+          }
+          served.emplace(m, w.detach());
+        } else if (use_ella_) {
+          // strata.ella.v1: a dense float32 W_past per module.
           ASSIGN_OR_RETURN(std::string cfg, config_of("ella", m));
           ASSIGN_OR_RETURN(EllaModule module, EllaModule::ImportState(cfg, "ella/" + m + "/", tensors));
           if (module.out_features() != n_of(i) || module.in_features() != d_of(i)) {
             return absl::InvalidArgumentError(
                 absl::StrCat(name(), " state: ELLA module \"", m, "\" does not match the method's shapes"));
           }
-          ella.emplace(m, std::move(module));
+          legacy.emplace(m, std::move(module));
         }
       }
     }
     share_ = std::move(share);
-    ella_ = std::move(ella);
+    served_ = std::move(served);
+    legacy_ = std::move(legacy);
     DoAbortTask();
     return absl::OkStatus();
   }
 
  private:
+  // Records the target weights of `model` (which holds W0) as the base weights; modules whose
+  // shape differs from the state are skipped (CheckBase refuses such a model elsewhere).
+  void BindBase(const CausalLM& model) const {
+    std::lock_guard<std::mutex> lock(base_mu_);
+    for (size_t i = 0; i < modules_.size(); ++i) {
+      const LinearLayer* layer = model.FindLinear(modules_[i]);
+      if (layer == nullptr || layer->weight.size(0) != n_of(i) || layer->weight.size(1) != d_of(i)) continue;
+      base_[modules_[i]] = layer->weight;
+    }
+  }
+  // W0 of module `m`; undefined when no base was bound.
+  at::Tensor BaseWeight(const std::string& m) const {
+    std::lock_guard<std::mutex> lock(base_mu_);
+    auto it = base_.find(m);
+    return it == base_.end() ? at::Tensor() : it->second;
+  }
+
   int64_t n_of(size_t i) const { return module_shapes_[i].first; }
   // Whether the active task trains a plain LoRA (ella always; share/share_ella unless
   // share_training is "subspace").
@@ -397,9 +523,18 @@ class ShareEllaMethod : public Method {
   bool use_ella_;
   // Committed, by module name.
   std::map<std::string, ShareModule> share_;
-  std::map<std::string, EllaModule> ella_;
+  // ella, share_ella: the served weight of each target module (W0 + W_past; the tensor the served
+  // model holds, in its dtype).
+  std::map<std::string, at::Tensor> served_;
+  // A strata.ella.v1 state's dense W_past, until the next task or import rewrites the state.
+  std::map<std::string, EllaModule> legacy_;
+  // W0 handles (shared with the base model; not part of the state). Written by const
+  // ApplyServedWeights, hence mutable and locked.
+  mutable std::mutex base_mu_;
+  mutable std::map<std::string, at::Tensor> base_;
   // Active task.
   std::map<std::string, ShareModule> pending_share_;
+  // The ELLA penalty's dense Ŵ_past (λ > 0, t > 1), for the active task only.
   std::map<std::string, EllaModule> pending_ella_;
   std::vector<std::shared_ptr<ShareAdapter>> share_adapters_;
   std::vector<std::shared_ptr<LoraAdapter>> lora_adapters_;

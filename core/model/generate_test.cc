@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -55,8 +56,12 @@ std::unique_ptr<CausalLM> DefaultModel(uint64_t seed = 3) {
   return std::move(m).value();
 }
 
+// STRATA_TEST_DEVICE (default cpu; scripts/gpu-check.sh sets cuda) for the stories260K tests.
 std::unique_ptr<CausalLM> Stories() {
-  auto m = CausalLM::Load(kStories);
+  ModelLoadOptions o;
+  const char* device = std::getenv("STRATA_TEST_DEVICE");
+  if (device != nullptr && *device != '\0') o.device = device;
+  auto m = CausalLM::Load(kStories, o);
   EXPECT_TRUE(m.ok()) << m.status();
   return m.ok() ? std::move(m).value() : nullptr;
 }

@@ -25,6 +25,11 @@ namespace {
 
 const std::string kShared = STRATA_SHARED_DIR;
 const std::string kStories = kShared + "/models/stories260K";
+// The golden tests run on STRATA_TEST_DEVICE (default cpu; scripts/gpu-check.sh sets cuda).
+std::string TestDevice() {
+  const char* d = std::getenv("STRATA_TEST_DEVICE");
+  return d != nullptr && *d != '\0' ? d : "cpu";
+}
 
 nlohmann::json Reference() {
   std::ifstream in(kStories + "/reference_outputs.json");
@@ -514,6 +519,7 @@ TEST(ModelTest, LoadErrors) {
 std::unique_ptr<CausalLM> LoadStories(const std::string& dir, const std::string& dtype = "float32") {
   ModelLoadOptions o;
   o.dtype = dtype;
+  o.device = TestDevice();
   auto m = CausalLM::Load(dir, o);
   EXPECT_TRUE(m.ok()) << m.status();
   return m.ok() ? std::move(m).value() : nullptr;

@@ -13,6 +13,7 @@
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
+#include "core/state/checkpoint.h"
 
 namespace strata {
 namespace {
@@ -350,6 +351,42 @@ TEST(Engine, OverridesShapeTheFirstTaskAndLambdaIsPerTask) {
   EXPECT_EQ((*engine)->Current()->method->config().ella_lambda, 0.1);
   EXPECT_EQ((*engine)->Current()->method->config().rank, 4);
   EXPECT_EQ((*engine)->Current()->method->config().alpha, 8);
+}
+
+// ella / share_ella checkpoints hold the served weights of the target modules (in the model's dtype),
+// not a dense float32 W_past; a restarted engine continues with the ELLA penalty (λ > 0), which
+// derives W_past = W_served − W0 (W0 bound when the engine rebuilds the served model).
+TEST(Engine, CheckpointHoldsServedWeightsAndRestartContinuesWithThePenalty) {
+  SetTorchThreads(2);
+  Dir dir;
+  EngineOptions o = Options(dir.path);
+  o.defaults.ella_lambda = 0.5;
+  o.reference_text_path.clear();
+  {
+    auto engine = MakeEngine(o);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    auto capitals = Task("capitals");
+    auto r = (*engine)->RunJob(Job("capitals", "job-000001"), capitals.train, capitals.test, JobContext{});
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  auto checkpoint = LoadCheckpoint(dir.path);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  ASSERT_TRUE(checkpoint->has_value());
+  int served = 0;
+  for (const auto& [k, t] : (*checkpoint)->method_tensors) {
+    EXPECT_NE(k.rfind("ella/", 0), 0u) << "dense W_past in the checkpoint: " << k;
+    if (k.rfind("served/", 0) == 0) {
+      ++served;
+      EXPECT_EQ(t.scalar_type(), at::kFloat) << k;  // the model's dtype
+    }
+  }
+  EXPECT_EQ(served, 10);  // q_proj and v_proj of 5 layers
+  auto restarted = MakeEngine(o);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  auto langid = Task("langid");
+  auto r2 = (*restarted)->RunJob(Job("langid", "job-000002"), langid.train, langid.test, JobContext{});
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(r2->weights_version, 3);
 }
 
 }  // namespace

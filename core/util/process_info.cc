@@ -61,4 +61,26 @@ ProcessStats ReadProcessStats() {
   return s;
 }
 
+int64_t PeakResidentBytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      std::istringstream f(line.substr(6));
+      int64_t kib = 0;
+      f >> kib;
+      return kib * 1024;
+    }
+  }
+  return 0;
+}
+
+bool ResetPeakResident() {
+  std::ofstream out("/proc/self/clear_refs");
+  if (!out) return false;
+  out << "5";
+  out.flush();
+  return static_cast<bool>(out);
+}
+
 }  // namespace strata

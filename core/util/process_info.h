@@ -17,4 +17,11 @@ struct ProcessStats {
 
 ProcessStats ReadProcessStats();
 
+// Peak resident set size of the process (VmHWM of /proc/self/status), in bytes; 0 if unreadable.
+int64_t PeakResidentBytes();
+// Resets the peak (VmHWM) to the current resident size (writes "5" to /proc/self/clear_refs,
+// Linux >= 4.0). Returns false when the kernel refuses; the peak then keeps counting from the
+// process start.
+bool ResetPeakResident();
+
 }  // namespace strata
