@@ -258,6 +258,7 @@ TEST(PmTest, PerturbationMatchesHessianTerm) {
   MethodConfig config;
   config.rank = 2;
   config.alpha = 4.0;
+  config.pm_epsilon = 0.5;  // the paper's value (the default is 0.1); the draw below counts 1 ± 0.5
   auto method = MakeMethod("pm", config);
   auto work = model->ShallowCopy();
   ASSERT_TRUE(method->BeginTask("t1", work.get()).ok());
