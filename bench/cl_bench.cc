@@ -332,6 +332,7 @@ json ArgsToJson(const ClBenchArgs& a, const std::vector<std::string>& methods,
   j["router_layer"] = a.router_layer;
   j["targets"] = a.targets;
   j["warmup_steps"] = a.warmup_steps;
+  j["warmup_ratio"] = a.warmup_steps < 0 ? kDefaultWarmupRatio : 0.0;
   j["lr_schedule"] = a.lr_schedule;
   j["max_seq_len"] = a.max_seq_len;
   j["seed"] = a.seed;
@@ -439,9 +440,9 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
       ->check(CLI::Range(0.0, 1.0));
   sub->add_option("--targets", a->targets, "Target modules: comma-separated short names or all-linear")
       ->capture_default_str();
-  sub->add_option("--warmup-steps", a->warmup_steps, "Warmup steps per stage")
+  sub->add_option("--warmup-steps", a->warmup_steps, "Warmup steps per stage (-1 = 5 % of the steps, as the server)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(int64_t{-1}, int64_t{1} << 30));
   sub->add_option("--lr-schedule", a->lr_schedule, "linear, cosine or constant")
       ->capture_default_str()
       ->check(CLI::IsMember({"linear", "cosine", "constant"}));
@@ -508,7 +509,11 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   train_options.batch_size = args.batch_size;
   train_options.max_steps = args.steps;
   train_options.epochs = args.epochs;
-  train_options.warmup_steps = args.warmup_steps;
+  if (args.warmup_steps < 0) {
+    train_options.warmup_ratio = kDefaultWarmupRatio;
+  } else {
+    train_options.warmup_steps = args.warmup_steps;
+  }
   train_options.lr_schedule = args.lr_schedule;
   train_options.seed = args.seed;
   if (absl::Status s = ValidateTrainOptions(train_options); !s.ok()) {

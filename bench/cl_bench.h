@@ -46,11 +46,11 @@ struct ClBenchArgs {
   int64_t phi = 8;                      // Share: temporary basis vectors per side (server default)
   int64_t k_max = 32;                   // Share: cap on the subspace rank per side
   std::string share_training = "lora";  // Share: "lora" (fold a LoRA) or "subspace" (server default)
-  double energy_threshold = 0.999;      // Share: explained-energy fraction kept by a merge
+  double energy_threshold = 1.0;        // Share: explained-energy fraction kept by a merge (server default)
   double pm_epsilon = 0.1;              // Perturb-and-Merge: perturbation size (server default)
   int64_t router_layer = -1;            // automatic routing: feature layer (-1 = half; server default)
   std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
-  int64_t warmup_steps = 0;
+  int64_t warmup_steps = -1;  // -1: kDefaultWarmupRatio of each stage's steps (as the server)
   std::string lr_schedule = "linear";
   int64_t max_seq_len = 256;            // tokens per training / scoring sequence
   uint64_t seed = 0;

@@ -61,7 +61,11 @@ struct MethodConfig {
   int64_t k_max = 32;               // Share: cap on the subspace rank per side
   int64_t phi = 2;                  // Share: temporary basis vectors per side
   int64_t p = 8;                    // Share: pseudo-rank per task
-  double energy_threshold = 0.999;  // Share: explained-energy fraction
+  // Share: explained-energy fraction a merge keeps. 1 (keep every non-zero direction until k_max
+  // binds, then the best rank-k_max summary) is the server's default: measured on cl-small, 0.999
+  // (the paper's) dropped directions while the subspace had room and cost the routed weights one
+  // domains answer (routed AA 0.9137 vs 0.9147; docs/benchmarks.md).
+  double energy_threshold = 1.0;
   // share, share_ella: how a task trains before its merge into the subspace.
   //   "lora" (default): a plain rank-p LoRA (A kaiming-uniform, B = 0; the plasticity of inc_lora),
   //       folded into the subspace at the end of the task with its factors balanced

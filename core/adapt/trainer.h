@@ -57,6 +57,10 @@ struct TrainProgress {
   double eta_seconds = 0;
 };
 
+// The warmup the server trains every task with, and `strata bench cl`'s default: 5 % of the steps
+// (measured on cl-small: routed AA 0.914 with it, 0.899 without; docs/benchmarks.md).
+inline constexpr double kDefaultWarmupRatio = 0.05;
+
 struct TrainOptions {
   double learning_rate = 1e-3;
   double weight_decay = 0.0;  // AdamW decoupled weight decay

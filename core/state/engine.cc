@@ -668,7 +668,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   to.seed = static_cast<uint64_t>(o.seed.value_or(d.seed));
   to.cancel = ctx.cancel;
   to.pad_id = s.tokenizer->pad_id().value_or(0);
-  to.warmup_ratio = 0.05;
+  to.warmup_ratio = kDefaultWarmupRatio;
   to.progress_every = 1;
   to.on_progress = [&ctx](const TrainProgress& p) {
     if (!ctx.progress) return;
