@@ -97,6 +97,11 @@ TEST(JobStore, InterruptedSpoolIsDiscardedAndCorruptJournalRefused) {
 TEST(JobSpec, ValidationNamesTheField) {
   auto bad = Spec("bad name!");
   EXPECT_NE(ValidateTaskSpecification(bad).message().find("spec.name"), std::string::npos);
+  for (const char* reserved : {"auto", "merged", "base"}) {  // route names of Generate/Score
+    TaskSpecification r = bad;
+    r.name = reserved;
+    EXPECT_NE(ValidateTaskSpecification(r).message().find("reserved"), std::string::npos) << reserved;
+  }
   auto frac = Spec("ok");
   frac.eval_fraction = 1.5;
   EXPECT_NE(ValidateTaskSpecification(frac).message().find("eval_fraction"), std::string::npos);
