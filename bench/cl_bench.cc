@@ -99,44 +99,15 @@ struct MethodRun {
   std::string method_config_json;
 };
 
-// The models automatic routing selects from for `method`'s current state: [0] the base model W0
-// (a prompt that fits no task), [1 + k] the model as of the router's k-th task.
-absl::StatusOr<std::vector<std::unique_ptr<CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
-                                                                    const TaskRouter& router) {
-  std::vector<std::unique_ptr<CausalLM>> out;
-  out.push_back(base.ShallowCopy());
-  for (const std::string& task : router.TaskNames()) {
-    std::unique_ptr<CausalLM> model = base.ShallowCopy();
-    RETURN_IF_ERROR(method.ApplyTaskRouting(task, model.get()));
-    out.push_back(std::move(model));
-  }
-  return out;
-}
-
-size_t RouteIndex(const RouteDecision& d) { return d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1; }
-
-// Accuracy of `task`'s test split with example i served by models[RouteIndex(decisions[i])].
-absl::StatusOr<double> EvaluateRouted(const std::vector<std::unique_ptr<CausalLM>>& models,
+// Accuracy of `task`'s test split with example i served by models[RouteSlot(decisions[i])].
+absl::StatusOr<double> EvaluateRouted(const std::vector<std::shared_ptr<const CausalLM>>& models,
                                       const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
                                       const BenchTask& task, int64_t max_seq_len);
 
-// Reference NLL (token-weighted) with text i served by models[RouteIndex(decisions[i])].
-absl::StatusOr<double> RoutedReferenceNll(const std::vector<std::unique_ptr<CausalLM>>& models,
-                                          const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
-                                          const std::vector<std::string>& texts, int64_t max_seq_len) {
-  std::map<size_t, std::vector<std::string>> groups;
-  for (size_t i = 0; i < texts.size(); ++i) groups[RouteIndex(decisions[i])].push_back(texts[i]);
-  double nll = 0;
-  int64_t tokens = 0;
-  NllOptions o;
-  o.max_seq_len = max_seq_len;
-  for (const auto& [index, group] : groups) {
-    ASSIGN_OR_RETURN(NllScore s, ScoreNll(*models[index], tokenizer, group, o));
-    nll += s.mean_nll * static_cast<double>(s.tokens);
-    tokens += s.tokens;
-  }
-  if (tokens == 0) return absl::InvalidArgumentError("reference text: no token");
-  return nll / static_cast<double>(tokens);
+std::vector<size_t> Slots(const std::vector<RouteDecision>& decisions) {
+  std::vector<size_t> out;
+  for (const auto& d : decisions) out.push_back(RouteSlot(d));
+  return out;
 }
 
 // Facts read from an exported state after a stage: the Share subspace ranks (mean over modules of
@@ -194,12 +165,12 @@ absl::StatusOr<double> Evaluate(const CausalLM& model, const Tokenizer& tokenize
   return s.accuracy;
 }
 
-absl::StatusOr<double> EvaluateRouted(const std::vector<std::unique_ptr<CausalLM>>& models,
+absl::StatusOr<double> EvaluateRouted(const std::vector<std::shared_ptr<const CausalLM>>& models,
                                       const std::vector<RouteDecision>& decisions, const Tokenizer& tokenizer,
                                       const BenchTask& task, int64_t max_seq_len) {
   std::map<size_t, BenchTask> groups;
   for (size_t i = 0; i < task.data.test.size(); ++i) {
-    BenchTask& g = groups[RouteIndex(decisions[i])];
+    BenchTask& g = groups[RouteSlot(decisions[i])];
     if (g.data.test.empty()) {
       g.data.name = task.data.name;
       g.data.scorer = task.data.scorer;
@@ -753,7 +724,10 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
         run.routed_matrix.push_back(std::move(routed));
         // Automatic routing with this stage's router.
         const size_t stage = run.matrix.size() - 1;
-        absl::StatusOr<std::vector<std::unique_ptr<CausalLM>>> models = RouteModels(*base_model, method, routers[stage]);
+        // A prompt that fits no task gets the base model (the server's default).
+        std::shared_ptr<const CausalLM> base_copy(base_model->ShallowCopy());
+        absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> models =
+            RouteModels(*base_model, method, routers[stage], base_copy, std::shared_ptr<const CausalLM>(current->ShallowCopy()));
         if (!models.ok()) {
           fail(absl::StrCat("auto routing after stage \"", stage_name, "\": ", models.status().message()));
           return false;
@@ -774,7 +748,9 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
         run.auto_matrix.push_back(std::move(auto_row));
         run.router_accuracy.push_back(std::move(accuracy_row));
         if (stage + 1 == tasks.size()) {
-          absl::StatusOr<double> nll = RoutedReferenceNll(*models, ref_decisions, tokenizer, ref_texts, max_seq_len);
+          NllOptions no;
+          no.max_seq_len = max_seq_len;
+          absl::StatusOr<double> nll = MeanNllOnModels(*models, Slots(ref_decisions), tokenizer, ref_texts, no);
           if (!nll.ok()) {
             fail(absl::StrCat("auto-routed reference NLL: ", nll.status().message()));
             return false;

@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
 #include "bench/memory_plan.h"
+#include "bench/train_bench.h"
 #include "core/adapt/method.h"
 #include "core/adapt/trainer.h"
 #include "core/model/model.h"
@@ -59,24 +60,6 @@ absl::StatusOr<ModelConfig> ResolveConfig(const std::string& name) {
   return LoadModelConfig(path);
 }
 
-// Random-token training data: `rows` sequences of `seq` ids in [3, vocab), every position after the
-// first a target.
-TrainTask RandomTask(int64_t rows, int64_t seq, int64_t vocab, uint64_t seed) {
-  TrainTask t;
-  t.name = "memory";
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(3, static_cast<int32_t>(vocab - 1));
-  for (int64_t r = 0; r < rows; ++r) {
-    EncodedExample e;
-    e.ids.resize(static_cast<size_t>(seq));
-    for (auto& id : e.ids) id = dist(rng);
-    e.target_start = 1;
-    e.untruncated_length = seq;
-    t.examples.push_back(std::move(e));
-  }
-  return t;
-}
-
 struct Measured {
   int64_t baseline_rss = 0;  // after loading the model, before training
   int64_t peak_rss = 0;      // VmHWM after the steps
@@ -112,7 +95,7 @@ absl::StatusOr<Measured> MeasureTraining(const MemoryBenchArgs& a, const std::st
     m.steps = p.step;
     if (p.step >= a.steps) cancel.store(true);
   };
-  const TrainTask task = RandomTask(a.batch_size * 2, a.seq_len, model->config().vocab_size, 5);
+  const TrainTask task = RandomTrainTask("memory", a.batch_size * 2, a.seq_len, model->config().vocab_size, 5);
   m.baseline_rss = ReadProcessStats().resident_bytes;
   if (!ResetPeakResident()) {
     return absl::FailedPreconditionError("cannot reset the peak resident size (/proc/self/clear_refs)");

@@ -58,8 +58,9 @@ int64_t MatmulParameters(const CausalLM& model) {
   return n;
 }
 
-// Random-token training data: `rows` sequences of `seq` ids in [3, vocab).
-TrainTask RandomTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed) {
+}  // namespace
+
+TrainTask RandomTrainTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed) {
   TrainTask t;
   t.name = name;
   std::mt19937_64 rng(seed);
@@ -74,6 +75,8 @@ TrainTask RandomTask(const std::string& name, int64_t rows, int64_t seq, int64_t
   }
   return t;
 }
+
+namespace {
 
 // Model FLOPs per token of one training step: forward 2N + input gradients 2N + weight gradients
 // 2 per trainable parameter (capped at N; embeddings and norms are counted like matmul weights).
@@ -124,7 +127,7 @@ absl::StatusOr<StepTiming> TimeSteps(const CausalLM& model, Method& method, cons
     if (p.step >= warmup + steps) cancel.store(true);
   };
   const TrainTask task =
-      RandomTask(task_name, a.batch_size * 4, a.seq_len, model.config().vocab_size, seed + 17);
+      RandomTrainTask(task_name, a.batch_size * 4, a.seq_len, model.config().vocab_size, seed + 17);
   Trainer trainer(o);
   absl::StatusOr<TrainResult> r = trainer.Train(model, method, task_name, {task});
   if (r.ok()) return absl::InternalError("the timed run was not cancelled");

@@ -35,7 +35,15 @@ namespace CLI {
 class App;
 }  // namespace CLI
 
+namespace strata {
+struct TrainTask;
+}  // namespace strata
+
 namespace strata::bench {
+
+// Random-token training data: `rows` sequences of `seq` ids in [3, vocab), every position after the
+// first a target (callers include core/adapt/trainer.h for TrainTask).
+TrainTask RandomTrainTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed);
 
 struct TrainBenchArgs {
   std::string model_dir;                         // stories260K (default: shared/models/stories260K)

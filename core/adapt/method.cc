@@ -24,12 +24,6 @@ bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-std::string ShapeString(const at::Tensor& t) {
-  if (!t.defined()) return "undefined";
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) absl::StrAppend(&s, i ? ", " : "", t.size(i));
-  return s + "]";
-}
 
 json ConfigToJsonValue(const MethodConfig& c) {
   json j;
@@ -479,6 +473,13 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethodFromState(const MethodState&
   ASSIGN_OR_RETURN(std::unique_ptr<Method> m, CreateMethod(method, config));
   RETURN_IF_ERROR(m->ImportState(state));
   return m;
+}
+
+std::string ShapeString(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) absl::StrAppend(&s, i ? ", " : "", t.size(i));
+  return s + "]";
 }
 
 void AddToWeight(LinearLayer* layer, const at::Tensor& delta) {

@@ -263,5 +263,7 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethodFromState(const MethodState&
 // ---- helpers for method implementations -----------------------------------------------------------
 // Replaces `layer`'s weight by weight + delta (a new tensor in the weight's dtype; no autograd).
 void AddToWeight(LinearLayer* layer, const at::Tensor& delta);
+// "[n, d]" ("undefined" for an undefined tensor), for error messages.
+std::string ShapeString(const at::Tensor& t);
 
 }  // namespace strata

@@ -12,13 +12,6 @@
 namespace strata {
 namespace {
 
-std::string Shape(const at::Tensor& t) {
-  if (!t.defined()) return "undefined";
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) absl::StrAppend(&s, i ? ", " : "", t.size(i));
-  return s + "]";
-}
-
 absl::Status CheckFinite(const std::string& method, const std::string& what, const at::Tensor& t) {
   if (!at::isfinite(t).all().item<bool>()) {
     return absl::InvalidArgumentError(absl::StrCat(method, ": ", what, " has non-finite values"));
@@ -36,7 +29,7 @@ absl::StatusOr<at::Tensor> GetMatrix(const std::map<std::string, at::Tensor>& te
   const at::Tensor& t = it->second;
   if (t.dim() != 2 || (rows >= 0 && t.size(0) != rows) || (cols >= 0 && t.size(1) != cols) ||
       !at::isFloatingType(t.scalar_type())) {
-    return absl::InvalidArgumentError(absl::StrCat("method state: tensor \"", key, "\" has shape ", Shape(t),
+    return absl::InvalidArgumentError(absl::StrCat("method state: tensor \"", key, "\" has shape ", ShapeString(t),
                                                    ", expected floating [", rows, ", ", cols, "]"));
   }
   at::Tensor out = t.detach().to(at::kCPU, at::kFloat).clone().contiguous();
@@ -85,7 +78,7 @@ absl::Status CheckBaseModules(const CausalLM& base, const std::vector<std::strin
     }
     if (layer->weight.size(0) != shapes[i].first || layer->weight.size(1) != shapes[i].second) {
       return absl::InvalidArgumentError(absl::StrCat(method, ": module \"", modules[i], "\" has weight ",
-                                                     Shape(layer->weight), ", the method state expects [",
+                                                     ShapeString(layer->weight), ", the method state expects [",
                                                      shapes[i].first, ", ", shapes[i].second, "]"));
     }
   }
@@ -351,7 +344,7 @@ class SeqFtMethod : public Method {
       }
       if (!slot->sizes().equals(value.sizes())) {
         return absl::InvalidArgumentError(absl::StrCat(name(), ": parameter \"", pname, "\" has shape ",
-                                                       Shape(*slot), ", the state holds ", Shape(value)));
+                                                       ShapeString(*slot), ", the state holds ", ShapeString(value)));
       }
     }
     at::NoGradGuard no_grad;

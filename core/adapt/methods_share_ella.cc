@@ -47,13 +47,6 @@ using json = nlohmann::json;
 // extra["served"]["format"]: the state holds the served weights of the target modules.
 constexpr char kServedFormat[] = "strata.served_weights.v1";
 
-std::string ShapeOf(const at::Tensor& t) {
-  if (!t.defined()) return "undefined";
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) absl::StrAppend(&s, i ? ", " : "", t.size(i));
-  return s + "]";
-}
-
 // Share's trainable factors as a side path: the factors are rebuilt (B = β Eβ + Rβ1 Rβ2, ...) on
 // every forward so gradients reach the coefficients and temporary vectors.
 class ShareAdapter : public LowRankAdapter {
@@ -468,7 +461,7 @@ class ShareEllaMethod : public Method {
           const at::Tensor& w = it->second;
           if (w.dim() != 2 || w.size(0) != n_of(i) || w.size(1) != d_of(i) || !at::isFloatingType(w.scalar_type())) {
             return absl::InvalidArgumentError(absl::StrCat(name(), " state: tensor \"served/", m, "\" has shape ",
-                                                           ShapeOf(w), ", expected floating [", n_of(i), ", ",
+                                                           ShapeString(w), ", expected floating [", n_of(i), ", ",
                                                            d_of(i), "]"));
           }
           served.emplace(m, w.detach());

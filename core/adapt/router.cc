@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "core/adapt/method.h"
 #include "core/data/encode.h"
 #include "core/model/model.h"
 #include "core/model/tokenizer.h"
@@ -313,6 +314,24 @@ absl::StatusOr<TaskRouter> TaskRouter::ImportState(const std::string& text, cons
   ASSIGN_OR_RETURN(r.scatter_, get("scatter", r.hidden_, r.hidden_, at::kDouble));
   RETURN_IF_ERROR(r.Rebuild());
   return r;
+}
+
+absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
+                                                                         const TaskRouter& router,
+                                                                         std::shared_ptr<const CausalLM> unmatched,
+                                                                         std::shared_ptr<const CausalLM> merged) {
+  std::vector<std::shared_ptr<const CausalLM>> out = {std::move(unmatched)};
+  const auto& known = method.tasks();
+  for (const std::string& task : router.TaskNames()) {
+    if (method.SupportsTaskRouting() && std::find(known.begin(), known.end(), task) != known.end()) {
+      std::unique_ptr<CausalLM> model = base.ShallowCopy();
+      RETURN_IF_ERROR(method.ApplyTaskRouting(task, model.get()));
+      out.push_back(std::shared_ptr<const CausalLM>(std::move(model)));
+    } else {
+      out.push_back(merged);
+    }
+  }
+  return out;
 }
 
 }  // namespace strata

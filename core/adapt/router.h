@@ -32,6 +32,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,7 @@
 namespace strata {
 
 class CausalLM;
+class Method;
 class Tokenizer;
 
 inline constexpr int64_t kMaxRouterTokens = 256;
@@ -64,6 +66,20 @@ struct RouteDecision {
   std::string nearest;      // the nearest task, even when it does not fit
   double confidence = 0;    // see the header comment
 };
+
+// Where a decision points in a RouteModels() list: 0 when no task fits, 1 + task_index otherwise.
+inline size_t RouteSlot(const RouteDecision& d) { return d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1; }
+
+class TaskRouter;
+
+// The models routing decisions select from, for `method`'s committed state: [0] `unmatched` (what a
+// prompt that fits no task gets: the base model, or the merged weights); [1 + k] for the router's
+// k-th task, the model as of that task (Method::ApplyTaskRouting on a copy of `base`) or, when the
+// method keeps no per-task weights or does not know the task, `merged`. Index with RouteSlot().
+absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
+                                                                         const TaskRouter& router,
+                                                                         std::shared_ptr<const CausalLM> unmatched,
+                                                                         std::shared_ptr<const CausalLM> merged);
 
 class TaskRouter {
  public:

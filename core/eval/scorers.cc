@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <utility>
 
@@ -281,6 +282,31 @@ std::vector<std::string> SplitOnBlankLines(std::string_view text) {
   }
   flush();
   return out;
+}
+
+absl::StatusOr<double> MeanNllOnModels(const std::vector<std::shared_ptr<const CausalLM>>& models,
+                                       const std::vector<size_t>& model_of_text, const Tokenizer& tokenizer,
+                                       const std::vector<std::string>& texts, const NllOptions& options) {
+  if (model_of_text.size() != texts.size()) {
+    return absl::InvalidArgumentError("MeanNllOnModels: one model index per text is required");
+  }
+  std::map<size_t, std::vector<std::string>> groups;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    if (model_of_text[i] >= models.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("MeanNllOnModels: text ", i, " names model ",
+                                                     model_of_text[i], " of ", models.size()));
+    }
+    groups[model_of_text[i]].push_back(texts[i]);
+  }
+  double nll = 0;
+  int64_t tokens = 0;
+  for (const auto& [index, group] : groups) {
+    ASSIGN_OR_RETURN(NllScore s, ScoreNll(*models[index], tokenizer, group, options));
+    nll += s.mean_nll * static_cast<double>(s.tokens);
+    tokens += s.tokens;
+  }
+  if (tokens == 0) return absl::InvalidArgumentError("MeanNllOnModels: no text to score");
+  return nll / static_cast<double>(tokens);
 }
 
 }  // namespace strata

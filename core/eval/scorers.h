@@ -10,6 +10,7 @@
 // for torch errors (c10::Error is caught).
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -89,6 +90,12 @@ struct NllScore {
 // is a target. INVALID_ARGUMENT for an empty list or a text with no predicted token.
 absl::StatusOr<NllScore> ScoreNll(const CausalLM& model, const Tokenizer& tokenizer,
                                   const std::vector<std::string>& texts, const NllOptions& options = {});
+// Mean NLL per token over `texts` with text i scored on models[model_of_text[i]] (the texts of one
+// model in one ScoreNll call; token-weighted over all texts, e.g. a reference text served through
+// automatic routing). INVALID_ARGUMENT as ScoreNll, or for an index out of range.
+absl::StatusOr<double> MeanNllOnModels(const std::vector<std::shared_ptr<const CausalLM>>& models,
+                                       const std::vector<size_t>& model_of_text, const Tokenizer& tokenizer,
+                                       const std::vector<std::string>& texts, const NllOptions& options = {});
 
 // Splits a document into paragraphs separated by blank lines (lines of only whitespace); each
 // paragraph is trimmed of surrounding whitespace; empty ones are dropped.

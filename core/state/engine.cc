@@ -141,54 +141,32 @@ struct Engine::Impl {
     return r->mean_nll;
   }
 
-  // The models a router decision can select, for one method state: index 0 is what a prompt that
-  // fits no task gets (base or merged, --unmatched_route); 1 + j the route of router task j (the
-  // task-routed model for methods with per-task weights, else the merged model).
-  struct RouteModels {
-    std::vector<std::shared_ptr<const CausalLM>> models;
-    std::vector<std::string> names;
-  };
-  absl::StatusOr<RouteModels> BuildRouteModels(const Method& m, const TaskRouter& r,
-                                               std::shared_ptr<const CausalLM> merged) const {
-    RouteModels out;
-    const bool to_merged = options.unmatched_route == "merged";
-    out.models.push_back(to_merged ? merged : std::shared_ptr<const CausalLM>(base->ShallowCopy()));
-    out.names.push_back(to_merged ? "merged" : "base");
-    const auto& known = m.tasks();
-    for (const std::string& task : r.TaskNames()) {
-      const bool routable =
-          m.SupportsTaskRouting() && std::find(known.begin(), known.end(), task) != known.end();
-      if (routable) {
-        auto model = base->ShallowCopy();
-        RETURN_IF_ERROR(m.ApplyTaskRouting(task, model.get()));
-        out.models.push_back(std::shared_ptr<const CausalLM>(std::move(model)));
-        out.names.push_back(task);
-      } else {
-        out.models.push_back(merged);
-        out.names.push_back("merged");
-      }
-    }
-    return out;
+  // The models a router decision selects from (RouteModels in router.h) for method state `m`: a
+  // prompt that fits no task gets the base model or, with --unmatched_route=merged, `merged`.
+  absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> BuildRouteModels(
+      const Method& m, const TaskRouter& r, std::shared_ptr<const CausalLM> merged) const {
+    std::shared_ptr<const CausalLM> unmatched =
+        options.unmatched_route == "merged" ? merged : std::shared_ptr<const CausalLM>(base->ShallowCopy());
+    return RouteModels(*base, m, r, std::move(unmatched), std::move(merged));
   }
 
-  // Index into RouteModels for each decision.
-  static std::vector<size_t> Choices(const std::vector<RouteDecision>& decisions) {
+  static std::vector<size_t> Slots(const std::vector<RouteDecision>& decisions) {
     std::vector<size_t> out;
-    for (const auto& d : decisions) out.push_back(d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1);
+    for (const auto& d : decisions) out.push_back(RouteSlot(d));
     return out;
   }
 
   // Score of `examples` when example i is served by models[choice[i]]: each group of examples on
   // one model is scored in batches, and the scores are combined weighted by examples (exact for
   // accuracy scorers; for nll, the per-group means weighted by examples). NaN on failure.
-  double ScoreGrouped(const RouteModels& rm, const std::vector<size_t>& choice, const std::vector<Example>& examples,
-                      const std::string& scorer) const {
+  double ScoreGrouped(const std::vector<std::shared_ptr<const CausalLM>>& models, const std::vector<size_t>& choice,
+                      const std::vector<Example>& examples, const std::string& scorer) const {
     if (examples.empty()) return Nan();
     std::map<size_t, std::vector<Example>> groups;
     for (size_t i = 0; i < examples.size(); ++i) groups[choice[i]].push_back(examples[i]);
     double total = 0;
     for (const auto& [index, group] : groups) {
-      const double score = Score(*rm.models[index], group, scorer);
+      const double score = Score(*models[index], group, scorer);
       if (std::isnan(score)) return Nan();
       total += score * static_cast<double>(group.size());
     }
@@ -197,30 +175,21 @@ struct Engine::Impl {
 
   // Reference NLL with each text served where the router sends it (token-weighted). NaN when
   // there is no reference text or on failure.
-  double RefNllGrouped(const RouteModels& rm, const TaskRouter& r) const {
+  double RefNllGrouped(const std::vector<std::shared_ptr<const CausalLM>>& models, const TaskRouter& r) const {
     if (reference_texts.empty()) return Nan();
     auto features = r.Features(*base, *tokenizer, reference_texts);
     if (!features.ok()) {
       spdlog::warn("reference NLL (auto): {}", features.status().ToString());
       return Nan();
     }
-    const std::vector<size_t> choice = Choices(r.Route(*features));
-    std::map<size_t, std::vector<std::string>> groups;
-    for (size_t i = 0; i < reference_texts.size(); ++i) groups[choice[i]].push_back(reference_texts[i]);
-    double nll = 0;
-    int64_t tokens = 0;
     NllOptions no;
     no.max_seq_len = options.defaults.max_seq_len;
-    for (const auto& [index, texts] : groups) {
-      auto res = ScoreNll(*rm.models[index], *tokenizer, texts, no);
-      if (!res.ok()) {
-        spdlog::warn("reference NLL (auto) failed: {}", res.status().ToString());
-        return Nan();
-      }
-      nll += res->mean_nll * static_cast<double>(res->tokens);
-      tokens += res->tokens;
+    auto nll = MeanNllOnModels(models, Slots(r.Route(*features)), *tokenizer, reference_texts, no);
+    if (!nll.ok()) {
+      spdlog::warn("reference NLL (auto) failed: {}", nll.status().ToString());
+      return Nan();
     }
-    return tokens > 0 ? nll / static_cast<double>(tokens) : Nan();
+    return *nll;
   }
 
   // Restores the method's committed state after a failure past the merge; returns `st`.
@@ -772,7 +741,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
       const auto& eval_j = eval_sets[tasks[j].name];
       const auto it = std::find(routes.begin(), routes.end(), tasks[j].name);
       if (s.method->SupportsTaskRouting() && it != routes.end()) {
-        routed_row[j] = s.Score(*rm->models[1 + (it - routes.begin())], eval_j, tasks[j].scorer);
+        routed_row[j] = s.Score(*(*rm)[1 + (it - routes.begin())], eval_j, tasks[j].scorer);
       }
       if (new_router.empty() || eval_j.empty()) continue;
       std::vector<std::string> prompts;
@@ -783,7 +752,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
       int64_t right = 0;
       for (const auto& dec : decisions) right += dec.task == tasks[j].name;
       accuracy_row[j] = static_cast<double>(right) / static_cast<double>(decisions.size());
-      auto_row[j] = s.ScoreGrouped(*rm, Impl::Choices(decisions), eval_j, tasks[j].scorer);
+      auto_row[j] = s.ScoreGrouped(*rm, Impl::Slots(decisions), eval_j, tasks[j].scorer);
     }
     ref_nll_auto = new_router.empty() ? ref_nll : s.RefNllGrouped(*rm, new_router);
   }
