@@ -8,6 +8,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
+#include "core/model/llama_configs.h"
 #include "core/model/config.h"
 
 namespace strata::bench {
@@ -44,21 +45,8 @@ inline std::vector<std::string> FlattenList(const std::vector<std::string>& in) 
 // The random-init ~110M Llama of the training and decode benchmarks: hidden 768, 12 layers,
 // 12 heads, intermediate 2048, vocab 32000, tied embeddings.
 inline ModelConfig Llama110mConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 768;
-  c.intermediate_size = 2048;
-  c.num_hidden_layers = 12;
-  c.num_attention_heads = 12;
-  c.num_key_value_heads = 12;
-  c.head_dim = 64;
-  c.vocab_size = 32000;
-  c.max_position_embeddings = 2048;
-  c.rms_norm_eps = 1e-5;
-  c.tie_word_embeddings = true;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  return c;
+  return TiedLlamaConfig(/*hidden=*/768, /*intermediate=*/2048, /*layers=*/12, /*heads=*/12, /*kv_heads=*/12,
+                         /*vocab=*/32000, /*max_positions=*/2048);
 }
 
 }  // namespace strata::bench

@@ -20,7 +20,10 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "core/adapt/recipe.h"
 
 namespace CLI {
 class App;
@@ -35,25 +38,14 @@ struct ClBenchArgs {
   std::vector<std::string> methods;     // empty = every name in MethodNames(); "mtl_lora" = mtl with LoRA shape
   int64_t max_train = 0;                // per task, 0 = all (seeded sample, dataset.h)
   int64_t max_test = 0;                 // per task, 0 = all
-  int64_t epochs = 1;                   // used when steps == 0
-  int64_t steps = 300;                  // optimizer steps per stage (0 = epochs); mtl: steps × tasks
-  double lr = 5e-3;
-  int64_t batch_size = 16;
-  int64_t rank = 8;                     // LoRA rank r and Share pseudo-rank p
-  double alpha = 16.0;                  // LoRA alpha (s = alpha / r)
-  double lambda = 0.0;                  // ELLA λ (the server default, chosen on cl-small)
-  double olora_lambda = 0.5;            // O-LoRA λ1
-  int64_t phi = 8;                      // Share: temporary basis vectors per side (server default)
-  int64_t k_max = 32;                   // Share: cap on the subspace rank per side
-  std::string share_training = "lora";  // Share: "lora" (fold a LoRA) or "subspace" (server default)
-  double energy_threshold = 1.0;        // Share: explained-energy fraction kept by a merge (server default)
-  double pm_epsilon = 0.1;              // Perturb-and-Merge: perturbation size (server default)
-  int64_t router_layer = -1;            // automatic routing: feature layer (-1 = half; server default)
-  std::string targets = "all-linear";   // comma-separated target modules or "all-linear"
-  int64_t warmup_steps = -1;  // -1: kDefaultWarmupRatio of each stage's steps (as the server)
-  std::string lr_schedule = "linear";
-  int64_t max_seq_len = 256;            // tokens per training / scoring sequence
-  uint64_t seed = 0;
+  // The training recipe: the server's defaults (core/adapt/recipe.h), so the benchmark measures
+  // what the server runs. Method options come from the method registry (--k-max, --ella-lambda /
+  // --lambda, ...; method_options holds the command line's, applied in RunClBenchCommand).
+  // recipe.max_steps: optimizer steps per stage (0 = epochs); mtl: steps × tasks.
+  TrainingRecipe recipe;
+  std::vector<std::pair<std::string, std::string>> method_options;  // option name -> text
+  int64_t warmup_steps = -1;  // >= 0: this many warmup steps instead of the recipe's warmup ratio
+  int64_t router_layer = -1;  // automatic routing: feature layer (-1 = half; server default)
   int threads = 2;
   std::string device = "cpu";           // cpu, cuda or cuda:N (model, training and scoring)
   // Weight dtype: float32 or bfloat16 (on CUDA bf16 weights and activations; adapters, Share and the

@@ -35,9 +35,9 @@ ClBenchArgs SmallArgs(const std::string& out_dir) {
   a.methods = {"share_ella", "seq_lora", "mtl"};
   a.max_train = 32;
   a.max_test = 16;
-  a.steps = 4;
-  a.batch_size = 4;
-  a.lr = 3e-3;
+  a.recipe.max_steps = 4;
+  a.recipe.batch_size = 4;
+  a.recipe.learning_rate = 3e-3;
   a.reference_texts = 4;
   a.threads = 2;
   a.quiet = true;

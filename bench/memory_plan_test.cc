@@ -1,5 +1,6 @@
 // The memory planner against hand computations and published parameter counts.
 #include "bench/memory_plan.h"
+#include "core/model/llama_configs.h"
 
 #include <gtest/gtest.h>
 
@@ -12,17 +13,8 @@ namespace {
 
 // A tiny Llama: hidden 16, 2 layers, 4 heads of 4 (2 KV heads), intermediate 24, vocab 32, tied.
 ModelConfig Tiny() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.vocab_size = 32;
-  c.tie_word_embeddings = true;
-  return c;
+  return TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2, /*vocab=*/32,
+                         /*max_positions=*/2048);
 }
 
 MemoryPlanOptions TinyOptions() {

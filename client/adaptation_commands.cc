@@ -14,6 +14,7 @@
 #include "client/commands.h"
 #include "nlohmann/json.hpp"
 #include "strata/v1/adaptation.grpc.pb.h"
+#include "strata/v1/scorer_names.h"
 
 namespace strata::cli {
 namespace {
@@ -37,17 +38,10 @@ std::string StateName(pb::JobState s) {
   return "unknown";
 }
 
+// "auto" when the server chose the scorer from the data.
 std::string ScorerName(pb::Scorer s) {
-  switch (s) {
-    case pb::SCORER_CHOICE:
-      return "choice";
-    case pb::SCORER_EXACT_MATCH:
-      return "exact_match";
-    case pb::SCORER_NLL:
-      return "nll";
-    default:
-      return "auto";
-  }
+  const std::string name = ScorerNameFromProto(s);
+  return name.empty() ? "auto" : name;
 }
 
 std::string ProgressText(const pb::Job& job) {
@@ -183,9 +177,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
         if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
         if (cap->count()) spec->set_eval_cap(a->eval_cap);
         if (!a->scorer.empty()) {
-          spec->set_scorer(a->scorer == "choice"        ? pb::SCORER_CHOICE
-                           : a->scorer == "exact_match" ? pb::SCORER_EXACT_MATCH
-                                                        : pb::SCORER_NLL);
+          spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
         }
         spec->set_description(a->description);
         pb::TrainingOverrides* o = spec->mutable_overrides();

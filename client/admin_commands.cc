@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_format.h"
 #include "client/commands.h"
+#include "strata/v1/adaptation.grpc.pb.h"
 #include "strata/v1/admin.grpc.pb.h"
 
 namespace strata::cli {
@@ -69,26 +70,54 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   {
     auto* cmd = app.add_subcommand("import",
                                    "Fold PEFT LoRA adapter directories on the server (under its "
-                                   "--import_root) into the adaptation state");
+                                   "--import_root) into the adaptation state: queues an import job and "
+                                   "waits for it (--no-wait: print the job id)");
     auto dirs = std::make_shared<std::vector<std::string>>();
+    auto no_wait = std::make_shared<bool>(false);
     cmd->add_option("dirs", *dirs, "Adapter directories on the server")->required();
-    cmd->callback([&opts, exit_code, dirs] {
+    cmd->add_flag("--no-wait", *no_wait, "Print the import job's id and return (follow it with strata watch)");
+    cmd->callback([&opts, exit_code, dirs, no_wait] {
       pb::ImportAdaptersRequest request;
       for (const auto& d : *dirs) request.add_dirs(d);
       auto response_or = CallUnary<pb::AdminService, pb::ImportAdaptersResponse>(
           opts, exit_code, "ImportAdapters",
           [&](auto& stub, grpc::ClientContext* ctx, pb::ImportAdaptersResponse* out) {
             return stub.ImportAdapters(ctx, request, out);
-          },
-          /*with_deadline=*/false);
+          });
       if (!response_or) return;
       const pb::ImportAdaptersResponse& response = *response_or;
-      if (opts.json) {
-        std::cout << ProtoToJson(response) << "\n";
-      } else {
-        std::cout << absl::StrFormat("imported %d adapter(s); weights version %d\n", response.paths_size(),
-                                     response.weights_version());
+      if (*no_wait) {
+        std::cout << (opts.json ? ProtoToJson(response) : response.job_id()) << "\n";
+        return;
       }
+      // Follow the job to its end (it runs after the jobs queued before it).
+      auto channel = Connect(opts);
+      if (!channel) {
+        *exit_code = kExitUnreachable;
+        return;
+      }
+      auto stub = pb::AdaptationService::NewStub(channel);
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx, opts, /*with_deadline=*/false);
+      pb::WatchJobRequest watch;
+      watch.set_id(response.job_id());
+      auto reader = stub->WatchJob(&ctx, watch);
+      pb::JobEvent event;
+      pb::Job job;
+      while (reader->Read(&event)) job = event.job();
+      if (grpc::Status st = reader->Finish(); !st.ok()) {
+        *exit_code = ReportRpcError("WatchJob", st, opts);
+        return;
+      }
+      if (opts.json) {
+        std::cout << ProtoToJson(job) << "\n";
+      } else if (job.state() == pb::JOB_STATE_SUCCEEDED) {
+        std::cout << absl::StrFormat("imported %d adapter(s); weights version %d (job %s)\n", response.paths_size(),
+                                     job.weights_version(), job.id());
+      } else {
+        std::cerr << absl::StrFormat("import job %s did not succeed: %s\n", job.id(), job.error());
+      }
+      if (job.state() != pb::JOB_STATE_SUCCEEDED) *exit_code = kExitServerError;
     });
   }
 }

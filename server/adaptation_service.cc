@@ -12,6 +12,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "core/data/dataset.h"
+#include "core/util/status_macros.h"
+#include "strata/v1/scorer_names.h"
 #include "core/data/jsonl.h"
 #include "nlohmann/json.hpp"
 #include "server/status_util.h"
@@ -61,26 +64,6 @@ std::optional<JobState> StateFromProto(pb::JobState s) {
   }
 }
 
-pb::Scorer ScorerToProto(const std::string& s) {
-  if (s == "choice") return pb::SCORER_CHOICE;
-  if (s == "exact_match") return pb::SCORER_EXACT_MATCH;
-  if (s == "nll") return pb::SCORER_NLL;
-  return pb::SCORER_UNSPECIFIED;
-}
-
-std::string ScorerFromProto(pb::Scorer s) {
-  switch (s) {
-    case pb::SCORER_CHOICE:
-      return "choice";
-    case pb::SCORER_EXACT_MATCH:
-      return "exact_match";
-    case pb::SCORER_NLL:
-      return "nll";
-    default:
-      return "";
-  }
-}
-
 void SetTimestamp(double unix_seconds, google::protobuf::Timestamp* ts) {
   double whole = std::floor(unix_seconds);
   ts->set_seconds(static_cast<int64_t>(whole));
@@ -93,7 +76,7 @@ TaskSpecification SpecFromProto(const pb::TaskSpec& p) {
   s.method = p.method();
   if (p.has_eval_fraction()) s.eval_fraction = p.eval_fraction();
   if (p.has_eval_cap()) s.eval_cap = p.eval_cap();
-  s.scorer = ScorerFromProto(p.scorer());
+  s.scorer = ScorerNameFromProto(p.scorer());
   s.description = p.description();
   const pb::TrainingOverrides& o = p.overrides();
   if (o.has_learning_rate()) s.overrides.learning_rate = o.learning_rate();
@@ -215,6 +198,15 @@ absl::Status AdaptationServiceImpl::CheckAdmission(const TaskSpecification& spec
   return absl::OkStatus();
 }
 
+absl::StatusOr<JobRecord> AdaptationServiceImpl::QueueJob(const TaskSpecification& spec,
+                                                          const std::vector<Example>& train,
+                                                          const std::vector<Example>& eval) {
+  absl::MutexLock lock(&submit_mu_);
+  if (shutting_down_) return absl::UnavailableError("the server is shutting down");
+  RETURN_IF_ERROR(CheckAdmission(spec));
+  return store_->Create(spec, train, eval);
+}
+
 grpc::Status AdaptationServiceImpl::SubmitTask(grpc::ServerContext* context,
                                                grpc::ServerReader<pb::SubmitTaskRequest>* reader,
                                                pb::Job* response) {
@@ -228,12 +220,17 @@ grpc::Status AdaptationServiceImpl::SubmitTask(grpc::ServerContext* context,
     return ToGrpcStatus(
         absl::InvalidArgumentError("the first message must carry spec (then train / eval chunks follow)"));
   }
+  if (!pb::Scorer_IsValid(request.spec().scorer())) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("spec.scorer: unknown value ", request.spec().scorer(), " (choice, exact_match, nll or unset)")));
+  }
   TaskSpecification spec = SpecFromProto(request.spec());
   if (auto st = ValidateTaskSpecification(spec); !st.ok()) return ToGrpcStatus(st);
-  if (!spec.method.empty() && spec.method != engine_->method()) {
-    return ToGrpcStatus(absl::FailedPreconditionError(
-        absl::StrCat("spec.method: this server's adaptation state uses ", engine_->method(), ", not ",
-                     spec.method, " (one method per state directory; leave method empty for the server's)")));
+  // Everything the job would check against the state (method, fixed rank/alpha, values), before
+  // any data is read and long before a job id exists.
+  if (auto recipe = engine_->CheckTask(spec); !recipe.ok()) {
+    const absl::Status& st = recipe.status();
+    return ToGrpcStatus(absl::Status(st.code(), absl::StrCat("spec: ", st.message())));
   }
   // Refuse early (before reading megabytes) what would be refused at the end anyway.
   if (auto st = CheckAdmission(spec); !st.ok()) return ToGrpcStatus(st);
@@ -297,46 +294,13 @@ grpc::Status AdaptationServiceImpl::SubmitTask(grpc::ServerContext* context,
   std::vector<Example> eval_examples = eval.validator().TakeExamples();
 
   if (!eval.received()) {
-    // Hold out a seeded random subset; both splits keep the file order.
-    const size_t n = train_examples.size();
-    size_t n_eval = static_cast<size_t>(std::floor(static_cast<double>(n) * spec.eval_fraction));
-    if (spec.eval_fraction > 0 && n_eval == 0) n_eval = 1;
-    n_eval = std::min(n_eval, static_cast<size_t>(spec.eval_cap));
-    if (n_eval == 0) {
-      return ToGrpcStatus(absl::InvalidArgumentError(
-          absl::StrCat("task '", spec.name, "': no eval data; send eval chunks or set eval_fraction > 0")));
-    }
-    if (n_eval >= n) {
-      return ToGrpcStatus(absl::InvalidArgumentError(
-          absl::StrCat("task '", spec.name, "': ", n,
-                       " example(s) cannot be split into training and held-out eval data; "
-                       "send more examples or separate eval data")));
-    }
-    std::vector<size_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::mt19937_64 rng(static_cast<uint64_t>(spec.overrides.seed.value_or(0)));
-    for (size_t i = n - 1; i > 0; --i) {
-      std::uniform_int_distribution<size_t> pick(0, i);
-      std::swap(order[i], order[pick(rng)]);
-    }
-    std::vector<bool> is_eval(n, false);
-    for (size_t i = 0; i < n_eval; ++i) is_eval[order[i]] = true;
-    std::vector<Example> kept;
-    kept.reserve(n - n_eval);
-    eval_examples.reserve(n_eval);
-    for (size_t i = 0; i < n; ++i) {
-      (is_eval[i] ? eval_examples : kept).push_back(std::move(train_examples[i]));
-    }
-    train_examples = std::move(kept);
+    auto held_out = HoldOutEval(&train_examples, spec.eval_fraction, spec.eval_cap,
+                                static_cast<uint64_t>(spec.overrides.seed.value_or(0)), spec.name);
+    if (!held_out.ok()) return ToGrpcStatus(held_out.status());
+    eval_examples = std::move(*held_out);
   }
 
-  absl::StatusOr<JobRecord> job;
-  {
-    absl::MutexLock lock(&submit_mu_);
-    if (shutting_down_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-    if (auto st = CheckAdmission(spec); !st.ok()) return ToGrpcStatus(st);
-    job = store_->Create(spec, train_examples, eval_examples);
-  }
+  absl::StatusOr<JobRecord> job = QueueJob(spec, train_examples, eval_examples);
   if (!job.ok()) return ToGrpcStatus(job.status());
   spdlog::info("job {}: task '{}' queued ({} train / {} eval examples, {} bytes)", job->id, spec.name,
                job->train_examples, job->eval_examples, bytes);
@@ -435,7 +399,7 @@ namespace {
 void TaskToProto(const TaskInfo& t, pb::Task* out) {
   out->set_name(t.name);
   out->set_index(t.index);
-  out->set_scorer(ScorerToProto(t.scorer));
+  out->set_scorer(ScorerProtoFromName(t.scorer).value_or(pb::SCORER_UNSPECIFIED));
   out->set_method(t.method);
   out->set_base_score(t.base_score);
   out->set_learned_score(t.learned_score);

@@ -63,6 +63,12 @@ class AdaptationServiceImpl final : public strata::v1::AdaptationService::Servic
   grpc::Status GetReport(grpc::ServerContext* context, const strata::v1::GetReportRequest* request,
                          strata::v1::Report* response) override;
 
+  // Admits and durably queues a job (SubmitTask's last step; AdminService.ImportAdapters queues
+  // adapter imports through it): the admission checks under submit_mu_, then JobStore::Create.
+  // UNAVAILABLE while shutting down.
+  absl::StatusOr<JobRecord> QueueJob(const TaskSpecification& spec, const std::vector<Example>& train,
+                                     const std::vector<Example>& eval);
+
  private:
   // ALREADY_EXISTS when the task is learned or has a queued/running job; RESOURCE_EXHAUSTED when
   // the queue is full.

@@ -1,5 +1,7 @@
 #include "server/admin_service.h"
 
+#include <filesystem>
+
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
@@ -22,8 +24,9 @@ absl::StatusOr<std::string> ConfinePath(const std::string& root, const std::stri
   return full;
 }
 
-AdminServiceImpl::AdminServiceImpl(ServerFacts facts, Engine* engine, const BearerAuth* auth)
-    : facts_(std::move(facts)), engine_(engine), auth_(auth) {}
+AdminServiceImpl::AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation,
+                                   const BearerAuth* auth)
+    : facts_(std::move(facts)), engine_(engine), adaptation_(adaptation), auth_(auth) {}
 
 grpc::Status AdminServiceImpl::GetServerInfo(grpc::ServerContext* context, const pb::GetServerInfoRequest*,
                                              pb::ServerInfo* out) {
@@ -105,10 +108,18 @@ grpc::Status AdminServiceImpl::ImportAdapters(grpc::ServerContext* context,
     if (!dir.ok()) return ToGrpcStatus(dir.status());
     dirs.push_back(*dir);
   }
-  auto version = engine_->ImportAdapters(dirs);
-  if (!version.ok()) return ToGrpcStatus(version.status());
-  spdlog::info("imported {} adapter(s); weights version {}", dirs.size(), *version);
-  response->set_weights_version(*version);
+  // Everything the job will read is checked now; the import then runs on the training worker like a
+  // task (this RPC never waits for training).
+  if (auto st = engine_->CheckImport(dirs); !st.ok()) return ToGrpcStatus(st);
+  TaskSpecification spec;
+  spec.name = std::filesystem::path(dirs.front()).filename().string();
+  spec.import_dirs = dirs;
+  spec.description = absl::StrCat("import of ", dirs.size(), " PEFT adapter(s)");
+  if (auto st = ValidateTaskSpecification(spec); !st.ok()) return ToGrpcStatus(st);
+  auto job = adaptation_->QueueJob(spec, {}, {});
+  if (!job.ok()) return ToGrpcStatus(job.status());
+  spdlog::info("job {}: import of {} adapter(s) queued", job->id, dirs.size());
+  response->set_job_id(job->id);
   for (const auto& d : dirs) response->add_paths(d);
   return grpc::Status::OK;
 }

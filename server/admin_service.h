@@ -10,6 +10,7 @@
 
 #include "core/model/model_summary.h"
 #include "core/state/engine.h"
+#include "server/adaptation_service.h"
 #include "server/auth.h"
 #include "strata/v1/admin.grpc.pb.h"
 
@@ -33,8 +34,9 @@ struct ServerFacts {
 
 class AdminServiceImpl final : public strata::v1::AdminService::Service {
  public:
-  // Not owned; must outlive the service. `auth` null = no token required.
-  AdminServiceImpl(ServerFacts facts, Engine* engine, const BearerAuth* auth);
+  // Not owned; must outlive the service. `auth` null = no token required. `adaptation` queues the
+  // adapter import jobs.
+  AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation, const BearerAuth* auth);
 
   grpc::Status GetServerInfo(grpc::ServerContext* context, const strata::v1::GetServerInfoRequest* request,
                              strata::v1::ServerInfo* response) override;
@@ -48,6 +50,7 @@ class AdminServiceImpl final : public strata::v1::AdminService::Service {
  private:
   ServerFacts facts_;
   Engine* engine_;
+  AdaptationServiceImpl* adaptation_;
   const BearerAuth* auth_;
 };
 

@@ -26,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/adapt/method.h"
+#include "core/adapt/recipe.h"
 #include "core/jobs/job_store.h"
 #include "core/jobs/worker.h"
 #include "core/model/model.h"
@@ -67,29 +68,19 @@ ABSL_FLAG(int32_t, threads, 0, "Intra-op CPU threads for LibTorch (0 = number of
 ABSL_FLAG(std::string, log_format, "text", "Log format: text or json (one JSON object per line).");
 ABSL_FLAG(std::string, log_level, "info", "Log level: trace, debug, info, warn, error.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT.");
-// Training defaults (a task's spec may override them).
-// The defaults were chosen on the cl-small benchmark (docs/benchmarks.md).
-ABSL_FLAG(std::string, method, "share_ella",
-          "Adaptation method of a new state directory: share_ella, share, ella, seq_lora, inc_lora, o_lora, "
-          "seq_ft, mtl, osft, pm (an existing checkpoint keeps its own).");
+// The training recipe (core/adapt/recipe.h): a task's spec may override the per-task parts. The
+// defaults were chosen on the cl-small benchmark (docs/benchmarks.md). The method options (--rank,
+// --alpha, --targets, --k_max, --ella_lambda, ...) come from the method registry
+// (ParseMethodOptionFlags; listed by --help).
+ABSL_FLAG(std::string, method, strata::kDefaultMethod,
+          "Adaptation method of a new state directory (strata-server --help lists them; an existing checkpoint "
+          "keeps its own).");
 ABSL_FLAG(double, learning_rate, 5e-3, "Default learning rate.");
 ABSL_FLAG(int32_t, max_steps, 300, "Default optimizer steps per task (0 = use epochs).");
 ABSL_FLAG(int32_t, batch_size, 16, "Default batch size.");
-ABSL_FLAG(int32_t, rank, 8, "Adapter rank r (Share: pseudo-rank p) of a new state directory.");
-ABSL_FLAG(double, alpha, 16, "LoRA alpha (scale alpha / r) of a new state directory.");
-ABSL_FLAG(std::string, targets, "all-linear",
-          "Target modules of a new state directory: all-linear or comma-separated names (q_proj,v_proj,...).");
-ABSL_FLAG(int32_t, k_max, 32, "Share: cap on the subspace rank per side (new state directory).");
-ABSL_FLAG(int32_t, phi, 8,
-          "Share: temporary basis vectors per side while a task trains (--share_training=subspace).");
-ABSL_FLAG(std::string, share_training, "lora",
-          "Share: how a task trains before its merge into the subspace: lora (a rank-p LoRA folded in at "
-          "the end of the task) or subspace (the published coefficients + temporary vectors).");
-ABSL_FLAG(double, ella_lambda, 0.0, "Default ELLA penalty weight of each task.");
-ABSL_FLAG(double, osft_urr, 0.25, "OSFT: unfreeze-rank ratio, in [0, 1].");
-ABSL_FLAG(std::string, osft_rank, "uniform", "OSFT: per-layer frozen rank, uniform or adaptive.");
-ABSL_FLAG(double, pm_epsilon, 0.1,
-          "Perturb-and-Merge: perturbation size, in [0, 1] (the paper: 0.5; chosen on cl-small: docs/benchmarks.md).");
+ABSL_FLAG(double, warmup_ratio, strata::kDefaultWarmupRatio,
+          "Learning-rate warmup of each task, as a fraction of its steps.");
+ABSL_FLAG(std::string, lr_schedule, "linear", "Learning-rate schedule after warmup: linear, cosine or constant.");
 ABSL_FLAG(int32_t, max_seq_len, 256,
           "Default maximum tokens per example: longer submitted examples are refused.");
 ABSL_FLAG(std::string, unmatched_route, "base",
@@ -129,13 +120,33 @@ const std::vector<std::string> kFlagNames = {
     "host", "grpc_port", "metrics_port", "state_dir", "model", "device", "dtype", "threads",
     "log_format", "log_level", "shutdown_grace_seconds",
     // Training defaults and thread budgets.
-    "method", "learning_rate", "max_steps", "batch_size", "rank", "alpha", "targets", "k_max", "phi",
-    "share_training", "ella_lambda", "osft_urr", "osft_rank", "pm_epsilon", "max_seq_len",
+    "method", "learning_rate", "max_steps", "batch_size", "warmup_ratio", "lr_schedule", "max_seq_len",
     "unmatched_route", "router_layer", "reference_text", "training_threads", "serving_threads",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
 // clang-format on
+
+// The method options from the command line and environment (ParseMethodOptionFlags in main).
+MethodConfig& MethodFlags() {
+  static MethodConfig* config = new MethodConfig();
+  return *config;
+}
+
+// The server's training recipe: the flags above plus the method options.
+TrainingRecipe ServerRecipe() {
+  TrainingRecipe r;
+  r.method = absl::GetFlag(FLAGS_method);
+  r.method_config = MethodFlags();
+  r.SetRank(r.method_config.rank);
+  r.learning_rate = absl::GetFlag(FLAGS_learning_rate);
+  r.max_steps = absl::GetFlag(FLAGS_max_steps);
+  r.batch_size = absl::GetFlag(FLAGS_batch_size);
+  r.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
+  r.lr_schedule = absl::GetFlag(FLAGS_lr_schedule);
+  r.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  return r;
+}
 
 absl::Status ValidateFlags() {
   auto port_ok = [](int p, bool allow_zero) { return (allow_zero && p == 0) || (p >= 1 && p <= 65535); };
@@ -169,10 +180,6 @@ absl::Status ValidateFlags() {
   if (absl::GetFlag(FLAGS_shutdown_grace_seconds) < 0) {
     return absl::InvalidArgumentError("--shutdown_grace_seconds: must be >= 0");
   }
-  if (!(absl::GetFlag(FLAGS_learning_rate) > 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--learning_rate: must be > 0, got ", absl::GetFlag(FLAGS_learning_rate)));
-  }
   auto at_least = [](const char* name, int64_t value, int64_t min) -> absl::Status {
     if (value < min)
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= ", min, ", got ", value));
@@ -181,8 +188,6 @@ absl::Status ValidateFlags() {
   for (const absl::Status& st :
        {at_least("max_steps", absl::GetFlag(FLAGS_max_steps), 0),
         at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1),
-        at_least("rank", absl::GetFlag(FLAGS_rank), 1),
-        at_least("max_seq_len", absl::GetFlag(FLAGS_max_seq_len), 8),
         at_least("training_threads", absl::GetFlag(FLAGS_training_threads), 0),
         at_least("serving_threads", absl::GetFlag(FLAGS_serving_threads), 0),
         at_least("max_task_examples", absl::GetFlag(FLAGS_max_task_examples), 1),
@@ -192,38 +197,26 @@ absl::Status ValidateFlags() {
         at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
     if (!st.ok()) return st;
   }
-  // The method options, checked as the method will check them (the error names the flag).
-  {
-    MethodConfig mc;
-    mc.rank = mc.p = absl::GetFlag(FLAGS_rank);
-    mc.alpha = absl::GetFlag(FLAGS_alpha);
-    mc.target_modules = absl::StrSplit(absl::GetFlag(FLAGS_targets), ',', absl::SkipEmpty());
-    mc.k_max = absl::GetFlag(FLAGS_k_max);
-    mc.phi = absl::GetFlag(FLAGS_phi);
-    mc.share_training = absl::GetFlag(FLAGS_share_training);
-    mc.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
-    mc.osft_urr = absl::GetFlag(FLAGS_osft_urr);
-    mc.osft_rank = absl::GetFlag(FLAGS_osft_rank);
-    mc.pm_epsilon = absl::GetFlag(FLAGS_pm_epsilon);
-    if (absl::Status st = ValidateMethodConfig(mc); !st.ok()) {
-      // "method config: <field> <why>" -> "--<flag>: <why>"
-      std::string message(st.message());
-      const std::string prefix = "method config: ";
-      if (message.rfind(prefix, 0) == 0) {
-        std::string rest = message.substr(prefix.size());
-        std::string field = rest.substr(0, rest.find(' '));
-        std::string why = rest.substr(std::min(rest.size(), field.size() + 1));
-        if (field == "target_modules") field = "targets";
-        if (field == "p") field = "rank";
-        message = absl::StrCat("--", field, ": ", why);
+  if (FindMethodDescriptor(absl::GetFlag(FLAGS_method)) == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--method: unknown method '", absl::GetFlag(FLAGS_method),
+                                                   "' (valid: ", absl::StrJoin(MethodNames(), ", "), ")"));
+  }
+  // The recipe, checked as the engine will check it (the error names the flag).
+  if (absl::Status st = ValidateRecipe(ServerRecipe()); !st.ok()) {
+    // "recipe: <field> <why>" / "method config: <field> <why>" -> "--<flag>: <why>"
+    std::string message(st.message());
+    for (const std::string prefix : {"recipe: ", "method config: "}) {
+      if (message.rfind(prefix, 0) != 0) continue;
+      std::string rest = message.substr(prefix.size());
+      std::string field = rest.substr(0, rest.find(' '));
+      std::string why = rest.substr(std::min(rest.size(), field.size() + 1));
+      if (const MethodOption* o = FindMethodOption(field); o != nullptr && !o->FlagName().empty()) {
+        field = o->FlagName();
       }
-      return absl::InvalidArgumentError(message);
+      if (field == "p") field = "rank";
+      message = absl::StrCat("--", field, ": ", why);
     }
-    const auto methods = MethodNames();
-    if (std::find(methods.begin(), methods.end(), absl::GetFlag(FLAGS_method)) == methods.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("--method: unknown method '", absl::GetFlag(FLAGS_method),
-                                                     "' (valid: ", absl::StrJoin(methods, ", "), ")"));
-    }
+    return absl::InvalidArgumentError(message);
   }
   if (absl::GetFlag(FLAGS_tls_cert).empty() != absl::GetFlag(FLAGS_tls_key).empty()) {
     return absl::InvalidArgumentError("--tls_cert and --tls_key: give both or neither");
@@ -348,21 +341,8 @@ int Run() {
 
   EngineOptions engine_options;
   engine_options.state_dir = state_dir;
-  engine_options.defaults.method = absl::GetFlag(FLAGS_method);
-  engine_options.defaults.learning_rate = absl::GetFlag(FLAGS_learning_rate);
-  engine_options.defaults.max_steps = absl::GetFlag(FLAGS_max_steps);
-  engine_options.defaults.batch_size = absl::GetFlag(FLAGS_batch_size);
-  engine_options.defaults.rank = absl::GetFlag(FLAGS_rank);
-  engine_options.defaults.alpha = absl::GetFlag(FLAGS_alpha);
-  engine_options.defaults.targets = absl::GetFlag(FLAGS_targets);
-  engine_options.defaults.k_max = absl::GetFlag(FLAGS_k_max);
-  engine_options.defaults.phi = absl::GetFlag(FLAGS_phi);
-  engine_options.defaults.share_training = absl::GetFlag(FLAGS_share_training);
-  engine_options.defaults.ella_lambda = absl::GetFlag(FLAGS_ella_lambda);
-  engine_options.defaults.osft_urr = absl::GetFlag(FLAGS_osft_urr);
-  engine_options.defaults.osft_rank = absl::GetFlag(FLAGS_osft_rank);
-  engine_options.defaults.pm_epsilon = absl::GetFlag(FLAGS_pm_epsilon);
-  engine_options.defaults.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  engine_options.recipe = ServerRecipe();
+  spdlog::info("training recipe: {}", RecipeToJson(engine_options.recipe));
   engine_options.reference_text_path = absl::GetFlag(FLAGS_reference_text);
   engine_options.unmatched_route = absl::GetFlag(FLAGS_unmatched_route);
   engine_options.router.layer = absl::GetFlag(FLAGS_router_layer);
@@ -408,13 +388,13 @@ int Run() {
   server_facts.tls = tls;
   server_facts.export_root = export_root;
   server_facts.import_root = import_root;
-  AdminServiceImpl admin(server_facts, engine.get(), auth.get());
   SubmitLimits limits;
   limits.max_examples = absl::GetFlag(FLAGS_max_task_examples);
   limits.max_bytes = absl::GetFlag(FLAGS_max_task_bytes);
   limits.max_queue = absl::GetFlag(FLAGS_max_queue);
   limits.max_tokens = absl::GetFlag(FLAGS_max_seq_len);
   AdaptationServiceImpl adaptation(store.get(), &worker, engine.get(), auth.get(), limits);
+  AdminServiceImpl admin(server_facts, engine.get(), &adaptation, auth.get());
   InferenceOptions inference_options;
   inference_options.serving_threads = serving_threads;
   inference_options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
@@ -484,6 +464,22 @@ int main(int argc, char** argv) {
   if (auto st = strata::ApplyEnvironmentTwins(strata::kFlagNames); !st.ok()) {
     std::fprintf(stderr, "strata-server: %s\n", std::string(st.message()).c_str());
     return 2;
+  }
+  if (auto st = strata::ParseMethodOptionFlags(&argc, argv, &strata::MethodFlags()); !st.ok()) {
+    std::fprintf(stderr, "strata-server: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "--helpfull" || arg == "-help" || arg == "--helpshort") {
+      std::printf("Methods (--method):\n");
+      for (const strata::MethodDescriptor& m : strata::MethodDescriptors()) {
+        std::printf("    %-11s %s\n", m.name.c_str(), m.summary.c_str());
+      }
+      std::printf("\nMethod options (also STRATA_<NAME>; from the method registry):\n%s\n",
+                  strata::MethodOptionsHelp().c_str());
+      std::fflush(stdout);
+    }
   }
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   if (rest.size() > 1) {

@@ -5,11 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "core/adapt/methods.h"
 #include "core/util/status_macros.h"
 
 namespace strata {
@@ -24,83 +24,6 @@ bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-
-json ConfigToJsonValue(const MethodConfig& c) {
-  json j;
-  j["target_modules"] = c.target_modules;
-  j["rank"] = c.rank;
-  j["alpha"] = c.alpha;
-  j["ella_lambda"] = c.ella_lambda;
-  j["olora_lambda"] = c.olora_lambda;
-  j["k_max"] = c.k_max;
-  j["phi"] = c.phi;
-  j["p"] = c.p;
-  j["energy_threshold"] = c.energy_threshold;
-  j["share_training"] = c.share_training;
-  j["ft_scope"] = c.ft_scope;
-  j["mtl_shape"] = c.mtl_shape;
-  j["seed"] = c.seed;
-  j["osft_urr"] = c.osft_urr;
-  j["osft_rank"] = c.osft_rank;
-  j["pm_epsilon"] = c.pm_epsilon;
-  return j;
-}
-
-absl::StatusOr<MethodConfig> ConfigFromJsonValue(const json& j, const std::string& source) {
-  if (!j.is_object())
-    return absl::InvalidArgumentError(absl::StrCat(source, ": method config must be a JSON object"));
-  MethodConfig c;
-  for (auto it = j.begin(); it != j.end(); ++it) {
-    const std::string& key = it.key();
-    const json& v = it.value();
-    auto bad = [&](const char* want) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": field \"", key, "\" must be ", want));
-    };
-    if (key == "target_modules") {
-      if (v.is_string()) {
-        c.target_modules = {v.get<std::string>()};
-        continue;
-      }
-      if (!v.is_array()) return bad("a string or a list of strings");
-      c.target_modules.clear();
-      for (const json& e : v) {
-        if (!e.is_string()) return bad("a string or a list of strings");
-        c.target_modules.push_back(e.get<std::string>());
-      }
-    } else if (key == "rank" || key == "k_max" || key == "phi" || key == "p") {
-      if (!v.is_number_integer()) return bad("an integer");
-      const int64_t x = v.get<int64_t>();
-      (key == "rank" ? c.rank : key == "k_max" ? c.k_max : key == "phi" ? c.phi : c.p) = x;
-    } else if (key == "seed") {
-      if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<int64_t>() >= 0)) {
-        return bad("a non-negative integer");
-      }
-      c.seed = v.get<uint64_t>();
-    } else if (key == "alpha" || key == "ella_lambda" || key == "olora_lambda" || key == "energy_threshold") {
-      if (!v.is_number()) return bad("a number");
-      const double x = v.get<double>();
-      (key == "alpha"          ? c.alpha
-       : key == "ella_lambda"  ? c.ella_lambda
-       : key == "olora_lambda" ? c.olora_lambda
-                               : c.energy_threshold) = x;
-    } else if (key == "ft_scope" || key == "mtl_shape" || key == "share_training") {
-      if (!v.is_string()) return bad("a string");
-      (key == "ft_scope" ? c.ft_scope : key == "mtl_shape" ? c.mtl_shape : c.share_training) = v.get<std::string>();
-    } else if (key == "osft_urr" || key == "pm_epsilon") {
-      if (!v.is_number()) return bad("a number");
-      (key == "osft_urr" ? c.osft_urr : c.pm_epsilon) = v.get<double>();
-    } else if (key == "osft_rank") {
-      if (!v.is_string()) return bad("a string");
-      c.osft_rank = v.get<std::string>();
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat(source, ": unknown field \"", key,
-                       "\" (valid: target_modules, rank, alpha, ella_lambda, olora_lambda, k_max, phi, p, "
-                       "energy_threshold, share_training, ft_scope, mtl_shape, seed, osft_urr, osft_rank, pm_epsilon)"));
-    }
-  }
-  return c;
-}
 
 absl::StatusOr<std::vector<std::string>> StringList(const json& j, const char* field) {
   auto it = j.find(field);
@@ -120,63 +43,6 @@ absl::StatusOr<std::vector<std::string>> StringList(const json& j, const char* f
 }
 
 }  // namespace
-
-// ---- config ------------------------------------------------------------------------------------
-
-absl::Status ValidateMethodConfig(const MethodConfig& c) {
-  auto bad = [](const std::string& field, const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat("method config: ", field, " ", why));
-  };
-  if (c.target_modules.empty()) return bad("target_modules", "must not be empty");
-  for (const auto& t : c.target_modules) {
-    if (t.empty()) return bad("target_modules", "must not contain an empty name");
-  }
-  if (c.rank < 1) return bad("rank", absl::StrCat("must be >= 1, got ", c.rank));
-  if (!(std::isfinite(c.alpha) && c.alpha > 0))
-    return bad("alpha", absl::StrCat("must be finite and > 0, got ", c.alpha));
-  if (!(std::isfinite(c.ella_lambda) && c.ella_lambda >= 0)) {
-    return bad("ella_lambda", absl::StrCat("must be finite and >= 0, got ", c.ella_lambda));
-  }
-  if (!(std::isfinite(c.olora_lambda) && c.olora_lambda >= 0)) {
-    return bad("olora_lambda", absl::StrCat("must be finite and >= 0, got ", c.olora_lambda));
-  }
-  if (c.k_max < 1) return bad("k_max", absl::StrCat("must be >= 1, got ", c.k_max));
-  if (c.p < 1) return bad("p", absl::StrCat("must be >= 1, got ", c.p));
-  if (c.phi < 1) return bad("phi", absl::StrCat("must be >= 1, got ", c.phi));
-  if (!(c.energy_threshold > 0 && c.energy_threshold <= 1)) {
-    return bad("energy_threshold", absl::StrCat("must be in (0, 1], got ", c.energy_threshold));
-  }
-  if (c.share_training != "lora" && c.share_training != "subspace") {
-    return bad("share_training",
-               absl::StrCat("must be \"lora\" or \"subspace\", got \"", c.share_training, "\""));
-  }
-  if (c.ft_scope != "all" && c.ft_scope != "target") {
-    return bad("ft_scope", absl::StrCat("must be \"all\" or \"target\", got \"", c.ft_scope, "\""));
-  }
-  if (c.mtl_shape != "full" && c.mtl_shape != "lora") {
-    return bad("mtl_shape", absl::StrCat("must be \"full\" or \"lora\", got \"", c.mtl_shape, "\""));
-  }
-  if (!(c.osft_urr >= 0 && c.osft_urr <= 1)) {
-    return bad("osft_urr", absl::StrCat("must be in [0, 1], got ", c.osft_urr));
-  }
-  if (c.osft_rank != "uniform" && c.osft_rank != "adaptive") {
-    return bad("osft_rank", absl::StrCat("must be \"uniform\" or \"adaptive\", got \"", c.osft_rank, "\""));
-  }
-  if (!(c.pm_epsilon >= 0 && c.pm_epsilon <= 1)) {
-    return bad("pm_epsilon", absl::StrCat("must be in [0, 1], got ", c.pm_epsilon));
-  }
-  return absl::OkStatus();
-}
-
-std::string MethodConfigToJson(const MethodConfig& config) { return ConfigToJsonValue(config).dump(); }
-
-absl::StatusOr<MethodConfig> MethodConfigFromJson(std::string_view text, std::string_view source) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  const std::string src(source);
-  if (j.is_discarded())
-    return absl::InvalidArgumentError(absl::StrCat(src, ": method config is not valid JSON"));
-  return ConfigFromJsonValue(j, src);
-}
 
 absl::StatusOr<std::vector<std::string>> ResolveTargetModules(const CausalLM& model,
                                                               const std::vector<std::string>& targets) {
@@ -206,16 +72,19 @@ absl::StatusOr<std::vector<std::string>> ResolveTargetModules(const CausalLM& mo
 
 // ---- Method ------------------------------------------------------------------------------------
 
-absl::Status Method::SetTaskHyperparameters(double ella_lambda, double pm_epsilon) {
+absl::Status Method::SetTaskConfig(const MethodConfig& config) {
   if (active_) {
     return absl::FailedPreconditionError(
         absl::StrCat("task '", active_task_, "' is active: hyper-parameters change only between tasks"));
   }
-  MethodConfig next = config_;
-  next.ella_lambda = ella_lambda;
-  next.pm_epsilon = pm_epsilon;
-  RETURN_IF_ERROR(ValidateMethodConfig(next));
-  config_ = std::move(next);
+  for (const MethodOption& o : AllMethodOptions()) {
+    if (o.per_task || MethodOptionText(config, o) == MethodOptionText(config_, o)) continue;
+    return absl::InvalidArgumentError(absl::StrCat(name(), ": ", o.name, " is fixed by the state (",
+                                                   MethodOptionText(config_, o), "), got ",
+                                                   MethodOptionText(config, o)));
+  }
+  RETURN_IF_ERROR(ValidateMethodConfig(config));
+  config_ = config;
   return absl::OkStatus();
 }
 
@@ -324,9 +193,12 @@ void Method::AbortTask(CausalLM* model) {
 }
 
 absl::Status Method::ApplyTaskRouting(const std::string& task, CausalLM* base) const {
-  return absl::UnimplementedError(absl::StrCat("method ", name(),
-                                               " has no task-routed weights (supported by: "
-                                               "share, share_ella, inc_lora, o_lora)"));
+  std::vector<std::string> routing;
+  for (const MethodDescriptor& m : MethodDescriptors()) {
+    if (m.task_routing) routing.push_back(m.name);
+  }
+  return absl::UnimplementedError(absl::StrCat("method ", name(), " has no task-routed weights (supported by: ",
+                                               absl::StrJoin(routing, ", "), ")"));
 }
 
 absl::StatusOr<MethodState> Method::ExportState() const {
@@ -351,7 +223,7 @@ absl::StatusOr<MethodState> Method::ExportState() const {
   json j;
   j["format"] = kStateFormat;
   j["method"] = name();
-  j["config"] = ConfigToJsonValue(config_);
+  j["config"] = json::parse(MethodConfigToJson(config_));
   j["tasks"] = tasks_;
   j["modules"] = modules_;
   json shapes = json::array();
@@ -387,7 +259,7 @@ absl::Status Method::ImportState(const MethodState& state) {
         absl::StrCat("method state: field \"method\" must be \"", name(), "\""));
   }
   if (!j.contains("config")) return absl::InvalidArgumentError("method state: field \"config\" missing");
-  ASSIGN_OR_RETURN(MethodConfig config, ConfigFromJsonValue(j["config"], "method state config"));
+  ASSIGN_OR_RETURN(MethodConfig config, MethodConfigFromJson(j["config"].dump(), "method state config"));
   RETURN_IF_ERROR(ValidateMethodConfig(config));
   ASSIGN_OR_RETURN(std::vector<std::string> tasks, StringList(j, "tasks"));
   ASSIGN_OR_RETURN(std::vector<std::string> modules, StringList(j, "modules"));
@@ -436,29 +308,28 @@ absl::Status Method::ImportState(const MethodState& state) {
 
 // ---- factory -----------------------------------------------------------------------------------
 
-std::vector<std::string> MethodNames() {
-  return {"share_ella", "share", "ella", "seq_lora", "inc_lora", "o_lora", "seq_ft", "mtl", "osft", "pm"};
+namespace {
+
+std::map<std::string, MethodFactory>& Factories() {
+  static auto* factories = new std::map<std::string, MethodFactory>();
+  return *factories;
+}
+
+}  // namespace
+
+MethodRegistrar::MethodRegistrar(const MethodDescriptor& method, MethodFactory factory,
+                                 const std::vector<MethodOption>& options) {
+  RegisterMethodOptions(options);
+  RegisterMethodDescriptor(method);
+  Factories()[method.name] = std::move(factory);
 }
 
 absl::StatusOr<std::unique_ptr<Method>> CreateMethod(const std::string& name, const MethodConfig& config) {
-  const std::vector<std::string> names = MethodNames();
-  if (std::find(names.begin(), names.end(), name) == names.end()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown method \"", name, "\"; valid methods: ", absl::StrJoin(names, ", ")));
-  }
+  RETURN_IF_ERROR(CheckMethodName(name));
   RETURN_IF_ERROR(ValidateMethodConfig(config));
-  if (name == "share_ella") return NewShareEllaMethod(config, true, true);
-  if (name == "share") return NewShareEllaMethod(config, true, false);
-  if (name == "ella") return NewShareEllaMethod(config, false, true);
-  if (name == "seq_lora") return NewSeqLoraMethod(config, false);
-  if (name == "inc_lora") return NewIncLoraMethod(config, false);
-  if (name == "o_lora") return NewIncLoraMethod(config, true);
-  if (name == "seq_ft") return NewSeqFtMethod(config, false);
-  if (name == "osft") return NewOsftMethod(config);
-  if (name == "pm") return NewPmMethod(config);
-  // mtl
-  if (config.mtl_shape == "lora") return NewSeqLoraMethod(config, true);
-  return NewSeqFtMethod(config, true);
+  std::unique_ptr<Method> method = Factories().at(name)(config);
+  if (method == nullptr) return absl::InternalError(absl::StrCat("method ", name, ": the factory returned nothing"));
+  return method;
 }
 
 absl::StatusOr<std::unique_ptr<Method>> CreateMethodFromState(const MethodState& state) {
@@ -469,7 +340,7 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethodFromState(const MethodState&
   std::string method = state.method;
   if (method.empty() && j.contains("method") && j["method"].is_string())
     method = j["method"].get<std::string>();
-  ASSIGN_OR_RETURN(MethodConfig config, ConfigFromJsonValue(j["config"], "method state config"));
+  ASSIGN_OR_RETURN(MethodConfig config, MethodConfigFromJson(j["config"].dump(), "method state config"));
   ASSIGN_OR_RETURN(std::unique_ptr<Method> m, CreateMethod(method, config));
   RETURN_IF_ERROR(m->ImportState(state));
   return m;
@@ -493,11 +364,19 @@ void AddToWeight(LinearLayer* layer, const at::Tensor& delta) {
   }
 }
 
+absl::Status AdapterImportUnsupported(const std::string& method) {
+  std::vector<std::string> importing;
+  for (const MethodDescriptor& m : MethodDescriptors()) {
+    if (m.adapter_import) importing.push_back(m.name);
+  }
+  return absl::UnimplementedError(absl::StrCat("method ", method,
+                                               " cannot import LoRA adapters (it keeps no shared subspace); use ",
+                                               absl::StrJoin(importing, " or ")));
+}
+
 absl::Status Method::ImportPeftAdapter(const std::string& task, const PeftLoraAdapter& adapter,
                                        const CausalLM& base) {
-  return absl::UnimplementedError(absl::StrCat("method ", name(),
-                                               " cannot import LoRA adapters (it keeps no shared subspace); "
-                                               "use share or share_ella"));
+  return AdapterImportUnsupported(name());
 }
 
 }  // namespace strata

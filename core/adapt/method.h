@@ -17,8 +17,8 @@
 // was. Methods never modify tensors in place that the served model or the committed state share:
 // BeginTask replaces weight slots of the working copy by new tensors and EndTask installs new ones.
 //
-// Methods (CreateMethod): share_ella (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft, osft, pm,
-// mtl. Later methods (OSFT, Perturb-and-Merge) plug in through the hooks below without trainer
+// Methods register themselves (MethodRegistrar below; MethodNames() lists them): share_ella
+// (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft, mtl, osft, pm. Later methods (OSFT, Perturb-and-Merge) plug in through the hooks below without trainer
 // changes: BeforeForward (P&M: rescale the active branch by 1 ± ε), BeforeOptimizerStep (OSFT:
 // project gradients), AfterOptimizerStep (OSFT: project the applied update), AfterTraining (P&M:
 // Fisher pass through TaskContext::for_each_batch).
@@ -41,59 +41,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/adapt/method_config.h"
 #include "core/model/model.h"
 
 namespace strata {
 
 struct PeftLoraAdapter;
-
-inline constexpr char kDefaultMethod[] = "share_ella";
-
-// Hyper-parameters of every method (each reads the fields it needs).
-struct MethodConfig {
-  // Target modules: short names ("q_proj", "v_proj", "gate_proj", ...), "all-linear"
-  // (= q,k,v,o,gate,up,down) or full HF module names ("model.layers.0.self_attn.q_proj").
-  std::vector<std::string> target_modules = {"q_proj", "v_proj"};
-  int64_t rank = 8;                 // LoRA rank r (seq_lora, inc_lora, o_lora, ella, mtl with lora shape)
-  double alpha = 16.0;              // LoRA alpha: s = alpha / r (alpha / p for Share)
-  double ella_lambda = 1.0;         // λ of the ELLA penalty (on the rms-normalised past)
-  double olora_lambda = 0.5;        // λ1 of O-LoRA's orthogonality term
-  int64_t k_max = 32;               // Share: cap on the subspace rank per side
-  int64_t phi = 2;                  // Share: temporary basis vectors per side
-  int64_t p = 8;                    // Share: pseudo-rank per task
-  // Share: explained-energy fraction a merge keeps. 1 (keep every non-zero direction until k_max
-  // binds, then the best rank-k_max summary) is the server's default: measured on cl-small, 0.999
-  // (the paper's) dropped directions while the subspace had room and cost the routed weights one
-  // domains answer (routed AA 0.9137 vs 0.9147; docs/benchmarks.md).
-  double energy_threshold = 1.0;
-  // share, share_ella: how a task trains before its merge into the subspace.
-  //   "lora" (default): a plain rank-p LoRA (A kaiming-uniform, B = 0; the plasticity of inc_lora),
-  //       folded into the subspace at the end of the task with its factors balanced
-  //       (BalanceLowRankFactors in share.h): the merge Share uses for imported adapters.
-  //   "subspace": the published Share training: coefficients on the frozen basis plus φ temporary
-  //       vectors per side (ShareModule::BeginTask). Kept for comparison with the paper; it learns
-  //       hard tasks worse (docs/benchmarks.md, "Share plasticity").
-  std::string share_training = "lora";
-  // seq_ft and mtl (full): "all" trains every parameter (embeddings, norms, linears); "target"
-  // trains the weights of the target modules only.
-  std::string ft_scope = "all";
-  // mtl: "full" (full fine-tuning, the true upper bound) or "lora" (one LoRA of this config's
-  // target modules / rank / alpha, trained jointly).
-  std::string mtl_shape = "full";
-  uint64_t seed = 0;  // adapter initialisation (mixed with module and task names)
-  // osft: unfreeze-rank ratio URR (uniform ranks k_l = floor(min(n,d)·(1 − URR))), in [0, 1].
-  double osft_urr = 0.25;
-  // osft: "uniform" (r_l = 1 − URR) or "adaptive" (r_l from input/output activation similarity).
-  std::string osft_rank = "uniform";
-  // pm: perturbation size ε (branch scales 1, 1 + ε, 1 − ε), in [0, 1].
-  double pm_epsilon = 0.1;
-};
-
-// INVALID_ARGUMENT naming the field.
-absl::Status ValidateMethodConfig(const MethodConfig& config);
-std::string MethodConfigToJson(const MethodConfig& config);
-// Missing fields keep their defaults; unknown fields and wrong types are refused.
-absl::StatusOr<MethodConfig> MethodConfigFromJson(std::string_view json, std::string_view source = "config");
 
 // The full HF names of the linear layers of `model` selected by `targets` (layer order).
 // INVALID_ARGUMENT when a target matches nothing (the message lists the valid short names).
@@ -149,10 +102,11 @@ class Method {
   // Resolved target modules (empty until the first task or an import).
   const std::vector<std::string>& modules() const { return modules_; }
   bool task_active() const { return active_; }
-  // The hyper-parameters that may differ from task to task (they do not shape the state): the ELLA
-  // penalty weight and, for pm, the perturbation size. FAILED_PRECONDITION while a task is active,
-  // INVALID_ARGUMENT naming the field for a bad value.
-  absl::Status SetTaskHyperparameters(double ella_lambda, double pm_epsilon);
+  // Changes the options that may differ from task to task (MethodOption::per_task: the ELLA
+  // penalty weight, P&M's perturbation size) to `config`'s. FAILED_PRECONDITION while a task is
+  // active; INVALID_ARGUMENT naming the field when `config` differs in an option that shapes the
+  // state (those are fixed: the committed state was built with them) or holds a bad value.
+  absl::Status SetTaskConfig(const MethodConfig& config);
   const std::string& active_task() const { return active_task_; }
 
   // Whether the trainer may pass several tasks' data at once (joint, task-balanced training: mtl).
@@ -250,8 +204,22 @@ class Method {
   std::string active_task_;
 };
 
-// All method names, the default first.
-std::vector<std::string> MethodNames();
+// The factory of a registered method.
+using MethodFactory = std::function<std::unique_ptr<Method>(const MethodConfig& config)>;
+
+// Registers a method from its own file, during static initialisation:
+//
+//   MethodDescriptor FooDescriptor() { MethodDescriptor d; d.name = "foo"; ...; return d; }
+//   const MethodRegistrar kRegisterFoo(FooDescriptor(), [](const MethodConfig& c) {
+//     return std::unique_ptr<Method>(new FooMethod(c)); }, FooOptions());
+//
+// (docs/DEVELOPING.md). The library holding the methods is linked whole (CMake WHOLE_ARCHIVE), so
+// every registrar runs in every binary that links strata_core_adapt.
+class MethodRegistrar {
+ public:
+  MethodRegistrar(const MethodDescriptor& method, MethodFactory factory,
+                  const std::vector<MethodOption>& options = {});
+};
 
 // The method `name` with `config` (validated). INVALID_ARGUMENT for an unknown name, listing the
 // valid ones, or for a bad config.
@@ -259,6 +227,10 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethod(const std::string& name,
                                                      const MethodConfig& config = {});
 // CreateMethod(state.method, config from state) + ImportState(state).
 absl::StatusOr<std::unique_ptr<Method>> CreateMethodFromState(const MethodState& state);
+
+// UNIMPLEMENTED "method <method> cannot import LoRA adapters ...; use share or share_ella" (the
+// registered methods with adapter import).
+absl::Status AdapterImportUnsupported(const std::string& method);
 
 // ---- helpers for method implementations -----------------------------------------------------------
 // Replaces `layer`'s weight by weight + delta (a new tensor in the weight's dtype; no autograd).

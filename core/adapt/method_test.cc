@@ -59,7 +59,7 @@ at::Tensor ActiveDelta(CausalLM& model, const std::string& module) {
 }
 
 MethodConfig SmallConfig() {
-  MethodConfig c;
+  MethodConfig c = testing::QvTestConfig();
   c.rank = 2;
   c.p = 2;
   c.phi = 1;
@@ -522,7 +522,7 @@ TEST(MethodTest, AbortAndTaskLifecycleErrors) {
     EXPECT_EQ(method->EndTask(work.get()).code(), absl::StatusCode::kFailedPrecondition);
   }
   // Unknown target modules are refused at BeginTask.
-  MethodConfig config;
+  MethodConfig config = testing::QvTestConfig();
   config.target_modules = {"c_attn"};
   auto method = MakeMethod("seq_lora", config);
   auto work = base->ShallowCopy();

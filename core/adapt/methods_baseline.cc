@@ -440,16 +440,46 @@ class SeqFtMethod : public Method {
   std::vector<std::pair<std::string, at::Tensor>> active_;
 };
 
+// ---- registration ----------------------------------------------------------------------------------
+
+std::vector<MethodOption> BaselineOptions() {
+  return {NumberOption("olora_lambda", &MethodConfig::olora_lambda, "O-LoRA: weight of the orthogonality term", 0),
+          ChoiceOption("ft_scope", &MethodConfig::ft_scope,
+                       "seq_ft, mtl (full): all (every parameter) or target (the target modules' weights)",
+                       {"all", "target"}),
+          ChoiceOption("mtl_shape", &MethodConfig::mtl_shape,
+                       "mtl: full (full fine-tuning) or lora (one LoRA trained jointly)", {"full", "lora"})};
+}
+
+MethodDescriptor WithCapabilities(MethodDescriptor d, bool task_routing, bool joint) {
+  d.task_routing = task_routing;
+  d.joint = joint;
+  return d;
+}
+
+const MethodRegistrar kSeqLora(MethodDescriptor("seq_lora", 3, "one LoRA carried across all tasks"),
+                               [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqLoraMethod(c, false)); },
+                               BaselineOptions());
+const MethodRegistrar kIncLora(
+    WithCapabilities(MethodDescriptor("inc_lora", 4, "a new LoRA per task, earlier ones frozen"), true, false),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, false)); }, BaselineOptions());
+const MethodRegistrar kOLora(
+    WithCapabilities(MethodDescriptor("o_lora", 5, "inc_lora with an orthogonality penalty", {"olora_lambda"}), true,
+                     false),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, true)); }, BaselineOptions());
+const MethodRegistrar kSeqFt(MethodDescriptor("seq_ft", 6, "full fine-tuning in sequence", {"ft_scope"}),
+                             [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqFtMethod(c, false)); },
+                             BaselineOptions());
+// mtl: the multi-task upper bound (all tasks' data at once), full or LoRA-shaped.
+const MethodRegistrar kMtl(
+    WithCapabilities(MethodDescriptor("mtl", 7, "multi-task training on all tasks at once (upper bound)",
+                                      {"mtl_shape", "ft_scope"}),
+                     false, true),
+    [](const MethodConfig& c) {
+      return c.mtl_shape == "lora" ? std::unique_ptr<Method>(new SeqLoraMethod(c, true))
+                                   : std::unique_ptr<Method>(new SeqFtMethod(c, true));
+    },
+    BaselineOptions());
+
 }  // namespace
-
-std::unique_ptr<Method> NewSeqLoraMethod(const MethodConfig& config, bool joint) {
-  return std::make_unique<SeqLoraMethod>(config, joint);
-}
-std::unique_ptr<Method> NewIncLoraMethod(const MethodConfig& config, bool orthogonal) {
-  return std::make_unique<IncLoraMethod>(config, orthogonal);
-}
-std::unique_ptr<Method> NewSeqFtMethod(const MethodConfig& config, bool joint) {
-  return std::make_unique<SeqFtMethod>(config, joint);
-}
-
 }  // namespace strata

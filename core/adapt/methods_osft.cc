@@ -312,8 +312,15 @@ class OsftMethod : public Method {
   std::vector<double> pending_ratios_, pending_importance_;
 };
 
+// ---- registration ----------------------------------------------------------------------------------
+
+const MethodRegistrar kOsft(
+    MethodDescriptor("osft", 8, "OSFT: full fine-tuning orthogonal to each weight's top singular directions",
+                     {"osft_urr", "osft_rank"}),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new OsftMethod(c)); },
+    {NumberOption("osft_urr", &MethodConfig::osft_urr, "OSFT: unfreeze-rank ratio", 0, 1),
+     ChoiceOption("osft_rank", &MethodConfig::osft_rank, "OSFT: per-layer frozen rank, uniform or adaptive",
+                  {"uniform", "adaptive"})});
+
 }  // namespace
-
-std::unique_ptr<Method> NewOsftMethod(const MethodConfig& config) { return std::make_unique<OsftMethod>(config); }
-
 }  // namespace strata

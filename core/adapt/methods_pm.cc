@@ -324,8 +324,19 @@ class PmMethod : public Method {
   std::vector<at::Tensor> pending_fisher_;
 };
 
+// ---- registration ----------------------------------------------------------------------------------
+
+MethodOption PmEpsilon() {
+  MethodOption o = NumberOption("pm_epsilon", &MethodConfig::pm_epsilon,
+                                "Perturb-and-Merge: perturbation size (the paper: 0.5; chosen on cl-small: 0.1)", 0, 1);
+  o.per_task = true;
+  return o;
+}
+
+const MethodRegistrar kPm(
+    MethodDescriptor("pm", 9, "Perturb-and-Merge: a LoRA per task, merged with a Fisher-weighted coefficient",
+                     {"pm_epsilon"}),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new PmMethod(c)); }, {PmEpsilon()});
+
 }  // namespace
-
-std::unique_ptr<Method> NewPmMethod(const MethodConfig& config) { return std::make_unique<PmMethod>(config); }
-
 }  // namespace strata

@@ -534,10 +534,49 @@ class ShareEllaMethod : public Method {
   bool penalty_active_ = false;
 };
 
-}  // namespace
+// ---- registration ----------------------------------------------------------------------------------
 
-std::unique_ptr<Method> NewShareEllaMethod(const MethodConfig& config, bool use_share, bool use_ella) {
-  return std::make_unique<ShareEllaMethod>(config, use_share, use_ella);
+std::vector<MethodOption> ShareEllaOptions() {
+  MethodOption p = IntegerOption("p", &MethodConfig::p, "Share: pseudo-rank per task (follows --rank)", 1);
+  p.flag = "-";
+  MethodOption lambda =
+      NumberOption("ella_lambda", &MethodConfig::ella_lambda, "ELLA: penalty weight (per task: strata submit --lambda)", 0);
+  lambda.per_task = true;
+  lambda.aliases = {"lambda"};
+  return {IntegerOption("k_max", &MethodConfig::k_max, "Share: cap on the subspace rank per side", 1),
+          IntegerOption("phi", &MethodConfig::phi,
+                        "Share: temporary basis vectors per side while a task trains (share_training=subspace)", 1),
+          p,
+          NumberOption("energy_threshold", &MethodConfig::energy_threshold,
+                       "Share: explained-energy fraction a merge keeps", 0, 1, /*min_exclusive=*/true),
+          ChoiceOption("share_training", &MethodConfig::share_training,
+                       "Share: how a task trains before its merge into the subspace: lora (a rank-p LoRA folded in "
+                       "at the end of the task) or subspace (the published coefficients + temporary vectors)",
+                       {"lora", "subspace"}),
+          lambda};
 }
 
+MethodDescriptor Descriptor(const char* name, int order, bool use_share, bool use_ella) {
+  MethodDescriptor d(name, order, "");
+  d.task_routing = use_share;
+  d.adapter_import = use_share;
+  if (use_share) d.options = {"k_max", "phi", "p", "energy_threshold", "share_training"};
+  if (use_ella) d.options.push_back("ella_lambda");
+  d.summary = use_share && use_ella ? "Share subspace per layer + ELLA aggregate (the default)"
+              : use_share           ? "Share: one evolving low-rank subspace per layer"
+                                    : "ELLA: one aggregated update per layer with a penalty on the past";
+  return d;
+}
+
+MethodFactory Factory(bool use_share, bool use_ella) {
+  return [use_share, use_ella](const MethodConfig& config) {
+    return std::unique_ptr<Method>(new ShareEllaMethod(config, use_share, use_ella));
+  };
+}
+
+const MethodRegistrar kShareElla(Descriptor("share_ella", 0, true, true), Factory(true, true), ShareEllaOptions());
+const MethodRegistrar kShare(Descriptor("share", 1, true, false), Factory(true, false), ShareEllaOptions());
+const MethodRegistrar kElla(Descriptor("ella", 2, false, true), Factory(false, true), ShareEllaOptions());
+
+}  // namespace
 }  // namespace strata

@@ -38,7 +38,7 @@ TrainOptions Options(int64_t steps = 6) {
 }
 
 MethodConfig OsftConfig(double urr) {
-  MethodConfig c;
+  MethodConfig c = testing::QvTestConfig();
   c.target_modules = {"all-linear"};
   c.osft_urr = urr;
   return c;
@@ -255,7 +255,7 @@ double BatchLoss(const CausalLM& model, const TrainTask& task) {
 TEST(PmTest, PerturbationMatchesHessianTerm) {
   at::set_num_threads(1);
   auto model = TinyModel();
-  MethodConfig config;
+  MethodConfig config = testing::QvTestConfig();
   config.rank = 2;
   config.alpha = 4.0;
   config.pm_epsilon = 0.5;  // the paper's value (the default is 0.1); the draw below counts 1 ± 0.5
@@ -309,7 +309,7 @@ TEST(PmTest, PerturbationMatchesHessianTerm) {
 TEST(PmTest, TrainsMergesAndRestores) {
   at::set_num_threads(1);
   auto model = TinyModel();
-  MethodConfig config;
+  MethodConfig config = testing::QvTestConfig();
   config.rank = 2;
   config.alpha = 4.0;
   auto method = MakeMethod("pm", config);

@@ -9,26 +9,26 @@
 #include <string>
 
 #include "core/adapt/trainer.h"
+#include "core/adapt/method_config.h"
+#include "core/model/llama_configs.h"
 #include "core/model/config.h"
 #include "core/model/model.h"
 
 namespace strata::testing {
 
+// The method config these tests were written with: MethodConfig's defaults before the training
+// recipe made the server's defaults the only ones (q/v targets, ELLA λ = 1, φ = 2).
+inline MethodConfig QvTestConfig() {
+  MethodConfig c;
+  c.target_modules = {"q_proj", "v_proj"};
+  c.ella_lambda = 1.0;
+  c.phi = 2;
+  return c;
+}
+
 inline ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 64;
-  c.vocab_size = 32;
-  c.tie_word_embeddings = true;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
+  ModelConfig c = TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2,
+                                  /*vocab=*/32, /*max_positions=*/64);
   c.torch_dtype = "float32";
   return c;
 }

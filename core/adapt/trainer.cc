@@ -281,6 +281,19 @@ TrainTask MakeTrainTask(std::string name, const Tokenizer& tokenizer, const std:
   return task;
 }
 
+TrainOptions TrainOptionsFromRecipe(const TrainingRecipe& recipe) {
+  TrainOptions o;
+  o.learning_rate = recipe.learning_rate;
+  o.lr_schedule = recipe.lr_schedule;
+  o.warmup_steps = recipe.warmup_steps;
+  o.warmup_ratio = recipe.warmup_ratio;
+  o.max_steps = recipe.max_steps;
+  o.epochs = recipe.epochs;
+  o.batch_size = recipe.batch_size;
+  o.seed = recipe.seed;
+  return o;
+}
+
 absl::Status ValidateTrainOptions(const TrainOptions& o) {
   auto bad = [](const std::string& field, const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat("train options: ", field, " ", why));

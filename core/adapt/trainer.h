@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/adapt/method.h"
+#include "core/adapt/recipe.h"
 #include "core/data/encode.h"
 #include "core/model/model.h"
 #include "core/model/tokenizer.h"
@@ -57,10 +58,6 @@ struct TrainProgress {
   double eta_seconds = 0;
 };
 
-// The warmup the server trains every task with, and `strata bench cl`'s default: 5 % of the steps
-// (measured on cl-small: routed AA 0.914 with it, 0.899 without; docs/benchmarks.md).
-inline constexpr double kDefaultWarmupRatio = 0.05;
-
 struct TrainOptions {
   double learning_rate = 1e-3;
   double weight_decay = 0.0;  // AdamW decoupled weight decay
@@ -90,6 +87,10 @@ struct TrainOptions {
 
 // INVALID_ARGUMENT naming the field.
 absl::Status ValidateTrainOptions(const TrainOptions& options);
+
+// The trainer's options of `recipe` (learning rate, schedule, warmup, steps, epochs, batch size,
+// seed); the caller adds pad_id, cancellation and progress.
+TrainOptions TrainOptionsFromRecipe(const TrainingRecipe& recipe);
 
 struct TrainResult {
   std::unique_ptr<CausalLM> model;  // the new served model (shares untouched tensors with the input)

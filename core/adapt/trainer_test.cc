@@ -47,7 +47,7 @@ at::Tensor Logits(const CausalLM& m) {
 
 double MaxDiff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
-std::unique_ptr<Method> MakeMethod(const std::string& name, MethodConfig config = {}) {
+std::unique_ptr<Method> MakeMethod(const std::string& name, MethodConfig config = testing::QvTestConfig()) {
   auto m = CreateMethod(name, config);
   EXPECT_TRUE(m.ok()) << m.status();
   return std::move(m).value();
@@ -176,7 +176,7 @@ TEST(TrainerTest, TrainsReportsProgressAndMerges) {
   OneThread one_thread;
   auto base = TinyModel();
   const at::Tensor base_logits = Logits(*base);
-  MethodConfig mc;
+  MethodConfig mc = testing::QvTestConfig();
   mc.target_modules = {"all-linear"};
   auto method = MakeMethod("seq_lora", mc);
   TrainOptions o;
@@ -227,7 +227,7 @@ TEST(TrainerTest, EveryMethodTrainsTwoTasks) {
   OneThread one_thread;
   auto base = TinyModel();
   for (const std::string& name : MethodNames()) {
-    MethodConfig mc;
+    MethodConfig mc = testing::QvTestConfig();
     mc.target_modules = {"all-linear"};
     mc.rank = 4;
     mc.p = 4;
@@ -266,7 +266,7 @@ TEST(TrainerTest, JointTrainingIsOnlyForMtl) {
   EXPECT_EQ(seq->num_tasks(), 0);
 
   for (const std::string shape : {"full", "lora"}) {
-    MethodConfig mc;
+    MethodConfig mc = testing::QvTestConfig();
     mc.mtl_shape = shape;
     auto mtl = MakeMethod("mtl", mc);
     auto result = Trainer(o).Train(*base, *mtl, "joint", {SyntheticTask("a", 0), SyntheticTask("b", 1, 12)});
@@ -445,7 +445,7 @@ TEST(TrainerStoriesTest, DefaultMethodLearnsCapitals) {
   Stories s = LoadStories();
   TaskData capitals = LoadTask("capitals");
   TrainTask task = MakeTrainTask("capitals", *s.tokenizer, capitals.train);
-  MethodConfig mc;
+  MethodConfig mc = testing::QvTestConfig();
   mc.target_modules = {"all-linear"};
   auto method = MakeMethod(kDefaultMethod, mc);
   TrainOptions o;
@@ -524,7 +524,7 @@ SequenceResult RunSequence(const Stories& s, const std::string& method_name, con
 TEST(TrainerStoriesTest, SeqLoraForgetsAndShareEllaForgetsLess) {
   OneThread one_thread;
   Stories s = LoadStories();
-  MethodConfig mc;
+  MethodConfig mc = testing::QvTestConfig();
   mc.share_training = "subspace";
   mc.target_modules = {"all-linear"};
   mc.rank = 8;

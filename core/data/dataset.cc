@@ -1,8 +1,10 @@
 #include "core/data/dataset.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <numeric>
+#include <random>
 #include <set>
 #include <utility>
 
@@ -205,6 +207,38 @@ absl::StatusOr<TaskData> LoadTaskDir(const std::string& dir, const TaskLoadOptio
   // lockstep by accident for skill tasks.
   task.test = Cap(std::move(test_examples), options.max_test, options.seed ^ 0x9E3779B97F4A7C15ull);
   return task;
+}
+
+absl::StatusOr<std::vector<Example>> HoldOutEval(std::vector<Example>* train, double eval_fraction,
+                                                 int64_t eval_cap, uint64_t seed, const std::string& task) {
+  const size_t n = train->size();
+  size_t n_eval = static_cast<size_t>(std::floor(static_cast<double>(n) * eval_fraction));
+  if (eval_fraction > 0 && n_eval == 0) n_eval = 1;
+  n_eval = std::min(n_eval, static_cast<size_t>(std::max<int64_t>(eval_cap, 0)));
+  if (n_eval == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("task '", task, "': no eval data; send eval chunks or set eval_fraction > 0"));
+  }
+  if (n_eval >= n) {
+    return absl::InvalidArgumentError(absl::StrCat("task '", task, "': ", n,
+                                                   " example(s) cannot be split into training and held-out eval "
+                                                   "data; send more examples or separate eval data"));
+  }
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 rng(seed);
+  for (size_t i = n - 1; i > 0; --i) {
+    std::uniform_int_distribution<size_t> pick(0, i);
+    std::swap(order[i], order[pick(rng)]);
+  }
+  std::vector<bool> is_eval(n, false);
+  for (size_t i = 0; i < n_eval; ++i) is_eval[order[i]] = true;
+  std::vector<Example> kept, eval;
+  kept.reserve(n - n_eval);
+  eval.reserve(n_eval);
+  for (size_t i = 0; i < n; ++i) (is_eval[i] ? eval : kept).push_back(std::move((*train)[i]));
+  *train = std::move(kept);
+  return eval;
 }
 
 }  // namespace strata

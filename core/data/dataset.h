@@ -75,4 +75,12 @@ absl::StatusOr<TaskData> LoadTaskDir(const std::string& dir, const TaskLoadOptio
 // k >= n). Deterministic across platforms.
 std::vector<size_t> SampleIndices(size_t n, size_t k, uint64_t seed);
 
+// Holds out a task's eval split from its training examples when no eval data was sent:
+// floor(n · eval_fraction) examples (at least 1 when the fraction is > 0, at most eval_cap), drawn
+// with `seed`; both splits keep the file order. Returns the eval split and leaves the rest in
+// `train`. INVALID_ARGUMENT naming `task` when nothing would be held out or nothing would be left
+// to train on (`train` is then unchanged).
+absl::StatusOr<std::vector<Example>> HoldOutEval(std::vector<Example>* train, double eval_fraction,
+                                                 int64_t eval_cap, uint64_t seed, const std::string& task);
+
 }  // namespace strata

@@ -3,7 +3,9 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/data/dataset.h"
 #include "absl/strings/str_cat.h"
+#include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace strata {
@@ -34,50 +36,44 @@ bool IsTerminal(JobState s) {
   return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
 }
 
-absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
-  if (spec.name.empty() || spec.name.size() > 64) {
-    return absl::InvalidArgumentError("spec.name: must be 1-64 characters");
+absl::Status ValidateTaskName(const std::string& name, const std::string& field) {
+  if (name.empty() || name.size() > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": '", name, "' must be 1-64 characters"));
   }
-  for (char c : spec.name) {
+  for (char c : name) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
               c == '_' || c == '-';
     if (!ok) {
       return absl::InvalidArgumentError(
-          absl::StrCat("spec.name: '", spec.name, "' may only contain letters, digits, '.', '_' and '-'"));
+          absl::StrCat(field, ": '", name, "' may only contain letters, digits, '.', '_' and '-'"));
     }
   }
-  if (spec.name == "." || spec.name == "..") return absl::InvalidArgumentError("spec.name: not a valid name");
+  if (name == "." || name == "..") return absl::InvalidArgumentError(absl::StrCat(field, ": not a valid name"));
   // Route names of Generate/Score: a task may not take them.
-  if (spec.name == "auto" || spec.name == "merged" || spec.name == "base") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "spec.name: '", spec.name, "' is reserved (requests use auto, merged and base as route names)"));
+  if (name == "auto" || name == "merged" || name == "base") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": '", name, "' is reserved (requests use auto, merged and base as route names)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
+  RETURN_IF_ERROR(ValidateTaskName(spec.name, "spec.name"));
+  for (size_t i = 0; i < spec.import_dirs.size(); ++i) {
+    if (spec.import_dirs[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("spec.import_dirs[", i, "]: empty path"));
+    }
   }
   if (!(spec.eval_fraction >= 0 && spec.eval_fraction < 1)) {
     return absl::InvalidArgumentError(absl::StrCat("spec.eval_fraction: must be in [0, 1), got ", spec.eval_fraction));
   }
   if (spec.eval_cap < 1) return absl::InvalidArgumentError("spec.eval_cap: must be >= 1");
-  if (!spec.scorer.empty() && spec.scorer != "choice" && spec.scorer != "exact_match" && spec.scorer != "nll") {
+  if (!spec.scorer.empty() && !ParseScorer(spec.scorer).has_value()) {
     return absl::InvalidArgumentError(
         absl::StrCat("spec.scorer: '", spec.scorer, "' (expected choice, exact_match or nll)"));
   }
-  const auto& o = spec.overrides;
-  if (o.learning_rate && !(*o.learning_rate > 0 && std::isfinite(*o.learning_rate))) {
-    return absl::InvalidArgumentError("spec.overrides.learning_rate: must be a positive number");
-  }
-  if (o.max_steps && *o.max_steps < 1) return absl::InvalidArgumentError("spec.overrides.max_steps: must be >= 1");
-  if (o.epochs && *o.epochs < 1) return absl::InvalidArgumentError("spec.overrides.epochs: must be >= 1");
-  if (o.batch_size && (*o.batch_size < 1 || *o.batch_size > 4096)) {
-    return absl::InvalidArgumentError("spec.overrides.batch_size: must be in [1, 4096]");
-  }
-  if (o.rank && (*o.rank < 1 || *o.rank > 1024)) {
-    return absl::InvalidArgumentError("spec.overrides.rank: must be in [1, 1024]");
-  }
-  if (o.alpha && !(*o.alpha > 0)) return absl::InvalidArgumentError("spec.overrides.alpha: must be > 0");
-  if (o.ella_lambda && !(*o.ella_lambda >= 0)) {
-    return absl::InvalidArgumentError("spec.overrides.ella_lambda: must be >= 0");
-  }
-  if (o.max_seq_len && (*o.max_seq_len < 8 || *o.max_seq_len > 1 << 20)) {
-    return absl::InvalidArgumentError("spec.overrides.max_seq_len: must be in [8, 1048576]");
+  if (absl::Status st = ValidateOverrides(spec.overrides); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("spec.", st.message()));
   }
   return absl::OkStatus();
 }
@@ -111,6 +107,7 @@ std::string JobToJson(const JobRecord& job) {
                {"eval_cap", job.spec.eval_cap},
                {"scorer", job.spec.scorer},
                {"description", job.spec.description}};
+  if (!job.spec.import_dirs.empty()) spec["import_dirs"] = job.spec.import_dirs;
   json results = json::array();
   for (const auto& [task, score] : job.eval_results) results.push_back({{"task", task}, {"score", score}});
   json j = {{"format", "strata.job.v1"},
@@ -153,6 +150,7 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
     job.spec.eval_cap = s.value("eval_cap", 200);
     job.spec.scorer = s.value("scorer", "");
     job.spec.description = s.value("description", "");
+    if (s.contains("import_dirs")) job.spec.import_dirs = s.at("import_dirs").get<std::vector<std::string>>();
     if (s.contains("overrides")) {
       const json& o = s["overrides"];
       GetOpt(o, "learning_rate", job.spec.overrides.learning_rate);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/adapt/recipe.h"  // TrainOverrides
 
 namespace strata {
 
@@ -20,28 +21,22 @@ const char* JobStateName(JobState state);
 std::optional<JobState> ParseJobState(const std::string& name);
 bool IsTerminal(JobState state);
 
-// Hyper-parameter overrides from the task spec (unset = server default).
-struct TrainOverrides {
-  std::optional<double> learning_rate;
-  std::optional<int32_t> max_steps;
-  std::optional<int32_t> epochs;
-  std::optional<int32_t> batch_size;
-  std::optional<int32_t> rank;
-  std::optional<double> alpha;
-  std::optional<double> ella_lambda;
-  std::optional<int32_t> seed;
-  std::optional<int32_t> max_seq_len;
-};
-
 struct TaskSpecification {
   std::string name;
   std::string method;  // empty = server default
-  TrainOverrides overrides;
+  TrainOverrides overrides;  // unset = the server's recipe
   double eval_fraction = 0.1;
   int32_t eval_cap = 200;
   std::string scorer;  // "choice", "exact_match", "nll", or "" (auto)
   std::string description;
+  // Non-empty: an adapter import job (PEFT LoRA directories folded into the state, in order; no
+  // data). `name` is the first adapter's task name (its directory's name).
+  std::vector<std::string> import_dirs;
 };
+
+// INVALID_ARGUMENT "<field>: ..." unless `name` can name a task: 1-64 letters, digits, '.', '_'
+// or '-', not "." / "..", and not a route name (auto, merged, base).
+absl::Status ValidateTaskName(const std::string& name, const std::string& field = "name");
 
 // INVALID_ARGUMENT naming the field when the name or numbers are unusable.
 absl::Status ValidateTaskSpecification(const TaskSpecification& spec);

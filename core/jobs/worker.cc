@@ -94,8 +94,10 @@ void Worker::RunOne(JobRecord job) {
   spdlog::info("job {}: training task '{}' (attempt {})", job.id, job.spec.name, job.attempts);
 
   absl::StatusOr<JobOutcome> outcome;
-  auto train = store_->LoadExamples(job.id, "train");
-  auto eval = store_->LoadExamples(job.id, "eval");
+  // An adapter import job has no data.
+  const bool has_data = job.spec.import_dirs.empty();
+  auto train = has_data ? store_->LoadExamples(job.id, "train") : std::vector<Example>{};
+  auto eval = has_data ? store_->LoadExamples(job.id, "eval") : std::vector<Example>{};
   if (!train.ok()) {
     outcome = train.status();
   } else if (!eval.ok()) {

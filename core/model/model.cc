@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "core/model/llama_configs.h"
 #include "core/model/runtime.h"
 #include "core/model/safetensors.h"
 #include "core/util/file_util.h"
@@ -135,22 +136,9 @@ std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor
 // --- construction ----------------------------------------------------------------------------------
 
 ModelConfig CausalLM::EmbeddedDefaultConfig() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = 64;
-  c.intermediate_size = 176;
-  c.num_hidden_layers = 4;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.rms_norm_eps = 1e-5;
+  ModelConfig c = TiedLlamaConfig(/*hidden=*/64, /*intermediate=*/176, /*layers=*/4, /*heads=*/4, /*kv_heads=*/2,
+                                  /*vocab=*/259, /*max_positions=*/512);
   c.rope_theta = 10000.0;
-  c.max_position_embeddings = 512;
-  c.vocab_size = 259;
-  c.tie_word_embeddings = true;
-  c.attention_bias = false;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
   c.torch_dtype = "float32";
   return c;
 }

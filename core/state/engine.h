@@ -11,9 +11,14 @@
 // manifest lists every file with its SHA-256, verified on load) and <state_dir>/tasks/<name>/
 // eval.jsonl (the only data kept after a task is learned: no replay).
 //
-// Thread safety: Current(), Tokenizer(), Tasks(), Report(), Routed() and the exports are safe from
-// any thread. RunJob() is called by the worker thread only. Lock order: mu_ only (never held while
-// training or evaluating).
+// Files: engine.cc (served versions and routing), engine_train.cc (a task's training run and its
+// evaluation), engine_transfer.cc (export and adapter import); the results ledger is
+// core/state/ledger.h and the scoring core/state/evaluator.h.
+//
+// Thread safety: Current(), tokenizer(), Tasks(), Report(), Routed(), CheckTask() and the exports
+// are safe from any thread and never wait for training. RunJob() (tasks and adapter imports alike)
+// is called by the worker thread only and holds the training lock for the whole job; the lock
+// order is in engine_impl.h.
 
 #include <atomic>
 #include <cstdint>
@@ -26,10 +31,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "core/adapt/recipe.h"
 #include "core/adapt/router.h"
 #include "core/jobs/worker.h"
 #include "core/model/generate.h"
 #include "core/model/model_summary.h"
+#include "core/state/ledger.h"
 
 namespace strata {
 
@@ -37,29 +44,11 @@ class CausalLM;
 class Tokenizer;
 class Method;
 
-struct TrainDefaults {
-  std::string method = "share_ella";
-  double learning_rate = 5e-3;
-  int32_t max_steps = 300;  // 0 = use epochs
-  int32_t epochs = 1;
-  int32_t batch_size = 16;
-  int32_t rank = 8;
-  double alpha = 16;
-  double ella_lambda = 0.0;
-  int32_t max_seq_len = 256;
-  int32_t seed = 0;
-  std::string targets = "all-linear";
-  int32_t k_max = 32;
-  int32_t phi = 8;
-  std::string share_training = "lora";
-  double osft_urr = 0.25;
-  std::string osft_rank = "uniform";
-  double pm_epsilon = 0.1;
-};
-
 struct EngineOptions {
   std::string state_dir;
-  TrainDefaults defaults;
+  // The server's training recipe (flags): a new state's method and options, and every task's
+  // defaults (a task's overrides apply on top: ResolveTaskRecipe).
+  TrainingRecipe recipe;
   // Reference text for general-ability retention (NLL before/after each task); empty = none.
   std::string reference_text_path;
   // Texts (separated by blank lines) of the reference used for the NLL, from the start.
@@ -96,53 +85,6 @@ struct RouteChoice {
   bool automatic = false;
   // For an automatic route: the router's confidence (RouteDecision::confidence); 1 when named.
   double confidence = 1.0;
-};
-
-struct ScoreHistoryPoint {
-  int32_t stage = 0;  // 0 = base model
-  std::string after_task;
-  double score = 0;
-  int64_t weights_version = 0;
-};
-
-struct TaskInfo {
-  std::string name;
-  int32_t index = 0;  // 1-based learning order
-  std::string scorer;
-  std::string method;
-  std::string job_id;
-  std::string description;
-  int64_t eval_examples = 0;
-  double base_score = 0;
-  double learned_score = 0;
-  double current_score = 0;
-  double forgetting = 0;
-  std::vector<ScoreHistoryPoint> history;
-  // The latest stage in the other views (NaN when not measured): served by the task's name, routed
-  // automatically, and the fraction of the task's eval prompts the router sends to it.
-  double current_routed_score = 0;
-  double current_auto_score = 0;
-  double router_accuracy = 0;
-};
-
-struct EngineReport {
-  std::vector<std::string> tasks;
-  std::vector<std::vector<double>> matrix;  // matrix[i][j]: after stage i+1, on task j
-  std::vector<double> base;
-  std::optional<double> average_score, backward_transfer, forward_transfer, forgetting;
-  std::vector<double> reference_nll;  // per stage, [0] = base
-  std::string method;
-  int64_t weights_version = 0;
-  int64_t adaptation_state_bytes = 0;
-  // The other evaluation views, same shape as `matrix` (empty rows for stages before they were
-  // measured): each task served by its name (methods with per-task weights) and routed
-  // automatically; router_accuracy[i][j] = fraction of task j's eval prompts routed to task j.
-  std::vector<std::vector<double>> routed_matrix, auto_matrix, router_accuracy;
-  std::vector<double> reference_nll_auto;  // per stage through auto routing, [0] = base
-  // CL summary of the auto view (what a request that names no task gets).
-  std::optional<double> auto_average_score, auto_backward_transfer, auto_forgetting;
-  int64_t router_bytes = 0;
-  int64_t router_bytes_per_task = 0;
 };
 
 // Scores of completions for InferenceService.Score.
@@ -192,6 +134,12 @@ class Engine : public TaskRunner {
   absl::StatusOr<CompletionScores> ScoreCompletions(const CausalLM& model, const std::string& prompt,
                                                     const std::vector<std::string>& completions) const;
 
+  // The recipe task `spec` would train with against the current state, checked as RunJob will
+  // check it (INVALID_ARGUMENT for bad values or an unknown method, FAILED_PRECONDITION for a
+  // method other than the state's or a fixed option that differs, ALREADY_EXISTS for a learned
+  // task). The server calls it before it accepts a task; RunJob checks again.
+  absl::StatusOr<TrainingRecipe> CheckTask(const TaskSpecification& spec) const;
+
   std::vector<TaskInfo> Tasks() const;
   absl::StatusOr<TaskInfo> Task(const std::string& name) const;
   EngineReport Report() const;
@@ -202,10 +150,14 @@ class Engine : public TaskRunner {
   absl::Status ExportWeights(const std::string& dir) const;
   // The adaptation state (a copy of the checkpoint) into `dir`.
   absl::Status ExportState(const std::string& dir) const;
-  // PEFT LoRA adapter directories into the Share subspace; publishes a new version.
-  absl::StatusOr<int64_t> ImportAdapters(const std::vector<std::string>& dirs);
+  // The adapter directories of an import job (TaskSpecification::import_dirs), checked as the job
+  // will read them (INVALID_ARGUMENT / NOT_FOUND naming the directory and file, ALREADY_EXISTS for
+  // a learned task, UNIMPLEMENTED for a method without a subspace). The server calls it before it
+  // queues the import; nothing is read into the state here.
+  absl::Status CheckImport(const std::vector<std::string>& dirs) const;
 
-  // TaskRunner:
+  // TaskRunner: a task's training run, or an import job (PEFT LoRA adapters folded into the state
+  // without gradient steps; publishes a new version).
   absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train, std::vector<Example> eval,
                                     const JobContext& ctx) override;
   bool TaskIsLearned(const std::string& task_name) const override;
@@ -215,6 +167,8 @@ class Engine : public TaskRunner {
 
  private:
   struct Impl;
+  // RunJob for an import job (engine_transfer.cc).
+  absl::StatusOr<JobOutcome> RunImport(const JobRecord& job);
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
   std::shared_ptr<const Tokenizer> tokenizer_;

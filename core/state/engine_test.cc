@@ -36,11 +36,11 @@ EngineOptions Options(const std::string& dir, const std::string& method = "share
   EngineOptions o;
   o.state_dir = dir;
   o.base_model_id = kModel;
-  o.defaults.method = method;
-  o.defaults.max_steps = 8;
-  o.defaults.batch_size = 8;
-  o.defaults.learning_rate = 3e-3;
-  o.defaults.targets = "q_proj,v_proj";
+  o.recipe.method = method;
+  o.recipe.max_steps = 8;
+  o.recipe.batch_size = 8;
+  o.recipe.learning_rate = 3e-3;
+  o.recipe.method_config.target_modules = {"q_proj", "v_proj"};
   o.reference_text_path = std::string(STRATA_SHARED_DIR) + "/data/lm/tinystories_val.txt";
   o.reference_max_texts = 4;
   o.training_threads = 2;
@@ -308,7 +308,7 @@ TEST(Engine, OverridesShapeTheFirstTaskAndLambdaIsPerTask) {
   SetTorchThreads(2);
   Dir dir;
   EngineOptions o = Options(dir.path);
-  o.defaults.ella_lambda = 0.1;
+  o.recipe.method_config.ella_lambda = 0.1;
   auto engine = MakeEngine(o);
   ASSERT_TRUE(engine.ok()) << engine.status();
   std::atomic<bool> cancel{false};
@@ -344,6 +344,20 @@ TEST(Engine, OverridesShapeTheFirstTaskAndLambdaIsPerTask) {
   EXPECT_EQ(r4.status().code(), absl::StatusCode::kInvalidArgument) << r4.status();
   EXPECT_NE(std::string(r4.status().message()).find("ella_lambda"), std::string::npos) << r4.status();
   EXPECT_EQ((*engine)->Current()->version, 2);
+  // CheckTask (what the server asks before it accepts a task) refuses the same, with the same codes.
+  EXPECT_EQ((*engine)->CheckTask(bad_rank.spec).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*engine)->CheckTask(bad_alpha.spec).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*engine)->CheckTask(bad_lambda.spec).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*engine)->CheckTask(first.spec).status().code(), absl::StatusCode::kAlreadyExists);
+  auto other_method = Job("iso3", "job-000006");
+  other_method.spec.method = "osft";
+  EXPECT_EQ((*engine)->CheckTask(other_method.spec).status().code(), absl::StatusCode::kFailedPrecondition);
+  other_method.spec.method = "lora_magic";
+  EXPECT_EQ((*engine)->CheckTask(other_method.spec).status().code(), absl::StatusCode::kInvalidArgument);
+  auto fine = (*engine)->CheckTask(Job("iso3", "job-000007").spec);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  EXPECT_EQ(fine->method_config.rank, 4);
+  EXPECT_EQ(fine->method_config.ella_lambda, 0.1);
 
   // Without overrides the second task trains with the server's λ; rank and alpha stay.
   auto r5 = (*engine)->RunJob(Job("iso3", "job-000005"), iso3.train, iso3.test, ctx);
@@ -360,7 +374,7 @@ TEST(Engine, CheckpointHoldsServedWeightsAndRestartContinuesWithThePenalty) {
   SetTorchThreads(2);
   Dir dir;
   EngineOptions o = Options(dir.path);
-  o.defaults.ella_lambda = 0.5;
+  o.recipe.method_config.ella_lambda = 0.5;
   o.reference_text_path.clear();
   {
     auto engine = MakeEngine(o);

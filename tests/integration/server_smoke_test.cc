@@ -146,6 +146,16 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
     EXPECT_NE(bad.err.find(want), std::string::npos) << flag << ": " << bad.err;
   }
 
+  // Method options come from the method registry, with environment twins, and --help lists them.
+  auto bad_option_env = RunCommand({BinaryPath("strata-server")}, 30, {{"STRATA_K_MAX", "0"}});
+  EXPECT_EQ(bad_option_env.exit_code, 2);
+  EXPECT_NE(bad_option_env.err.find("STRATA_K_MAX: must be finite and >= 1, got 0"), std::string::npos)
+      << bad_option_env.err;
+  auto help = RunCommand({BinaryPath("strata-server"), "--help"});
+  EXPECT_NE(help.out.find("share_ella"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("--k_max=32"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("--pm_epsilon=0.1"), std::string::npos) << help.out;
+
   auto bad_device = RunCommand({BinaryPath("strata-server"), "--device=tpu", "--state_dir=" + dir.path(),
                                 "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_device.exit_code, 2);

@@ -807,6 +807,18 @@ TEST(Service, ImportsPeftAdapterFromTheImportRoot) {
   json gen = s.CliJson({"generate", "--prompt", "Once upon a time", "--max-tokens", "4"});
   EXPECT_EQ(gen["weights_version"], 2);
   ExpectRpcError(s.Cli({"import", "missing-adapter"}), "NOT_FOUND");
+  // The import is a queued job like a task: --no-wait returns its id at once; a directory whose name
+  // cannot name a task, or a task already learned, is refused before anything is queued.
+  WritePeftAdapter(s.state() + "/imports/adapter-b");
+  CommandResult queued = s.Cli({"import", "--no-wait", "adapter-b"});
+  ASSERT_EQ(queued.exit_code, 0) << queued.err;
+  const std::string job_id = queued.out.substr(0, queued.out.find('\n'));
+  CommandResult watched = s.Cli({"watch", job_id});
+  EXPECT_EQ(watched.exit_code, 0) << watched.out << watched.err;
+  EXPECT_EQ(s.CliJson({"info"})["weights_version"], "3");
+  ExpectRpcError(s.Cli({"import", "adapter-a"}), "ALREADY_EXISTS");
+  WritePeftAdapter(s.state() + "/imports/auto");
+  ExpectRpcError(s.Cli({"import", "auto"}), "INVALID_ARGUMENT", "reserved");
 }
 
 std::string MakeCertificate(const std::string& dir) {

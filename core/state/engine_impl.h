@@ -1,0 +1,66 @@
+#pragma once
+// Engine internals shared by its files (engine.cc: versions and routing; engine_train.cc: a task's
+// training run; engine_transfer.cc: import and export). Not part of the public interface.
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "core/adapt/method.h"
+#include "core/adapt/router.h"
+#include "core/model/model.h"
+#include "core/model/tokenizer.h"
+#include "core/state/checkpoint.h"
+#include "core/state/engine.h"
+#include "core/state/evaluator.h"
+#include "core/state/ledger.h"
+
+namespace strata {
+
+// Lock order: train_mu (held by the worker for a whole job or import) before mu (short critical
+// sections: the version pointer, the ledger, the routed-model cache). RPC threads take only mu.
+struct Engine::Impl {
+  std::unique_ptr<CausalLM> base;  // W0, never modified
+  std::shared_ptr<const Tokenizer> tokenizer;
+  EngineOptions options;
+  std::unique_ptr<Evaluator> evaluator;
+
+  absl::Mutex train_mu;
+  // The live method state and router: changed only by the worker (RunJob, imports) under train_mu;
+  // each published version holds frozen copies.
+  std::unique_ptr<Method> method ABSL_GUARDED_BY(train_mu);
+  TaskRouter router ABSL_GUARDED_BY(train_mu);
+
+  mutable absl::Mutex mu ABSL_ACQUIRED_AFTER(train_mu);
+  std::shared_ptr<const ServedVersion> current ABSL_GUARDED_BY(mu);
+  ResultsLedger ledger ABSL_GUARDED_BY(mu);
+  int64_t state_bytes ABSL_GUARDED_BY(mu) = 0;
+  // Task-routed models by task, with the weights version they were built from.
+  std::map<std::string, std::pair<int64_t, std::shared_ptr<const CausalLM>>> routed_cache ABSL_GUARDED_BY(mu);
+
+  // The models a router decision selects from (RouteModels in router.h) for method state `m`: a
+  // prompt that fits no task gets the base model or, with --unmatched_route=merged, `merged`.
+  absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> BuildRouteModels(
+      const Method& m, const TaskRouter& r, std::shared_ptr<const CausalLM> merged) const;
+
+  // Restores the method's committed state after a failure past the merge; returns `st`.
+  absl::Status Rollback(const MethodState& previous, absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(train_mu);
+
+  // The checkpoint of `state` + `ledger` + `router` as weights version `version`.
+  CheckpointData Snapshot(const MethodState& state, const ResultsLedger& ledger, const TaskRouter& router,
+                          int64_t version) const;
+
+  // Checkpoints `snapshot`, then publishes `model` as version snapshot.weights_version with a frozen
+  // copy of `state` and `router`, and installs `ledger` with it (a restart reports exactly what
+  // was published).
+  absl::StatusOr<std::shared_ptr<const ServedVersion>> CheckpointAndPublish(
+      const CheckpointData& snapshot, const MethodState& state, std::shared_ptr<const CausalLM> model,
+      int64_t tasks_learned, const TaskRouter& new_router, ResultsLedger ledger);
+};
+
+}  // namespace strata
