@@ -13,6 +13,7 @@
 #include "core/model/generate.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
+#include "core/util/utf8.h"
 #include "server/status_util.h"
 
 namespace strata {
@@ -56,23 +57,7 @@ absl::StatusOr<SamplingOptions> SamplingFromProto(const pb::SamplingParams& p, i
   return o;
 }
 
-// Proto3 strings must be UTF-8 (a receiver refuses the message otherwise): invalid bytes in
-// generated text become U+FFFD; a token that is not text on its own (a byte piece) is shown as
-// <0xXX> bytes.
-std::string ValidUtf8(std::string text) {
-  size_t bad = 0;
-  std::string out;
-  std::string_view rest(text);
-  if (IsValidUtf8(rest, &bad)) return text;
-  while (!IsValidUtf8(rest, &bad)) {
-    out.append(rest.substr(0, bad));
-    out.append("\xEF\xBF\xBD");
-    rest.remove_prefix(bad + 1);
-  }
-  out.append(rest);
-  return out;
-}
-
+// A token that is not text on its own (a byte piece) is shown as <0xXX> bytes.
 std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
   std::string token = tokenizer.IdToToken(id);
   if (IsValidUtf8(token)) return token;
@@ -138,7 +123,8 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
     }
     if (!delta.empty()) {
       pb::GenerateResponse msg;
-      msg.set_text(ValidUtf8(delta));
+      // Proto3 strings must be UTF-8: invalid bytes in generated text become U+FFFD.
+      msg.set_text(SanitizeUtf8(delta));
       for (int32_t i : pending_ids) msg.add_token_ids(i);
       set_route(&msg);
       pending_ids.clear();

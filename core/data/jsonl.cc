@@ -269,50 +269,6 @@ std::string_view LineErrorReasonName(LineErrorReason reason) {
   return "unknown";
 }
 
-bool IsValidUtf8(std::string_view bytes, size_t* bad_offset) {
-  const auto* s = reinterpret_cast<const unsigned char*>(bytes.data());
-  const size_t n = bytes.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;  // no overlongs
-      if (c == 0xED) hi = 0x9F;  // no UTF-16 surrogates
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;  // no overlongs
-      if (c == 0xF4) hi = 0x8F;  // <= U+10FFFF
-    } else {
-      if (bad_offset) *bad_offset = i;
-      return false;
-    }
-    if (i + len > n) {
-      if (bad_offset) *bad_offset = i;
-      return false;
-    }
-    if (s[i + 1] < lo || s[i + 1] > hi) {
-      if (bad_offset) *bad_offset = i;
-      return false;
-    }
-    for (size_t k = 2; k < len; ++k) {
-      if ((s[i + k] & 0xC0) != 0x80) {
-        if (bad_offset) *bad_offset = i;
-        return false;
-      }
-    }
-    i += len;
-  }
-  return true;
-}
 
 JsonlValidator::JsonlValidator(std::string source, ValidationOptions options)
     : source_(std::move(source)), options_(options), config_status_(CheckConfig(options)) {}

@@ -41,6 +41,7 @@
 #include "core/data/cl_benchmark.h"
 #include "core/data/example.h"
 #include "core/model/tokenizer.h"
+#include "core/util/utf8.h"  // IsValidUtf8
 
 namespace strata {
 
@@ -163,7 +164,5 @@ absl::StatusOr<ParsedJsonl> ParseJsonlBuffer(std::string_view buffer, std::strin
                                              const ValidationOptions& options = {});
 absl::StatusOr<ParsedJsonl> ParseJsonlFile(const std::string& path, const ValidationOptions& options = {});
 
-// True when `bytes` is well-formed UTF-8; otherwise `*bad_offset` (if given) is the first bad byte.
-bool IsValidUtf8(std::string_view bytes, size_t* bad_offset = nullptr);
 
 }  // namespace strata

@@ -1,4 +1,5 @@
 #include "core/model/generate.h"
+#include "core/util/utf8.h"
 
 #include <torch/torch.h>
 
@@ -23,65 +24,6 @@ using Clock = std::chrono::steady_clock;
 // leading space at the start of a text ("▁Paris" -> "Paris") keep it in the middle of one.
 constexpr size_t kDecodeContextTokens = 4;
 
-// Length of the longest prefix of `s` that does not end inside an incomplete UTF-8 sequence.
-size_t CompleteUtf8Prefix(const std::string& s) {
-  const size_t n = s.size();
-  // Look back at most 3 bytes for the lead byte of the last character.
-  for (size_t back = 1; back <= 4 && back <= n; ++back) {
-    const unsigned char c = static_cast<unsigned char>(s[n - back]);
-    if ((c & 0xC0) == 0x80) continue;  // continuation byte
-    size_t need = 1;
-    if ((c & 0xE0) == 0xC0) {
-      need = 2;
-    } else if ((c & 0xF0) == 0xE0) {
-      need = 3;
-    } else if ((c & 0xF8) == 0xF0) {
-      need = 4;
-    }
-    return back < need ? n - back : n;
-  }
-  return n;  // only continuation bytes (invalid anyway): leave as is
-}
-
-// Valid UTF-8 (RFC 3629: no overlongs, surrogates or code points past U+10FFFF): every invalid
-// byte becomes U+FFFD, so text handed out can always go into a protobuf string.
-std::string SanitizeUtf8(const std::string& s) {
-  static const char kReplacement[] = "\xEF\xBF\xBD";
-  std::string out;
-  out.reserve(s.size());
-  size_t i = 0;
-  const size_t n = s.size();
-  auto cont = [&](size_t k, unsigned char lo = 0x80, unsigned char hi = 0xBF) {
-    if (k >= n) return false;
-    const unsigned char c = static_cast<unsigned char>(s[k]);
-    return c >= lo && c <= hi;
-  };
-  while (i < n) {
-    const unsigned char c = static_cast<unsigned char>(s[i]);
-    size_t len = 0;
-    if (c < 0x80) {
-      len = 1;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      len = cont(i + 1) ? 2 : 0;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      const unsigned char lo = c == 0xE0 ? 0xA0 : 0x80;
-      const unsigned char hi = c == 0xED ? 0x9F : 0xBF;
-      len = cont(i + 1, lo, hi) && cont(i + 2) ? 3 : 0;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      const unsigned char lo = c == 0xF0 ? 0x90 : 0x80;
-      const unsigned char hi = c == 0xF4 ? 0x8F : 0xBF;
-      len = cont(i + 1, lo, hi) && cont(i + 2) && cont(i + 3) ? 4 : 0;
-    }
-    if (len == 0) {
-      out += kReplacement;
-      ++i;
-    } else {
-      out.append(s, i, len);
-      i += len;
-    }
-  }
-  return out;
-}
 
 // A small, portable PRNG (splitmix64): the sampled sequence depends only on the seed.
 class Rng {

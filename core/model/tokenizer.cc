@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
+#include "core/util/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace strata {
@@ -34,138 +35,12 @@ inline absl::string_view AV(std::string_view s) { return absl::string_view(s.dat
 // UTF-8 helpers.
 // ---------------------------------------------------------------------------------------------
 
-constexpr char kReplacementChar[] = "\xEF\xBF\xBD";  // U+FFFD
-
-// Length of the valid UTF-8 sequence starting at s[i] (1..4), or 0 if the bytes there are not a
-// valid, complete sequence. Rejects overlong forms, surrogates and code points above U+10FFFF.
-int ValidUtf8Len(std::string_view s, size_t i, uint32_t* cp_out = nullptr) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  if (b0 < 0x80) {
-    if (cp_out) *cp_out = b0;
-    return 1;
-  }
-  int len;
-  uint32_t cp;
-  uint32_t min;
-  if ((b0 & 0xE0) == 0xC0) {
-    len = 2, cp = b0 & 0x1F, min = 0x80;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    len = 3, cp = b0 & 0x0F, min = 0x800;
-  } else if ((b0 & 0xF8) == 0xF0) {
-    len = 4, cp = b0 & 0x07, min = 0x10000;
-  } else {
-    return 0;
-  }
-  if (i + len > s.size()) return 0;
-  for (int k = 1; k < len; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if ((b & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (b & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  if (cp_out) *cp_out = cp;
-  return len;
-}
-
-// Whether s[i..] is a proper prefix of some valid UTF-8 sequence (a character cut off at the end).
-bool IsTruncatedUtf8Tail(std::string_view s, size_t i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  int len;
-  if (b0 >= 0xC2 && b0 <= 0xDF) {
-    len = 2;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    len = 3;
-  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-    len = 4;
-  } else {
-    return false;
-  }
-  const size_t have = s.size() - i;
-  if (have >= static_cast<size_t>(len)) return false;
-  for (size_t k = 1; k < have; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if ((b & 0xC0) != 0x80) return false;
-    // Second-byte constraints that make the sequence impossible to complete validly.
-    if (k == 1) {
-      if (b0 == 0xE0 && b < 0xA0) return false;
-      if (b0 == 0xED && b > 0x9F) return false;
-      if (b0 == 0xF0 && b < 0x90) return false;
-      if (b0 == 0xF4 && b > 0x8F) return false;
-    }
-  }
-  return true;
-}
-
-bool IsValidUtf8(std::string_view s) {
-  for (size_t i = 0; i < s.size();) {
-    if (static_cast<unsigned char>(s[i]) < 0x80) {
-      ++i;
-      continue;
-    }
-    const int n = ValidUtf8Len(s, i);
-    if (n == 0) return false;
-    i += n;
-  }
-  return true;
-}
-
-// Replaces every byte that is not part of a valid sequence with U+FFFD.
-std::string SanitizeUtf8(std::string_view s) {
-  if (IsValidUtf8(s)) return std::string(s);
-  std::string out;
-  out.reserve(s.size() + 8);
-  for (size_t i = 0; i < s.size();) {
-    const int n = ValidUtf8Len(s, i);
-    if (n == 0) {
-      out += kReplacementChar;
-      ++i;
-    } else {
-      out.append(s.data() + i, n);
-      i += n;
-    }
-  }
-  return out;
-}
+// Validation, repair and encoding: core/util/utf8.h.
+int ValidUtf8Len(std::string_view s, size_t i, uint32_t* cp_out = nullptr) { return Utf8SequenceLength(s, i, cp_out); }
 
 // Decoder output: invalid bytes in the middle become U+FFFD; an incomplete character at the very
 // end is kept as raw bytes so that streaming callers can complete it with the next token.
-std::string FinishDecodedUtf8(std::string s) {
-  if (IsValidUtf8(s)) return s;
-  std::string out;
-  out.reserve(s.size() + 8);
-  for (size_t i = 0; i < s.size();) {
-    const int n = ValidUtf8Len(s, i);
-    if (n > 0) {
-      out.append(s.data() + i, n);
-      i += n;
-    } else if (IsTruncatedUtf8Tail(s, i)) {
-      out.append(s.data() + i, s.size() - i);
-      break;
-    } else {
-      out += kReplacementChar;
-      ++i;
-    }
-  }
-  return out;
-}
-
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
+std::string FinishDecodedUtf8(std::string s) { return SanitizeUtf8KeepingTail(s); }
 
 // Length of the character at s[i] in valid UTF-8 (1 for stray bytes, never 0).
 size_t CharLen(std::string_view s, size_t i) {
