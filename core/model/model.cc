@@ -68,12 +68,27 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return (x * cos).addcmul_(swapped, signed_sin);
 }
 
-// y = x Wᵀ + b for x with a single row: a matrix-vector product. OpenBLAS runs `linear` on one row
-// as a GEMM with m = 1, which is ~2.5x slower than its GEMV on the same weights (decode at batch
-// 1 is all such products); the result is the same up to summation order.
-at::Tensor SingleRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const at::Tensor xv = x.reshape({x.size(-1)});
-  const at::Tensor y = b.defined() ? at::addmv(b, w, xv) : at::mv(w, xv);
+// Activations with at most this many rows go through one matrix-vector product per row. OpenBLAS
+// runs `linear` on 1-3 rows as a GEMM with small m, which costs 2x (1 row) to 1.5x (3 rows) its
+// GEMV on the same weights; from 4 rows on the GEMM wins (strata-bench-decode --kernels 1 on the
+// 110M config's matrices, docs/benchmarks.md). Decode at batch 1-3 is all such products.
+constexpr int64_t kGemvMaxRows = 3;
+
+// y = x Wᵀ + b for `rows` rows of x, one GEMV per row; the same as linear up to summation order.
+at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows) {
+  const at::Tensor x2 = x.reshape({rows, x.size(-1)});
+  auto row = [&](int64_t r) {
+    const at::Tensor xr = x2.select(0, r);
+    return b.defined() ? at::addmv(b, w, xr) : at::mv(w, xr);
+  };
+  at::Tensor y;
+  if (rows == 1) {
+    y = row(0);
+  } else {
+    std::vector<at::Tensor> ys;
+    for (int64_t r = 0; r < rows; ++r) ys.push_back(row(r));
+    y = at::stack(ys);
+  }
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = w.size(0);
   return y.view(shape);
@@ -90,8 +105,9 @@ at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
   const at::Tensor w = AsDtype(weight, x.scalar_type());
   const at::Tensor b = AsDtype(bias, x.scalar_type());
   const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
-  at::Tensor y = x.device().is_cpu() && in > 0 && x.numel() == in && w.dim() == 2
-                     ? SingleRowLinear(x, w, b)
+  const int64_t rows = in > 0 ? x.numel() / in : 0;
+  at::Tensor y = x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2
+                     ? FewRowLinear(x, w, b, rows)
                      : at::linear(x, w, b);
   if (adapter) {
     at::Tensor side = adapter->Forward(x);
