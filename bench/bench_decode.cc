@@ -29,8 +29,8 @@
 #include "core/adapt/router.h"
 #include "core/model/generate.h"
 #include "core/model/model.h"
-#include "core/model/tokenizer.h"
 #include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
 
 namespace {
 
@@ -113,8 +113,13 @@ void KernelCompare(const strata::ModelConfig& c, int reps) {
   const int64_t kvd = c.num_key_value_heads * c.head_dim;
   std::vector<at::Tensor> weights;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    for (auto [out, in] : {std::pair<int64_t, int64_t>{qd, h}, {kvd, h}, {kvd, h}, {h, qd},
-                           {c.intermediate_size, h}, {c.intermediate_size, h}, {h, c.intermediate_size}}) {
+    for (auto [out, in] : {std::pair<int64_t, int64_t>{qd, h},
+                           {kvd, h},
+                           {kvd, h},
+                           {h, qd},
+                           {c.intermediate_size, h},
+                           {c.intermediate_size, h},
+                           {h, c.intermediate_size}}) {
       weights.push_back(at::randn({out, in}, f32).mul_(0.02));
     }
   }
@@ -176,13 +181,13 @@ RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, i
 // strata::Generate (greedy, the tokenizer's incremental detokenisation and a streaming callback,
 // as the server runs it) against the bare Forward loop of RunOnce on the same prompt length and
 // number of new tokens: median tokens/s of each and their ratio.
-void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& tokenizer,
-                       const Flags& f) {
+void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& tokenizer, const Flags& f) {
   at::Generator gen = at::detail::createCPUGenerator(5);
-  const at::Tensor ids = at::randint(3, model.config().vocab_size, {f.prompt}, gen,
-                                     at::TensorOptions().dtype(at::kLong));
+  const at::Tensor ids =
+      at::randint(3, model.config().vocab_size, {f.prompt}, gen, at::TensorOptions().dtype(at::kLong));
   std::vector<int32_t> prompt(static_cast<size_t>(f.prompt));
-  for (int64_t i = 0; i < f.prompt; ++i) prompt[static_cast<size_t>(i)] = static_cast<int32_t>(ids[i].item<int64_t>());
+  for (int64_t i = 0; i < f.prompt; ++i)
+    prompt[static_cast<size_t>(i)] = static_cast<int32_t>(ids[i].item<int64_t>());
   strata::SamplingOptions options;
   options.max_new_tokens = static_cast<int32_t>(f.new_tokens);
   options.stop_on_eos = false;
@@ -190,11 +195,11 @@ void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& t
   size_t streamed = 0;
   for (int r = 0; r < f.reps + 1; ++r) {
     const auto t0 = Clock::now();
-    auto result = strata::Generate(model, tokenizer, {prompt}, options,
-                                   [&](size_t, int32_t, const std::string& delta) {
-                                     streamed += delta.size();
-                                     return true;
-                                   });
+    auto result =
+        strata::Generate(model, tokenizer, {prompt}, options, [&](size_t, int32_t, const std::string& delta) {
+          streamed += delta.size();
+          return true;
+        });
     const double g = Seconds(t0, Clock::now());
     const RunTimes b = RunOnce(model, 1, f.prompt, f.new_tokens, 400 + r);
     if (r == 0 || !result.ok()) continue;
@@ -202,9 +207,10 @@ void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& t
     forward_tps.push_back(static_cast<double>(f.new_tokens) / (b.prefill + b.decode));
   }
   if (generate_tps.empty()) return;
-  std::printf("Generate (greedy, detokenised, streamed; prefill included): %.1f tokens/s | bare "
-              "Forward loop: %.1f tokens/s | ratio %.3f\n",
-              Median(generate_tps), Median(forward_tps), Median(generate_tps) / Median(forward_tps));
+  std::printf(
+      "Generate (greedy, detokenised, streamed; prefill included): %.1f tokens/s | bare "
+      "Forward loop: %.1f tokens/s | ratio %.3f\n",
+      Median(generate_tps), Median(forward_tps), Median(generate_tps) / Median(forward_tps));
   std::fflush(stdout);
 }
 

@@ -72,8 +72,9 @@ class ShareAdapter : public LowRankAdapter {
  private:
   std::vector<int64_t> Versions() const {
     std::vector<int64_t> v;
-    for (const at::Tensor* t : {&factors_.beta, &factors_.alpha, &factors_.e_beta, &factors_.e_alpha,
-                                &factors_.r_beta1, &factors_.r_beta2, &factors_.r_alpha1, &factors_.r_alpha2}) {
+    for (const at::Tensor* t :
+         {&factors_.beta, &factors_.alpha, &factors_.e_beta, &factors_.e_alpha, &factors_.r_beta1,
+          &factors_.r_beta2, &factors_.r_alpha1, &factors_.r_alpha2}) {
       v.push_back(t->defined() && !t->is_inference() ? static_cast<int64_t>(t->_version()) : -1);
       v.push_back(t->defined() ? reinterpret_cast<int64_t>(t->data_ptr()) : 0);
     }

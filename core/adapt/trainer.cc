@@ -470,9 +470,8 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
                                                  "); nothing was merged, the served weights are unchanged"));
         }
       }
-      const double grad_scale = grad_norm > o.max_grad_norm && o.max_grad_norm > 0
-                                    ? o.max_grad_norm / (grad_norm + 1e-6)
-                                    : 1.0;
+      const double grad_scale =
+          grad_norm > o.max_grad_norm && o.max_grad_norm > 0 ? o.max_grad_norm / (grad_norm + 1e-6) : 1.0;
       optimizer.Step(lr, grad_scale);
       method.AfterOptimizerStep(ctx);
 

@@ -411,15 +411,14 @@ at::Tensor CausalLM::RunLayers(const at::Tensor& input_ids, const at::Tensor& at
     at::Tensor visible = key_index.le(query_index);  // [T, total]
     if (windowed) visible = visible & key_index.gt(query_index - window);
     if (attention_mask.defined()) {
-      TORCH_CHECK(attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
-                      attention_mask.size(1) == total,
-                  "CausalLM::Forward: attention_mask must be [", batch, ", ", total, "] (cached ",
-                  past, " + new ", t, "), got ", attention_mask.sizes());
+      TORCH_CHECK(
+          attention_mask.dim() == 2 && attention_mask.size(0) == batch && attention_mask.size(1) == total,
+          "CausalLM::Forward: attention_mask must be [", batch, ", ", total, "] (cached ", past, " + new ", t,
+          "), got ", attention_mask.sizes());
       const at::Tensor m = attention_mask.to(dev, at::kLong);
       positions = (m.cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
       const at::Tensor key_ok = m.ne(0).view({batch, 1, total});
-      const at::Tensor allowed =
-          (visible.unsqueeze(0) & key_ok) | key_index.eq(query_index).unsqueeze(0);
+      const at::Tensor allowed = (visible.unsqueeze(0) & key_ok) | key_index.eq(query_index).unsqueeze(0);
       mask = at::zeros({batch, t, total}, float_opts)
                  .masked_fill_(allowed.logical_not(), neg_inf)
                  .view({batch, 1, 1, t, total});
