@@ -9,6 +9,9 @@
 // warm-up run. Tokens/s counts every sequence of the batch. Then the cost of automatic routing: the
 // router's feature pass on W0 (the first (layers + 1) / 2 decoder layers over the prompt) and its
 // decision among 8 tasks, against a batch-1 generation of 64 tokens (prefill + 64 decode steps).
+// With a tokenizer (the model directory's, or ../shared/tokenizers/llama2 for the 110M config) it
+// also times strata::Generate (greedy, detokenised, streamed) against the bare Forward loop.
+// --kernels 1 prints only the GEMM-vs-GEMV table of one 110M decode step for 1-8 rows.
 
 #include <torch/torch.h>
 
@@ -24,8 +27,10 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "core/adapt/router.h"
+#include "core/model/generate.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
+#include "core/model/tokenizer.h"
 
 namespace {
 
@@ -40,13 +45,16 @@ struct Flags {
   int64_t new_tokens = 128;
   int reps = 3;
   std::string model_dir = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
+  // Tokenizer for the 110M model's Generate() figure (vocab 32000).
+  std::string tokenizer_110m = std::string(STRATA_SHARED_DIR) + "/tokenizers/llama2";
+  bool kernels = false;  // --kernels 1: the GEMM-vs-GEMV table only
 };
 
 void Usage() {
   std::fprintf(stderr,
                "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
                "[--dtype float32|bfloat16] [--device cpu|cuda] [--prompt 32] [--new 128] [--reps 3] "
-               "[--model-dir DIR]\n");
+               "[--model-dir DIR] [--kernels 0|1]\n");
 }
 
 bool ParseFlags(int argc, char** argv, Flags* f) {
@@ -76,6 +84,8 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       if (!absl::SimpleAtoi(v, &f->reps) || f->reps < 1) return false;
     } else if (arg == "--model-dir") {
       f->model_dir = v;
+    } else if (arg == "--kernels") {
+      f->kernels = v == "1";
     } else {
       return false;
     }
@@ -91,6 +101,51 @@ double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The matrix products of one decode step of `c` (every q/k/v/o/gate/up/down weight of every layer
+// + the lm_head) on `rows` activation rows, through at::linear (a GEMM) and through one at::mv
+// (GEMV) per row; median ms over `reps` steps. Random weights; only the shapes matter.
+void KernelCompare(const strata::ModelConfig& c, int reps) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t h = c.hidden_size;
+  const int64_t qd = c.num_attention_heads * c.head_dim;
+  const int64_t kvd = c.num_key_value_heads * c.head_dim;
+  std::vector<at::Tensor> weights;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (auto [out, in] : {std::pair<int64_t, int64_t>{qd, h},
+                           {kvd, h},
+                           {kvd, h},
+                           {h, qd},
+                           {c.intermediate_size, h},
+                           {c.intermediate_size, h},
+                           {h, c.intermediate_size}}) {
+      weights.push_back(at::randn({out, in}, f32).mul_(0.02));
+    }
+  }
+  weights.push_back(at::randn({c.vocab_size, h}, f32).mul_(0.02));
+  std::printf("matrix products of one decode step (%zu matrices), ms per step:\n", weights.size());
+  std::printf("%6s %12s %12s\n", "rows", "linear", "mv per row");
+  for (int64_t rows : {1, 2, 3, 4, 8}) {
+    std::vector<double> gemm_ms, gemv_ms;
+    for (int r = 0; r < reps + 1; ++r) {
+      auto t0 = Clock::now();
+      for (const at::Tensor& w : weights) {
+        (void)at::linear(at::randn({rows, w.size(1)}, f32), w);
+      }
+      auto t1 = Clock::now();
+      for (const at::Tensor& w : weights) {
+        const at::Tensor x = at::randn({rows, w.size(1)}, f32);
+        for (int64_t i = 0; i < rows; ++i) (void)at::mv(w, x[i]);
+      }
+      auto t2 = Clock::now();
+      if (r == 0) continue;  // warm-up
+      gemm_ms.push_back(1e3 * Seconds(t0, t1));
+      gemv_ms.push_back(1e3 * Seconds(t1, t2));
+    }
+    std::printf("%6ld %12.2f %12.2f\n", rows, Median(gemm_ms), Median(gemv_ms));
+    std::fflush(stdout);
+  }
 }
 
 struct RunTimes {
@@ -123,7 +178,44 @@ RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, i
   return t;
 }
 
-void Bench(const std::string& name, const strata::CausalLM& model, const Flags& f) {
+// strata::Generate (greedy, the tokenizer's incremental detokenisation and a streaming callback,
+// as the server runs it) against the bare Forward loop of RunOnce on the same prompt length and
+// number of new tokens: median tokens/s of each and their ratio.
+void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& tokenizer, const Flags& f) {
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  const at::Tensor ids =
+      at::randint(3, model.config().vocab_size, {f.prompt}, gen, at::TensorOptions().dtype(at::kLong));
+  std::vector<int32_t> prompt(static_cast<size_t>(f.prompt));
+  for (int64_t i = 0; i < f.prompt; ++i)
+    prompt[static_cast<size_t>(i)] = static_cast<int32_t>(ids[i].item<int64_t>());
+  strata::SamplingOptions options;
+  options.max_new_tokens = static_cast<int32_t>(f.new_tokens);
+  options.stop_on_eos = false;
+  std::vector<double> generate_tps, forward_tps;
+  size_t streamed = 0;
+  for (int r = 0; r < f.reps + 1; ++r) {
+    const auto t0 = Clock::now();
+    auto result =
+        strata::Generate(model, tokenizer, {prompt}, options, [&](size_t, int32_t, const std::string& delta) {
+          streamed += delta.size();
+          return true;
+        });
+    const double g = Seconds(t0, Clock::now());
+    const RunTimes b = RunOnce(model, 1, f.prompt, f.new_tokens, 400 + r);
+    if (r == 0 || !result.ok()) continue;
+    generate_tps.push_back(static_cast<double>((*result)[0].ids.size()) / g);
+    forward_tps.push_back(static_cast<double>(f.new_tokens) / (b.prefill + b.decode));
+  }
+  if (generate_tps.empty()) return;
+  std::printf(
+      "Generate (greedy, detokenised, streamed; prefill included): %.1f tokens/s | bare "
+      "Forward loop: %.1f tokens/s | ratio %.3f\n",
+      Median(generate_tps), Median(forward_tps), Median(generate_tps) / Median(forward_tps));
+  std::fflush(stdout);
+}
+
+void Bench(const std::string& name, const strata::CausalLM& model, const Flags& f,
+           const strata::Tokenizer* tokenizer) {
   const strata::ModelConfig& c = model.config();
   std::printf("\n== %s: %.2fM parameters (hidden %ld, %ld layers, %ld heads / %ld kv, "
               "intermediate %ld, vocab %ld), %s\n",
@@ -152,6 +244,8 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
   }
   std::printf("batch 1: prefill %ld tokens: %10.1f tokens/s\n", long_prompt, Median(prefill));
   std::fflush(stdout);
+
+  if (tokenizer != nullptr) GenerateVsForward(model, *tokenizer, f);
 
   // Automatic routing overhead (what Engine::Resolve adds to a request; tokenisation excluded).
   strata::TaskRouter router;
@@ -213,6 +307,10 @@ int main(int argc, char** argv) {
   }
   options.device = *device;
   std::printf("device %s, dtype %s\n", device->c_str(), f.dtype.c_str());
+  if (f.kernels) {
+    KernelCompare(strata::bench::Llama110mConfig(), f.reps);
+    return 0;
+  }
   for (const std::string& name : f.models) {
     if (name == "stories260K") {
       auto model = strata::CausalLM::Load(f.model_dir, options);
@@ -221,7 +319,8 @@ int main(int argc, char** argv) {
                      model.status().ToString().c_str());
         return 1;
       }
-      Bench(name, **model, f);
+      auto tokenizer = strata::Tokenizer::FromDirectory(f.model_dir);
+      Bench(name, **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else if (name == "110m") {
       strata::ModelConfig c = strata::bench::Llama110mConfig();
       auto model = strata::CausalLM::RandomInit(c, 1234, options);
@@ -229,7 +328,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "RandomInit 110m: %s\n", model.status().ToString().c_str());
         return 1;
       }
-      Bench("random-init 110M (Llama, tied)", **model, f);
+      auto tokenizer = strata::Tokenizer::FromDirectory(f.tokenizer_110m);
+      Bench("random-init 110M (Llama, tied)", **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else {
       std::fprintf(stderr, "unknown model %s (expected stories260K or 110m)\n", name.c_str());
       return 2;

@@ -47,17 +47,44 @@ using json = nlohmann::json;
 // extra["served"]["format"]: the state holds the served weights of the target modules.
 constexpr char kServedFormat[] = "strata.served_weights.v1";
 
-// Share's trainable factors as a side path: the factors are rebuilt (B = β Eβ + Rβ1 Rβ2, ...) on
-// every forward so gradients reach the coefficients and temporary vectors.
+// Share's trainable factors as a side path: while a forward records gradients the factors are
+// rebuilt (B = β Eβ + Rβ1 Rβ2, ...) on every forward so gradients reach the coefficients and
+// temporary vectors. Without gradients (evaluation of the pending task, the after-training pass)
+// the factors are frozen: the built pair is cached until an optimiser step changes a factor (its
+// version counter) and shared by concurrent forwards.
 class ShareAdapter : public LowRankAdapter {
  public:
   explicit ShareAdapter(ShareTaskFactors factors)
       : LowRankAdapter(factors.scale), factors_(std::move(factors)) {}
-  std::pair<at::Tensor, at::Tensor> Factors() const override { return {factors_.B(), factors_.A()}; }
+  std::pair<at::Tensor, at::Tensor> Factors() const override {
+    if (at::GradMode::is_enabled()) return {factors_.B(), factors_.A()};
+    const std::vector<int64_t> versions = Versions();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!cached_b_.defined() || versions != cached_versions_) {
+      cached_b_ = factors_.B();
+      cached_a_ = factors_.A();
+      cached_versions_ = versions;
+    }
+    return {cached_b_, cached_a_};
+  }
   const ShareTaskFactors& factors() const { return factors_; }
 
  private:
+  std::vector<int64_t> Versions() const {
+    std::vector<int64_t> v;
+    for (const at::Tensor* t :
+         {&factors_.beta, &factors_.alpha, &factors_.e_beta, &factors_.e_alpha, &factors_.r_beta1,
+          &factors_.r_beta2, &factors_.r_alpha1, &factors_.r_alpha2}) {
+      v.push_back(t->defined() && !t->is_inference() ? static_cast<int64_t>(t->_version()) : -1);
+      v.push_back(t->defined() ? reinterpret_cast<int64_t>(t->data_ptr()) : 0);
+    }
+    return v;
+  }
+
   ShareTaskFactors factors_;
+  mutable std::mutex mu_;
+  mutable at::Tensor cached_b_, cached_a_;
+  mutable std::vector<int64_t> cached_versions_;
 };
 
 // s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ: the sum of every task's reconstructed update [n, d] (float32 CPU).

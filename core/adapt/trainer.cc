@@ -168,7 +168,7 @@ class FlatAdamW {
       g.grad = at::zeros({g.numel}, opts);
       g.exp_avg = at::zeros({g.numel}, opts);
       g.exp_avg_sq = at::zeros({g.numel}, opts);
-      g.denom = at::empty({g.numel}, opts);
+      if (!(g.dtype == at::kFloat && g.device.is_cpu())) g.denom = at::empty({g.numel}, opts);
       int64_t offset = 0;
       for (at::Tensor p : g.params) {
         const int64_t n = p.numel();
@@ -196,19 +196,22 @@ class FlatAdamW {
     return std::sqrt(sq);
   }
 
-  void ScaleGrad(double factor) {
-    for (auto& g : groups_) g.grad.mul_(factor);
-  }
-
-  void Step(double lr) {
+  // One AdamW step; the gradients are taken times `grad_scale` (gradient clipping) without
+  // rewriting the gradient buffer.
+  void Step(double lr, double grad_scale) {
     at::NoGradGuard no_grad;
     ++step_;
     const double bc1 = 1.0 - std::pow(o_.beta1, static_cast<double>(step_));
     const double bc2 = 1.0 - std::pow(o_.beta2, static_cast<double>(step_));
     for (auto& g : groups_) {
+      if (g.dtype == at::kFloat && g.device.is_cpu()) {
+        FusedCpuStep(g, lr, grad_scale, bc1, bc2);
+        continue;
+      }
+      const at::Tensor grad = grad_scale == 1.0 ? g.grad : g.grad.mul(grad_scale);
       if (o_.weight_decay > 0) g.value.mul_(1.0 - lr * o_.weight_decay);
-      g.exp_avg.mul_(o_.beta1).add_(g.grad, 1.0 - o_.beta1);
-      g.exp_avg_sq.mul_(o_.beta2).addcmul_(g.grad, g.grad, 1.0 - o_.beta2);
+      g.exp_avg.mul_(o_.beta1).add_(grad, 1.0 - o_.beta1);
+      g.exp_avg_sq.mul_(o_.beta2).addcmul_(grad, grad, 1.0 - o_.beta2);
       at::sqrt_out(g.denom, g.exp_avg_sq);
       g.denom.div_(std::sqrt(bc2)).add_(o_.adam_eps);
       g.value.addcdiv_(g.exp_avg, g.denom, -lr / bc1);
@@ -240,6 +243,35 @@ class FlatAdamW {
     int64_t numel = 0;
     at::Tensor value, grad, exp_avg, exp_avg_sq, denom;
   };
+
+  // The same update as the tensor ops above (PyTorch's AdamW) in one pass over the buffers: the
+  // op-by-op form reads and writes the whole parameter set ~20 times per step (a measured ~5% of a
+  // 110M full fine-tuning step), this loop reads value, grad and both moments once and writes three.
+  void FusedCpuStep(Group& g, double lr, double grad_scale, double bc1, double bc2) {
+    float* value = g.value.data_ptr<float>();
+    const float* grad = g.grad.data_ptr<float>();
+    float* m = g.exp_avg.data_ptr<float>();
+    float* v = g.exp_avg_sq.data_ptr<float>();
+    const float decay = static_cast<float>(1.0 - lr * o_.weight_decay);
+    const bool decays = o_.weight_decay > 0;
+    const float gs = static_cast<float>(grad_scale);
+    const float b1 = static_cast<float>(o_.beta1), c1 = static_cast<float>(1.0 - o_.beta1);
+    const float b2 = static_cast<float>(o_.beta2), c2 = static_cast<float>(1.0 - o_.beta2);
+    const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+    const float eps = static_cast<float>(o_.adam_eps);
+    const float step_size = static_cast<float>(-lr / bc1);
+    at::parallel_for(0, g.numel, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float gi = grad[i] * gs;
+        const float w = decays ? value[i] * decay : value[i];
+        const float mi = m[i] * b1 + gi * c1;
+        const float vi = v[i] * b2 + gi * gi * c2;
+        m[i] = mi;
+        v[i] = vi;
+        value[i] = w + step_size * (mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps));
+      }
+    });
+  }
   const TrainOptions& o_;
   std::vector<Group> groups_;
   int64_t step_ = 0;
@@ -451,10 +483,9 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
                                                  "); nothing was merged, the served weights are unchanged"));
         }
       }
-      if (grad_norm > o.max_grad_norm && o.max_grad_norm > 0) {
-        optimizer.ScaleGrad(o.max_grad_norm / (grad_norm + 1e-6));
-      }
-      optimizer.Step(lr);
+      const double grad_scale =
+          grad_norm > o.max_grad_norm && o.max_grad_norm > 0 ? o.max_grad_norm / (grad_norm + 1e-6) : 1.0;
+      optimizer.Step(lr, grad_scale);
       method.AfterOptimizerStep(ctx);
 
       result.steps = step + 1;

@@ -56,14 +56,43 @@ at::Tensor AsDtype(const at::Tensor& t, at::ScalarType dtype) {
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor xf = x.to(at::kFloat);
-  const at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  const at::Tensor normed = xf * at::rsqrt(xf.square().mean(-1, /*keepdim=*/true).add_(eps));
   return AsDtype(weight, x.scalar_type()) * normed.to(x.scalar_type());
 }
 
-// HF rotate_half: [x1, x2] -> [-x2, x1] over the last dimension.
-at::Tensor RotateHalf(const at::Tensor& x) {
+// HF rotary embedding x·cos + rotate_half(x)·sin with rotate_half([x1, x2]) = [-x2, x1]: the sign
+// lives in `signed_sin` = [-sin, sin] (negation is exact), which saves the negation pass, and the
+// product and the sum share one buffer (addcmul_).
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
   const int64_t half = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  const at::Tensor swapped = at::cat({x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return (x * cos).addcmul_(swapped, signed_sin);
+}
+
+// Activations with at most this many rows go through one matrix-vector product per row. OpenBLAS
+// runs `linear` on 1-3 rows as a GEMM with small m, which costs 2x (1 row) to 1.5x (3 rows) its
+// GEMV on the same weights; from 4 rows on the GEMM wins (strata-bench-decode --kernels 1 on the
+// 110M config's matrices, docs/benchmarks.md). Decode at batch 1-3 is all such products.
+constexpr int64_t kGemvMaxRows = 3;
+
+// y = x Wᵀ + b for `rows` rows of x, one GEMV per row; the same as linear up to summation order.
+at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows) {
+  const at::Tensor x2 = x.reshape({rows, x.size(-1)});
+  auto row = [&](int64_t r) {
+    const at::Tensor xr = x2.select(0, r);
+    return b.defined() ? at::addmv(b, w, xr) : at::mv(w, xr);
+  };
+  at::Tensor y;
+  if (rows == 1) {
+    y = row(0);
+  } else {
+    std::vector<at::Tensor> ys;
+    for (int64_t r = 0; r < rows; ++r) ys.push_back(row(r));
+    y = at::stack(ys);
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  return y.view(shape);
 }
 
 const char* const kAttnNames[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
@@ -74,8 +103,13 @@ const char* const kMlpNames[] = {"gate_proj", "up_proj", "down_proj"};
 // --- LinearLayer / KVCache -----------------------------------------------------------------------
 
 at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
-  at::Tensor y =
-      at::linear(x, AsDtype(weight, x.scalar_type()), AsDtype(bias, x.scalar_type()));
+  const at::Tensor w = AsDtype(weight, x.scalar_type());
+  const at::Tensor b = AsDtype(bias, x.scalar_type());
+  const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
+  const int64_t rows = in > 0 ? x.numel() / in : 0;
+  at::Tensor y = x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2
+                     ? FewRowLinear(x, w, b, rows)
+                     : at::linear(x, w, b);
   if (adapter) {
     at::Tensor side = adapter->Forward(x);
     y = y + side.to(y.scalar_type());
@@ -277,6 +311,7 @@ at::ScalarType CausalLM::compute_dtype() const {
 
 // --- forward ---------------------------------------------------------------------------------------
 
+// `sin` is the signed table of ApplyRope ([-sin, sin]).
 at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x,
                                const at::Tensor& cos, const at::Tensor& sin,
                                const at::Tensor& mask, KVCache* cache) const {
@@ -290,20 +325,28 @@ at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at
   at::Tensor q = layer.q.Forward(x).view({batch, t, heads, head_dim}).transpose(1, 2);
   at::Tensor k = layer.k.Forward(x).view({batch, t, kv_heads, head_dim}).transpose(1, 2);
   at::Tensor v = layer.v.Forward(x).view({batch, t, kv_heads, head_dim}).transpose(1, 2);
-  q = q * cos + RotateHalf(q) * sin;
-  k = k * cos + RotateHalf(k) * sin;
+  // q takes the 1/√head_dim score scale: QKᵀ then comes out scaled, and the pass is over q
+  // [t, head_dim] instead of the scores [t, s] (forward and backward).
+  q = ApplyRope(q, cos, sin).mul_(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  k = ApplyRope(k, cos, sin);
   if (cache != nullptr) std::tie(k, v) = cache->Append(index, k, v);
   const int64_t s = k.size(2);
 
   // Grouped-query attention without repeating K/V: query head h = kv * groups + g uses KV head kv,
   // so the queries of one KV head are laid out as [groups * t] rows.
   const at::Tensor qg = q.reshape({batch, kv_heads, groups * t, head_dim});
-  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1));
-  scores = scores.to(at::kFloat).mul(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  scores = scores.view({batch, kv_heads, groups, t, s});
-  if (mask.defined()) scores = scores + mask;
-  const at::Tensor probs =
-      at::softmax(scores, -1).to(v.scalar_type()).view({batch, kv_heads, groups * t, s});
+  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).to(at::kFloat);
+  // The mask is added in place: matmul's backward does not need its output.
+  if (mask.defined()) scores.view({batch, kv_heads, groups, t, s}).add_(mask);
+  at::Tensor probs;
+  if (at::GradMode::is_enabled() && scores.requires_grad()) {
+    probs = at::softmax(scores, -1);
+  } else {
+    // Inference: the probabilities overwrite the scores (the kernel works row by row, reading
+    // each row before writing it).
+    probs = at::_softmax_out(scores, scores, -1, /*half_to_float=*/false);
+  }
+  probs = probs.to(v.scalar_type());
   const at::Tensor out = at::matmul(probs, v)  // [B, kv_heads, groups * t, head_dim]
                              .view({batch, heads, t, head_dim})
                              .transpose(1, 2)
@@ -350,36 +393,39 @@ at::Tensor CausalLM::RunLayers(const at::Tensor& input_ids, const at::Tensor& at
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::Tensor positions;
   at::Tensor mask;
-  const at::Tensor query_index = at::arange(past, total, long_opts).view({t, 1});
-  const at::Tensor key_index = at::arange(total, long_opts).view({1, total});
-  at::Tensor visible = key_index.le(query_index);  // [T, total]
-  if (windowed) visible = visible & key_index.gt(query_index - window);
-  if (attention_mask.defined()) {
-    TORCH_CHECK(attention_mask.dim() == 2 && attention_mask.size(0) == batch &&
-                    attention_mask.size(1) == total,
-                "CausalLM::Forward: attention_mask must be [", batch, ", ", total, "] (cached ",
-                past, " + new ", t, "), got ", attention_mask.sizes());
-    const at::Tensor m = attention_mask.to(dev, at::kLong);
-    positions = (m.cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
-    const at::Tensor key_ok = m.ne(0).view({batch, 1, total});
-    const at::Tensor allowed =
-        (visible.unsqueeze(0) & key_ok) | key_index.eq(query_index).unsqueeze(0);
-    mask = at::zeros({batch, t, total}, float_opts)
-               .masked_fill_(allowed.logical_not(), neg_inf)
-               .view({batch, 1, 1, t, total});
-  } else {
-    positions = at::arange(past, total, long_opts).view({1, t}).expand({batch, t});
-    if (t > 1 || windowed) {
+  if (attention_mask.defined() || t > 1 || windowed) {
+    const at::Tensor query_index = at::arange(past, total, long_opts).view({t, 1});
+    const at::Tensor key_index = at::arange(total, long_opts).view({1, total});
+    at::Tensor visible = key_index.le(query_index);  // [T, total]
+    if (windowed) visible = visible & key_index.gt(query_index - window);
+    if (attention_mask.defined()) {
+      TORCH_CHECK(
+          attention_mask.dim() == 2 && attention_mask.size(0) == batch && attention_mask.size(1) == total,
+          "CausalLM::Forward: attention_mask must be [", batch, ", ", total, "] (cached ", past, " + new ", t,
+          "), got ", attention_mask.sizes());
+      const at::Tensor m = attention_mask.to(dev, at::kLong);
+      positions = (m.cumsum(1) - 1).clamp_min(0).narrow(1, past, t);
+      const at::Tensor key_ok = m.ne(0).view({batch, 1, total});
+      const at::Tensor allowed = (visible.unsqueeze(0) & key_ok) | key_index.eq(query_index).unsqueeze(0);
+      mask = at::zeros({batch, t, total}, float_opts)
+                 .masked_fill_(allowed.logical_not(), neg_inf)
+                 .view({batch, 1, 1, t, total});
+    } else {
       mask = at::zeros({t, total}, float_opts)
                  .masked_fill_(visible.logical_not(), neg_inf)
                  .view({1, 1, 1, t, total});
     }
   }
+  // A single new position without padding or window sees every cached key: no mask.
+  if (!positions.defined()) {
+    positions = at::arange(past, total, long_opts).view({1, t}).expand({batch, t});
+  }
   const at::Tensor angles = positions.to(at::kFloat).unsqueeze(-1) * rope_inv_freq_;  // [B,T,D/2]
-  const at::Tensor emb = at::cat({angles, angles}, -1).unsqueeze(1);                  // [B,1,T,D]
+  const at::Tensor half_cos = angles.cos().unsqueeze(1);                              // [B,1,T,D/2]
+  const at::Tensor half_sin = angles.sin().unsqueeze(1);
   const at::ScalarType compute = compute_dtype();
-  const at::Tensor cos = emb.cos().to(compute);
-  const at::Tensor sin = emb.sin().to(compute);
+  const at::Tensor cos = at::cat({half_cos, half_cos}, -1).to(compute);   // [B,1,T,D]
+  const at::Tensor sin = at::cat({-half_sin, half_sin}, -1).to(compute);  // signed (ApplyRope)
 
   at::Tensor h = AsDtype(at::embedding(embed_tokens_, ids), compute);
   const double eps = config_.rms_norm_eps;
