@@ -55,6 +55,7 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& jobs
     store->jobs_[job.id] = std::move(job);
   }
   if (ec) return absl::InternalError(absl::StrCat("cannot list ", jobs_dir, ": ", ec.message()));
+  // Counted from the directory (this start's quarantined files included), so the count survives restarts.
   for (const auto& entry : fs::directory_iterator(jobs_dir + "/.quarantine", ec)) {
     store->quarantined_ += entry.is_regular_file() ? 1 : 0;
   }
@@ -81,7 +82,6 @@ JobRecord JobStore::Quarantine(const std::string& name, const std::string& reaso
                            moved_to.empty() ? std::string() : absl::StrCat("; moved to ", moved_to),
                            "; the job cannot run: submit the task again");
   spdlog::error("job journal: quarantined {}: {}", name, job.error);
-  if (!moved_to.empty()) ++quarantined_;
   // The replacement record makes the failure permanent and visible after the next start too.
   if (auto st = WriteFileAtomic(src, JobToJson(job)); !st.ok()) {
     spdlog::error("job journal: cannot write the failed record of {}: {}", name, st.ToString());
