@@ -335,6 +335,10 @@ int Run() {
     if (!cert.ok()) return Fail(cert.status());
     auto key = ReadPem(absl::GetFlag(FLAGS_tls_key), "tls_key");
     if (!key.ok()) return Fail(key.status());
+    if (auto st = CheckTlsKeyPair(*cert, absl::GetFlag(FLAGS_tls_cert), *key, absl::GetFlag(FLAGS_tls_key));
+        !st.ok()) {
+      return Fail(st);
+    }
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({*key, *cert});
     credentials = grpc::SslServerCredentials(ssl);
