@@ -6,6 +6,7 @@
 #include <fstream>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "core/jobs/job_store.h"
 #include "core/jobs/worker.h"
@@ -167,6 +168,35 @@ TEST(JobJson, RoundTrip) {
   EXPECT_EQ(back->weights_version, 7);
 }
 
+// Found by fuzz_job_json: "sequence": 5e88 went through nlohmann's get<int64_t>(), a float-to-integer
+// conversion out of range (undefined behaviour). Non-integers and out-of-range integers are DATA_LOSS
+// naming the field (and the start-up quarantines the file).
+TEST(JobJson, NonIntegerNumbersAreRefusedNamingTheField) {
+  JobRecord j;
+  j.id = "job-000004";
+  j.sequence = 4;
+  j.spec = Spec("t");
+  const std::string good = JobToJson(j);
+  ASSERT_TRUE(JobFromJson(good, "x").ok());
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    const size_t pos = text.find(from);
+    EXPECT_NE(pos, std::string::npos) << from;
+    return text.replace(pos, from.size(), to);
+  };
+  for (const auto& [from, to, field] : std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"\"sequence\": 4", "\"sequence\": 5e88", "sequence"},
+           {"\"attempts\": 0", "\"attempts\": 1.5", "attempts"},
+           {"\"attempts\": 0", "\"attempts\": 9999999999", "attempts"},
+           {"\"eval_cap\": 200", "\"eval_cap\": -1e300", "eval_cap"},
+           {"\"step\": 0", "\"step\": \"3\"", "step"}}) {
+    auto r = JobFromJson(with(from, to), "job.json");
+    ASSERT_FALSE(r.ok()) << to;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(r.status().message().find("job.json: field \"" + field + "\""), std::string::npos) << r.status();
+  }
+}
+
 // A runner that records the order of tasks and can block until cancelled.
 class FakeRunner : public TaskRunner {
  public:
@@ -293,7 +323,9 @@ TEST(Worker, CrashedJobIsRetriedUpToMaxAttemptsThenFails) {
     ASSERT_TRUE(store.ok());
     auto job = (*store)->Get(id);
     ASSERT_TRUE(job.ok());
-    if (crash > 1) EXPECT_EQ(job->state, JobState::kQueued) << "after crash " << crash - 1;
+    if (crash > 1) {
+      EXPECT_EQ(job->state, JobState::kQueued) << "after crash " << crash - 1;
+    }
     job->state = JobState::kTraining;
     job->attempts += 1;
     ASSERT_TRUE((*store)->Update(*job).ok());
