@@ -11,6 +11,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "core/data/dataset.h"
 #include "core/util/status_macros.h"
@@ -91,17 +93,40 @@ TaskSpecification SpecFromProto(const pb::TaskSpec& p) {
   return s;
 }
 
+// A JSON string literal of `bytes`, copied as they are (invalid UTF-8 included, so that the
+// validator refuses it naming the line and field instead of it being replaced silently).
+std::string RawJsonString(const std::string& bytes) {
+  std::string out = "\"";
+  for (char c : bytes) {
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(c));
+    } else {
+      out.push_back(c);
+    }
+  }
+  out.push_back('"');
+  return out;
+}
+
 // A structured example as the JSONL line the validator checks (only non-empty fields, so a
 // missing field is reported as missing and "text" + "prompt" as ambiguous, exactly as in JSONL).
+// The fields are bytes on the wire: their UTF-8 is checked by the validator.
 std::string StructuredExampleLine(const pb::Example& e) {
-  nlohmann::json j = nlohmann::json::object();
-  if (!e.prompt().empty()) j["prompt"] = e.prompt();
-  if (!e.completion().empty()) j["completion"] = e.completion();
-  if (e.choices_size() > 0) j["choices"] = std::vector<std::string>(e.choices().begin(), e.choices().end());
-  if (!e.text().empty()) j["text"] = e.text();
-  // Invalid UTF-8 is replaced here; proto3 strings are UTF-8 already (the library checks them).
-  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::vector<std::string> fields;
+  if (!e.prompt().empty()) fields.push_back("\"prompt\": " + RawJsonString(e.prompt()));
+  if (!e.completion().empty()) fields.push_back("\"completion\": " + RawJsonString(e.completion()));
+  if (e.choices_size() > 0) {
+    std::vector<std::string> choices;
+    for (const std::string& c : e.choices()) choices.push_back(RawJsonString(c));
+    fields.push_back("\"choices\": [" + absl::StrJoin(choices, ", ") + "]");
+  }
+  if (!e.text().empty()) fields.push_back("\"text\": " + RawJsonString(e.text()));
+  return "{" + absl::StrJoin(fields, ", ") + "}";
 }
+
 
 // One split (train or eval) of a submission: a streaming validator plus the bookkeeping the
 // limits need.

@@ -1,6 +1,11 @@
 #include "server/auth.h"
 
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <openssl/sha.h>
 
 #include <string_view>
@@ -54,6 +59,39 @@ grpc::Status BearerAuth::Check(const grpc::ServerContext& context) const {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid bearer token");
   }
   return grpc::Status::OK;
+}
+
+absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path, const std::string& key_pem,
+                             const std::string& key_path) {
+  auto bio_of = [](const std::string& pem) {
+    return std::unique_ptr<BIO, decltype(&BIO_free)>(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())),
+                                                     &BIO_free);
+  };
+  auto cert_bio = bio_of(cert_pem);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr),
+                                                   &X509_free);
+  if (!cert) {
+    ERR_clear_error();
+    return absl::InvalidArgumentError(absl::StrCat("--tls_cert: ", cert_path,
+                                                   ": no PEM certificate in the file (expected -----BEGIN "
+                                                   "CERTIFICATE-----)"));
+  }
+  auto key_bio = bio_of(key_pem);
+  // An empty passphrase callback: an encrypted key fails instead of prompting on the terminal.
+  pem_password_cb* no_password = [](char*, int, int, void*) { return 0; };
+  std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
+      PEM_read_bio_PrivateKey(key_bio.get(), nullptr, no_password, nullptr), &EVP_PKEY_free);
+  if (!key) {
+    ERR_clear_error();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tls_key: ", key_path, ": no usable PEM private key in the file (not PEM, or encrypted with a passphrase)"));
+  }
+  if (X509_check_private_key(cert.get(), key.get()) != 1) {
+    ERR_clear_error();
+    return absl::InvalidArgumentError(absl::StrCat("--tls_key: ", key_path, ": the private key does not belong to "
+                                                   "the certificate in --tls_cert ", cert_path));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace strata

@@ -77,6 +77,15 @@ absl::StatusOr<std::string> RequestedRoute(const std::string& task, const std::s
   return std::string("auto");
 }
 
+// Prompts and completions are bytes on the wire (see inference.proto): refuse invalid UTF-8 here,
+// naming the field and the byte.
+absl::Status CheckUtf8(const std::string& text, const std::string& field) {
+  size_t bad = 0;
+  if (IsValidUtf8(text, &bad)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": invalid UTF-8 at byte ", bad + 1, " (the text must be UTF-8)"));
+}
+
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
@@ -91,6 +100,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
                                             grpc::ServerWriter<pb::GenerateResponse>* writer) {
   const Clock::time_point start = Clock::now();
   if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  if (auto st = CheckUtf8(request->prompt(), "prompt"); !st.ok()) return ToGrpcStatus(st);
   auto sampling = SamplingFromProto(request->sampling(), options_.max_new_tokens);
   if (!sampling.ok()) return ToGrpcStatus(sampling.status());
   SetTorchThreads(options_.serving_threads);
@@ -159,6 +169,15 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   if (request->completions_size() == 0) {
     return ToGrpcStatus(absl::InvalidArgumentError("completions: at least one is required"));
   }
+  if (auto st = CheckUtf8(request->prompt(), "prompt"); !st.ok()) return ToGrpcStatus(st);
+  for (int i = 0; i < request->completions_size(); ++i) {
+    const std::string field = absl::StrCat("completions[", i, "]");
+    if (request->completions(i).empty()) {
+      return ToGrpcStatus(absl::InvalidArgumentError(
+          absl::StrCat(field, ": empty; a completion needs at least one character to be scored")));
+    }
+    if (auto st = CheckUtf8(request->completions(i), field); !st.ok()) return ToGrpcStatus(st);
+  }
   auto requested = RequestedRoute(request->task(), request->route());
   if (!requested.ok()) return ToGrpcStatus(requested.status());
   SetTorchThreads(options_.serving_threads);
@@ -168,8 +187,13 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   if (metrics_) metrics_->RecordRoute(choice->route);
   std::shared_ptr<const CausalLM> model = choice->model;
   std::vector<std::string> completions(request->completions().begin(), request->completions().end());
-  auto scores = engine_->ScoreCompletions(*model, request->prompt(), completions);
+  // The engine scores choice sets of 2 or more: a single completion is scored as a pair with itself
+  // (the same log-likelihood twice), and the first one is reported.
+  std::vector<std::string> scored = completions;
+  if (scored.size() == 1) scored.push_back(scored[0]);
+  auto scores = engine_->ScoreCompletions(*model, request->prompt(), scored);
   if (!scores.ok()) return ToGrpcStatus(scores.status());
+  if (completions.size() == 1) scores->best = 0;
   for (size_t i = 0; i < completions.size(); ++i) {
     pb::CompletionScore* s = response->add_scores();
     s->set_completion(completions[i]);

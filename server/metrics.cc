@@ -202,6 +202,18 @@ class StateCollector : public prometheus::Collectable {
       finished.metric.push_back(m);
     }
     out->push_back(finished);
+    prometheus::MetricFamily quarantined;
+    quarantined.name = "strata_job_journal_quarantined_total";
+    quarantined.help =
+        "Job journal entries (jobs/*/job.json) found unreadable at start-up and moved to jobs/.quarantine/ "
+        "(their jobs are listed as failed).";
+    quarantined.type = prometheus::MetricType::Counter;
+    {
+      prometheus::ClientMetric m;
+      m.counter.value = static_cast<double>(store.QuarantinedCount());
+      quarantined.metric.push_back(m);
+    }
+    out->push_back(quarantined);
     out->push_back(GaugeFamily("strata_queue_length", "Jobs waiting for the training worker.",
                                counts[JobState::kQueued]));
     if (training && training->progress.step > 0) {

@@ -3,6 +3,7 @@
 // process figures, RED metrics for every RPC (through a gRPC server interceptor), generation
 // figures, and the state of the service:
 //   jobs and training   strata_jobs{state}, strata_jobs_finished_total{state}, strata_queue_length,
+//                       strata_job_journal_quarantined_total,
 //                       strata_training_loss,
 //                       strata_training_tokens_per_second (read from the job store at scrape time;
 //                       the training figures only while a job trains)

@@ -97,6 +97,9 @@ ABSL_FLAG(int32_t, serving_threads, 0, "Intra-op threads of each inference reque
 ABSL_FLAG(int64_t, max_task_examples, 100000, "Most examples (train + eval) one task may have.");
 ABSL_FLAG(int64_t, max_task_bytes, int64_t{256} << 20, "Most bytes of data one task may have.");
 ABSL_FLAG(int32_t, max_queue, 100, "Most jobs waiting in the queue.");
+ABSL_FLAG(int32_t, max_job_attempts, 3,
+          "Times a job may start training: a job interrupted by a crash (kill -9, OOM) is re-run until "
+          "then, and then fails with the reason.");
 ABSL_FLAG(int32_t, max_new_tokens, 1024, "Most tokens one Generate request may ask for.");
 ABSL_FLAG(int32_t, max_message_bytes, 16 << 20, "Largest gRPC message the server accepts or sends.");
 // Export / import roots.
@@ -123,7 +126,7 @@ const std::vector<std::string> kFlagNames = {
     "method", "learning_rate", "max_steps", "batch_size", "warmup_ratio", "lr_schedule", "max_seq_len",
     "unmatched_route", "router_layer", "reference_text", "training_threads", "serving_threads",
     // Limits, roots, security.
-    "max_task_examples", "max_task_bytes", "max_queue", "max_new_tokens", "max_message_bytes",
+    "max_task_examples", "max_task_bytes", "max_queue", "max_job_attempts", "max_new_tokens", "max_message_bytes",
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
 // clang-format on
 
@@ -193,6 +196,7 @@ absl::Status ValidateFlags() {
         at_least("max_task_examples", absl::GetFlag(FLAGS_max_task_examples), 1),
         at_least("max_task_bytes", absl::GetFlag(FLAGS_max_task_bytes), 1),
         at_least("max_queue", absl::GetFlag(FLAGS_max_queue), 1),
+        at_least("max_job_attempts", absl::GetFlag(FLAGS_max_job_attempts), 1),
         at_least("max_new_tokens", absl::GetFlag(FLAGS_max_new_tokens), 1),
         at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
     if (!st.ok()) return st;
@@ -324,6 +328,10 @@ int Run() {
     if (!cert.ok()) return Fail(cert.status());
     auto key = ReadPem(absl::GetFlag(FLAGS_tls_key), "tls_key");
     if (!key.ok()) return Fail(key.status());
+    if (auto st = CheckTlsKeyPair(*cert, absl::GetFlag(FLAGS_tls_cert), *key, absl::GetFlag(FLAGS_tls_key));
+        !st.ok()) {
+      return Fail(st);
+    }
     grpc::SslServerCredentialsOptions ssl;
     ssl.pem_key_cert_pairs.push_back({*key, *cert});
     credentials = grpc::SslServerCredentials(ssl);
@@ -373,7 +381,7 @@ int Run() {
     spdlog::info("metrics on http://{}:{}/metrics", host, metrics_port);
   }
 
-  Worker worker(store.get(), engine.get());
+  Worker worker(store.get(), engine.get(), absl::GetFlag(FLAGS_max_job_attempts));
 
   ServerFacts server_facts;
   server_facts.device = *device;

@@ -10,6 +10,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/adapt/peft_config.h"
 #include "core/model/safetensors.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
@@ -26,25 +27,6 @@ constexpr char kPrefix[] = "base_model.model.";
 std::string JoinPath(const std::string& dir, const std::string& file) {
   if (!dir.empty() && dir.back() == '/') return dir + file;
   return dir + "/" + file;
-}
-
-bool PatternMatches(const std::string& key, const std::string& module) {
-  return module == key || absl::EndsWith(module, "." + key);
-}
-
-// Longest pattern key matching `module`, or nullptr.
-const json* FindPattern(const json& config, const char* field, const std::string& module) {
-  auto it = config.find(field);
-  if (it == config.end() || !it->is_object()) return nullptr;
-  const json* best = nullptr;
-  size_t best_len = 0;
-  for (auto entry = it->begin(); entry != it->end(); ++entry) {
-    if (PatternMatches(entry.key(), module) && entry.key().size() >= best_len) {
-      best = &entry.value();
-      best_len = entry.key().size();
-    }
-  }
-  return best;
 }
 
 enum class LoraSide { kA, kB };
@@ -92,53 +74,12 @@ absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir) {
     return absl::NotFoundError(absl::StrCat("PEFT adapter: missing ", weights_path));
   }
   ASSIGN_OR_RETURN(std::string text, ReadFile(config_path));
-  json config = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (config.is_discarded() || !config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": not a JSON object"));
-  }
-  auto bad_field = [&](const char* field, const char* what) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": field '", field, "' ", what));
-  };
-  if (auto it = config.find("peft_type"); it != config.end() && !(it->is_string() && it->get<std::string>() == "LORA")) {
-    return absl::UnimplementedError(absl::StrCat(config_path, ": peft_type ", it->dump(), " is not LORA"));
-  }
-  auto flag = [&](const char* field) {
-    auto it = config.find(field);
-    return it != config.end() && it->is_boolean() && it->get<bool>();
-  };
-  if (flag("use_dora")) return absl::UnimplementedError(absl::StrCat(config_path, ": DoRA (use_dora) is not supported"));
-  if (flag("fan_in_fan_out")) {
-    return absl::UnimplementedError(absl::StrCat(config_path, ": fan_in_fan_out (Conv1D layers) is not supported"));
-  }
-  if (auto it = config.find("bias"); it != config.end() && it->is_string() && it->get<std::string>() != "none") {
-    return absl::UnimplementedError(absl::StrCat(config_path, ": bias '", it->get<std::string>(), "' is not supported"));
-  }
+  ASSIGN_OR_RETURN(PeftAdapterConfig config, ParsePeftAdapterConfig(text, config_path));
   PeftLoraAdapter adapter;
-  {
-    auto it = config.find("r");
-    if (it == config.end() || !it->is_number_integer() || it->get<int64_t>() < 1) {
-      return bad_field("r", "must be a positive integer");
-    }
-    adapter.r = it->get<int64_t>();
-    it = config.find("lora_alpha");
-    if (it == config.end() || !it->is_number() || !std::isfinite(it->get<double>())) {
-      return bad_field("lora_alpha", "must be a number");
-    }
-    adapter.lora_alpha = it->get<double>();
-  }
-  adapter.use_rslora = flag("use_rslora");
-  if (auto it = config.find("target_modules"); it != config.end()) {
-    if (it->is_string()) {
-      adapter.target_modules.push_back(it->get<std::string>());
-    } else if (it->is_array()) {
-      for (const json& m : *it) {
-        if (!m.is_string()) return bad_field("target_modules", "must hold strings");
-        adapter.target_modules.push_back(m.get<std::string>());
-      }
-    } else if (!it->is_null()) {
-      return bad_field("target_modules", "must be a string or a list of strings");
-    }
-  }
+  adapter.r = config.r;
+  adapter.lora_alpha = config.lora_alpha;
+  adapter.use_rslora = config.use_rslora;
+  adapter.target_modules = config.target_modules;
 
   ASSIGN_OR_RETURN(std::shared_ptr<SafetensorsFile> file, SafetensorsFile::Open(weights_path));
   std::map<std::string, std::pair<at::Tensor, at::Tensor>> factors;  // module -> (A, B)
@@ -177,11 +118,7 @@ absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir) {
                                                      b.size(1), "] (ranks differ)"));
     }
     const int64_t rank = a.size(0);
-    double alpha = adapter.lora_alpha;
-    if (const json* pat = FindPattern(config, "alpha_pattern", module)) {
-      if (!pat->is_number()) return bad_field("alpha_pattern", "must map to numbers");
-      alpha = pat->get<double>();
-    }
+    const double alpha = PeftModuleAlpha(config, module);
     PeftLoraModule m;
     m.a = a;
     m.b = b;

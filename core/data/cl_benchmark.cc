@@ -38,7 +38,7 @@ absl::StatusOr<ClTaskSpec> ParseClTaskSpec(std::string_view json_text, std::stri
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(json_text.begin(), json_text.end());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e999
     return absl::InvalidArgumentError(absl::StrCat(Av(source), ": not valid JSON: ", e.what()));
   }
   if (!j.is_object()) {

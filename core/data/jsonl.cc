@@ -191,11 +191,62 @@ ParseResult ParseBenchmark(const json& obj, const ClTaskSpec& spec, const Valida
   return ParseResult{*std::move(ex), {}};
 }
 
+// The top-level field whose string value holds byte `offset` of a JSON object line, or "" (also
+// when the byte is in a field name or outside any string). A best-effort scan: the line is not
+// valid UTF-8, so it was not parsed.
+std::string FieldAtOffset(std::string_view line, size_t offset) {
+  int depth = 0;
+  bool in_string = false, escaped = false, expecting_key = false, string_is_key = false;
+  size_t string_start = 0;
+  std::string key;
+  for (size_t i = 0; i < line.size() && i <= offset; ++i) {
+    const char c = line[i];
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+        if (string_is_key) key = std::string(line.substr(string_start, i - string_start));
+      }
+      continue;
+    }
+    switch (c) {
+      case '"':
+        in_string = true;
+        string_start = i + 1;
+        string_is_key = depth == 1 && expecting_key;
+        break;
+      case '{':
+      case '[':
+        ++depth;
+        if (depth == 1) expecting_key = c == '{';
+        break;
+      case '}':
+      case ']':
+        --depth;
+        break;
+      case ':':
+        if (depth == 1) expecting_key = false;
+        break;
+      case ',':
+        if (depth == 1) expecting_key = true;
+        break;
+      default:
+        break;
+    }
+  }
+  return in_string && !string_is_key && depth >= 1 ? key : std::string();
+}
+
 // `line` has no "\r\n", no BOM and is not blank.
 ParseResult ParseLine(std::string_view line, const ValidationOptions& options) {
   size_t bad = 0;
   if (!IsValidUtf8(line, &bad)) {
-    return Fail(LineErrorReason::kInvalidUtf8, "", absl::StrCat("invalid UTF-8 at column ", bad + 1));
+    std::string field = FieldAtOffset(line, bad);
+    std::string where = field.empty() ? std::string() : absl::StrCat("field \"", field, "\": ");
+    return Fail(LineErrorReason::kInvalidUtf8, field, absl::StrCat(where, "invalid UTF-8 at column ", bad + 1));
   }
   if (line.find('\n') != std::string_view::npos) {
     return Fail(LineErrorReason::kNotJson, "", "not valid JSON: the line contains a newline character");
@@ -205,6 +256,12 @@ ParseResult ParseLine(std::string_view line, const ValidationOptions& options) {
     obj = json::parse(line.begin(), line.end());
   } catch (const json::parse_error& e) {
     return Fail(LineErrorReason::kNotJson, "", absl::StrCat("not valid JSON: ", DescribeParseError(e)));
+  } catch (const json::exception& e) {
+    // out_of_range 406: a number beyond a double ({"prompt": 1e999}); uncaught, it ended the server.
+    const std::string what = e.what();
+    const size_t pos = what.find("number overflow");
+    return Fail(LineErrorReason::kNotJson, "",
+                absl::StrCat("not valid JSON: ", pos == std::string::npos ? what : what.substr(pos)));
   }
   if (!obj.is_object()) {
     return Fail(LineErrorReason::kNotObject, "",

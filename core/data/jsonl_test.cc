@@ -112,6 +112,15 @@ TEST(JsonlTest, RejectsNotJson) {
       {"{\"prompt\": \"a\tb\", \"completion\": \" c\"}", LineErrorReason::kNotJson, "not valid JSON"});
 }
 
+// Found by fuzz_jsonl: nlohmann throws out_of_range (not parse_error) for a number beyond a double,
+// which escaped the validator and terminated the server on a SubmitTask.
+TEST(JsonlTest, RejectsNumberOverflowWithoutThrowing) {
+  ExpectRejected({R"({"prompt": "p", "completion": 1e999})", LineErrorReason::kNotJson,
+                  "not valid JSON: number overflow parsing '1e999'"});
+  ExpectRejected({R"({"prompt": "p", "completion": " c", "x": -1e400})", LineErrorReason::kNotJson,
+                  "number overflow"});
+}
+
 TEST(JsonlTest, RejectsNonObjects) {
   ExpectRejected({R"(["p", " c"])", LineErrorReason::kNotObject, "expected a JSON object, got array"});
   ExpectRejected({R"("p")", LineErrorReason::kNotObject, "expected a JSON object, got string"});
@@ -188,7 +197,7 @@ TEST(JsonlTest, RejectsCompletionNotAmongChoices) {
 
 TEST(JsonlTest, RejectsInvalidUtf8) {
   ExpectRejected({"{\"prompt\": \"caf\xE9\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
-                  "invalid UTF-8 at column 16"});
+                  "field \"prompt\": invalid UTF-8 at column 16"});
   ExpectRejected({"{\"prompt\": \"\xC0\xAF\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
                   "invalid UTF-8"});  // overlong '/'
   ExpectRejected({"{\"prompt\": \"\xED\xA0\x80\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
@@ -196,7 +205,11 @@ TEST(JsonlTest, RejectsInvalidUtf8) {
   ExpectRejected({"{\"prompt\": \"\xF4\x90\x80\x80\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
                   "invalid UTF-8"});  // > U+10FFFF
   ExpectRejected({"{\"prompt\": \"p\", \"completion\": \" \xE2\x82\"}", LineErrorReason::kInvalidUtf8,
-                  "invalid UTF-8"});  // truncated sequence
+                  "field \"completion\": invalid UTF-8"});  // truncated sequence
+  ExpectRejected({"{\"prompt\": \"p\\\"\", \"completion\": \" a\", \"choices\": [\" a\", \"\xFF\"]}",
+                  LineErrorReason::kInvalidUtf8, "field \"choices\": invalid UTF-8"});  // after an escaped quote
+  ExpectRejected({"{\"pro\xFFmpt\": \"p\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
+                  "invalid UTF-8 at column 6"});  // in a field name: no field to name
 }
 
 TEST(JsonlTest, Utf8Checker) {

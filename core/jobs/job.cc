@@ -2,6 +2,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
 
 #include "core/data/dataset.h"
 #include "absl/strings/str_cat.h"
@@ -83,9 +86,45 @@ template <typename T>
 void PutOpt(json& j, const char* key, const std::optional<T>& v) {
   if (v.has_value()) j[key] = *v;
 }
+// An integer field as T: absent or null -> `fallback`; a float, string, ... or a value outside T's
+// range throws std::invalid_argument naming the field (caught below as DATA_LOSS). nlohmann's own
+// get<int64_t>() casts a float such as 5e88 to an integer, which is undefined behaviour.
+template <typename T>
+T IntOr(const json& j, const char* key, T fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  bool in_range = false;
+  T out{};
+  if (it->is_number_unsigned()) {
+    const uint64_t v = it->get<uint64_t>();
+    in_range = v <= static_cast<uint64_t>(std::numeric_limits<T>::max());
+    out = static_cast<T>(v);
+  } else if (it->is_number_integer()) {
+    const int64_t v = it->get<int64_t>();
+    in_range = v >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+               v <= static_cast<int64_t>(std::numeric_limits<T>::max());
+    out = static_cast<T>(v);
+  } else {
+    throw std::invalid_argument(absl::StrCat("field \"", key, "\": expected an integer, got ", it->type_name()));
+  }
+  if (!in_range) throw std::invalid_argument(absl::StrCat("field \"", key, "\": integer out of range"));
+  return out;
+}
+
+template <typename T>
+T IntAt(const json& j, const char* key) {
+  if (!j.contains(key)) throw std::invalid_argument(absl::StrCat("missing field \"", key, "\""));
+  return IntOr<T>(j, key, T{});
+}
+
 template <typename T>
 void GetOpt(const json& j, const char* key, std::optional<T>& v) {
-  if (j.contains(key) && !j[key].is_null()) v = j[key].get<T>();
+  if (!j.contains(key) || j[key].is_null()) return;
+  if constexpr (std::is_integral_v<T>) {
+    v = IntOr<T>(j, key, T{});
+  } else {
+    v = j[key].get<T>();
+  }
 }
 }  // namespace
 
@@ -142,12 +181,12 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
   try {
     JobRecord job;
     job.id = j.at("id").get<std::string>();
-    job.sequence = j.at("sequence").get<int64_t>();
+    job.sequence = IntAt<int64_t>(j, "sequence");
     const json& s = j.at("spec");
     job.spec.name = s.at("name").get<std::string>();
     job.spec.method = s.value("method", "");
     job.spec.eval_fraction = s.value("eval_fraction", 0.1);
-    job.spec.eval_cap = s.value("eval_cap", 200);
+    job.spec.eval_cap = IntOr<int32_t>(s, "eval_cap", 200);
     job.spec.scorer = s.value("scorer", "");
     job.spec.description = s.value("description", "");
     if (s.contains("import_dirs")) job.spec.import_dirs = s.at("import_dirs").get<std::vector<std::string>>();
@@ -169,13 +208,13 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
     job.created = j.value("created", 0.0);
     job.started = j.value("started", 0.0);
     job.finished = j.value("finished", 0.0);
-    job.train_examples = j.value("train_examples", int64_t{0});
-    job.eval_examples = j.value("eval_examples", int64_t{0});
+    job.train_examples = IntOr<int64_t>(j, "train_examples", 0);
+    job.eval_examples = IntOr<int64_t>(j, "eval_examples", 0);
     if (j.contains("progress")) {
       const json& p = j["progress"];
-      job.progress.step = p.value("step", int64_t{0});
-      job.progress.total_steps = p.value("total_steps", int64_t{0});
-      job.progress.epoch = p.value("epoch", 0);
+      job.progress.step = IntOr<int64_t>(p, "step", 0);
+      job.progress.total_steps = IntOr<int64_t>(p, "total_steps", 0);
+      job.progress.epoch = IntOr<int32_t>(p, "epoch", 0);
       job.progress.loss = p.value("loss", 0.0);
       job.progress.learning_rate = p.value("learning_rate", 0.0);
       job.progress.tokens_per_second = p.value("tokens_per_second", 0.0);
@@ -187,9 +226,9 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
         job.eval_results.emplace_back(r.at("task").get<std::string>(), r.at("score").get<double>());
       }
     }
-    job.weights_version = j.value("weights_version", int64_t{0});
+    job.weights_version = IntOr<int64_t>(j, "weights_version", 0);
     job.reference_nll = j.value("reference_nll", 0.0);
-    job.attempts = j.value("attempts", 0);
+    job.attempts = IntOr<int32_t>(j, "attempts", 0);
     return job;
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(source, ": ", e.what()));

@@ -1,5 +1,8 @@
 #include "core/jobs/job_store.h"
 
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
 #include <filesystem>
 #include <random>
 
@@ -35,16 +38,61 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& jobs
       fs::remove_all(entry.path(), ec);
       continue;
     }
-    if (!entry.is_directory()) continue;
+    if (!entry.is_directory() || name.empty() || name[0] == '.') continue;
     std::string path = entry.path().string() + "/job.json";
-    ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-    ASSIGN_OR_RETURN(JobRecord job, JobFromJson(text, path));
+    absl::StatusOr<JobRecord> parsed = [&]() -> absl::StatusOr<JobRecord> {
+      ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+      ASSIGN_OR_RETURN(JobRecord job, JobFromJson(text, path));
+      if (job.id != name) {
+        return absl::DataLossError(absl::StrCat(path, ": field \"id\" is '", job.id, "' but the directory is '",
+                                                name, "'"));
+      }
+      return job;
+    }();
+    JobRecord job = parsed.ok() ? std::move(*parsed) : store->Quarantine(name, std::string(parsed.status().message()));
     store->next_sequence_ = std::max(store->next_sequence_, job.sequence + 1);
     store->change_[job.id] = 1;
     store->jobs_[job.id] = std::move(job);
   }
   if (ec) return absl::InternalError(absl::StrCat("cannot list ", jobs_dir, ": ", ec.message()));
+  // Counted from the directory (this start's quarantined files included), so the count survives restarts.
+  for (const auto& entry : fs::directory_iterator(jobs_dir + "/.quarantine", ec)) {
+    store->quarantined_ += entry.is_regular_file() ? 1 : 0;
+  }
   return store;
+}
+
+JobRecord JobStore::Quarantine(const std::string& name, const std::string& reason) {
+  JobRecord job;
+  job.id = name;
+  // Ids are job-NNNNNN: keep the number, so the sequence (and the next id) stays unique.
+  if (name.rfind("job-", 0) == 0) job.sequence = std::strtoll(name.c_str() + 4, nullptr, 10);
+  job.state = JobState::kFailed;
+  job.created = job.finished = NowUnixSeconds();
+  const std::string quarantine_dir = dir_ + "/.quarantine";
+  const std::string src = JobDir(name) + "/job.json";
+  std::string moved_to;
+  if (PathExists(src)) {
+    const std::string dst = absl::StrCat(quarantine_dir, "/", name, "-job.json.", static_cast<int64_t>(job.created));
+    if (MakeDirs(quarantine_dir).ok() && std::rename(src.c_str(), dst.c_str()) == 0 && FsyncPath(quarantine_dir).ok()) {
+      moved_to = dst;
+    }
+  }
+  job.error = absl::StrCat("the job journal entry is unreadable (", reason, ")",
+                           moved_to.empty() ? std::string() : absl::StrCat("; moved to ", moved_to),
+                           "; the job cannot run: submit the task again");
+  spdlog::error("job journal: quarantined {}: {}", name, job.error);
+  // The replacement record makes the failure permanent and visible after the next start too.
+  if (auto st = WriteFileAtomic(src, JobToJson(job)); !st.ok()) {
+    spdlog::error("job journal: cannot write the failed record of {}: {}", name, st.ToString());
+  }
+  (void)RemoveAll(JobDir(name) + "/train.jsonl");
+  return job;
+}
+
+int64_t JobStore::QuarantinedCount() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return quarantined_;
 }
 
 absl::StatusOr<JobRecord> JobStore::Create(const TaskSpecification& spec, const std::vector<Example>& train,

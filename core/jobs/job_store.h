@@ -27,8 +27,11 @@ namespace strata {
 class JobStore {
  public:
   // Opens (creating) `jobs_dir` and loads every job.json. Leftover temp directories from an
-  // interrupted Create() are removed (that submission never returned a job id). A job.json that
-  // cannot be parsed is refused with DATA_LOSS naming the file.
+  // interrupted Create() are removed (that submission never returned a job id). A job directory
+  // whose job.json is missing or cannot be parsed is quarantined, not refused: the file is moved to
+  // `jobs_dir`/.quarantine/, the error is logged, and the job is kept in the journal as failed with
+  // a message naming the file and the parse error (so an accepted job never disappears silently).
+  // Errors: only when the directory itself cannot be created or listed.
   static absl::StatusOr<std::unique_ptr<JobStore>> Open(const std::string& jobs_dir);
 
   // Durably creates a queued job with its training and eval examples.
@@ -65,10 +68,15 @@ class JobStore {
   void Interrupt();
 
   const std::string& dir() const { return dir_; }
+  // Journal entries quarantined so far (files in .quarantine/; survives restarts).
+  int64_t QuarantinedCount() const;
 
  private:
   explicit JobStore(std::string dir) : dir_(std::move(dir)) {}
   std::string JobDir(const std::string& id) const { return dir_ + "/" + id; }
+  // Moves the unreadable job.json of directory `name` aside and returns the failed record that
+  // replaces it (also written as the new job.json when possible). `reason` names the file and error.
+  JobRecord Quarantine(const std::string& name, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string dir_;
   absl::Mutex io_mu_;  // taken before mu_ (lock order: io_mu_, then mu_)
@@ -77,6 +85,7 @@ class JobStore {
   std::map<std::string, int64_t> change_ ABSL_GUARDED_BY(mu_);
   int64_t next_sequence_ ABSL_GUARDED_BY(mu_) = 1;
   bool interrupted_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t quarantined_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace strata

@@ -2,11 +2,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace strata {
 
-Worker::Worker(JobStore* store, TaskRunner* runner) : store_(store), runner_(runner) {}
+Worker::Worker(JobStore* store, TaskRunner* runner, int max_attempts)
+    : store_(store), runner_(runner), max_attempts_(std::max(1, max_attempts)) {}
 
 Worker::~Worker() { Stop(); }
 
@@ -18,10 +21,18 @@ absl::Status Worker::Start() {
       if (job.finished == 0) job.finished = NowUnixSeconds();
       spdlog::info("job {} ({}): already in the checkpoint, marking succeeded", job.id, job.spec.name);
       (void)store_->DeleteTrainingData(job.id);
+    } else if (job.attempts >= max_attempts_) {
+      job.state = JobState::kFailed;
+      job.finished = NowUnixSeconds();
+      job.error = absl::StrCat("the server stopped abnormally (crash or kill) during each of the ", job.attempts,
+                               " attempts to train this task; not retried (--max_job_attempts=", max_attempts_, ")");
+      spdlog::error("job {} ({}): {}", job.id, job.spec.name, job.error);
+      (void)store_->DeleteTrainingData(job.id);
     } else {
       job.state = JobState::kQueued;
       job.progress = JobProgress{};
-      spdlog::warn("job {} ({}): interrupted before it finished, re-queued", job.id, job.spec.name);
+      spdlog::warn("job {} ({}): interrupted during attempt {} of {}, re-queued", job.id, job.spec.name,
+                   job.attempts, max_attempts_);
     }
     if (auto st = store_->Update(job); !st.ok()) return st;
   }
@@ -125,9 +136,10 @@ void Worker::RunOne(JobRecord job) {
     job.finished = NowUnixSeconds();
     spdlog::info("job {}: task '{}' learned; weights version {}", job.id, job.spec.name, job.weights_version);
   } else if (absl::IsCancelled(outcome.status()) && stopping_) {
-    // Shutdown, not a user cancel: run it again after restart.
+    // Shutdown, not a user cancel: run it again after restart (a graceful stop is no failed attempt).
     job.state = JobState::kQueued;
     job.progress = JobProgress{};
+    job.attempts = std::max(0, job.attempts - 1);
     spdlog::info("job {}: interrupted by shutdown, stays queued", job.id);
   } else if (absl::IsCancelled(outcome.status())) {
     job.state = JobState::kCancelled;

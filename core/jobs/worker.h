@@ -49,11 +49,17 @@ class TaskRunner {
 
 class Worker {
  public:
-  Worker(JobStore* store, TaskRunner* runner);
+  static constexpr int kDefaultMaxAttempts = 3;
+
+  // `max_attempts` (>= 1): how many times a job may start training. A job interrupted by a crash
+  // (kill -9, OOM, power loss) is re-queued until it has started `max_attempts` times; then it
+  // fails with a message saying so. A graceful Stop() does not use up an attempt.
+  Worker(JobStore* store, TaskRunner* runner, int max_attempts = kDefaultMaxAttempts);
   ~Worker();
 
   // Reconciles the journal with the runner's state (jobs interrupted by a crash are re-queued, or
-  // marked succeeded when their task is already learned), then starts the thread.
+  // failed when they used up their attempts, or marked succeeded when their task is already
+  // learned), then starts the thread.
   absl::Status Start();
   // Stops after the current step of the current job (which is re-queued, not failed).
   void Stop();
@@ -70,6 +76,7 @@ class Worker {
 
   JobStore* store_;
   TaskRunner* runner_;
+  const int max_attempts_;
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   std::atomic<bool> cancel_current_{false};

@@ -246,6 +246,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const
   } catch (const json::parse_error& e) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": invalid JSON at byte ", e.byte, ": ", e.what()));
+  } catch (const json::exception& e) {
+    // out_of_range: a number too large for a double (1e999); not a parse_error.
+    return absl::InvalidArgumentError(absl::StrCat(source, ": invalid JSON: ", e.what()));
   }
   if (!j.is_object()) {
     return absl::InvalidArgumentError(

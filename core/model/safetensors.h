@@ -27,15 +27,9 @@
 
 #include "absl/status/statusor.h"
 #include "core/model/config.h"
+#include "core/model/safetensors_header.h"
 
 namespace strata {
-
-struct SafetensorsEntry {
-  std::string dtype;  // "F32", "BF16", "F16", "I64", ...
-  std::vector<int64_t> shape;
-  uint64_t begin = 0;  // byte offsets into the data buffer
-  uint64_t end = 0;
-};
 
 class SafetensorsFile {
  public:

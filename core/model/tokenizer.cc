@@ -786,6 +786,13 @@ class BpeModel {
       token_to_id_[it.key()] = static_cast<int32_t>(id);
       max_id = std::max(max_id, static_cast<int32_t>(id));
     }
+    // The id table is dense: a stray huge id ({"x": 266662777}) would allocate gigabytes. Real
+    // vocabularies number their tokens 0..N-1; allow holes, not an id far beyond the token count.
+    const int64_t id_limit = 2 * static_cast<int64_t>(vocab->size()) + 1024;
+    if (max_id >= id_limit) {
+      return ctx.Error("model.vocab", absl::StrCat("ids must be (nearly) dense: the largest id is ", max_id,
+                                                   " for ", vocab->size(), " tokens"));
+    }
     id_to_token_.assign(static_cast<size_t>(max_id + 1), std::string());
     for (const auto& [tok, id] : token_to_id_) id_to_token_[id] = tok;
 

@@ -456,6 +456,21 @@ TEST_F(TokenizerErrorTest, MissingFields) {
   }
 }
 
+// Found by fuzz_tokenizer_load: one id of 266662777 made the dense id table allocate 8.5 GB.
+TEST_F(TokenizerErrorTest, HugeVocabIdIsRefusedNotAllocated) {
+  const std::string path =
+      Write("hugeid.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":266662777},"merges":[]})"));
+  auto tok = Tokenizer::FromFiles(path, "");
+  ASSERT_FALSE(tok.ok());
+  EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tok.status().message().find("model.vocab"), std::string::npos) << tok.status();
+  EXPECT_NE(tok.status().message().find("largest id is 266662777 for 2 tokens"), std::string::npos)
+      << tok.status();
+  // Holes are fine (ids below twice the token count plus 1024).
+  const std::string holes = Write("holes.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":900},"merges":[]})"));
+  EXPECT_TRUE(Tokenizer::FromFiles(holes, "").ok());
+}
+
 TEST_F(TokenizerErrorTest, BadConfig) {
   const std::string json_path =
       Write("ok.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]})"));

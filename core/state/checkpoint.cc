@@ -1,6 +1,7 @@
 #include "core/state/checkpoint.h"
 
 #include <torch/torch.h>
+#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <filesystem>
@@ -107,7 +108,27 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
   return absl::OkStatus();
 }
 
+int RemoveCheckpointLeftovers(const std::string& state_dir) {
+  int removed = 0;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(state_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(".checkpoint-tmp-", 0) != 0) continue;
+    if (auto st = RemoveAll(entry.path().string()); !st.ok()) {
+      spdlog::warn("cannot remove the leftover of an interrupted checkpoint write: {}", st.ToString());
+      continue;
+    }
+    ++removed;
+  }
+  if (removed > 0) {
+    spdlog::info("removed {} temporary checkpoint director{} left by an interrupted write", removed,
+                 removed == 1 ? "y" : "ies");
+  }
+  return removed;
+}
+
 absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& state_dir) {
+  RemoveCheckpointLeftovers(state_dir);
   const std::string dir = state_dir + "/checkpoint";
   // A crash between the two renames of ReplaceDirAtomic leaves only checkpoint.old: use it.
   if (!PathExists(dir) && PathExists(dir + ".old")) {

@@ -53,8 +53,12 @@ struct CheckpointData {
 
 // Writes `data` as <state_dir>/checkpoint atomically (see above).
 absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& data);
-// nullopt when there is no checkpoint yet.
+// nullopt when there is no checkpoint yet. Called at start-up by the process that owns `state_dir`:
+// it first removes what an interrupted SaveCheckpoint left (RemoveCheckpointLeftovers).
 absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& state_dir);
+// Removes <state_dir>/.checkpoint-tmp-* (temp directories of a SaveCheckpoint that was killed before
+// its rename; never part of a checkpoint). Returns how many were removed; failures are logged.
+int RemoveCheckpointLeftovers(const std::string& state_dir);
 // Total bytes of the checkpoint files (the adaptation state on disk).
 int64_t CheckpointBytes(const std::string& state_dir);
 

@@ -112,5 +112,25 @@ TEST(Checkpoint, CrashBetweenRenamesRecoversTheOldCheckpoint) {
   EXPECT_EQ((*r)->weights_version, 2);
 }
 
+TEST(Checkpoint, StartUpRemovesTempDirectoriesOfInterruptedWrites) {
+  Dir dir;
+  auto d = Sample(dir.path);
+  ASSERT_TRUE(SaveCheckpoint(dir.path, d).ok());
+  // What kill -9 during SaveCheckpoint leaves: temp directories with partial files.
+  for (const char* leftover : {"/.checkpoint-tmp-1", "/.checkpoint-tmp-42"}) {
+    fs::create_directories(dir.path + leftover);
+    std::ofstream(dir.path + leftover + "/method.safetensors") << "partial";
+  }
+  fs::create_directories(dir.path + "/.checkpoint-other");  // not ours: kept
+  auto back = LoadCheckpoint(dir.path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE(back->has_value());
+  EXPECT_EQ((*back)->weights_version, 2);
+  EXPECT_FALSE(fs::exists(dir.path + "/.checkpoint-tmp-1"));
+  EXPECT_FALSE(fs::exists(dir.path + "/.checkpoint-tmp-42"));
+  EXPECT_TRUE(fs::exists(dir.path + "/.checkpoint-other"));
+  EXPECT_EQ(RemoveCheckpointLeftovers(dir.path), 0);
+}
+
 }  // namespace
 }  // namespace strata

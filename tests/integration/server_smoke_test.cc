@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <fstream>
 #include <sstream>
 #include <string>
 
@@ -160,6 +161,17 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
                                 "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_device.exit_code, 2);
   EXPECT_NE(bad_device.err.find("tpu"), std::string::npos) << bad_device.err;
+
+  // Unusable TLS material is named as such (gRPC alone only fails to bind, which read as "port in use").
+  std::ofstream(dir.path() + "/cert.pem") << "not a certificate\n";
+  std::ofstream(dir.path() + "/key.pem") << "not a key\n";
+  auto bad_tls = RunCommand({BinaryPath("strata-server"), "--tls_cert=" + dir.path() + "/cert.pem",
+                             "--tls_key=" + dir.path() + "/key.pem", "--state_dir=" + dir.path(), "--metrics_port=0",
+                             "--grpc_port=" + std::to_string(FreePort())});
+  EXPECT_EQ(bad_tls.exit_code, 2);
+  EXPECT_NE(bad_tls.err.find("--tls_cert: " + dir.path() + "/cert.pem: no PEM certificate"), std::string::npos)
+      << bad_tls.err;
+  EXPECT_EQ(bad_tls.err.find("port in use"), std::string::npos) << bad_tls.err;
 
   auto bad_model = RunCommand({BinaryPath("strata-server"), "--model=" + dir.path() + "/nope",
                                "--state_dir=" + dir.path(), "--metrics_port=0",
