@@ -154,11 +154,10 @@ struct RunTimes {
 };
 
 // One prefill of [batch, prompt] and `steps` greedy decode steps through the KV cache.
-RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, int64_t steps,
-                 uint64_t seed) {
+RunTimes RunOnce(const strata::CausalLM& model, int64_t batch, int64_t prompt, int64_t steps, uint64_t seed) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
-  const at::Tensor ids = at::randint(3, model.config().vocab_size, {batch, prompt}, gen,
-                                     at::TensorOptions().dtype(at::kLong));
+  const at::Tensor ids =
+      at::randint(3, model.config().vocab_size, {batch, prompt}, gen, at::TensorOptions().dtype(at::kLong));
   strata::KVCache cache;
   cache.Reserve(prompt + steps);
   RunTimes t;
@@ -217,11 +216,11 @@ void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& t
 void Bench(const std::string& name, const strata::CausalLM& model, const Flags& f,
            const strata::Tokenizer* tokenizer) {
   const strata::ModelConfig& c = model.config();
-  std::printf("\n== %s: %.2fM parameters (hidden %ld, %ld layers, %ld heads / %ld kv, "
-              "intermediate %ld, vocab %ld), %s\n",
-              name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size,
-              c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
-              c.intermediate_size, c.vocab_size, f.dtype.c_str());
+  std::printf(
+      "\n== %s: %.2fM parameters (hidden %ld, %ld layers, %ld heads / %ld kv, "
+      "intermediate %ld, vocab %ld), %s\n",
+      name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size, c.num_hidden_layers,
+      c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, f.dtype.c_str());
   RunOnce(model, 1, f.prompt, 8, 99);  // warm-up
   for (int64_t batch : {int64_t{1}, int64_t{8}}) {
     std::vector<double> prefill, decode;
@@ -230,10 +229,11 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
       prefill.push_back(static_cast<double>(batch * f.prompt) / t.prefill);
       decode.push_back(static_cast<double>(batch * f.new_tokens) / t.decode);
     }
-    std::printf("batch %ld: prefill %ld tokens: %10.1f tokens/s | decode %ld new tokens: "
-                "%10.1f tokens/s (%.2f ms/step)\n",
-                batch, f.prompt, Median(prefill), f.new_tokens, Median(decode),
-                1e3 * static_cast<double>(batch) / Median(decode));
+    std::printf(
+        "batch %ld: prefill %ld tokens: %10.1f tokens/s | decode %ld new tokens: "
+        "%10.1f tokens/s (%.2f ms/step)\n",
+        batch, f.prompt, Median(prefill), f.new_tokens, Median(decode),
+        1e3 * static_cast<double>(batch) / Median(decode));
     std::fflush(stdout);
   }
   const int64_t long_prompt = std::min<int64_t>(256, c.max_position_embeddings);
@@ -256,7 +256,8 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
     feats.select(1, t).add_(5.0);
     (void)router.AddTask("task" + std::to_string(t), feats, layer);
   }
-  const at::Tensor ids = at::randint(3, c.vocab_size, {1, f.prompt}, gen, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor ids =
+      at::randint(3, c.vocab_size, {1, f.prompt}, gen, at::TensorOptions().dtype(at::kLong));
   const at::Tensor mask = at::ones({1, f.prompt}, at::TensorOptions().dtype(at::kLong));
   std::vector<double> feature_s, decide_s, generate_s;
   for (int r = 0; r < f.reps + 1; ++r) {
@@ -272,10 +273,11 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
     generate_s.push_back(g.prefill + g.decode);
   }
   const double feature = Median(feature_s), decide = Median(decide_s), generate = Median(generate_s);
-  std::printf("routing: feature pass (%ld of %ld layers, %ld-token prompt) %.3f ms + decision (8 tasks) %.3f ms "
-              "= %.1f%% of a 64-token generation (%.1f ms)\n",
-              layer, c.num_hidden_layers, f.prompt, 1e3 * feature, 1e3 * decide,
-              100.0 * (feature + decide) / generate, 1e3 * generate);
+  std::printf(
+      "routing: feature pass (%ld of %ld layers, %ld-token prompt) %.3f ms + decision (8 tasks) %.3f ms "
+      "= %.1f%% of a 64-token generation (%.1f ms)\n",
+      layer, c.num_hidden_layers, f.prompt, 1e3 * feature, 1e3 * decide,
+      100.0 * (feature + decide) / generate, 1e3 * generate);
   std::fflush(stdout);
 }
 
@@ -315,8 +317,7 @@ int main(int argc, char** argv) {
     if (name == "stories260K") {
       auto model = strata::CausalLM::Load(f.model_dir, options);
       if (!model.ok()) {
-        std::fprintf(stderr, "loading %s: %s\n", f.model_dir.c_str(),
-                     model.status().ToString().c_str());
+        std::fprintf(stderr, "loading %s: %s\n", f.model_dir.c_str(), model.status().ToString().c_str());
         return 1;
       }
       auto tokenizer = strata::Tokenizer::FromDirectory(f.model_dir);

@@ -8,8 +8,8 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
-#include "core/model/llama_configs.h"
 #include "core/model/config.h"
+#include "core/model/llama_configs.h"
 
 namespace strata::bench {
 

@@ -1,7 +1,6 @@
 // `strata bench cl`: see cl_bench.h.
 
 #include "bench/cl_bench.h"
-#include "bench/cl_bench_internal.h"
 
 #include <torch/torch.h>
 #include <unistd.h>
@@ -27,6 +26,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "bench/bench_util.h"
+#include "bench/cl_bench_internal.h"
 #include "bench/gnuplot.h"
 #include "core/adapt/method.h"
 #include "core/adapt/router.h"
@@ -37,7 +38,6 @@
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
-#include "bench/bench_util.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -281,7 +281,7 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
             st.ok() ? Evaluate(*model, tokenizer, tasks[j], max_seq_len) : absl::StatusOr<double>(st);
         if (!acc.ok()) {
           return fail(absl::StrCat("routed to \"", tasks[j].data.name, "\" after stage \"", stage_name,
-                            "\": ", acc.status().message()));
+                                   "\": ", acc.status().message()));
         }
         routed[j] = *acc;
       }
@@ -291,16 +291,19 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
       // A prompt that fits no task gets the base model (the server's default).
       std::shared_ptr<const CausalLM> base_copy(base_model->ShallowCopy());
       absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> models =
-          RouteModels(*base_model, method, routers[stage], base_copy, std::shared_ptr<const CausalLM>(current->ShallowCopy()));
+          RouteModels(*base_model, method, routers[stage], base_copy,
+                      std::shared_ptr<const CausalLM>(current->ShallowCopy()));
       if (!models.ok()) {
-        return fail(absl::StrCat("auto routing after stage \"", stage_name, "\": ", models.status().message()));
+        return fail(
+            absl::StrCat("auto routing after stage \"", stage_name, "\": ", models.status().message()));
       }
       std::vector<double> auto_row, accuracy_row;
       for (size_t j = 0; j < tasks.size(); ++j) {
-        absl::StatusOr<double> acc = EvaluateRouted(*models, decisions[stage][j], tokenizer, tasks[j], max_seq_len);
+        absl::StatusOr<double> acc =
+            EvaluateRouted(*models, decisions[stage][j], tokenizer, tasks[j], max_seq_len);
         if (!acc.ok()) {
-          return fail(absl::StrCat("auto-routed \"", tasks[j].data.name, "\" after stage \"", stage_name, "\": ",
-                            acc.status().message()));
+          return fail(absl::StrCat("auto-routed \"", tasks[j].data.name, "\" after stage \"", stage_name,
+                                   "\": ", acc.status().message()));
         }
         auto_row.push_back(*acc);
         int64_t right = 0;
@@ -336,11 +339,13 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
     run.trainable_per_stage.push_back(stage_trainable);
     run.trainable = std::max(run.trainable, stage_trainable);
     if (!args.quiet) {
-      std::fprintf(stderr, "[%s] %s: %lld steps, loss %.3f -> %.3f, train %.1f s (merge %.2f s), eval %.1f s: %s\n",
-                   requested.c_str(), label.c_str(), static_cast<long long>(result->steps), result->first_loss,
-                   result->final_loss, train_s, result->merge_seconds, eval_s,
-                   absl::StrJoin(*row, " ", [](std::string* o, double v) { absl::StrAppendFormat(o, "%.3f", v); })
-                       .c_str());
+      std::fprintf(stderr,
+                   "[%s] %s: %lld steps, loss %.3f -> %.3f, train %.1f s (merge %.2f s), eval %.1f s: %s\n",
+                   requested.c_str(), label.c_str(), static_cast<long long>(result->steps),
+                   result->first_loss, result->final_loss, train_s, result->merge_seconds, eval_s,
+                   absl::StrJoin(*row, " ", [](std::string* o, double v) {
+                     absl::StrAppendFormat(o, "%.3f", v);
+                   }).c_str());
       if (run.routed_matrix.size() == run.matrix.size()) {
         std::fprintf(stderr, "[%s] %s routed: %s\n", requested.c_str(), label.c_str(),
                      absl::StrJoin(run.routed_matrix.back(), " ", [](std::string* o, double v) {
@@ -349,9 +354,9 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
       }
       if (run.auto_matrix.size() == run.matrix.size()) {
         std::fprintf(stderr, "[%s] %s auto: %s (router %s)\n", requested.c_str(), label.c_str(),
-                     absl::StrJoin(run.auto_matrix.back(), " ", [](std::string* o, double v) {
-                       absl::StrAppendFormat(o, "%.3f", v);
-                     }).c_str(),
+                     absl::StrJoin(run.auto_matrix.back(), " ",
+                                   [](std::string* o, double v) { absl::StrAppendFormat(o, "%.3f", v); })
+                         .c_str(),
                      absl::StrJoin(run.router_accuracy.back(), " ", [](std::string* o, double v) {
                        absl::StrAppendFormat(o, "%.3f", v);
                      }).c_str());
@@ -369,7 +374,8 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
     RETURN_IF_ERROR(run_stage("mtl", all, absl::StrCat("joint (", absl::StrJoin(task_names, "+"), ")")));
   } else {
     for (size_t i = 0; i < T; ++i) {
-      RETURN_IF_ERROR(run_stage(tasks[i].data.name, {tasks[i].train}, absl::StrCat(i + 1, " ", tasks[i].data.name)));
+      RETURN_IF_ERROR(
+          run_stage(tasks[i].data.name, {tasks[i].train}, absl::StrCat(i + 1, " ", tasks[i].data.name)));
     }
   }
 
@@ -426,19 +432,20 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
     std::printf("task-routed (each learned task on the model as of that task, rebuilt from the state):\n");
     PrintMatrix(run, run.routed_matrix, tasks, base);
     std::printf("routed: AA %s  BWT %s  FWT %s  forgetting %s\n", FormatOpt(run.routed_report->aa).c_str(),
-                FormatOpt(run.routed_report->bwt, true).c_str(), FormatOpt(run.routed_report->fwt, true).c_str(),
+                FormatOpt(run.routed_report->bwt, true).c_str(),
+                FormatOpt(run.routed_report->fwt, true).c_str(),
                 FormatOpt(run.routed_report->forgetting).c_str());
     if (run.auto_report.has_value()) {
       std::printf("auto-routed (each test example routed by the stage's router; no task name):\n");
       PrintMatrix(run, run.auto_matrix, tasks, base);
-      std::printf("auto: AA %s  BWT %s  forgetting %s  reference NLL %.4f\n", FormatOpt(run.auto_report->aa).c_str(),
-                  FormatOpt(run.auto_report->bwt, true).c_str(), FormatOpt(run.auto_report->forgetting).c_str(),
-                  run.auto_reference_nll);
+      std::printf("auto: AA %s  BWT %s  forgetting %s  reference NLL %.4f\n",
+                  FormatOpt(run.auto_report->aa).c_str(), FormatOpt(run.auto_report->bwt, true).c_str(),
+                  FormatOpt(run.auto_report->forgetting).c_str(), run.auto_reference_nll);
     }
   }
-  std::printf("reference NLL %.4f -> %.4f  trainable parameters %lld  state %s (%lld bytes)\n", run.nll_before,
-              run.nll_after, static_cast<long long>(run.trainable), FormatBytes(run.state_bytes).c_str(),
-              static_cast<long long>(run.state_bytes));
+  std::printf("reference NLL %.4f -> %.4f  trainable parameters %lld  state %s (%lld bytes)\n",
+              run.nll_before, run.nll_after, static_cast<long long>(run.trainable),
+              FormatBytes(run.state_bytes).c_str(), static_cast<long long>(run.state_bytes));
   std::fflush(stdout);
   return run;
 }
@@ -469,8 +476,12 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
   sub->add_option("--steps", r.max_steps, "Optimizer steps per stage (0 = --epochs; mtl: steps x tasks)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  sub->add_option("--lr", r.learning_rate, "Peak learning rate")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--batch-size", r.batch_size, "Batch size")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--lr", r.learning_rate, "Peak learning rate")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--batch-size", r.batch_size, "Batch size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--router-layer", a->router_layer,
                   "Automatic routing: base-model decoder layers run for a prompt's feature (-1 = half)")
       ->capture_default_str()
@@ -505,10 +516,14 @@ void AddClBenchOptions(CLI::App* sub, ClBenchArgs* a) {
            absl::StrCat(o.help, " [", MethodOptionText(r.method_config, o), "]"))
         ->type_name(std::holds_alternative<std::string MethodConfig::*>(o.field) ? "TEXT" : "VALUE");
   }
-  sub->add_option("--threads", a->threads, "Torch CPU threads")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--threads", a->threads, "Torch CPU threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--device", a->device, "Device: cpu, cuda or cuda:N")->capture_default_str();
-  sub->add_option("--dtype", a->dtype, "Weight dtype: float32, bfloat16 (float16: CUDA only)")->capture_default_str();
-  sub->add_option("--reference", a->reference, "Reference text for NLL before/after (default: TinyStories val)");
+  sub->add_option("--dtype", a->dtype, "Weight dtype: float32, bfloat16 (float16: CUDA only)")
+      ->capture_default_str();
+  sub->add_option("--reference", a->reference,
+                  "Reference text for NLL before/after (default: TinyStories val)");
   sub->add_option("--reference-texts", a->reference_texts, "Stories of the reference text to score")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -545,7 +560,8 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     const MethodOption* o = FindMethodOption(name);
     std::string flag = o->FlagName();
     std::replace(flag.begin(), flag.end(), '_', '-');
-    if (absl::Status s = SetMethodOption(&recipe.method_config, *o, text, absl::StrCat("--", flag)); !s.ok()) {
+    if (absl::Status s = SetMethodOption(&recipe.method_config, *o, text, absl::StrCat("--", flag));
+        !s.ok()) {
       return Usage(std::string(s.message()));
     }
   }
@@ -566,7 +582,8 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   const Clock::time_point bench_start = Clock::now();
 
   // ---- model, tokenizer, tasks, reference text ------------------------------------------------
-  if (!PathExists(args.model_dir)) return Usage(absl::StrCat("--model ", args.model_dir, ": no such directory"));
+  if (!PathExists(args.model_dir))
+    return Usage(absl::StrCat("--model ", args.model_dir, ": no such directory"));
   absl::StatusOr<std::string> device = ResolveDevice(args.device);
   if (!device.ok()) return Usage(absl::StrCat("--device: ", device.status().message()));
   ModelLoadOptions load_options;
@@ -578,13 +595,15 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok = Tokenizer::FromDirectory(args.model_dir);
   if (!tok.ok()) return Usage(absl::StrCat("--model tokenizer: ", tok.status().message()));
   const Tokenizer& tokenizer = **tok;
-  if (base_model->config().pad_token_id.has_value()) train_options.pad_id = *base_model->config().pad_token_id;
+  if (base_model->config().pad_token_id.has_value())
+    train_options.pad_id = *base_model->config().pad_token_id;
   const int64_t max_seq_len = std::min(recipe.max_seq_len, base_model->config().max_position_embeddings);
 
   std::vector<BenchTask> tasks;
   RouterOptions router_options;
   router_options.layer = args.router_layer;
-  if (absl::Status s = router_options.Validate(); !s.ok()) return Usage(absl::StrCat("--router-layer: ", s.message()));
+  if (absl::Status s = router_options.Validate(); !s.ok())
+    return Usage(absl::StrCat("--router-layer: ", s.message()));
   {
     std::set<std::string> names;
     for (const std::string& entry : args.order) {
@@ -606,8 +625,9 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       if (!data.ok()) return Usage(absl::StrCat("task \"", entry, "\": ", data.status().message()));
       t.data = std::move(*data);
       if (t.data.scorer == Scorer::kNll) {
-        return Usage(absl::StrCat("task \"", t.data.name, "\" (", t.dir,
-                                  "): scorer nll has no accuracy; the CL benchmark needs exact_match or choice"));
+        return Usage(
+            absl::StrCat("task \"", t.data.name, "\" (", t.dir,
+                         "): scorer nll has no accuracy; the CL benchmark needs exact_match or choice"));
       }
       if (t.data.train.empty() || t.data.test.empty()) {
         return Usage(absl::StrCat("task \"", t.data.name, "\" (", t.dir, "): empty train or test split"));
@@ -631,7 +651,8 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     if (static_cast<int64_t>(ref_texts.size()) > args.reference_texts) ref_texts.resize(args.reference_texts);
   }
   if (!args.plots_dir.empty()) {
-    if (absl::Status s = MakeDirs(args.plots_dir); !s.ok()) return Usage(absl::StrCat("--plots: ", s.message()));
+    if (absl::Status s = MakeDirs(args.plots_dir); !s.ok())
+      return Usage(absl::StrCat("--plots: ", s.message()));
   }
 
   const size_t T = tasks.size();
@@ -641,19 +662,20 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
               absl::StrJoin(task_names, " -> ").c_str(), absl::StrJoin(methods, ",").c_str());
   for (const BenchTask& t : tasks) {
     std::printf("  task %-10s %-12s %-11s scorer %-11s train %zu test %zu  (%s)\n", t.data.name.c_str(),
-                std::string(TaskKindName(t.data.kind)).c_str(), std::string(TaskFormatName(t.data.format)).c_str(),
+                std::string(TaskKindName(t.data.kind)).c_str(),
+                std::string(TaskFormatName(t.data.format)).c_str(),
                 std::string(ScorerName(t.data.scorer)).c_str(), t.data.train.size(), t.data.test.size(),
                 t.dir.c_str());
   }
-  std::printf("  steps/stage %s, batch %lld, lr %g, rank %lld, alpha %g, lambda %g, targets %s, seed %llu, "
-              "threads %d, device %s\n  %s\n",
-              recipe.max_steps > 0 ? std::to_string(recipe.max_steps).c_str()
-                                   : absl::StrCat(recipe.epochs, " epoch(s)").c_str(),
-              static_cast<long long>(recipe.batch_size), recipe.learning_rate,
-              static_cast<long long>(base_config.rank), base_config.alpha, base_config.ella_lambda,
-              absl::StrJoin(base_config.target_modules, ",").c_str(), static_cast<unsigned long long>(recipe.seed),
-              args.threads,
-              device->c_str(), TorchRuntimeSummary().c_str());
+  std::printf(
+      "  steps/stage %s, batch %lld, lr %g, rank %lld, alpha %g, lambda %g, targets %s, seed %llu, "
+      "threads %d, device %s\n  %s\n",
+      recipe.max_steps > 0 ? std::to_string(recipe.max_steps).c_str()
+                           : absl::StrCat(recipe.epochs, " epoch(s)").c_str(),
+      static_cast<long long>(recipe.batch_size), recipe.learning_rate,
+      static_cast<long long>(base_config.rank), base_config.alpha, base_config.ella_lambda,
+      absl::StrJoin(base_config.target_modules, ",").c_str(), static_cast<unsigned long long>(recipe.seed),
+      args.threads, device->c_str(), TorchRuntimeSummary().c_str());
   std::fflush(stdout);
 
   // ---- base scores ----------------------------------------------------------------------------
@@ -664,9 +686,11 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   absl::StatusOr<double> nll_base = ReferenceNll(*base_model, tokenizer, ref_texts, max_seq_len);
   if (!nll_base.ok()) return Usage(absl::StrCat("reference NLL: ", nll_base.status().message()));
   if (!args.quiet) {
-    std::fprintf(stderr, "[base] %s  reference NLL %.4f  (%.1f s)\n",
-                 absl::StrJoin(base, " ", [](std::string* o, double v) { absl::StrAppendFormat(o, "%.3f", v); }).c_str(),
-                 *nll_base, SecondsSince(base_start));
+    std::fprintf(
+        stderr, "[base] %s  reference NLL %.4f  (%.1f s)\n",
+        absl::StrJoin(base, " ", [](std::string* o, double v) { absl::StrAppendFormat(o, "%.3f", v); })
+            .c_str(),
+        *nll_base, SecondsSince(base_start));
   }
 
   // ---- automatic routing: one router per stage (method-independent: it sees the base model) ------
@@ -681,14 +705,16 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     std::vector<at::Tensor> test_features;
     for (const BenchTask& t : tasks) {
       std::vector<std::string> prompts;
-      for (const Example& e : t.data.test) prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      for (const Example& e : t.data.test)
+        prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
       absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
       if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
       test_features.push_back(*f);
     }
     for (const BenchTask& t : tasks) {
       std::vector<std::string> prompts;
-      for (const Example& e : t.data.train) prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      for (const Example& e : t.data.train)
+        prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
       absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
       if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
       if (absl::Status st = router.AddTask(t.data.name, *f, layer); !st.ok()) {
@@ -708,15 +734,17 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     for (size_t j = 0; j < tasks.size(); ++j) {
       int64_t right = 0;
       for (const auto& d : decisions.back()[j]) right += d.task == tasks[j].data.name;
-      accuracy.push_back(absl::StrFormat("%s %.3f", tasks[j].data.name,
-                                         static_cast<double>(right) / std::max<size_t>(1, decisions.back()[j].size())));
+      accuracy.push_back(
+          absl::StrFormat("%s %.3f", tasks[j].data.name,
+                          static_cast<double>(right) / std::max<size_t>(1, decisions.back()[j].size())));
     }
-    std::printf("router: layer %lld of %lld, %lld bytes (%lld per task); accuracy after the last task: %s; "
-                "reference texts routed to the base model: %lld of %zu (%.1f s)\n",
-                static_cast<long long>(layer), static_cast<long long>(base_model->num_layers()),
-                static_cast<long long>(router.StateBytes()), static_cast<long long>(router.StateBytesPerTask()),
-                absl::StrJoin(accuracy, ", ").c_str(), static_cast<long long>(ref_base), ref_decisions.size(),
-                SecondsSince(r0));
+    std::printf(
+        "router: layer %lld of %lld, %lld bytes (%lld per task); accuracy after the last task: %s; "
+        "reference texts routed to the base model: %lld of %zu (%.1f s)\n",
+        static_cast<long long>(layer), static_cast<long long>(base_model->num_layers()),
+        static_cast<long long>(router.StateBytes()), static_cast<long long>(router.StateBytesPerTask()),
+        absl::StrJoin(accuracy, ", ").c_str(), static_cast<long long>(ref_base), ref_decisions.size(),
+        SecondsSince(r0));
   }
 
   // ---- methods ----------------------------------------------------------------------------------
@@ -737,8 +765,8 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
   }
 
   // ---- report: summary, JSON, plots (cl_bench_report.cc) ----------------------------------------
-  ClBenchResults results{args, methods, tasks, task_names, reference, base, *nll_base, std::move(runs),
-                         std::move(failures), SecondsSince(bench_start)};
+  ClBenchResults results{args, methods,   tasks,           task_names,          reference,
+                         base, *nll_base, std::move(runs), std::move(failures), SecondsSince(bench_start)};
   return ReportClBench(results);
 }
 

@@ -32,12 +32,12 @@ class App;
 namespace strata::bench {
 
 struct ClBenchArgs {
-  std::string model_dir;                // HF model directory (config.json, model.safetensors, tokenizer.json)
-  std::string tasks_dir;                // parent of the task directories named in `order`
-  std::vector<std::string> order;       // task directory names (or paths containing '/'), in training order
-  std::vector<std::string> methods;     // empty = every name in MethodNames(); "mtl_lora" = mtl with LoRA shape
-  int64_t max_train = 0;                // per task, 0 = all (seeded sample, dataset.h)
-  int64_t max_test = 0;                 // per task, 0 = all
+  std::string model_dir;             // HF model directory (config.json, model.safetensors, tokenizer.json)
+  std::string tasks_dir;             // parent of the task directories named in `order`
+  std::vector<std::string> order;    // task directory names (or paths containing '/'), in training order
+  std::vector<std::string> methods;  // empty = every name in MethodNames(); "mtl_lora" = mtl with LoRA shape
+  int64_t max_train = 0;             // per task, 0 = all (seeded sample, dataset.h)
+  int64_t max_test = 0;              // per task, 0 = all
   // The training recipe: the server's defaults (core/adapt/recipe.h), so the benchmark measures
   // what the server runs. Method options come from the method registry (--k-max, --ella-lambda /
   // --lambda, ...; method_options holds the command line's, applied in RunClBenchCommand).
@@ -47,15 +47,15 @@ struct ClBenchArgs {
   int64_t warmup_steps = -1;  // >= 0: this many warmup steps instead of the recipe's warmup ratio
   int64_t router_layer = -1;  // automatic routing: feature layer (-1 = half; server default)
   int threads = 2;
-  std::string device = "cpu";           // cpu, cuda or cuda:N (model, training and scoring)
+  std::string device = "cpu";  // cpu, cuda or cuda:N (model, training and scoring)
   // Weight dtype: float32 or bfloat16 (on CUDA bf16 weights and activations; adapters, Share and the
   // optimizer stay float32; on CPU bf16 weights compute in float32). float16 on CUDA only.
   std::string dtype = "float32";
-  std::string reference;                // reference text (default shared/data/lm/tinystories_val.txt)
-  int64_t reference_texts = 64;         // first N stories (blank-line separated)
-  std::string json_out;                 // required by the CLI; empty = no JSON
-  std::string plots_dir;                // empty = no plots
-  bool quiet = false;                   // no per-stage progress lines on stderr
+  std::string reference;         // reference text (default shared/data/lm/tinystories_val.txt)
+  int64_t reference_texts = 64;  // first N stories (blank-line separated)
+  std::string json_out;          // required by the CLI; empty = no JSON
+  std::string plots_dir;         // empty = no plots
+  bool quiet = false;            // no per-stage progress lines on stderr
 };
 
 // Registers the options above on `sub` (the caller owns `args` and sets the callback).

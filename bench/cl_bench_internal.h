@@ -31,12 +31,12 @@ struct BenchTask {
 };
 
 struct MethodRun {
-  std::string name;        // as requested (mtl_lora included)
-  std::string method;      // the core method name
+  std::string name;    // as requested (mtl_lora included)
+  std::string method;  // the core method name
   bool joint = false;
-  std::vector<std::string> row_labels;         // one per matrix row
-  std::vector<std::vector<double>> matrix;     // rows: stages (joint: one final row)
-  std::optional<ClReport> report;              // continual methods
+  std::vector<std::string> row_labels;      // one per matrix row
+  std::vector<std::vector<double>> matrix;  // rows: stages (joint: one final row)
+  std::optional<ClReport> report;           // continual methods
   // Task-routed evaluation (methods that keep per-task adapters: share, share_ella, inc_lora,
   // o_lora): a[i][j] for a learned task j (j <= i) scored on the task-routed weights, the model as
   // of task j (W0 + Σ_{l ≤ j} ΔW_l) rebuilt from the state after stage i; tasks not learned yet
@@ -54,19 +54,19 @@ struct MethodRun {
   double aa = std::numeric_limits<double>::quiet_NaN();
   double nll_before = 0, nll_after = 0;
   int64_t state_bytes = 0;
-  int64_t trainable = 0;                       // max over stages
+  int64_t trainable = 0;  // max over stages
   std::vector<int64_t> trainable_per_stage;
-  std::vector<double> stage_train_seconds;     // Train() incl. merge
+  std::vector<double> stage_train_seconds;  // Train() incl. merge
   std::vector<double> stage_eval_seconds;
   std::vector<double> stage_final_loss;
   std::vector<int64_t> stage_steps;
-  std::vector<double> stage_merge_seconds;     // the end-of-task merge inside Train()
-  std::vector<int64_t> stage_state_bytes;      // method state after each stage
+  std::vector<double> stage_merge_seconds;  // the end-of-task merge inside Train()
+  std::vector<int64_t> stage_state_bytes;   // method state after each stage
   // share, share_ella: mean subspace rank per side over the target modules after each stage.
   std::vector<double> stage_share_k_beta, stage_share_k_alpha;
-  std::vector<double> pm_alphas;               // pm: the merge coefficient α_t of each task
-  json pm_merge_terms;                         // pm: what decided each α_t (own, past, cross, ...)
-  double seconds = 0;                          // total wall time (train + eval + export)
+  std::vector<double> pm_alphas;  // pm: the merge coefficient α_t of each task
+  json pm_merge_terms;            // pm: what decided each α_t (own, past, cross, ...)
+  double seconds = 0;             // total wall time (train + eval + export)
   std::string method_config_json;
 };
 

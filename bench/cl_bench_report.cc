@@ -84,9 +84,10 @@ absl::Status WritePlots(const std::string& dir, const std::vector<MethodRun>& ru
       rows.push_back(run.row_labels[i]);
       values.push_back(run.matrix[i]);
     }
-    RETURN_IF_ERROR(PlotHeatmap(absl::StrCat(dir, "/", run.name, "_matrix.png"),
-                                absl::StrCat(run.name, ": accuracy after each stage (rows) on each task (columns)"),
-                                rows, task_names, values));
+    RETURN_IF_ERROR(
+        PlotHeatmap(absl::StrCat(dir, "/", run.name, "_matrix.png"),
+                    absl::StrCat(run.name, ": accuracy after each stage (rows) on each task (columns)"), rows,
+                    task_names, values));
     RETURN_IF_ERROR(PlotLines(absl::StrCat(dir, "/", run.name, "_stages.png"),
                               absl::StrCat(run.name, ": score of each task across stages"), "after stage",
                               "score", rows, task_names, values, 0.0, 1.0));
@@ -165,27 +166,31 @@ int ReportClBench(const ClBenchResults& r) {
     const std::optional<double> fwt = run.report ? run.report->fwt : std::nullopt;
     const std::optional<double> fgt = run.report ? run.report->forgetting : std::nullopt;
     std::printf("%-12s %7.3f %8s %8s %10s %9.4f %9.4f %12lld %10lld %8.1f\n", run.name.c_str(), run.aa,
-                FormatOpt(bwt, true).c_str(), FormatOpt(fwt, true).c_str(), FormatOpt(fgt).c_str(), run.nll_before,
-                run.nll_after, static_cast<long long>(run.state_bytes), static_cast<long long>(run.trainable),
-                run.seconds);
+                FormatOpt(bwt, true).c_str(), FormatOpt(fwt, true).c_str(), FormatOpt(fgt).c_str(),
+                run.nll_before, run.nll_after, static_cast<long long>(run.state_bytes),
+                static_cast<long long>(run.trainable), run.seconds);
   }
   bool any_routed = false;
   for (const MethodRun& run : runs) any_routed = any_routed || run.routed_report.has_value();
   if (any_routed) {
-    std::printf("\nTask-routed (the model as of each task, W0 + Σ_{l<=j} ΔW_l; needs the task name at inference)\n");
+    std::printf(
+        "\nTask-routed (the model as of each task, W0 + Σ_{l<=j} ΔW_l; needs the task name at inference)\n");
     std::printf("%-12s %7s %8s %8s %10s\n", "method", "AA", "BWT", "FWT", "forgetting");
     for (const MethodRun& run : runs) {
       if (!run.routed_report.has_value()) continue;
       const ClReport& r = *run.routed_report;
       std::printf("%-12s %7s %8s %8s %10s\n", run.name.c_str(), FormatOpt(r.aa).c_str(),
-                  FormatOpt(r.bwt, true).c_str(), FormatOpt(r.fwt, true).c_str(), FormatOpt(r.forgetting).c_str());
+                  FormatOpt(r.bwt, true).c_str(), FormatOpt(r.fwt, true).c_str(),
+                  FormatOpt(r.forgetting).c_str());
     }
   }
   bool any_auto = false;
   for (const MethodRun& run : runs) any_auto = any_auto || run.auto_report.has_value();
   if (any_auto) {
-    std::printf("\nAuto-routed (no task name: the router picks the task, or the base model when none fits)\n");
-    std::printf("%-12s %7s %8s %10s %10s  %s\n", "method", "AA", "BWT", "forgetting", "ref NLL", "router accuracy");
+    std::printf(
+        "\nAuto-routed (no task name: the router picks the task, or the base model when none fits)\n");
+    std::printf("%-12s %7s %8s %10s %10s  %s\n", "method", "AA", "BWT", "forgetting", "ref NLL",
+                "router accuracy");
     for (const MethodRun& run : runs) {
       if (!run.auto_report.has_value()) continue;
       const ClReport& r = *run.auto_report;
@@ -295,9 +300,11 @@ int ReportClBench(const ClBenchResults& r) {
   out["failed"] = jf;
   out["total_seconds"] = r.seconds;
   if (!args.json_out.empty()) {
-    absl::Status s = WriteFileAtomic(args.json_out, out.dump(1, ' ', false, json::error_handler_t::replace) + "\n");
+    absl::Status s =
+        WriteFileAtomic(args.json_out, out.dump(1, ' ', false, json::error_handler_t::replace) + "\n");
     if (!s.ok()) {
-      std::fprintf(stderr, "strata bench cl: writing %s: %s\n", args.json_out.c_str(), std::string(s.message()).c_str());
+      std::fprintf(stderr, "strata bench cl: writing %s: %s\n", args.json_out.c_str(),
+                   std::string(s.message()).c_str());
       exit_code = kExitFailed;
     } else {
       std::printf("wrote %s\n", args.json_out.c_str());
@@ -315,7 +322,8 @@ int ReportClBench(const ClBenchResults& r) {
     } else {
       std::printf("wrote plots to %s\n", args.plots_dir.c_str());
     }
-  }  return exit_code;
+  }
+  return exit_code;
 }
 
 }  // namespace strata::bench

@@ -77,8 +77,8 @@ TEST(ClBenchTest, MixedOrderRunsEndToEndAndWritesDocumentedJson) {
     SCOPED_TRACE(m);
     ASSERT_TRUE(j["methods"].contains(m));
     const nlohmann::json& r = j["methods"][m];
-    for (const char* key : {"matrix", "base", "aa", "bwt", "fwt", "forgetting", "reference_nll", "state_bytes",
-                            "trainable_parameters", "seconds"}) {
+    for (const char* key : {"matrix", "base", "aa", "bwt", "fwt", "forgetting", "reference_nll",
+                            "state_bytes", "trainable_parameters", "seconds"}) {
       EXPECT_TRUE(r.contains(key)) << key;
     }
     ASSERT_EQ(r["base"].size(), 2u);
@@ -130,8 +130,8 @@ TEST(ClBenchTest, MixedOrderRunsEndToEndAndWritesDocumentedJson) {
   EXPECT_EQ(mtl["stage_steps"][0].get<int>(), 8);  // steps × tasks
 
   if (!a.plots_dir.empty()) {
-    for (const char* f : {"/share_ella_matrix.png", "/share_ella_stages.png", "/mtl_matrix.png",
-                          "/summary_aa_bwt.png"}) {
+    for (const char* f :
+         {"/share_ella_matrix.png", "/share_ella_stages.png", "/mtl_matrix.png", "/summary_aa_bwt.png"}) {
       std::ifstream png(a.plots_dir + f, std::ios::binary);
       ASSERT_TRUE(png.good()) << f;
       char magic[4] = {};

@@ -22,7 +22,9 @@ namespace strata::bench {
 namespace {
 
 // A gnuplot single-quoted string ('' escapes a quote).
-std::string Quote(const std::string& s) { return absl::StrCat("'", absl::StrReplaceAll(s, {{"'", "''"}}), "'"); }
+std::string Quote(const std::string& s) {
+  return absl::StrCat("'", absl::StrReplaceAll(s, {{"'", "''"}}), "'");
+}
 
 std::string Num(double v) { return std::isnan(v) ? std::string("NaN") : absl::StrFormat("%.6g", v); }
 
@@ -82,8 +84,9 @@ std::string FindGnuplot() {
   return "";
 }
 
-absl::Status PlotHeatmap(const std::string& png, const std::string& title, const std::vector<std::string>& rows,
-                         const std::vector<std::string>& cols, const std::vector<std::vector<double>>& values) {
+absl::Status PlotHeatmap(const std::string& png, const std::string& title,
+                         const std::vector<std::string>& rows, const std::vector<std::string>& cols,
+                         const std::vector<std::vector<double>>& values) {
   const int width = 220 + 110 * static_cast<int>(cols.size());
   const int height = 140 + 44 * static_cast<int>(rows.size());
   std::string s = Header(FindGnuplot(), png, std::max(width, 480), std::max(height, 300));
@@ -93,15 +96,14 @@ absl::Status PlotHeatmap(const std::string& png, const std::string& title, const
     absl::StrAppend(&s, "\n");
   }
   absl::StrAppend(&s, "EOD\n");
-  absl::StrAppend(&s, "set title ", Quote(title), "\n",
-                  "set xtics ", Tics(cols), " scale 0\n",
-                  "set ytics ", Tics(rows), " scale 0\n",
-                  absl::StrFormat("set xrange [-0.5:%f]\nset yrange [%f:-0.5]\n", cols.size() - 0.5, rows.size() - 0.5),
-                  "set cbrange [0:1]\nset cblabel 'score'\n",
-                  "set palette defined (0 '#f7fbff', 0.5 '#6baed6', 1 '#08519c')\n",
-                  "set xlabel 'evaluated task'\nset ylabel 'after stage'\n",
-                  "plot $M matrix with image notitle, ",
-                  "$M matrix using 1:2:($3 == $3 ? sprintf('%.2f', $3) : '') with labels notitle\n");
+  absl::StrAppend(
+      &s, "set title ", Quote(title), "\n", "set xtics ", Tics(cols), " scale 0\n", "set ytics ", Tics(rows),
+      " scale 0\n",
+      absl::StrFormat("set xrange [-0.5:%f]\nset yrange [%f:-0.5]\n", cols.size() - 0.5, rows.size() - 0.5),
+      "set cbrange [0:1]\nset cblabel 'score'\n",
+      "set palette defined (0 '#f7fbff', 0.5 '#6baed6', 1 '#08519c')\n",
+      "set xlabel 'evaluated task'\nset ylabel 'after stage'\n", "plot $M matrix with image notitle, ",
+      "$M matrix using 1:2:($3 == $3 ? sprintf('%.2f', $3) : '') with labels notitle\n");
   return Run(png, s);
 }
 
@@ -117,20 +119,22 @@ absl::Status PlotLines(const std::string& png, const std::string& title, const s
     absl::StrAppend(&s, "\n");
   }
   absl::StrAppend(&s, "EOD\n");
-  absl::StrAppend(&s, "set title ", Quote(title), "\n", "set xtics ", Tics(x_labels), "\n",
-                  absl::StrFormat("set xrange [-0.2:%f]\nset yrange [%g:%g]\n", x_labels.size() - 0.8, ymin, ymax),
-                  "set xlabel ", Quote(xlabel), "\nset ylabel ", Quote(ylabel), "\n",
-                  "set key outside right\nset grid ytics\nplot ");
+  absl::StrAppend(
+      &s, "set title ", Quote(title), "\n", "set xtics ", Tics(x_labels), "\n",
+      absl::StrFormat("set xrange [-0.2:%f]\nset yrange [%g:%g]\n", x_labels.size() - 0.8, ymin, ymax),
+      "set xlabel ", Quote(xlabel), "\nset ylabel ", Quote(ylabel), "\n",
+      "set key outside right\nset grid ytics\nplot ");
   for (size_t k = 0; k < series.size(); ++k) {
-    absl::StrAppend(&s, k ? ", " : "", "$D using 1:", k + 2, " with linespoints lw 2 pt 7 title ", Quote(series[k]));
+    absl::StrAppend(&s, k ? ", " : "", "$D using 1:", k + 2, " with linespoints lw 2 pt 7 title ",
+                    Quote(series[k]));
   }
   absl::StrAppend(&s, "\n");
   return Run(png, s);
 }
 
-absl::Status PlotBars(const std::string& png, const std::string& title, const std::vector<std::string>& groups,
-                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values,
-                      double ymin, double ymax) {
+absl::Status PlotBars(const std::string& png, const std::string& title,
+                      const std::vector<std::string>& groups, const std::vector<std::string>& series,
+                      const std::vector<std::vector<double>>& values, double ymin, double ymax) {
   std::string s = Header(FindGnuplot(), png, std::max(480, 120 + 80 * static_cast<int>(groups.size())), 400);
   absl::StrAppend(&s, "$D << EOD\n");
   for (size_t i = 0; i < values.size(); ++i) {
@@ -142,10 +146,12 @@ absl::Status PlotBars(const std::string& png, const std::string& title, const st
   absl::StrAppend(&s, "set title ", Quote(title), "\n",
                   "set style data histograms\nset style histogram clustered gap 1\n",
                   "set style fill solid 0.8 border -1\nset boxwidth 0.9\n",
-                  absl::StrFormat("set yrange [%g:%g]\n", ymin, ymax), "set grid ytics\nset xzeroaxis lt -1\n",
+                  absl::StrFormat("set yrange [%g:%g]\n", ymin, ymax),
+                  "set grid ytics\nset xzeroaxis lt -1\n",
                   "set key outside right\nset xtics rotate by -30\nplot ");
   for (size_t k = 0; k < series.size(); ++k) {
-    absl::StrAppend(&s, k ? ", " : "", "$D using ", k + 2, k == 0 ? ":xtic(1)" : "", " title ", Quote(series[k]));
+    absl::StrAppend(&s, k ? ", " : "", "$D using ", k + 2, k == 0 ? ":xtic(1)" : "", " title ",
+                    Quote(series[k]));
   }
   absl::StrAppend(&s, "\n");
   return Run(png, s);

@@ -18,8 +18,9 @@ std::string FindGnuplot();
 
 // Heatmap of values[row][col] (NaN cells blank) with the value printed in each cell; colour range
 // [0, 1]; rows top to bottom.
-absl::Status PlotHeatmap(const std::string& png, const std::string& title, const std::vector<std::string>& rows,
-                         const std::vector<std::string>& cols, const std::vector<std::vector<double>>& values);
+absl::Status PlotHeatmap(const std::string& png, const std::string& title,
+                         const std::vector<std::string>& rows, const std::vector<std::string>& cols,
+                         const std::vector<std::vector<double>>& values);
 
 // One line per series: values[x][series], x labelled by x_labels.
 absl::Status PlotLines(const std::string& png, const std::string& title, const std::string& xlabel,
@@ -28,8 +29,8 @@ absl::Status PlotLines(const std::string& png, const std::string& title, const s
                        double ymin, double ymax);
 
 // Clustered bars: values[group][series].
-absl::Status PlotBars(const std::string& png, const std::string& title, const std::vector<std::string>& groups,
-                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values,
-                      double ymin, double ymax);
+absl::Status PlotBars(const std::string& png, const std::string& title,
+                      const std::vector<std::string>& groups, const std::vector<std::string>& series,
+                      const std::vector<std::vector<double>>& values, double ymin, double ymax);
 
 }  // namespace strata::bench

@@ -95,7 +95,8 @@ absl::StatusOr<Measured> MeasureTraining(const MemoryBenchArgs& a, const std::st
     m.steps = p.step;
     if (p.step >= a.steps) cancel.store(true);
   };
-  const TrainTask task = RandomTrainTask("memory", a.batch_size * 2, a.seq_len, model->config().vocab_size, 5);
+  const TrainTask task =
+      RandomTrainTask("memory", a.batch_size * 2, a.seq_len, model->config().vocab_size, 5);
   m.baseline_rss = ReadProcessStats().resident_bytes;
   if (!ResetPeakResident()) {
     return absl::FailedPreconditionError("cannot reset the peak resident size (/proc/self/clear_refs)");
@@ -115,15 +116,19 @@ void AddMemoryBenchOptions(CLI::App* sub, MemoryBenchArgs* a) {
                   "Model: a directory with config.json, llama-8b, mistral-7b, qwen2-7b or 110m (random-init "
                   "benchmark config)")
       ->capture_default_str();
-  sub->add_option("--dtype", a->dtype, "Weight dtype: float32, bfloat16, float16 (default: bfloat16 on cuda, "
-                                       "float32 on cpu)");
-  sub->add_option("--device", a->device, "cuda or cpu (cpu computes activations in float32)")->capture_default_str();
+  sub->add_option("--dtype", a->dtype,
+                  "Weight dtype: float32, bfloat16, float16 (default: bfloat16 on cuda, "
+                  "float32 on cpu)");
+  sub->add_option("--device", a->device, "cuda or cpu (cpu computes activations in float32)")
+      ->capture_default_str();
   sub->add_option("--batch-size", a->batch_size, "Sequences per training step")->capture_default_str();
   sub->add_option("--seq-len", a->seq_len, "Tokens per sequence")->capture_default_str();
-  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")->capture_default_str();
+  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")
+      ->capture_default_str();
   sub->add_option("--rank", a->rank, "LoRA rank / Share p")->capture_default_str();
   sub->add_option("--k-max", a->k_max, "Share subspace rank (assumed reached)")->capture_default_str();
-  sub->add_option("--tasks", a->tasks, "Learned tasks (for the state that grows per task)")->capture_default_str();
+  sub->add_option("--tasks", a->tasks, "Learned tasks (for the state that grows per task)")
+      ->capture_default_str();
   sub->add_option("--lambda", a->lambda, "ELLA λ (> 0: a dense float32 W_past during each task)")
       ->capture_default_str();
   sub->add_option("--methods", a->methods, "Methods, comma-separated (default: all)")->delimiter(',');
@@ -161,42 +166,50 @@ int RunMemoryBenchCommand(const MemoryBenchArgs& args) {
   if (!plan.ok()) return Usage(std::string(plan.status().message()));
 
   const ModelConfig& c = plan->config;
-  std::printf("strata bench memory: %s (%s, hidden %lld, %lld layers, %lld/%lld heads, intermediate %lld, vocab "
-              "%lld), %s weights on %s (activations in %s)\n",
-              a.config.c_str(), c.architecture.c_str(), static_cast<long long>(c.hidden_size),
-              static_cast<long long>(c.num_hidden_layers), static_cast<long long>(c.num_attention_heads),
-              static_cast<long long>(c.num_key_value_heads), static_cast<long long>(c.intermediate_size),
-              static_cast<long long>(c.vocab_size), dtype.c_str(), a.device.c_str(),
-              plan->compute_dtype_bytes == 4 ? "float32" : dtype.c_str());
-  std::printf("training: batch %lld x %lld tokens, targets %s, rank %lld, k_max %lld, %lld learned tasks, "
-              "lambda %g\n",
-              static_cast<long long>(o.batch_size), static_cast<long long>(o.seq_len), a.targets.c_str(),
-              static_cast<long long>(a.rank), static_cast<long long>(a.k_max), static_cast<long long>(o.tasks),
-              a.lambda);
+  std::printf(
+      "strata bench memory: %s (%s, hidden %lld, %lld layers, %lld/%lld heads, intermediate %lld, vocab "
+      "%lld), %s weights on %s (activations in %s)\n",
+      a.config.c_str(), c.architecture.c_str(), static_cast<long long>(c.hidden_size),
+      static_cast<long long>(c.num_hidden_layers), static_cast<long long>(c.num_attention_heads),
+      static_cast<long long>(c.num_key_value_heads), static_cast<long long>(c.intermediate_size),
+      static_cast<long long>(c.vocab_size), dtype.c_str(), a.device.c_str(),
+      plan->compute_dtype_bytes == 4 ? "float32" : dtype.c_str());
+  std::printf(
+      "training: batch %lld x %lld tokens, targets %s, rank %lld, k_max %lld, %lld learned tasks, "
+      "lambda %g\n",
+      static_cast<long long>(o.batch_size), static_cast<long long>(o.seq_len), a.targets.c_str(),
+      static_cast<long long>(a.rank), static_cast<long long>(a.k_max), static_cast<long long>(o.tasks),
+      a.lambda);
   std::printf("weights: %lld parameters = %s; target modules hold %lld (%s)\n",
               static_cast<long long>(plan->parameters), Gib(plan->weight_bytes).c_str(),
               static_cast<long long>(plan->adapted_parameters),
               Gib(plan->adapted_parameters * (dtype == "float32" ? 4 : 2)).c_str());
-  std::printf("KV cache: %s per token (%s per 4096-token sequence)\n\n", Gib(plan->kv_bytes_per_token).c_str(),
-              Gib(plan->kv_bytes_per_token * 4096).c_str());
+  std::printf("KV cache: %s per token (%s per 4096-token sequence)\n\n",
+              Gib(plan->kv_bytes_per_token).c_str(), Gib(plan->kv_bytes_per_token * 4096).c_str());
   std::printf("%-11s %12s %12s %12s %12s %12s %12s %12s %14s\n", "method", "trainable", "state", "checkpoint",
               "task_state", "params+grad", "optimizer", "activations", "training_peak");
   json jm = json::array();
   for (const MethodMemory& m : plan->methods) {
     std::printf("%-11s %12lld %12s %12s %12s %12s %12s %12s %14s\n", m.method.c_str(),
                 static_cast<long long>(m.trainable_parameters), Gib(m.state_bytes).c_str(),
-                Gib(m.checkpoint_bytes).c_str(), Gib(m.task_state_bytes).c_str(), Gib(m.trainable_bytes).c_str(),
-                Gib(m.optimizer_bytes).c_str(), Gib(m.activation_bytes).c_str(), Gib(m.training_peak_bytes).c_str());
-    jm.push_back({{"method", m.method}, {"trainable_parameters", m.trainable_parameters},
-                  {"state_bytes", m.state_bytes}, {"checkpoint_bytes", m.checkpoint_bytes},
-                  {"task_state_bytes", m.task_state_bytes}, {"trainable_bytes", m.trainable_bytes},
-                  {"optimizer_bytes", m.optimizer_bytes}, {"activation_bytes", m.activation_bytes},
+                Gib(m.checkpoint_bytes).c_str(), Gib(m.task_state_bytes).c_str(),
+                Gib(m.trainable_bytes).c_str(), Gib(m.optimizer_bytes).c_str(),
+                Gib(m.activation_bytes).c_str(), Gib(m.training_peak_bytes).c_str());
+    jm.push_back({{"method", m.method},
+                  {"trainable_parameters", m.trainable_parameters},
+                  {"state_bytes", m.state_bytes},
+                  {"checkpoint_bytes", m.checkpoint_bytes},
+                  {"task_state_bytes", m.task_state_bytes},
+                  {"trainable_bytes", m.trainable_bytes},
+                  {"optimizer_bytes", m.optimizer_bytes},
+                  {"activation_bytes", m.activation_bytes},
                   {"training_peak_bytes", m.training_peak_bytes}});
   }
-  std::printf("\nstate = adaptation state in memory beyond the served weights (which hold W0 + W_past); checkpoint "
-              "= method.safetensors; task_state = held only while a task trains; training_peak = state + "
-              "task_state + params+grad + optimizer + activations, on top of the weights (and, when serving, the KV "
-              "caches).\nGPU total while training ~ weights + training_peak.\n");
+  std::printf(
+      "\nstate = adaptation state in memory beyond the served weights (which hold W0 + W_past); checkpoint "
+      "= method.safetensors; task_state = held only while a task trains; training_peak = state + "
+      "task_state + params+grad + optimizer + activations, on top of the weights (and, when serving, the KV "
+      "caches).\nGPU total while training ~ weights + training_peak.\n");
   json out;
   out["config"] = a.config;
   out["dtype"] = dtype;
@@ -223,21 +236,28 @@ int RunMemoryBenchCommand(const MemoryBenchArgs& args) {
       const int64_t planned = plan->methods.front().training_peak_bytes;
       const double err = 100.0 * (static_cast<double>(planned) - static_cast<double>(measured)) /
                          static_cast<double>(measured);
-      std::printf("\nmeasured (%s, %lld steps, %d threads): RSS after loading %s MiB, peak %s MiB: training peak "
-                  "%s MiB; planned %s MiB (%+.1f%%)\n",
-                  a.methods.front().c_str(), static_cast<long long>(m->steps), a.threads,
-                  Mib(m->baseline_rss).c_str(), Mib(m->peak_rss).c_str(), Mib(measured).c_str(),
-                  Mib(planned).c_str(), err);
-      out["measured"] = {{"method", a.methods.front()}, {"steps", m->steps}, {"threads", a.threads},
-                         {"baseline_rss_bytes", m->baseline_rss}, {"peak_rss_bytes", m->peak_rss},
-                         {"training_peak_bytes", measured}, {"planned_training_peak_bytes", planned},
-                         {"error_percent", err}, {"runtime", TorchRuntimeSummary()}};
+      std::printf(
+          "\nmeasured (%s, %lld steps, %d threads): RSS after loading %s MiB, peak %s MiB: training peak "
+          "%s MiB; planned %s MiB (%+.1f%%)\n",
+          a.methods.front().c_str(), static_cast<long long>(m->steps), a.threads,
+          Mib(m->baseline_rss).c_str(), Mib(m->peak_rss).c_str(), Mib(measured).c_str(), Mib(planned).c_str(),
+          err);
+      out["measured"] = {{"method", a.methods.front()},
+                         {"steps", m->steps},
+                         {"threads", a.threads},
+                         {"baseline_rss_bytes", m->baseline_rss},
+                         {"peak_rss_bytes", m->peak_rss},
+                         {"training_peak_bytes", measured},
+                         {"planned_training_peak_bytes", planned},
+                         {"error_percent", err},
+                         {"runtime", TorchRuntimeSummary()}};
     }
   }
   if (!a.json_out.empty()) {
     absl::Status s = WriteFileAtomic(a.json_out, out.dump(1) + "\n");
     if (!s.ok()) {
-      std::fprintf(stderr, "strata bench memory: writing %s: %s\n", a.json_out.c_str(), std::string(s.message()).c_str());
+      std::fprintf(stderr, "strata bench memory: writing %s: %s\n", a.json_out.c_str(),
+                   std::string(s.message()).c_str());
       return kExitFailed;
     }
   }

@@ -28,7 +28,7 @@ namespace strata::bench {
 
 struct MemoryBenchArgs {
   std::string config = "llama-8b";
-  std::string dtype;   // default: bfloat16 on cuda, float32 on cpu
+  std::string dtype;  // default: bfloat16 on cuda, float32 on cpu
   std::string device = "cuda";
   int64_t batch_size = 8;
   int64_t seq_len = 256;

@@ -9,9 +9,10 @@
 namespace strata::bench {
 namespace {
 
-constexpr const char* kLinears[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-constexpr const char* kMethods[] = {"share_ella", "share", "ella", "seq_lora", "inc_lora",
-                                    "o_lora",     "seq_ft", "mtl", "osft",     "pm"};
+constexpr const char* kLinears[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                    "gate_proj", "up_proj", "down_proj"};
+constexpr const char* kMethods[] = {"share_ella", "share",  "ella", "seq_lora", "inc_lora",
+                                    "o_lora",     "seq_ft", "mtl",  "osft",     "pm"};
 
 struct Shape {
   std::string name;
@@ -76,8 +77,8 @@ absl::StatusOr<ModelConfig> PresetModelConfig(const std::string& name) {
     c.rms_norm_eps = 1e-6;
     c.attention_bias = true;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown model preset \"", name, "\" (valid: ",
-                                                   absl::StrJoin(PresetModelNames(), ", "),
+    return absl::InvalidArgumentError(absl::StrCat("unknown model preset \"", name,
+                                                   "\" (valid: ", absl::StrJoin(PresetModelNames(), ", "),
                                                    ", or a model directory with config.json)"));
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
@@ -116,7 +117,8 @@ int64_t ActivationPeakBytes(const ModelConfig& c, const MemoryPlanOptions& o, bo
   if (cb != 4) bytes += c.num_hidden_layers * tokens * 2 * h * 4;
   // Attention probabilities [B, heads, T, T]: softmax's float32 output, plus its copy in the
   // compute dtype for the value matmul when that is not float32.
-  bytes += c.num_hidden_layers * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len * (4 + (cb != 4 ? cb : 0));
+  bytes += c.num_hidden_layers * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len *
+           (4 + (cb != 4 ? cb : 0));
   // Backward through one layer's attention softmax holds three more float32 [B, heads, T, T] buffers
   // at once (the gradients of the probabilities, of the masked scores and of the scaled scores).
   bytes += 3 * o.batch_size * c.num_attention_heads * o.seq_len * o.seq_len * 4;
@@ -147,8 +149,8 @@ absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& config, const MemoryPla
       config.head_dim < 1 || config.vocab_size < 1 || config.intermediate_size < 1) {
     return absl::InvalidArgumentError("model config: sizes must be positive");
   }
-  const std::set<std::string> valid_targets = {"all-linear", "q_proj", "k_proj", "v_proj", "o_proj",
-                                               "gate_proj", "up_proj", "down_proj"};
+  const std::set<std::string> valid_targets = {"all-linear", "q_proj",    "k_proj",  "v_proj",
+                                               "o_proj",     "gate_proj", "up_proj", "down_proj"};
   if (o.targets.empty()) return absl::InvalidArgumentError("--targets: at least one target module");
   for (const std::string& target : o.targets) {
     if (!valid_targets.count(target)) {
@@ -204,7 +206,8 @@ absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& config, const MemoryPla
   // Share, float32 per module: bases β [n, k], α [d, k], Gram matrices 2·k², coefficients 2·k·p per
   // task (k = min(k_max, p·t), the subspace rank reached).
   const int64_t k = std::min(o.k_max, o.rank * o.tasks);
-  const int64_t share_bytes = 4 * (k * sum_n_plus_d + adapted_modules * (2 * k * k + 2 * k * o.rank * o.tasks));
+  const int64_t share_bytes =
+      4 * (k * sum_n_plus_d + adapted_modules * (2 * k * k + 2 * k * o.rank * o.tasks));
   const int64_t adapted_weight_bytes = sum_nd * wb;
   for (const std::string& name : methods) {
     MethodMemory m;

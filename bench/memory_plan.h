@@ -31,10 +31,10 @@ struct MemoryPlanOptions {
   int64_t seq_len = 256;
   // Short names (q_proj, ..., down_proj) or "all-linear" (the server default).
   std::vector<std::string> targets = {"all-linear"};
-  int64_t rank = 8;           // LoRA rank r / Share p
-  int64_t k_max = 32;         // Share subspace rank (assumed reached)
-  int64_t tasks = 100;        // learned tasks (state that grows per task)
-  double ella_lambda = 0.0;   // > 0: ella / share_ella keep a dense float32 Ŵ_past during a task
+  int64_t rank = 8;          // LoRA rank r / Share p
+  int64_t k_max = 32;        // Share subspace rank (assumed reached)
+  int64_t tasks = 100;       // learned tasks (state that grows per task)
+  double ella_lambda = 0.0;  // > 0: ella / share_ella keep a dense float32 Ŵ_past during a task
   double osft_urr = 0.25;
 };
 
@@ -49,7 +49,7 @@ struct MethodMemory {
   int64_t task_state_bytes = 0;
   // Trainable tensors + gradients (+ a trained copy of the weights for full fine-tuning).
   int64_t trainable_bytes = 0;
-  int64_t optimizer_bytes = 0;  // AdamW exp_avg + exp_avg_sq
+  int64_t optimizer_bytes = 0;   // AdamW exp_avg + exp_avg_sq
   int64_t activation_bytes = 0;  // peak of one training step's forward + backward
   // Training peak on top of the served weights: state + task state + trainable + optimizer +
   // activations.
@@ -60,10 +60,10 @@ struct MemoryPlan {
   ModelConfig config;
   MemoryPlanOptions options;
   int64_t parameters = 0;
-  int64_t weight_bytes = 0;          // every parameter in `dtype`
-  int64_t adapted_parameters = 0;    // the target modules' weights
-  int64_t kv_bytes_per_token = 0;    // keys + values of every layer, in the compute dtype
-  int64_t compute_dtype_bytes = 0;   // 4 on CPU, the weight dtype's size on CUDA
+  int64_t weight_bytes = 0;         // every parameter in `dtype`
+  int64_t adapted_parameters = 0;   // the target modules' weights
+  int64_t kv_bytes_per_token = 0;   // keys + values of every layer, in the compute dtype
+  int64_t compute_dtype_bytes = 0;  // 4 on CPU, the weight dtype's size on CUDA
   std::vector<MethodMemory> methods;
 };
 

@@ -1,19 +1,20 @@
 // The memory planner against hand computations and published parameter counts.
 #include "bench/memory_plan.h"
-#include "core/model/llama_configs.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 
 #include "core/adapt/method.h"
+#include "core/model/llama_configs.h"
 
 namespace strata::bench {
 namespace {
 
 // A tiny Llama: hidden 16, 2 layers, 4 heads of 4 (2 KV heads), intermediate 24, vocab 32, tied.
 ModelConfig Tiny() {
-  return TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2, /*vocab=*/32,
+  return TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2,
+                         /*vocab=*/32,
                          /*max_positions=*/2048);
 }
 
@@ -55,7 +56,7 @@ TEST(MemoryPlanTest, TinyConfigMatchesHandComputation) {
   // Share: k = min(4, 2·3) = 4; bases 4·112, per module 2·16 Gram + 2·4·2·3 coefficients, 4 modules.
   EXPECT_EQ(se.state_bytes, 4 * (4 * 112 + 4 * (32 + 48)));
   EXPECT_EQ(se.checkpoint_bytes, se.state_bytes + 768 * 4);  // + the served q/v weights
-  EXPECT_EQ(se.task_state_bytes, 0);                        // λ = 0
+  EXPECT_EQ(se.task_state_bytes, 0);                         // λ = 0
   // Activations: 16 tokens; per token and layer 2h + q + 2kv + 3I = 136, + h (q/v inputs) + 2 adapters
   // × r = 156 floats; probabilities 2·4·8·8 floats per layer, plus 3 such buffers (one layer) in the
   // softmax backward; loss head 4 × 16 × 32 floats.

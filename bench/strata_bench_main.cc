@@ -18,17 +18,20 @@ int main(int argc, char** argv) {
   int exit_code = 0;
 
   strata::bench::ClBenchArgs cl_args;
-  CLI::App* cl = app.add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
+  CLI::App* cl =
+      app.add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
   strata::bench::AddClBenchOptions(cl, &cl_args);
   cl->callback([&] { exit_code = strata::bench::RunClBenchCommand(cl_args); });
 
   strata::bench::TrainBenchArgs train_args;
-  CLI::App* train = app.add_subcommand("train", "Training throughput per method and cost against the task count");
+  CLI::App* train =
+      app.add_subcommand("train", "Training throughput per method and cost against the task count");
   strata::bench::AddTrainBenchOptions(train, &train_args);
   train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
 
   strata::bench::MemoryBenchArgs memory_args;
-  CLI::App* memory = app.add_subcommand("memory", "Memory plan from a model config; --measure checks it on the CPU");
+  CLI::App* memory =
+      app.add_subcommand("memory", "Memory plan from a model config; --measure checks it on the CPU");
   strata::bench::AddMemoryBenchOptions(memory, &memory_args);
   memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
 

@@ -5,12 +5,12 @@
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
-#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <set>
@@ -24,11 +24,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "bench/bench_util.h"
 #include "core/adapt/method.h"
 #include "core/adapt/trainer.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
-#include "bench/bench_util.h"
 #include "core/util/file_util.h"
 #include "core/util/process_info.h"
 #include "core/util/status_macros.h"
@@ -47,7 +47,8 @@ int Usage(const std::string& message) {
 absl::StatusOr<std::unique_ptr<CausalLM>> LoadBenchModel(const std::string& name, const TrainBenchArgs& a) {
   if (name == "stories260K") return CausalLM::Load(a.model_dir);
   if (name == "110m") return CausalLM::RandomInit(Llama110mConfig(), 1234);
-  return absl::InvalidArgumentError(absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
 }
 
 // Parameters in matmuls: every adaptable linear weight + lm_head (tied or not).
@@ -90,7 +91,7 @@ double LoadAverage() {
 }
 
 struct StepTiming {
-  double step_seconds = 0;      // mean over the timed steps
+  double step_seconds = 0;  // mean over the timed steps
   double tokens_per_second = 0;
   int64_t trainable = 0;
   double first_step_seconds = 0;
@@ -132,7 +133,8 @@ absl::StatusOr<StepTiming> TimeSteps(const CausalLM& model, Method& method, cons
   absl::StatusOr<TrainResult> r = trainer.Train(model, method, task_name, {task});
   if (r.ok()) return absl::InternalError("the timed run was not cancelled");
   if (r.status().code() != absl::StatusCode::kCancelled) return r.status();
-  if (static_cast<int64_t>(elapsed.size()) < warmup + steps) return absl::InternalError("too few steps recorded");
+  if (static_cast<int64_t>(elapsed.size()) < warmup + steps)
+    return absl::InternalError("too few steps recorded");
   StepTiming t;
   const double start = warmup > 0 ? elapsed[static_cast<size_t>(warmup - 1)] : 0.0;
   t.step_seconds = (elapsed[static_cast<size_t>(warmup + steps - 1)] - start) / static_cast<double>(steps);
@@ -172,7 +174,8 @@ int64_t StateBytes(const MethodState& state, const std::string& prefix = "") {
 int64_t UnsharedStateBytes(const MethodState& state, const CausalLM& served) {
   std::set<const void*> model;
   for (const auto& [name, t] : served.NamedParameters()) model.insert(t.storage().data());
-  for (const std::string& name : served.LinearNames()) model.insert(served.FindLinear(name)->weight.storage().data());
+  for (const std::string& name : served.LinearNames())
+    model.insert(served.FindLinear(name)->weight.storage().data());
   std::set<const void*> seen;
   int64_t bytes = 0;
   for (const auto& [name, t] : state.tensors) {
@@ -188,8 +191,10 @@ std::string Mib(int64_t bytes) { return absl::StrFormat("%.2f", static_cast<doub
 
 // BeginTask on a copy of `served`, random N(0, std²) values in every trainable tensor, EndTask:
 // returns the new served model and the EndTask seconds.
-absl::StatusOr<std::pair<std::unique_ptr<CausalLM>, double>> RandomMerge(const CausalLM& served, Method& method,
-                                                                          const std::string& task, uint64_t seed) {
+absl::StatusOr<std::pair<std::unique_ptr<CausalLM>, double>> RandomMerge(const CausalLM& served,
+                                                                         Method& method,
+                                                                         const std::string& task,
+                                                                         uint64_t seed) {
   std::unique_ptr<CausalLM> work = served.ShallowCopy();
   work->ClearAdapters();
   RETURN_IF_ERROR(method.BeginTask(task, work.get()));
@@ -211,22 +216,33 @@ absl::StatusOr<std::pair<std::unique_ptr<CausalLM>, double>> RandomMerge(const C
 }  // namespace
 
 void AddTrainBenchOptions(CLI::App* sub, TrainBenchArgs* a) {
-  sub->add_option("--model", a->model_dir, "stories260K model directory (default: shared/models/stories260K)");
+  sub->add_option("--model", a->model_dir,
+                  "stories260K model directory (default: shared/models/stories260K)");
   sub->add_option("--models", a->models, "Models: stories260K,110m")->delimiter(',')->capture_default_str();
   sub->add_option("--methods", a->methods, "Methods, comma-separated (default: all)")->delimiter(',');
-  sub->add_option("--batch-size", a->batch_size, "Sequences per step")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--seq-len", a->seq_len, "Tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  sub->add_option("--batch-size", a->batch_size, "Sequences per step")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--seq-len", a->seq_len, "Tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 20));
   sub->add_option("--warmup", a->warmup, "Untimed steps (stories260K: at least 3)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--steps", a->steps, "Timed steps (stories260K: at least 20)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")->capture_default_str();
-  sub->add_option("--rank", a->rank, "LoRA rank / Share p")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")
+      ->capture_default_str();
+  sub->add_option("--rank", a->rank, "LoRA rank / Share p")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--lr", a->lr, "Learning rate")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--threads", a->threads, "Torch CPU threads")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--scaling-method", a->scaling_method, "Method for the task-count scaling part (\"\" = skip)")
+  sub->add_option("--threads", a->threads, "Torch CPU threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--scaling-method", a->scaling_method,
+                  "Method for the task-count scaling part (\"\" = skip)")
       ->capture_default_str();
   sub->add_option("--scaling-model", a->scaling_model, "Model for the scaling part (stories260K or 110m)")
       ->capture_default_str();
@@ -253,7 +269,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
     return Usage(absl::StrCat("unknown --scaling-method \"", a.scaling_method, "\""));
   }
   for (const std::string& m : a.models) {
-    if (m != "stories260K" && m != "110m") return Usage(absl::StrCat("unknown model \"", m, "\" (stories260K, 110m)"));
+    if (m != "stories260K" && m != "110m")
+      return Usage(absl::StrCat("unknown model \"", m, "\" (stories260K, 110m)"));
   }
   if (a.scaling_model != "stories260K" && a.scaling_model != "110m") {
     return Usage(absl::StrCat("unknown --scaling-model \"", a.scaling_model, "\""));
@@ -275,25 +292,36 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
   SetTorchThreads(a.threads);
   int exit_code = kExitOk;
   json out;
-  out["config"] = {{"models", a.models},       {"methods", methods},      {"batch_size", a.batch_size},
-                   {"seq_len", a.seq_len},     {"warmup", a.warmup},      {"steps", a.steps},
-                   {"targets", a.targets},     {"rank", a.rank},          {"lr", a.lr},
-                   {"threads", a.threads},     {"dtype", "float32"},      {"blas", LoadedBlasLibrary()},
-                   {"allocator", LoadedAllocator()}, {"runtime", TorchRuntimeSummary()}};
+  out["config"] = {{"models", a.models},
+                   {"methods", methods},
+                   {"batch_size", a.batch_size},
+                   {"seq_len", a.seq_len},
+                   {"warmup", a.warmup},
+                   {"steps", a.steps},
+                   {"targets", a.targets},
+                   {"rank", a.rank},
+                   {"lr", a.lr},
+                   {"threads", a.threads},
+                   {"dtype", "float32"},
+                   {"blas", LoadedBlasLibrary()},
+                   {"allocator", LoadedAllocator()},
+                   {"runtime", TorchRuntimeSummary()}};
   out["flops_formula"] =
       "model GFLOP/s = (4 * N + 2 * min(P, N)) * tokens / step_seconds / 1e9, N = matmul parameters (q,k,v,o,"
       "gate,up,down weights + lm_head), P = trainable parameters: forward 2N + input gradients 2N + weight "
-      "gradients 2 per trainable parameter (= 6N for full fine-tuning, ~4N for adapters); attention scores and "
+      "gradients 2 per trainable parameter (= 6N for full fine-tuning, ~4N for adapters); attention scores "
+      "and "
       "the adapters' own forward FLOPs are not counted";
 
   const double gemm = MeasureGemmGflops();
   out["gemm_gflops"] = gemm;
   std::printf("strata bench train: batch %lld x %lld tokens, fp32, %d threads, targets %s, rank %lld\n  %s\n",
-              static_cast<long long>(a.batch_size), static_cast<long long>(a.seq_len), a.threads, a.targets.c_str(),
-              static_cast<long long>(a.rank), TorchRuntimeSummary().c_str());
+              static_cast<long long>(a.batch_size), static_cast<long long>(a.seq_len), a.threads,
+              a.targets.c_str(), static_cast<long long>(a.rank), TorchRuntimeSummary().c_str());
   std::printf("measured fp32 GEMM (1024^3 torch::mm, median of 10): %.1f GFLOP/s\n", gemm);
-  std::printf("model FLOPs per step = k*N*tokens, k = 4 + 2*min(P, N)/N (6 = full fine-tuning, ~4 = adapters); "
-              "N = matmul parameters (linears + lm_head), P = trainable parameters; attention scores not counted\n");
+  std::printf(
+      "model FLOPs per step = k*N*tokens, k = 4 + 2*min(P, N)/N (6 = full fine-tuning, ~4 = adapters); "
+      "N = matmul parameters (linears + lm_head), P = trainable parameters; attention scores not counted\n");
   std::fflush(stdout);
 
   // ---- part 1: throughput ---------------------------------------------------------------------
@@ -301,7 +329,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
   for (const std::string& model_name : a.models) {
     absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(model_name, a);
     if (!model.ok()) {
-      std::fprintf(stderr, "strata bench train: %s: %s\n", model_name.c_str(), std::string(model.status().message()).c_str());
+      std::fprintf(stderr, "strata bench train: %s: %s\n", model_name.c_str(),
+                   std::string(model.status().message()).c_str());
       exit_code = model_name == "stories260K" ? kExitUsage : kExitFailed;
       continue;
     }
@@ -310,9 +339,10 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
     const int64_t steps = small ? std::max<int64_t>(a.steps, 20) : a.steps;
     const int64_t n_matmul = MatmulParameters(**model);
     const int64_t tokens = a.batch_size * a.seq_len;
-    std::printf("\n%s: %lld parameters, %lld in matmuls; %lld warmup + %lld timed steps\n", model_name.c_str(),
-                static_cast<long long>((*model)->ParameterCount()), static_cast<long long>(n_matmul),
-                static_cast<long long>(warmup), static_cast<long long>(steps));
+    std::printf("\n%s: %lld parameters, %lld in matmuls; %lld warmup + %lld timed steps\n",
+                model_name.c_str(), static_cast<long long>((*model)->ParameterCount()),
+                static_cast<long long>(n_matmul), static_cast<long long>(warmup),
+                static_cast<long long>(steps));
     std::printf("%-12s %12s %9s %10s %6s %8s %9s %7s %6s\n", "method", "trainable", "step_s", "tokens/s", "k",
                 "GFLOP/s", "GEMM_now", "%GEMM", "load");
     std::fflush(stdout);
@@ -338,18 +368,26 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       }
       // k = FLOPs per token per matmul parameter: 6 for full fine-tuning, ~4 for adapters.
       const double k = FlopsPerToken(n_matmul, t->trainable) / static_cast<double>(n_matmul);
-      const double gflops = k * static_cast<double>(n_matmul) * static_cast<double>(tokens) / t->step_seconds / 1e9;
+      const double gflops =
+          k * static_cast<double>(n_matmul) * static_cast<double>(tokens) / t->step_seconds / 1e9;
       std::printf("%-12s %12lld %9.4f %10.0f %6.2f %8.1f %9.1f %6.0f%% %6.2f\n", name.c_str(),
-                  static_cast<long long>(t->trainable), t->step_seconds, t->tokens_per_second, k, gflops, gemm_now,
-                  100.0 * gflops / gemm_now, load);
+                  static_cast<long long>(t->trainable), t->step_seconds, t->tokens_per_second, k, gflops,
+                  gemm_now, 100.0 * gflops / gemm_now, load);
       std::fflush(stdout);
-      jm[name] = {{"trainable_parameters", t->trainable}, {"step_seconds", t->step_seconds},
-                  {"tokens_per_second", t->tokens_per_second}, {"flops_factor", k},
-                  {"gflops", gflops}, {"gemm_gflops_before", gemm_now}, {"load_average_1min", load},
+      jm[name] = {{"trainable_parameters", t->trainable},
+                  {"step_seconds", t->step_seconds},
+                  {"tokens_per_second", t->tokens_per_second},
+                  {"flops_factor", k},
+                  {"gflops", gflops},
+                  {"gemm_gflops_before", gemm_now},
+                  {"load_average_1min", load},
                   {"first_step_seconds", t->first_step_seconds}};
     }
-    jmodels[model_name] = {{"parameters", (*model)->ParameterCount()}, {"matmul_parameters", n_matmul},
-                           {"warmup", warmup}, {"steps", steps}, {"methods", jm}};
+    jmodels[model_name] = {{"parameters", (*model)->ParameterCount()},
+                           {"matmul_parameters", n_matmul},
+                           {"warmup", warmup},
+                           {"steps", steps},
+                           {"methods", jm}};
   }
   out["models"] = jmodels;
   const double gemm_end = MeasureGemmGflops();
@@ -363,7 +401,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
     js["model"] = a.scaling_model;
     absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(a.scaling_model, a);
     absl::StatusOr<std::unique_ptr<Method>> method =
-        model.ok() ? CreateMethod(a.scaling_method, config) : absl::StatusOr<std::unique_ptr<Method>>(model.status());
+        model.ok() ? CreateMethod(a.scaling_method, config)
+                   : absl::StatusOr<std::unique_ptr<Method>>(model.status());
     if (!model.ok() || !method.ok()) {
       std::fprintf(stderr, "strata bench train: scaling: %s\n",
                    std::string((model.ok() ? method.status() : model.status()).message()).c_str());
@@ -382,12 +421,14 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         }
       }
       js["lora_bytes_per_task"] = lora_bytes;
-      std::printf("\nscaling: %s on %s (%zu target modules), tasks grown by random merges; step time = next task's "
-                  "training step (%lld timed)\n",
-                  a.scaling_method.c_str(), a.scaling_model.c_str(), modules.ok() ? modules->size() : 0,
-                  static_cast<long long>(steps));
-      std::printf("%6s %10s %12s %12s %12s %12s %12s %14s %10s %10s\n", "tasks", "step_s", "tokens/s", "merge_s",
-                  "state_MiB", "share_MiB", "unshared_MiB", "LoRA/task_MiB", "RSS_MiB", "peak_MiB");
+      std::printf(
+          "\nscaling: %s on %s (%zu target modules), tasks grown by random merges; step time = next task's "
+          "training step (%lld timed)\n",
+          a.scaling_method.c_str(), a.scaling_model.c_str(), modules.ok() ? modules->size() : 0,
+          static_cast<long long>(steps));
+      std::printf("%6s %10s %12s %12s %12s %12s %12s %14s %10s %10s\n", "tasks", "step_s", "tokens/s",
+                  "merge_s", "state_MiB", "share_MiB", "unshared_MiB", "LoRA/task_MiB", "RSS_MiB",
+                  "peak_MiB");
       std::fflush(stdout);
       std::unique_ptr<CausalLM> served = (*model)->ShallowCopy();
       const int64_t rss_model = ReadProcessStats().resident_bytes;
@@ -399,10 +440,11 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       for (int64_t target : a.scaling_tasks) {
         bool ok = true;
         while (t < target) {
-          auto merged = RandomMerge(*served, **method, absl::StrCat("task", t + 1), a.seed + static_cast<uint64_t>(t));
+          auto merged =
+              RandomMerge(*served, **method, absl::StrCat("task", t + 1), a.seed + static_cast<uint64_t>(t));
           if (!merged.ok()) {
-            std::fprintf(stderr, "strata bench train: scaling: merge %lld: %s\n", static_cast<long long>(t + 1),
-                         std::string(merged.status().message()).c_str());
+            std::fprintf(stderr, "strata bench train: scaling: merge %lld: %s\n",
+                         static_cast<long long>(t + 1), std::string(merged.status().message()).c_str());
             ok = false;
             break;
           }
@@ -435,8 +477,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         const int64_t peak = PeakResidentBytes();
         std::printf("%6lld %10.4f %12.0f %12.4f %12s %12s %12s %14s %10s %10s\n", static_cast<long long>(t),
                     timing->step_seconds, timing->tokens_per_second, merge, Mib(bytes).c_str(),
-                    Mib(share_bytes).c_str(), Mib(unshared).c_str(), Mib(lora_bytes * t).c_str(), Mib(rss).c_str(),
-                    Mib(peak).c_str());
+                    Mib(share_bytes).c_str(), Mib(unshared).c_str(), Mib(lora_bytes * t).c_str(),
+                    Mib(rss).c_str(), Mib(peak).c_str());
         std::fflush(stdout);
         rows.push_back({{"tasks", t},
                         {"step_seconds", timing->step_seconds},
@@ -452,13 +494,14 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       }
       js["rows"] = rows;
       js["peak_reset"] = peak_reset;
-      std::printf("(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases, Gram "
-                  "matrices, per-task coefficients); unshared = the state's storages that the served model does not "
-                  "hold, i.e. its memory beyond the served weights; LoRA/task = t x one rank-%lld LoRA per task; RSS "
-                  "= process resident set after the row; peak = VmHWM since the model was built (%s); RSS after "
-                  "building the model: %s MiB)\n",
-                  static_cast<long long>(a.rank), peak_reset ? "reset there" : "reset refused: since process start",
-                  Mib(rss_model).c_str());
+      std::printf(
+          "(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases, Gram "
+          "matrices, per-task coefficients); unshared = the state's storages that the served model does not "
+          "hold, i.e. its memory beyond the served weights; LoRA/task = t x one rank-%lld LoRA per task; RSS "
+          "= process resident set after the row; peak = VmHWM since the model was built (%s); RSS after "
+          "building the model: %s MiB)\n",
+          static_cast<long long>(a.rank), peak_reset ? "reset there" : "reset refused: since process start",
+          Mib(rss_model).c_str());
     }
     out["scaling"] = js;
   }
@@ -466,7 +509,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
   if (!a.json_out.empty()) {
     absl::Status s = WriteFileAtomic(a.json_out, out.dump(1) + "\n");
     if (!s.ok()) {
-      std::fprintf(stderr, "strata bench train: writing %s: %s\n", a.json_out.c_str(), std::string(s.message()).c_str());
+      std::fprintf(stderr, "strata bench train: writing %s: %s\n", a.json_out.c_str(),
+                   std::string(s.message()).c_str());
       return kExitFailed;
     }
     std::printf("wrote %s\n", a.json_out.c_str());

@@ -46,18 +46,18 @@ namespace strata::bench {
 TrainTask RandomTrainTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed);
 
 struct TrainBenchArgs {
-  std::string model_dir;                         // stories260K (default: shared/models/stories260K)
+  std::string model_dir;  // stories260K (default: shared/models/stories260K)
   std::vector<std::string> models = {"stories260K", "110m"};
-  std::vector<std::string> methods;              // empty = every name in MethodNames()
+  std::vector<std::string> methods;  // empty = every name in MethodNames()
   int64_t batch_size = 8;
   int64_t seq_len = 256;
-  int64_t warmup = 1;                            // untimed steps (110m); stories260K uses max(warmup, 3)
-  int64_t steps = 3;                             // timed steps (110m); stories260K uses max(steps, 20)
+  int64_t warmup = 1;  // untimed steps (110m); stories260K uses max(warmup, 3)
+  int64_t steps = 3;   // timed steps (110m); stories260K uses max(steps, 20)
   std::string targets = "all-linear";
   int64_t rank = 8;
   double lr = 1e-3;
   int threads = 2;
-  std::string scaling_method = "share_ella";     // "" = skip part 2
+  std::string scaling_method = "share_ella";  // "" = skip part 2
   std::string scaling_model = "110m";
   std::vector<int64_t> scaling_tasks = {1, 10, 50, 100};
   uint64_t seed = 0;

@@ -409,7 +409,8 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       std::vector<std::vector<std::string>> rows;
       if (with_base) {
         std::vector<std::string> base = {"base model"};
-        for (int j = 0; j < r.tasks_size(); ++j) base.push_back(j < r.base_size() ? FormatScore(r.base(j)) : "-");
+        for (int j = 0; j < r.tasks_size(); ++j)
+          base.push_back(j < r.base_size() ? FormatScore(r.base(j)) : "-");
         rows.push_back(base);
       }
       for (int i = 0; i < matrix.size(); ++i) {
@@ -425,11 +426,12 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     print_matrix("accuracy matrix, merged weights (row: after learning the task; column: score on the task)",
                  r.matrix(), true);
     print_matrix("accuracy matrix, each task served by its name (--route TASK)", r.routed_matrix(), false);
-    print_matrix("accuracy matrix, routed automatically (what a request naming no task gets)", r.auto_matrix(),
-                 false);
-    print_matrix("router accuracy (row: after learning the task; column: share of the task's eval prompts routed "
-                 "to it)",
-                 r.router_accuracy(), false);
+    print_matrix("accuracy matrix, routed automatically (what a request naming no task gets)",
+                 r.auto_matrix(), false);
+    print_matrix(
+        "router accuracy (row: after learning the task; column: share of the task's eval prompts routed "
+        "to it)",
+        r.router_accuracy(), false);
     std::cout << "\n";
     auto opt = [](bool has, double v) {
       return has ? absl::StrFormat("%.4f", v) : std::string("- (needs 2 tasks)");
@@ -439,11 +441,12 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
         {"backward transfer (BWT)", opt(r.has_backward_transfer(), r.backward_transfer())},
         {"forward transfer (FWT)", opt(r.has_forward_transfer(), r.forward_transfer())},
         {"forgetting", opt(r.has_forgetting(), r.forgetting())},
-        {"auto-routed AA", r.has_auto_average_score() ? absl::StrFormat("%.4f", r.auto_average_score()) : "-"},
+        {"auto-routed AA",
+         r.has_auto_average_score() ? absl::StrFormat("%.4f", r.auto_average_score()) : "-"},
         {"auto-routed BWT", opt(r.has_auto_backward_transfer(), r.auto_backward_transfer())},
         {"auto-routed forgetting", opt(r.has_auto_forgetting(), r.auto_forgetting())},
-        {"router state", absl::StrCat(FormatBytes(r.router_bytes()), " (", FormatBytes(r.router_bytes_per_task()),
-                                      " per task)")},
+        {"router state", absl::StrCat(FormatBytes(r.router_bytes()), " (",
+                                      FormatBytes(r.router_bytes_per_task()), " per task)")},
     };
     std::string nll;
     for (int i = 0; i < r.reference_nll_size(); ++i) {

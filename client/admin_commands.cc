@@ -75,7 +75,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     auto dirs = std::make_shared<std::vector<std::string>>();
     auto no_wait = std::make_shared<bool>(false);
     cmd->add_option("dirs", *dirs, "Adapter directories on the server")->required();
-    cmd->add_flag("--no-wait", *no_wait, "Print the import job's id and return (follow it with strata watch)");
+    cmd->add_flag("--no-wait", *no_wait,
+                  "Print the import job's id and return (follow it with strata watch)");
     cmd->callback([&opts, exit_code, dirs, no_wait] {
       pb::ImportAdaptersRequest request;
       for (const auto& d : *dirs) request.add_dirs(d);
@@ -112,8 +113,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       if (opts.json) {
         std::cout << ProtoToJson(job) << "\n";
       } else if (job.state() == pb::JOB_STATE_SUCCEEDED) {
-        std::cout << absl::StrFormat("imported %d adapter(s); weights version %d (job %s)\n", response.paths_size(),
-                                     job.weights_version(), job.id());
+        std::cout << absl::StrFormat("imported %d adapter(s); weights version %d (job %s)\n",
+                                     response.paths_size(), job.weights_version(), job.id());
       } else {
         std::cerr << absl::StrFormat("import job %s did not succeed: %s\n", job.id(), job.error());
       }

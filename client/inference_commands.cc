@@ -94,7 +94,8 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
   grpc::Status st = reader->Finish();
   if (!opts.json && !text.empty()) std::cout << "\n";
   if (!st.ok()) return ReportRpcError("Generate", st, opts);
-  if (!opts.json) std::cerr << RouteLine(route.route(), route.route_automatic(), route.route_confidence(), version) << "\n";
+  if (!opts.json)
+    std::cerr << RouteLine(route.route(), route.route_automatic(), route.route_confidence(), version) << "\n";
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (opts.json) {
     nlohmann::json j;
@@ -124,9 +125,10 @@ void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
   cmd->add_option("--completion", a->completions, "A completion (repeatable)")->required();
   cmd->add_option("--task", a->task, "Use the task-routed weights of this learned task (= --route NAME)");
-  cmd->add_option("--route", a->route,
-                  "auto (default: the server picks the learned task the prompt belongs to, or the base model), "
-                  "merged, base, or a learned task's name");
+  cmd->add_option(
+      "--route", a->route,
+      "auto (default: the server picks the learned task the prompt belongs to, or the base model), "
+      "merged, base, or a learned task's name");
   cmd->callback([&opts, exit_code, a] {
     pb::ScoreRequest request;
     request.set_prompt(a->prompt);

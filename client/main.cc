@@ -5,10 +5,10 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
-#include "client/cli_common.h"
 #include "bench/cl_bench.h"
 #include "bench/memory_bench.h"
 #include "bench/train_bench.h"
+#include "client/cli_common.h"
 #include "client/commands.h"
 
 int main(int argc, char** argv) {
@@ -38,19 +38,22 @@ int main(int argc, char** argv) {
   AddAdaptationCommands(app, opts, &exit_code);
   AddAdminCommands(app, opts, &exit_code);
   // `strata bench cl|train`: offline benchmarks (bench/), no server needed.
-  CLI::App* bench = app.add_subcommand("bench", "Offline benchmarks: continual learning (cl), training (train), memory plan (memory)");
+  CLI::App* bench = app.add_subcommand(
+      "bench", "Offline benchmarks: continual learning (cl), training (train), memory plan (memory)");
   bench->require_subcommand(1);
   strata::bench::ClBenchArgs cl_args;
-  CLI::App* bench_cl = bench->add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
+  CLI::App* bench_cl =
+      bench->add_subcommand("cl", "Continual-learning benchmark: accuracy matrix, AA/BWT/FWT per method");
   strata::bench::AddClBenchOptions(bench_cl, &cl_args);
   bench_cl->callback([&] { exit_code = strata::bench::RunClBenchCommand(cl_args); });
   strata::bench::TrainBenchArgs train_args;
-  CLI::App* bench_train = bench->add_subcommand("train", "Training throughput and cost against the number of tasks");
+  CLI::App* bench_train =
+      bench->add_subcommand("train", "Training throughput and cost against the number of tasks");
   strata::bench::AddTrainBenchOptions(bench_train, &train_args);
   bench_train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
   strata::bench::MemoryBenchArgs memory_args;
-  CLI::App* bench_memory =
-      bench->add_subcommand("memory", "Memory plan from a model config (weights, KV cache, state, training peak)");
+  CLI::App* bench_memory = bench->add_subcommand(
+      "memory", "Memory plan from a model config (weights, KV cache, state, training peak)");
   strata::bench::AddMemoryBenchOptions(bench_memory, &memory_args);
   bench_memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
   // Global options may come before or after the subcommand (fallthrough); list them in every

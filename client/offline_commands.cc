@@ -63,10 +63,12 @@ void AddGenerateCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   cmd->add_option("--model", a->model, "Hugging Face model directory: generate offline, no server")
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
-  cmd->add_option("--task", a->task, "Server: use the task-routed weights of this learned task (= --route NAME)");
-  cmd->add_option("--route", a->route,
-                  "Server: auto (default: the server picks the learned task the prompt belongs to, or the base "
-                  "model), merged, base, or a learned task's name");
+  cmd->add_option("--task", a->task,
+                  "Server: use the task-routed weights of this learned task (= --route NAME)");
+  cmd->add_option(
+      "--route", a->route,
+      "Server: auto (default: the server picks the learned task the prompt belongs to, or the base "
+      "model), merged, base, or a learned task's name");
   cmd->add_option("--max-tokens", a->max_tokens, "Maximum new tokens")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

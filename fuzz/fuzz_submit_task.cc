@@ -29,10 +29,17 @@ strata::TaskSpecification SpecFromProto(const pb::TaskSpec& p) {
   if (p.has_eval_fraction()) s.eval_fraction = p.eval_fraction();
   if (p.has_eval_cap()) s.eval_cap = p.eval_cap();
   switch (p.scorer()) {
-    case pb::SCORER_CHOICE: s.scorer = "choice"; break;
-    case pb::SCORER_EXACT_MATCH: s.scorer = "exact_match"; break;
-    case pb::SCORER_NLL: s.scorer = "nll"; break;
-    default: break;
+    case pb::SCORER_CHOICE:
+      s.scorer = "choice";
+      break;
+    case pb::SCORER_EXACT_MATCH:
+      s.scorer = "exact_match";
+      break;
+    case pb::SCORER_NLL:
+      s.scorer = "nll";
+      break;
+    default:
+      break;
   }
   s.description = p.description();
   const pb::TrainingOverrides& o = p.overrides();
@@ -122,9 +129,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   vo.max_tokens = spec.overrides.max_seq_len.value_or(256);
   Split train(vo), eval(vo);
   for (size_t i = 1; i < messages.size(); ++i) {
-    if (messages[i].payload_case() == pb::SubmitTaskRequest::kTrain) train.Add(messages[i].train());
-    else if (messages[i].payload_case() == pb::SubmitTaskRequest::kEval) eval.Add(messages[i].eval());
-    else return 0;
+    if (messages[i].payload_case() == pb::SubmitTaskRequest::kTrain)
+      train.Add(messages[i].train());
+    else if (messages[i].payload_case() == pb::SubmitTaskRequest::kEval)
+      eval.Add(messages[i].eval());
+    else
+      return 0;
   }
   const bool ok = train.validator.Finish().ok() && eval.validator.Finish().ok();
   auto examples = train.validator.TakeExamples();

@@ -20,11 +20,12 @@ std::vector<std::unique_ptr<strata::Tokenizer>>* Tokenizers() {
     out->push_back(strata::Tokenizer::ByteLevelDefault());
     const char* shared = std::getenv("STRATA_SHARED_DIR");
     if (shared == nullptr) {
-      std::fprintf(stderr, "fuzz_tokenizer_encode: set STRATA_SHARED_DIR (../shared) for the real tokenizers\n");
+      std::fprintf(stderr,
+                   "fuzz_tokenizer_encode: set STRATA_SHARED_DIR (../shared) for the real tokenizers\n");
       return out;
     }
-    for (const char* dir : {"/models/stories260K", "/tokenizers/gpt2", "/tokenizers/llama2", "/tokenizers/llama3",
-                            "/tokenizers/qwen3", "/tokenizers/mistral"}) {
+    for (const char* dir : {"/models/stories260K", "/tokenizers/gpt2", "/tokenizers/llama2",
+                            "/tokenizers/llama3", "/tokenizers/qwen3", "/tokenizers/mistral"}) {
       auto tok = strata::Tokenizer::FromDirectory(std::string(shared) + dir);
       if (!tok.ok()) {
         std::fprintf(stderr, "fuzz_tokenizer_encode: %s\n", std::string(tok.status().message()).c_str());
@@ -56,7 +57,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   auto ids = tok.Encode(text, data[0] & 0x40);
-  for (int32_t id : ids) FUZZ_CHECK(id >= 0 && id < tok.vocab_size(), "Encode returned an id outside the vocabulary");
+  for (int32_t id : ids)
+    FUZZ_CHECK(id >= 0 && id < tok.vocab_size(), "Encode returned an id outside the vocabulary");
   (void)tok.Decode(ids, false);
   return 0;
 }

@@ -15,11 +15,11 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "core/data/dataset.h"
-#include "core/util/status_macros.h"
-#include "strata/v1/scorer_names.h"
 #include "core/data/jsonl.h"
+#include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "server/status_util.h"
+#include "strata/v1/scorer_names.h"
 
 namespace strata {
 namespace {
@@ -126,7 +126,6 @@ std::string StructuredExampleLine(const pb::Example& e) {
   if (!e.text().empty()) fields.push_back("\"text\": " + RawJsonString(e.text()));
   return "{" + absl::StrJoin(fields, ", ") + "}";
 }
-
 
 // One split (train or eval) of a submission: a streaming validator plus the bookkeeping the
 // limits need.
@@ -246,8 +245,8 @@ grpc::Status AdaptationServiceImpl::SubmitTask(grpc::ServerContext* context,
         absl::InvalidArgumentError("the first message must carry spec (then train / eval chunks follow)"));
   }
   if (!pb::Scorer_IsValid(request.spec().scorer())) {
-    return ToGrpcStatus(absl::InvalidArgumentError(
-        absl::StrCat("spec.scorer: unknown value ", request.spec().scorer(), " (choice, exact_match, nll or unset)")));
+    return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+        "spec.scorer: unknown value ", request.spec().scorer(), " (choice, exact_match, nll or unset)")));
   }
   TaskSpecification spec = SpecFromProto(request.spec());
   if (auto st = ValidateTaskSpecification(spec); !st.ok()) return ToGrpcStatus(st);

@@ -1,7 +1,5 @@
 #include "server/admin_service.h"
 
-#include <filesystem>
-
 #include <spdlog/spdlog.h>
 
 #include <filesystem>

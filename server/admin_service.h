@@ -36,7 +36,8 @@ class AdminServiceImpl final : public strata::v1::AdminService::Service {
  public:
   // Not owned; must outlive the service. `auth` null = no token required. `adaptation` queues the
   // adapter import jobs.
-  AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation, const BearerAuth* auth);
+  AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation,
+                   const BearerAuth* auth);
 
   grpc::Status GetServerInfo(grpc::ServerContext* context, const strata::v1::GetServerInfoRequest* request,
                              strata::v1::ServerInfo* response) override;

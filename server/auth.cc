@@ -5,8 +5,8 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
-#include <openssl/x509.h>
 #include <openssl/sha.h>
+#include <openssl/x509.h>
 
 #include <string_view>
 
@@ -61,15 +61,15 @@ grpc::Status BearerAuth::Check(const grpc::ServerContext& context) const {
   return grpc::Status::OK;
 }
 
-absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path, const std::string& key_pem,
-                             const std::string& key_path) {
+absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path,
+                             const std::string& key_pem, const std::string& key_path) {
   auto bio_of = [](const std::string& pem) {
-    return std::unique_ptr<BIO, decltype(&BIO_free)>(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())),
-                                                     &BIO_free);
+    return std::unique_ptr<BIO, decltype(&BIO_free)>(
+        BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())), &BIO_free);
   };
   auto cert_bio = bio_of(cert_pem);
-  std::unique_ptr<X509, decltype(&X509_free)> cert(PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr),
-                                                   &X509_free);
+  std::unique_ptr<X509, decltype(&X509_free)> cert(
+      PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr), &X509_free);
   if (!cert) {
     ERR_clear_error();
     return absl::InvalidArgumentError(absl::StrCat("--tls_cert: ", cert_path,
@@ -83,13 +83,16 @@ absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cer
       PEM_read_bio_PrivateKey(key_bio.get(), nullptr, no_password, nullptr), &EVP_PKEY_free);
   if (!key) {
     ERR_clear_error();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--tls_key: ", key_path, ": no usable PEM private key in the file (not PEM, or encrypted with a passphrase)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tls_key: ", key_path,
+                     ": no usable PEM private key in the file (not PEM, or encrypted with a passphrase)"));
   }
   if (X509_check_private_key(cert.get(), key.get()) != 1) {
     ERR_clear_error();
-    return absl::InvalidArgumentError(absl::StrCat("--tls_key: ", key_path, ": the private key does not belong to "
-                                                   "the certificate in --tls_cert ", cert_path));
+    return absl::InvalidArgumentError(absl::StrCat("--tls_key: ", key_path,
+                                                   ": the private key does not belong to "
+                                                   "the certificate in --tls_cert ",
+                                                   cert_path));
   }
   return absl::OkStatus();
 }

@@ -39,8 +39,8 @@ class BearerAuth {
 // Checks TLS material before gRPC sees it (gRPC only fails to bind, which reads like a busy port):
 // `cert_pem` must hold at least one PEM certificate, `key_pem` an unencrypted PEM private key,
 // and the key must belong to the first certificate. INVALID_ARGUMENT naming the flag and file.
-absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path, const std::string& key_pem,
-                             const std::string& key_path);
+absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path,
+                             const std::string& key_pem, const std::string& key_path);
 
 // Check() when `auth` is set, OK otherwise (auth disabled or not required for this service).
 inline grpc::Status Authorize(const BearerAuth* auth, const grpc::ServerContext& context) {

@@ -69,8 +69,8 @@ std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
 // The route a request asks for: `route`, or `task` (the older field), "auto" when both are empty.
 absl::StatusOr<std::string> RequestedRoute(const std::string& task, const std::string& route) {
   if (!task.empty() && !route.empty() && task != route) {
-    return absl::InvalidArgumentError(absl::StrCat("route: '", route, "' and task: '", task,
-                                                   "' name different routes (give one of them)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("route: '", route, "' and task: '", task, "' name different routes (give one of them)"));
   }
   if (!route.empty()) return route;
   if (!task.empty()) return task;

@@ -179,8 +179,9 @@ class StateCollector : public prometheus::Collectable {
     for (const JobRecord& job : store.List()) {
       counts[job.state] += 1;
       // The running job, else the newest job that trained: the gauges keep the last training figures.
-      if (job.progress.step > 0 && (!training || job.state == JobState::kTraining ||
-                                    (training->state != JobState::kTraining && job.sequence > training->sequence))) {
+      if (job.progress.step > 0 &&
+          (!training || job.state == JobState::kTraining ||
+           (training->state != JobState::kTraining && job.sequence > training->sequence))) {
         training = job;
       }
     }
@@ -218,14 +219,16 @@ class StateCollector : public prometheus::Collectable {
                                counts[JobState::kQueued]));
     if (training && training->progress.step > 0) {
       if (std::isfinite(training->progress.loss)) {
-        out->push_back(GaugeFamily("strata_training_loss",
-                                   "Training loss of the latest training step (the running job, else the last job that trained).",
-                                   training->progress.loss));
+        out->push_back(GaugeFamily(
+            "strata_training_loss",
+            "Training loss of the latest training step (the running job, else the last job that trained).",
+            training->progress.loss));
       }
-      out->push_back(GaugeFamily("strata_training_tokens_per_second",
-                                 "Training throughput in tokens per second (the running job, else the last job "
-                                 "that trained).",
-                                 training->progress.tokens_per_second));
+      out->push_back(
+          GaugeFamily("strata_training_tokens_per_second",
+                      "Training throughput in tokens per second (the running job, else the last job "
+                      "that trained).",
+                      training->progress.tokens_per_second));
     }
   }
 
@@ -233,7 +236,8 @@ class StateCollector : public prometheus::Collectable {
     using Series = std::vector<std::pair<std::vector<prometheus::ClientMetric::Label>, double>>;
     Series score, forgetting, aa, bwt, fwt, nll;
     for (const ModelFigures::View& v : f.views) {
-      for (const auto& [task, value] : v.task_score) score.push_back({{{"task", task}, {"view", v.name}}, value});
+      for (const auto& [task, value] : v.task_score)
+        score.push_back({{{"task", task}, {"view", v.name}}, value});
       for (const auto& [task, value] : v.task_forgetting) {
         forgetting.push_back({{{"task", task}, {"view", v.name}}, value});
       }
@@ -245,15 +249,16 @@ class StateCollector : public prometheus::Collectable {
       add(&fwt, v.forward_transfer);
       add(&nll, v.reference_nll);
     }
-    const char* views = " (view: merged = the merged weights, routed = each task served by its name, auto = "
-                        "routed automatically, what a request naming no task gets)";
+    const char* views =
+        " (view: merged = the merged weights, routed = each task served by its name, auto = "
+        "routed automatically, what a request naming no task gets)";
     auto push = [&](const char* name, const std::string& help, const Series& s) {
       prometheus::MetricFamily family = MultiLabelGaugeFamily(name, help + views, s);
       if (!family.metric.empty()) out->push_back(std::move(family));
     };
     push("strata_task_score", "Score of each learned task on the served weights", score);
-    push("strata_task_forgetting", "Forgetting of each learned task: best earlier score minus the current score",
-         forgetting);
+    push("strata_task_forgetting",
+         "Forgetting of each learned task: best earlier score minus the current score", forgetting);
     push("strata_average_score", "Average score over the learned tasks (AA) after the latest task", aa);
     push("strata_backward_transfer", "Backward transfer (BWT) over the learned tasks", bwt);
     push("strata_forward_transfer", "Forward transfer (FWT) over the learned tasks", fwt);
@@ -367,15 +372,19 @@ ServerMetrics::ServerMetrics(const BuildFacts& facts) : registry_(std::make_shar
                               .Register(*registry_)
                               .Add({}, prometheus::Histogram::BucketBoundaries{0.005, 0.01, 0.025, 0.05, 0.1,
                                                                                0.25, 0.5, 1, 2.5, 5, 10, 30});
-  route_requests_ = &prometheus::BuildCounter()
-                        .Name("strata_route_requests_total")
-                        .Help("Generate and Score requests by the route they were served on (base, merged or a "
-                              "learned task's name).")
-                        .Register(*registry_);
+  route_requests_ =
+      &prometheus::BuildCounter()
+           .Name("strata_route_requests_total")
+           .Help(
+               "Generate and Score requests by the route they were served on (base, merged or a "
+               "learned task's name).")
+           .Register(*registry_);
   state_collector_ = std::make_shared<StateCollector>(this);
 }
 
-void ServerMetrics::RecordRoute(const std::string& route) { route_requests_->Add({{"route", route}}).Increment(); }
+void ServerMetrics::RecordRoute(const std::string& route) {
+  route_requests_->Add({{"route", route}}).Increment();
+}
 
 void ServerMetrics::RecordGeneration(int64_t tokens, std::optional<double> ttft) {
   generated_tokens_->Increment(static_cast<double>(tokens));

@@ -55,7 +55,7 @@ struct BuildFacts {
 // What the continual-learning gauges show (NaN / nullopt values are not exported).
 struct ModelFigures {
   struct View {
-    std::string name;  // merged, routed, auto
+    std::string name;                                             // merged, routed, auto
     std::vector<std::pair<std::string, double>> task_score;       // current score per task
     std::vector<std::pair<std::string, double>> task_forgetting;  // per task
     std::optional<double> average_score, backward_transfer, forward_transfer, reference_nll;

@@ -72,15 +72,17 @@ ABSL_FLAG(int32_t, shutdown_grace_seconds, 30, "Seconds in-flight RPCs get to fi
 // defaults were chosen on the cl-small benchmark (docs/benchmarks.md). The method options (--rank,
 // --alpha, --targets, --k_max, --ella_lambda, ...) come from the method registry
 // (ParseMethodOptionFlags; listed by --help).
-ABSL_FLAG(std::string, method, strata::kDefaultMethod,
-          "Adaptation method of a new state directory (strata-server --help lists them; an existing checkpoint "
-          "keeps its own).");
+ABSL_FLAG(
+    std::string, method, strata::kDefaultMethod,
+    "Adaptation method of a new state directory (strata-server --help lists them; an existing checkpoint "
+    "keeps its own).");
 ABSL_FLAG(double, learning_rate, 5e-3, "Default learning rate.");
 ABSL_FLAG(int32_t, max_steps, 300, "Default optimizer steps per task (0 = use epochs).");
 ABSL_FLAG(int32_t, batch_size, 16, "Default batch size.");
 ABSL_FLAG(double, warmup_ratio, strata::kDefaultWarmupRatio,
           "Learning-rate warmup of each task, as a fraction of its steps.");
-ABSL_FLAG(std::string, lr_schedule, "linear", "Learning-rate schedule after warmup: linear, cosine or constant.");
+ABSL_FLAG(std::string, lr_schedule, "linear",
+          "Learning-rate schedule after warmup: linear, cosine or constant.");
 ABSL_FLAG(int32_t, max_seq_len, 256,
           "Default maximum tokens per example: longer submitted examples are refused.");
 ABSL_FLAG(std::string, unmatched_route, "base",
@@ -166,8 +168,8 @@ absl::Status ValidateFlags() {
                                                    absl::GetFlag(FLAGS_unmatched_route), "'"));
   }
   if (absl::GetFlag(FLAGS_router_layer) < -1) {
-    return absl::InvalidArgumentError(absl::StrCat("--router_layer: must be -1 (half of the layers) or >= 0, got ",
-                                                   absl::GetFlag(FLAGS_router_layer)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--router_layer: must be -1 (half of the layers) or >= 0, got ", absl::GetFlag(FLAGS_router_layer)));
   }
   if (absl::GetFlag(FLAGS_threads) < 0) {
     return absl::InvalidArgumentError(

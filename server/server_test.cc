@@ -1,7 +1,7 @@
 // Unit tests of the transport helpers: bearer-token checks and path confinement.
 
-#include <gtest/gtest.h>
 #include <grpcpp/test/server_context_test_spouse.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -61,7 +61,8 @@ TEST(ConfinePath, KeepsPathsUnderTheRoot) {
   EXPECT_EQ(ConfinePath(root, "../escape", "dir").status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(ConfinePath(root, "/tmp", "dir").status().code(), absl::StatusCode::kPermissionDenied);
   EXPECT_EQ(ConfinePath(root, "link/passwd", "dir").status().code(), absl::StatusCode::kPermissionDenied);
-  EXPECT_EQ(ConfinePath(root, root + "-sibling/x", "dir").status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(ConfinePath(root, root + "-sibling/x", "dir").status().code(),
+            absl::StatusCode::kPermissionDenied);
   auto empty = ConfinePath(root, "", "dirs[0]");
   EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(empty.status().message().find("dirs[0]"), std::string::npos);

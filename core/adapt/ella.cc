@@ -4,7 +4,6 @@
 #include <torch/torch.h>
 
 #include <cmath>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -27,7 +26,8 @@ std::string Shape(const at::Tensor& t) {
 
 absl::Status EllaOptions::Validate() const {
   if (!(std::isfinite(lambda) && lambda >= 0.0)) {
-    return absl::InvalidArgumentError(absl::StrCat("EllaOptions.lambda must be finite and >= 0, got ", lambda));
+    return absl::InvalidArgumentError(
+        absl::StrCat("EllaOptions.lambda must be finite and >= 0, got ", lambda));
   }
   return absl::OkStatus();
 }
@@ -117,8 +117,8 @@ at::Tensor EllaModule::NormalizedPast() const {
 void EllaModule::To(at::Device device) { w_past_ = w_past_.to(device); }
 
 at::Tensor EllaModule::Penalty(const at::Tensor& delta) const {
-  TORCH_CHECK(delta.dim() == 2 && delta.size(0) == n_ && delta.size(1) == d_, "ELLA penalty: delta has shape ",
-              delta.sizes(), ", expected [", n_, ", ", d_, "]");
+  TORCH_CHECK(delta.dim() == 2 && delta.size(0) == n_ && delta.size(1) == d_,
+              "ELLA penalty: delta has shape ", delta.sizes(), ", expected [", n_, ", ", d_, "]");
   if (rms_ == 0.0 || options_.lambda == 0.0) return delta.sum().mul(0.0);
   at::Tensor past = w_past_.to(delta.device(), delta.scalar_type());
   // λ‖ΔW ⊙ W_past / rms‖² = (λ / rms²) · Σ (ΔW ⊙ W_past)².
@@ -168,18 +168,21 @@ absl::StatusOr<EllaModule> EllaModule::ImportState(const std::string& config_jso
                                                    const std::map<std::string, at::Tensor>& tensors) {
   json j = json::parse(config_json, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat("ELLA state config for '", prefix, "' is not a JSON object"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ELLA state config for '", prefix, "' is not a JSON object"));
   }
   auto get_int = [&](const char* name) -> absl::StatusOr<int64_t> {
     auto it = j.find(name);
     if (it == j.end() || !it->is_number_integer()) {
-      return absl::InvalidArgumentError(absl::StrCat("ELLA state config: field '", name, "' missing or not an integer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("ELLA state config: field '", name, "' missing or not an integer"));
     }
     return it->get<int64_t>();
   };
   auto fmt = j.find("format");
   if (fmt == j.end() || !fmt->is_string() || fmt->get<std::string>() != kFormat) {
-    return absl::InvalidArgumentError(absl::StrCat("ELLA state config: field 'format' must be '", kFormat, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ELLA state config: field 'format' must be '", kFormat, "'"));
   }
   auto lam = j.find("lambda");
   if (lam == j.end() || !lam->is_number()) {

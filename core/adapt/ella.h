@@ -29,22 +29,22 @@
 namespace strata {
 
 struct EllaOptions {
-  double lambda = 1.0;  // penalty weight λ (on the rms-normalised past); default to be tuned
+  double lambda = 1.0;            // penalty weight λ (on the rms-normalised past); default to be tuned
   absl::Status Validate() const;  // INVALID_ARGUMENT unless λ is finite and >= 0
 };
 
 // A plain LoRA update ΔW = scale·b·a for one module and one task (float32, trainable).
 // Init (PEFT convention): a ~ kaiming-uniform(a=√5) = U(±1/√d), b = 0, so step 0 changes nothing.
 struct LoraFactors {
-  at::Tensor a;  // [r, d]
-  at::Tensor b;  // [n, r]
+  at::Tensor a;        // [r, d]
+  at::Tensor b;        // [n, r]
   double scale = 1.0;  // lora_alpha / r
 
   static LoraFactors Init(int64_t out_features, int64_t in_features, int64_t r, double lora_alpha,
                           uint64_t seed, at::Device device = at::Device(at::kCPU));
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;  // {"a", a}, {"b", b}
   std::vector<at::Tensor> Parameters() const;
-  at::Tensor Delta() const;                      // [n, d] scale·b·a (differentiable)
+  at::Tensor Delta() const;                       // [n, d] scale·b·a (differentiable)
   at::Tensor Forward(const at::Tensor& x) const;  // x [..., d] -> scale·(x aᵀ) bᵀ, in x's dtype
 };
 
@@ -66,7 +66,7 @@ class EllaModule {
   int64_t num_merged() const { return num_merged_; }
   const at::Tensor& w_past() const { return w_past_; }  // [n, d] float32
   double past_rms() const { return rms_; }              // sqrt(mean(W_past²)); 0 when W_past = 0
-  at::Tensor NormalizedPast() const;                   // Ŵ_past [n, d] float32 (new tensor)
+  at::Tensor NormalizedPast() const;                    // Ŵ_past [n, d] float32 (new tensor)
 
   // Moves W_past to `device` (kept there by later merges).
   void To(at::Device device);

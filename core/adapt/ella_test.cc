@@ -36,8 +36,8 @@ EllaModule MakeModule(int64_t n, int64_t d, double lambda) {
 // A past with exact zeros in some coordinates (a sparse row/column pattern) and ~1e-3 entries.
 at::Tensor SparsePast(int64_t n, int64_t d, at::Generator& gen) {
   at::Tensor w = Randn({n, d}, gen) * 1e-3;
-  w.index_put_({at::indexing::Slice(0, 2)}, 0.0);                                  // rows 0-1
-  w.index_put_({at::indexing::Slice(), at::indexing::Slice(d - 3, d)}, 0.0);       // last 3 columns
+  w.index_put_({at::indexing::Slice(0, 2)}, 0.0);                             // rows 0-1
+  w.index_put_({at::indexing::Slice(), at::indexing::Slice(d - 3, d)}, 0.0);  // last 3 columns
   return w;
 }
 
@@ -122,8 +122,8 @@ TEST(EllaTest, PenaltyGradientChainsToShareFactors) {
   at::Tensor w_hat = ella.NormalizedPast();
   at::Tensor g = 2 * lambda * delta.detach() * w_hat.square();  // dL/dΔW
   at::Tensor bt = f.B().detach(), at_ = f.At().detach();
-  at::Tensor d_b = f.scale * g.mm(at_);       // dL/dB_t   [n, p]
-  at::Tensor d_at = f.scale * g.t().mm(bt);   // dL/dA_tᵀ  [d, p]
+  at::Tensor d_b = f.scale * g.mm(at_);      // dL/dB_t   [n, p]
+  at::Tensor d_at = f.scale * g.t().mm(bt);  // dL/dA_tᵀ  [d, p]
   EXPECT_LT(RelErr(f.e_beta.grad(), f.beta.t().mm(d_b)), 1e-4);
   EXPECT_LT(RelErr(f.r_beta2.grad(), f.r_beta1.detach().t().mm(d_b)), 1e-4);
   EXPECT_LT(RelErr(f.r_beta1.grad(), d_b.mm(f.r_beta2.detach().t())), 1e-4);
@@ -158,7 +158,10 @@ TEST(EllaTest, ClosedFormShrinkageOnQuadraticToyProblem) {
   at::Tensor zero_rows = x.detach().index({at::indexing::Slice(0, 2)});
   EXPECT_LT((zero_rows - g.index({at::indexing::Slice(0, 2)})).abs().max().item<double>(), 1e-12);
   at::Tensor zero_cols = x.detach().index({at::indexing::Slice(), at::indexing::Slice(d - 3, d)});
-  EXPECT_LT((zero_cols - g.index({at::indexing::Slice(), at::indexing::Slice(d - 3, d)})).abs().max().item<double>(),
+  EXPECT_LT((zero_cols - g.index({at::indexing::Slice(), at::indexing::Slice(d - 3, d)}))
+                .abs()
+                .max()
+                .item<double>(),
             1e-12);
   // And high-energy coordinates really are shrunk.
   EXPECT_LT(x.detach().abs().sum().item<double>(), g.abs().sum().item<double>());
@@ -211,8 +214,10 @@ TEST(EllaTest, StateRoundTrip) {
   auto file = SafetensorsFile::Open(dir + "/s.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
   std::map<std::string, at::Tensor> loaded;
-  loaded["model.layers.1.mlp.up_proj.ella.w_past"] = *(*file)->Get("model.layers.1.mlp.up_proj.ella.w_past", at::kFloat);
-  auto back = EllaModule::ImportState((*file)->metadata().at("ella"), "model.layers.1.mlp.up_proj.ella.", loaded);
+  loaded["model.layers.1.mlp.up_proj.ella.w_past"] =
+      *(*file)->Get("model.layers.1.mlp.up_proj.ella.w_past", at::kFloat);
+  auto back =
+      EllaModule::ImportState((*file)->metadata().at("ella"), "model.layers.1.mlp.up_proj.ella.", loaded);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->num_merged(), 2);
   EXPECT_DOUBLE_EQ(back->options().lambda, 0.25);

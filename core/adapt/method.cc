@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <nlohmann/json.hpp>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -23,7 +23,6 @@ const char* const kShortLinearNames[] = {"q_proj",    "k_proj",  "v_proj",   "o_
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
-
 
 absl::StatusOr<std::vector<std::string>> StringList(const json& j, const char* field) {
   auto it = j.find(field);
@@ -197,8 +196,8 @@ absl::Status Method::ApplyTaskRouting(const std::string& task, CausalLM* base) c
   for (const MethodDescriptor& m : MethodDescriptors()) {
     if (m.task_routing) routing.push_back(m.name);
   }
-  return absl::UnimplementedError(absl::StrCat("method ", name(), " has no task-routed weights (supported by: ",
-                                               absl::StrJoin(routing, ", "), ")"));
+  return absl::UnimplementedError(absl::StrCat(
+      "method ", name(), " has no task-routed weights (supported by: ", absl::StrJoin(routing, ", "), ")"));
 }
 
 absl::StatusOr<MethodState> Method::ExportState() const {
@@ -328,7 +327,8 @@ absl::StatusOr<std::unique_ptr<Method>> CreateMethod(const std::string& name, co
   RETURN_IF_ERROR(CheckMethodName(name));
   RETURN_IF_ERROR(ValidateMethodConfig(config));
   std::unique_ptr<Method> method = Factories().at(name)(config);
-  if (method == nullptr) return absl::InternalError(absl::StrCat("method ", name, ": the factory returned nothing"));
+  if (method == nullptr)
+    return absl::InternalError(absl::StrCat("method ", name, ": the factory returned nothing"));
   return method;
 }
 
@@ -369,9 +369,9 @@ absl::Status AdapterImportUnsupported(const std::string& method) {
   for (const MethodDescriptor& m : MethodDescriptors()) {
     if (m.adapter_import) importing.push_back(m.name);
   }
-  return absl::UnimplementedError(absl::StrCat("method ", method,
-                                               " cannot import LoRA adapters (it keeps no shared subspace); use ",
-                                               absl::StrJoin(importing, " or ")));
+  return absl::UnimplementedError(
+      absl::StrCat("method ", method, " cannot import LoRA adapters (it keeps no shared subspace); use ",
+                   absl::StrJoin(importing, " or ")));
 }
 
 absl::Status Method::ImportPeftAdapter(const std::string& task, const PeftLoraAdapter& adapter,

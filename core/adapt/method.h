@@ -18,10 +18,10 @@
 // BeginTask replaces weight slots of the working copy by new tensors and EndTask installs new ones.
 //
 // Methods register themselves (MethodRegistrar below; MethodNames() lists them): share_ella
-// (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft, mtl, osft, pm. Later methods (OSFT, Perturb-and-Merge) plug in through the hooks below without trainer
-// changes: BeforeForward (P&M: rescale the active branch by 1 ± ε), BeforeOptimizerStep (OSFT:
-// project gradients), AfterOptimizerStep (OSFT: project the applied update), AfterTraining (P&M:
-// Fisher pass through TaskContext::for_each_batch).
+// (default), share, ella, seq_lora, inc_lora, o_lora, seq_ft, mtl, osft, pm. Later methods (OSFT,
+// Perturb-and-Merge) plug in through the hooks below without trainer changes: BeforeForward (P&M: rescale the
+// active branch by 1 ± ε), BeforeOptimizerStep (OSFT: project gradients), AfterOptimizerStep (OSFT: project
+// the applied update), AfterTraining (P&M: Fisher pass through TaskContext::for_each_batch).
 //
 // Thread safety: a Method is used by one trainer at a time (thread-compatible). Const methods may
 // run concurrently with each other. Failures are absl::Status naming the method, task, module or

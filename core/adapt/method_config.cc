@@ -51,7 +51,8 @@ Registry& GetRegistry() {
 bool SameField(const MethodOption::Field& a, const MethodOption::Field& b) { return a == b; }
 
 std::string FormatNumber(double v) {
-  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15) return absl::StrCat(static_cast<int64_t>(v));
+  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15)
+    return absl::StrCat(static_cast<int64_t>(v));
   return absl::StrCat(v);
 }
 
@@ -61,10 +62,11 @@ std::string CheckValue(const MethodConfig& c, const MethodOption& o) {
     const std::string& v = c.*(*f);
     if (o.choices.empty()) return v.empty() ? "must not be empty" : "";
     if (std::find(o.choices.begin(), o.choices.end(), v) != o.choices.end()) return "";
-    return absl::StrCat("must be ", absl::StrJoin(o.choices, " or ", [](std::string* out, const std::string& s) {
-                          absl::StrAppend(out, "\"", s, "\"");
-                        }),
-                        ", got \"", v, "\"");
+    return absl::StrCat(
+        "must be ",
+        absl::StrJoin(o.choices, " or ",
+                      [](std::string* out, const std::string& s) { absl::StrAppend(out, "\"", s, "\""); }),
+        ", got \"", v, "\"");
   }
   if (auto* f = std::get_if<std::vector<std::string> MethodConfig::*>(&o.field)) {
     const auto& v = c.*(*f);
@@ -82,8 +84,8 @@ std::string CheckValue(const MethodConfig& c, const MethodOption& o) {
   if (std::isfinite(v) && low_ok && v <= o.max) return "";
   const std::string value = FormatNumber(v);
   if (std::isfinite(o.max)) {
-    return absl::StrCat("must be in ", o.min_exclusive ? "(" : "[", FormatNumber(o.min), ", ", FormatNumber(o.max),
-                        "], got ", value);
+    return absl::StrCat("must be in ", o.min_exclusive ? "(" : "[", FormatNumber(o.min), ", ",
+                        FormatNumber(o.max), "], got ", value);
   }
   if (std::isfinite(o.min)) {
     return absl::StrCat("must be finite and ", o.min_exclusive ? "> " : ">= ", FormatNumber(o.min), ", got ",
@@ -107,8 +109,8 @@ MethodOption IntegerOption(std::string name, int64_t MethodConfig::*field, std::
   return o;
 }
 
-MethodOption NumberOption(std::string name, double MethodConfig::*field, std::string help, double min, double max,
-                          bool min_exclusive) {
+MethodOption NumberOption(std::string name, double MethodConfig::*field, std::string help, double min,
+                          double max, bool min_exclusive) {
   MethodOption o;
   o.name = std::move(name);
   o.field = field;
@@ -132,12 +134,14 @@ MethodOption ChoiceOption(std::string name, std::string MethodConfig::*field, st
 void RegisterMethodOptions(const std::vector<MethodOption>& options) {
   Registry& r = GetRegistry();
   for (const MethodOption& o : options) {
-    auto it = std::find_if(r.options.begin(), r.options.end(), [&](const MethodOption& e) { return e.name == o.name; });
+    auto it = std::find_if(r.options.begin(), r.options.end(),
+                           [&](const MethodOption& e) { return e.name == o.name; });
     if (it == r.options.end()) {
       r.options.push_back(o);
     } else if (!SameField(it->field, o.field)) {
       // A programming error caught by method_test (two files binding one name to different fields).
-      std::fprintf(stderr, "strata: method option \"%s\" registered for two different fields\n", o.name.c_str());
+      std::fprintf(stderr, "strata: method option \"%s\" registered for two different fields\n",
+                   o.name.c_str());
       std::abort();
     }
   }
@@ -189,13 +193,14 @@ std::vector<std::string> MethodNames() {
 
 absl::Status CheckMethodName(absl::string_view name, absl::string_view what) {
   if (FindMethodDescriptor(name) != nullptr) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("unknown ", what, " \"", name,
-                                                 "\"; valid methods: ", absl::StrJoin(MethodNames(), ", ")));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown ", what, " \"", name, "\"; valid methods: ", absl::StrJoin(MethodNames(), ", ")));
 }
 
 std::string MethodOptionText(const MethodConfig& c, const MethodOption& o) {
   if (auto* f = std::get_if<std::string MethodConfig::*>(&o.field)) return c.*(*f);
-  if (auto* f = std::get_if<std::vector<std::string> MethodConfig::*>(&o.field)) return absl::StrJoin(c.*(*f), ",");
+  if (auto* f = std::get_if<std::vector<std::string> MethodConfig::*>(&o.field))
+    return absl::StrJoin(c.*(*f), ",");
   if (auto* f = std::get_if<int64_t MethodConfig::*>(&o.field)) return absl::StrCat(c.*(*f));
   if (auto* f = std::get_if<uint64_t MethodConfig::*>(&o.field)) return absl::StrCat(c.*(*f));
   return absl::StrCat(c.*std::get<double MethodConfig::*>(o.field));
@@ -204,14 +209,17 @@ std::string MethodOptionText(const MethodConfig& c, const MethodOption& o) {
 absl::Status SetMethodOption(MethodConfig* c, const MethodOption& o, absl::string_view text_in,
                              absl::string_view source) {
   const absl::string_view text = absl::StripAsciiWhitespace(text_in);
-  auto bad = [&](const std::string& why) { return absl::InvalidArgumentError(absl::StrCat(source, ": ", why)); };
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", why));
+  };
   MethodConfig next = *c;
   if (auto* f = std::get_if<std::string MethodConfig::*>(&o.field)) {
     next.*(*f) = std::string(text);
   } else if (auto* f = std::get_if<std::vector<std::string> MethodConfig::*>(&o.field)) {
     next.*(*f) = absl::StrSplit(text, ',', absl::SkipWhitespace());
   } else if (auto* f = std::get_if<int64_t MethodConfig::*>(&o.field)) {
-    if (!absl::SimpleAtoi(text, &(next.*(*f)))) return bad(absl::StrCat("expected an integer, got \"", text, "\""));
+    if (!absl::SimpleAtoi(text, &(next.*(*f))))
+      return bad(absl::StrCat("expected an integer, got \"", text, "\""));
   } else if (auto* f = std::get_if<uint64_t MethodConfig::*>(&o.field)) {
     if (!absl::SimpleAtoi(text, &(next.*(*f)))) {
       return bad(absl::StrCat("expected a non-negative integer, got \"", text, "\""));
@@ -244,8 +252,10 @@ std::string MethodConfigToJson(const MethodConfig& c) {
 absl::StatusOr<MethodConfig> MethodConfigFromJson(absl::string_view text, absl::string_view source_in) {
   const std::string source(source_in);
   json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": method config is not valid JSON"));
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": method config must be a JSON object"));
+  if (j.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": method config is not valid JSON"));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": method config must be a JSON object"));
   MethodConfig c;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& key = it.key();
@@ -294,7 +304,8 @@ absl::StatusOr<MethodConfig> MethodConfigFromJson(absl::string_view text, absl::
   return c;
 }
 
-absl::Status ParseMethodOptionFlags(int* argc, char** argv, MethodConfig* config, const std::string& env_prefix) {
+absl::Status ParseMethodOptionFlags(int* argc, char** argv, MethodConfig* config,
+                                    const std::string& env_prefix) {
   for (const MethodOption& o : AllMethodOptions()) {
     const std::string flag = o.FlagName();
     if (flag.empty()) continue;

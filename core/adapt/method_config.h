@@ -38,15 +38,15 @@ struct MethodConfig {
   // Target modules: short names ("q_proj", "v_proj", "gate_proj", ...), "all-linear"
   // (= q,k,v,o,gate,up,down) or full HF module names ("model.layers.0.self_attn.q_proj").
   std::vector<std::string> target_modules = {"all-linear"};
-  int64_t rank = 8;                 // LoRA rank r (seq_lora, inc_lora, o_lora, pm, mtl with lora shape)
-  double alpha = 16.0;              // LoRA alpha: s = alpha / r (alpha / p for Share)
+  int64_t rank = 8;     // LoRA rank r (seq_lora, inc_lora, o_lora, pm, mtl with lora shape)
+  double alpha = 16.0;  // LoRA alpha: s = alpha / r (alpha / p for Share)
   // λ of the ELLA penalty (on the rms-normalised past). 0 (chosen on cl-small: the fold and the
   // routed view keep earlier tasks without it; docs/benchmarks.md).
   double ella_lambda = 0.0;
-  double olora_lambda = 0.5;        // λ1 of O-LoRA's orthogonality term
-  int64_t k_max = 32;               // Share: cap on the subspace rank per side
-  int64_t phi = 8;                  // Share: temporary basis vectors per side (share_training "subspace")
-  int64_t p = 8;                    // Share: pseudo-rank per task (follows rank: TrainingRecipe::SetRank)
+  double olora_lambda = 0.5;  // λ1 of O-LoRA's orthogonality term
+  int64_t k_max = 32;         // Share: cap on the subspace rank per side
+  int64_t phi = 8;            // Share: temporary basis vectors per side (share_training "subspace")
+  int64_t p = 8;              // Share: pseudo-rank per task (follows rank: TrainingRecipe::SetRank)
   // Share: explained-energy fraction a merge keeps. 1 (keep every non-zero direction until k_max
   // binds, then the best rank-k_max summary): measured on cl-small, 0.999 (the paper's) dropped
   // directions while the subspace had room and cost the routed weights one domains answer.
@@ -154,7 +154,8 @@ absl::Status ValidateMethodConfig(const MethodConfig& config);
 // Every registered option under its name.
 std::string MethodConfigToJson(const MethodConfig& config);
 // Missing fields keep their defaults; unknown fields and wrong types are refused (naming them).
-absl::StatusOr<MethodConfig> MethodConfigFromJson(absl::string_view json, absl::string_view source = "config");
+absl::StatusOr<MethodConfig> MethodConfigFromJson(absl::string_view json,
+                                                  absl::string_view source = "config");
 
 // The method options on a server command line: removes every `--<flag>=V` / `--<flag> V` of a
 // registered option (its FlagName() or an alias) from argv (argc updated) and sets it on `config`,

@@ -6,9 +6,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/adapt/ella.h"
 #include "core/adapt/lora.h"
@@ -349,50 +348,50 @@ TEST(MethodTest, ShareServesReconstructedTaskUpdatesAndRoutes) {
   config.k_max = 64;  // nothing truncated: reconstructions exact
   config.energy_threshold = 1.0;
   for (const std::string training : {"lora", "subspace"})
-  for (const std::string name : {"share", "share_ella"}) {
-    SCOPED_TRACE(name + " trained as " + training);
-    config.share_training = training;
-    auto method = MakeMethod(name, config);
-    // "lora" trains a plain LoRA (lora_A, lora_B); "subspace" the coefficients and temporary vectors.
-    {
-      auto work = base->ShallowCopy();
-      ASSERT_TRUE(method->BeginTask("probe", work.get()).ok());
-      EXPECT_THAT(method->TrainableParameters().front().first,
-                  HasSubstr(training == "lora" ? ".lora_A" : ".r_beta1"));
-      method->AbortTask(work.get());
+    for (const std::string name : {"share", "share_ella"}) {
+      SCOPED_TRACE(name + " trained as " + training);
+      config.share_training = training;
+      auto method = MakeMethod(name, config);
+      // "lora" trains a plain LoRA (lora_A, lora_B); "subspace" the coefficients and temporary vectors.
+      {
+        auto work = base->ShallowCopy();
+        ASSERT_TRUE(method->BeginTask("probe", work.get()).ok());
+        EXPECT_THAT(method->TrainableParameters().front().first,
+                    HasSubstr(training == "lora" ? ".lora_A" : ".r_beta1"));
+        method->AbortTask(work.get());
+      }
+      std::unique_ptr<CausalLM> served = base->ShallowCopy();
+      std::map<std::string, std::map<std::string, at::Tensor>> per_task;
+      for (int t = 0; t < 2; ++t) {
+        served = RunTask(*method, *served, "task" + std::to_string(t), 300 + t,
+                         &per_task["task" + std::to_string(t)]);
+      }
+      ASSERT_TRUE(method->SupportsTaskRouting());
+      for (const auto& m : method->modules()) {
+        const at::Tensor expected = base->FindLinear(m)->weight + per_task["task0"][m] + per_task["task1"][m];
+        EXPECT_LT(MaxDiff(served->FindLinear(m)->weight, expected), 1e-5) << name << " " << m;
+      }
+      // Routing to task 0: W0 + ΔW_0 as a side path.
+      auto routed = base->ShallowCopy();
+      ASSERT_TRUE(method->ApplyTaskRouting("task0", routed.get()).ok());
+      auto merged0 = base->ShallowCopy();
+      for (const auto& m : method->modules()) {
+        EXPECT_NE(routed->FindLinear(m)->adapter, nullptr);
+        merged0->FindLinear(m)->weight = base->FindLinear(m)->weight + per_task["task0"][m];
+      }
+      EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged0)), 1e-4) << name;
+      // Routing to task 1: the model as of task 1, W0 + ΔW_0 + ΔW_1 (here: the served weights), as
+      // one side path of rank k.
+      auto routed1 = base->ShallowCopy();
+      ASSERT_TRUE(method->ApplyTaskRouting("task1", routed1.get()).ok());
+      for (const auto& m : method->modules()) {
+        ASSERT_NE(routed1->FindLinear(m)->adapter, nullptr);
+      }
+      EXPECT_LT(MaxDiff(Logits(*routed1), Logits(*served)), 1e-4) << name;
+      EXPECT_GT(MaxDiff(Logits(*routed1), Logits(*merged0)), 1e-3) << name;
+      EXPECT_EQ(method->ApplyTaskRouting("nope", base->ShallowCopy().get()).code(),
+                absl::StatusCode::kNotFound);
     }
-    std::unique_ptr<CausalLM> served = base->ShallowCopy();
-    std::map<std::string, std::map<std::string, at::Tensor>> per_task;
-    for (int t = 0; t < 2; ++t) {
-      served = RunTask(*method, *served, "task" + std::to_string(t), 300 + t,
-                       &per_task["task" + std::to_string(t)]);
-    }
-    ASSERT_TRUE(method->SupportsTaskRouting());
-    for (const auto& m : method->modules()) {
-      const at::Tensor expected = base->FindLinear(m)->weight + per_task["task0"][m] + per_task["task1"][m];
-      EXPECT_LT(MaxDiff(served->FindLinear(m)->weight, expected), 1e-5) << name << " " << m;
-    }
-    // Routing to task 0: W0 + ΔW_0 as a side path.
-    auto routed = base->ShallowCopy();
-    ASSERT_TRUE(method->ApplyTaskRouting("task0", routed.get()).ok());
-    auto merged0 = base->ShallowCopy();
-    for (const auto& m : method->modules()) {
-      EXPECT_NE(routed->FindLinear(m)->adapter, nullptr);
-      merged0->FindLinear(m)->weight = base->FindLinear(m)->weight + per_task["task0"][m];
-    }
-    EXPECT_LT(MaxDiff(Logits(*routed), Logits(*merged0)), 1e-4) << name;
-    // Routing to task 1: the model as of task 1, W0 + ΔW_0 + ΔW_1 (here: the served weights), as
-    // one side path of rank k.
-    auto routed1 = base->ShallowCopy();
-    ASSERT_TRUE(method->ApplyTaskRouting("task1", routed1.get()).ok());
-    for (const auto& m : method->modules()) {
-      ASSERT_NE(routed1->FindLinear(m)->adapter, nullptr);
-    }
-    EXPECT_LT(MaxDiff(Logits(*routed1), Logits(*served)), 1e-4) << name;
-    EXPECT_GT(MaxDiff(Logits(*routed1), Logits(*merged0)), 1e-3) << name;
-    EXPECT_EQ(method->ApplyTaskRouting("nope", base->ShallowCopy().get()).code(),
-              absl::StatusCode::kNotFound);
-  }
   auto ella = MakeMethod("ella");
   EXPECT_FALSE(ella->SupportsTaskRouting());
   EXPECT_EQ(ella->ApplyTaskRouting("x", base.get()).code(), absl::StatusCode::kUnimplemented);
@@ -587,7 +586,8 @@ TEST(MethodTest, EllaStateSharesTheServedWeightsAndRoundTripsExactly) {
     auto rebuilt = base->ShallowCopy();
     ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
     for (const auto& m : method->modules()) {
-      EXPECT_TRUE(at::equal(rebuilt->FindLinear(m)->weight, served->FindLinear(m)->weight)) << name << " " << m;
+      EXPECT_TRUE(at::equal(rebuilt->FindLinear(m)->weight, served->FindLinear(m)->weight))
+          << name << " " << m;
     }
     EXPECT_TRUE(at::equal(Logits(*rebuilt), Logits(*served))) << name;
   }

@@ -29,8 +29,9 @@ absl::StatusOr<at::Tensor> GetMatrix(const std::map<std::string, at::Tensor>& te
   const at::Tensor& t = it->second;
   if (t.dim() != 2 || (rows >= 0 && t.size(0) != rows) || (cols >= 0 && t.size(1) != cols) ||
       !at::isFloatingType(t.scalar_type())) {
-    return absl::InvalidArgumentError(absl::StrCat("method state: tensor \"", key, "\" has shape ", ShapeString(t),
-                                                   ", expected floating [", rows, ", ", cols, "]"));
+    return absl::InvalidArgumentError(absl::StrCat("method state: tensor \"", key, "\" has shape ",
+                                                   ShapeString(t), ", expected floating [", rows, ", ", cols,
+                                                   "]"));
   }
   at::Tensor out = t.detach().to(at::kCPU, at::kFloat).clone().contiguous();
   if (!at::isfinite(out).all().item<bool>()) {
@@ -77,9 +78,9 @@ absl::Status CheckBaseModules(const CausalLM& base, const std::vector<std::strin
           absl::StrCat(method, ": the model has no linear layer \"", modules[i], "\""));
     }
     if (layer->weight.size(0) != shapes[i].first || layer->weight.size(1) != shapes[i].second) {
-      return absl::InvalidArgumentError(absl::StrCat(method, ": module \"", modules[i], "\" has weight ",
-                                                     ShapeString(layer->weight), ", the method state expects [",
-                                                     shapes[i].first, ", ", shapes[i].second, "]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(method, ": module \"", modules[i], "\" has weight ", ShapeString(layer->weight),
+                       ", the method state expects [", shapes[i].first, ", ", shapes[i].second, "]"));
     }
   }
   return absl::OkStatus();
@@ -256,10 +257,9 @@ class IncLoraMethod : public Method {
     past_a_.clear();
     for (size_t i = 0; i < modules_.size(); ++i) {
       LinearLayer* layer = RequireLinear(model, modules_[i], name());
-      auto adapter =
-          LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank, config_.alpha,
-                              TaskLoraSeed(config_.seed, modules_[i], task_name),
-                              at::kFloat, layer->weight.device());
+      auto adapter = LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank,
+                                         config_.alpha, TaskLoraSeed(config_.seed, modules_[i], task_name),
+                                         at::kFloat, layer->weight.device());
       adapter->SetTrainable(true);
       layer->adapter = adapter;
       adapters_.push_back(std::move(adapter));
@@ -344,7 +344,8 @@ class SeqFtMethod : public Method {
       }
       if (!slot->sizes().equals(value.sizes())) {
         return absl::InvalidArgumentError(absl::StrCat(name(), ": parameter \"", pname, "\" has shape ",
-                                                       ShapeString(*slot), ", the state holds ", ShapeString(value)));
+                                                       ShapeString(*slot), ", the state holds ",
+                                                       ShapeString(value)));
       }
     }
     at::NoGradGuard no_grad;
@@ -443,7 +444,8 @@ class SeqFtMethod : public Method {
 // ---- registration ----------------------------------------------------------------------------------
 
 std::vector<MethodOption> BaselineOptions() {
-  return {NumberOption("olora_lambda", &MethodConfig::olora_lambda, "O-LoRA: weight of the orthogonality term", 0),
+  return {NumberOption("olora_lambda", &MethodConfig::olora_lambda,
+                       "O-LoRA: weight of the orthogonality term", 0),
           ChoiceOption("ft_scope", &MethodConfig::ft_scope,
                        "seq_ft, mtl (full): all (every parameter) or target (the target modules' weights)",
                        {"all", "target"}),
@@ -457,19 +459,25 @@ MethodDescriptor WithCapabilities(MethodDescriptor d, bool task_routing, bool jo
   return d;
 }
 
-const MethodRegistrar kSeqLora(MethodDescriptor("seq_lora", 3, "one LoRA carried across all tasks"),
-                               [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqLoraMethod(c, false)); },
-                               BaselineOptions());
+const MethodRegistrar kSeqLora(
+    MethodDescriptor("seq_lora", 3, "one LoRA carried across all tasks"),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqLoraMethod(c, false)); },
+    BaselineOptions());
 const MethodRegistrar kIncLora(
-    WithCapabilities(MethodDescriptor("inc_lora", 4, "a new LoRA per task, earlier ones frozen"), true, false),
-    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, false)); }, BaselineOptions());
-const MethodRegistrar kOLora(
-    WithCapabilities(MethodDescriptor("o_lora", 5, "inc_lora with an orthogonality penalty", {"olora_lambda"}), true,
+    WithCapabilities(MethodDescriptor("inc_lora", 4, "a new LoRA per task, earlier ones frozen"), true,
                      false),
-    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, true)); }, BaselineOptions());
-const MethodRegistrar kSeqFt(MethodDescriptor("seq_ft", 6, "full fine-tuning in sequence", {"ft_scope"}),
-                             [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqFtMethod(c, false)); },
-                             BaselineOptions());
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, false)); },
+    BaselineOptions());
+const MethodRegistrar kOLora(
+    WithCapabilities(MethodDescriptor("o_lora", 5, "inc_lora with an orthogonality penalty",
+                                      {"olora_lambda"}),
+                     true, false),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new IncLoraMethod(c, true)); },
+    BaselineOptions());
+const MethodRegistrar kSeqFt(
+    MethodDescriptor("seq_ft", 6, "full fine-tuning in sequence", {"ft_scope"}),
+    [](const MethodConfig& c) { return std::unique_ptr<Method>(new SeqFtMethod(c, false)); },
+    BaselineOptions());
 // mtl: the multi-task upper bound (all tasks' data at once), full or LoRA-shaped.
 const MethodRegistrar kMtl(
     WithCapabilities(MethodDescriptor("mtl", 7, "multi-task training on all tasks at once (upper bound)",

@@ -82,7 +82,8 @@ class OsftMethod : public Method {
     for (const auto& [pname, value] : params_) {
       at::Tensor* slot = base->FindParameter(pname);
       if (slot == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no parameter \"", pname, "\""));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": the model has no parameter \"", pname, "\""));
       }
       if (!slot->sizes().equals(value.sizes())) {
         return absl::InvalidArgumentError(
@@ -135,8 +136,8 @@ class OsftMethod : public Method {
       layers.push_back(layer);
       recorders.push_back(std::move(rec));
     }
-    absl::Status status = ctx.for_each_batch(
-        0, kImportanceBatches, [](const at::Tensor&, int64_t) { return absl::OkStatus(); });
+    absl::Status status = ctx.for_each_batch(0, kImportanceBatches,
+                                             [](const at::Tensor&, int64_t) { return absl::OkStatus(); });
     for (LinearLayer* layer : layers) layer->adapter.reset();
     RETURN_IF_ERROR(status);
     std::vector<double> importance;
@@ -174,7 +175,8 @@ class OsftMethod : public Method {
       at::Tensor* slot = model->FindParameter(pname);
       if (slot == nullptr) {
         ClearActive();
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no parameter \"", pname, "\""));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": the model has no parameter \"", pname, "\""));
       }
       const int64_t n = slot->size(0), d = slot->size(1);
       const int64_t k = std::clamp<int64_t>(
@@ -203,7 +205,8 @@ class OsftMethod : public Method {
     std::map<std::string, at::Tensor> params = params_;
     for (const auto& [pname, t] : active_) {
       if (!at::isfinite(t.detach()).all().item<bool>()) {
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": parameter ", pname, " has non-finite values"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": parameter ", pname, " has non-finite values"));
       }
     }
     for (const auto& [pname, t] : active_) {
@@ -275,14 +278,15 @@ class OsftMethod : public Method {
       }
       for (const json& e : j[field]) {
         if (!e.is_number()) {
-          return absl::InvalidArgumentError(absl::StrCat(name(), " state: \"", field, "\" must hold numbers"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(name(), " state: \"", field, "\" must hold numbers"));
         }
         (std::string(field) == "ratios" ? ratios : importance).push_back(e.get<double>());
       }
     }
     if (!ratios.empty() && ratios.size() != modules_.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(name(), " state: ", ratios.size(), " ratios for ",
-                                                     modules_.size(), " modules"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name(), " state: ", ratios.size(), " ratios for ", modules_.size(), " modules"));
     }
     params_ = std::move(params);
     ratios_ = std::move(ratios);

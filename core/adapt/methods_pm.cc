@@ -35,7 +35,8 @@
 
 namespace strata {
 
-double PmMergeCoefficient(const std::vector<at::Tensor>& fisher_sum, const std::vector<at::Tensor>& fisher_theta_sum,
+double PmMergeCoefficient(const std::vector<at::Tensor>& fisher_sum,
+                          const std::vector<at::Tensor>& fisher_theta_sum,
                           const std::vector<at::Tensor>& theta_prev, const std::vector<at::Tensor>& delta) {
   TORCH_CHECK(fisher_sum.size() == delta.size() && fisher_theta_sum.size() == delta.size() &&
                   theta_prev.size() == delta.size(),
@@ -70,7 +71,8 @@ absl::StatusOr<at::Tensor> GetMatrix(const std::map<std::string, at::Tensor>& te
   }
   at::Tensor out = t.detach().to(at::kCPU, at::kFloat).clone().contiguous();
   if (!at::isfinite(out).all().item<bool>()) {
-    return absl::InvalidArgumentError(absl::StrCat("method state: tensor \"", key, "\" has non-finite values"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("method state: tensor \"", key, "\" has non-finite values"));
   }
   return out;
 }
@@ -144,8 +146,8 @@ class PmMethod : public Method {
       const LinearLayer* layer = base->FindLinear(modules_[i]);
       if (layer == nullptr || layer->weight.size(0) != module_shapes_[i].first ||
           layer->weight.size(1) != module_shapes_[i].second) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(name(), ": the model has no linear layer \"", modules_[i], "\" of the state's shape"));
+        return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no linear layer \"",
+                                                       modules_[i], "\" of the state's shape"));
       }
     }
     at::NoGradGuard no_grad;
@@ -172,12 +174,12 @@ class PmMethod : public Method {
       LinearLayer* layer = model->FindLinear(modules_[i]);
       if (layer == nullptr) {
         adapters_.clear();
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no linear layer ", modules_[i]));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": the model has no linear layer ", modules_[i]));
       }
-      auto adapter =
-          LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank, config_.alpha,
-                              TaskLoraSeed(config_.seed, modules_[i], task_name),
-                              at::kFloat, layer->weight.device());
+      auto adapter = LoraAdapter::Create(module_shapes_[i].second, module_shapes_[i].first, config_.rank,
+                                         config_.alpha, TaskLoraSeed(config_.seed, modules_[i], task_name),
+                                         at::kFloat, layer->weight.device());
       adapter->SetTrainable(true);
       layer->adapter = adapter;
       adapters_.push_back(std::move(adapter));
@@ -193,7 +195,8 @@ class PmMethod : public Method {
     for (size_t i = 0; i < nm; ++i) {
       at::Tensor d = adapters_[i]->DeltaWeight().detach().to(at::kCPU, at::kFloat).contiguous();
       if (!at::isfinite(d).all().item<bool>()) {
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": task update of ", modules_[i], " is non-finite"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": task update of ", modules_[i], " is non-finite"));
       }
       const auto [n, dd] = module_shapes_[i];
       at::Tensor p = past_.empty() ? at::zeros({n, dd}, at::kFloat) : past_[i];
@@ -216,12 +219,15 @@ class PmMethod : public Method {
       int64_t entries = 0;
       for (size_t i = 0; i < nm; ++i) {
         at::Tensor d = delta[i].to(at::kDouble);
-        at::Tensor f = (pending_fisher_.size() == nm ? pending_fisher_[i] : at::ones_like(delta[i])).to(at::kDouble);
+        at::Tensor f =
+            (pending_fisher_.size() == nm ? pending_fisher_[i] : at::ones_like(delta[i])).to(at::kDouble);
         own += (f * d * d).sum().item<double>();
         if (!fisher_sum_.empty()) {
           at::Tensor fp = fisher_sum_[i].to(at::kDouble);
           past_term += (fp * d * d).sum().item<double>();
-          cross += ((fisher_delta_sum_[i].to(at::kDouble) - fp * prev[i].to(at::kDouble)) * d).sum().item<double>();
+          cross += ((fisher_delta_sum_[i].to(at::kDouble) - fp * prev[i].to(at::kDouble)) * d)
+                       .sum()
+                       .item<double>();
         }
         fisher_mean += f.sum().item<double>();
         delta_sq += (d * d).sum().item<double>();
@@ -289,7 +295,8 @@ class PmMethod : public Method {
       return absl::InvalidArgumentError(absl::StrCat(name(), " state: extra is not a JSON object"));
     }
     if (j.contains("alphas")) {
-      if (!j["alphas"].is_array()) return absl::InvalidArgumentError(name() + " state: alphas must be a list");
+      if (!j["alphas"].is_array())
+        return absl::InvalidArgumentError(name() + " state: alphas must be a list");
       for (const json& e : j["alphas"]) {
         if (!e.is_number()) return absl::InvalidArgumentError(name() + " state: alphas must hold numbers");
         alphas.push_back(e.get<double>());
@@ -327,8 +334,9 @@ class PmMethod : public Method {
 // ---- registration ----------------------------------------------------------------------------------
 
 MethodOption PmEpsilon() {
-  MethodOption o = NumberOption("pm_epsilon", &MethodConfig::pm_epsilon,
-                                "Perturb-and-Merge: perturbation size (the paper: 0.5; chosen on cl-small: 0.1)", 0, 1);
+  MethodOption o =
+      NumberOption("pm_epsilon", &MethodConfig::pm_epsilon,
+                   "Perturb-and-Merge: perturbation size (the paper: 0.5; chosen on cl-small: 0.1)", 0, 1);
   o.per_task = true;
   return o;
 }

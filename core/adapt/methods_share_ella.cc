@@ -27,15 +27,14 @@
 #include <torch/torch.h>
 
 #include <mutex>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "core/adapt/ella.h"
 #include "core/adapt/lora.h"
 #include "core/adapt/method.h"
-#include "core/adapt/peft_import.h"
 #include "core/adapt/methods.h"
+#include "core/adapt/peft_import.h"
 #include "core/adapt/share.h"
 #include "core/util/status_macros.h"
 
@@ -189,8 +188,8 @@ class ShareEllaMethod : public Method {
                                  const CausalLM& base) override {
     if (!use_share_) return Method::ImportPeftAdapter(task, adapter, base);
     if (task_active()) {
-      return absl::FailedPreconditionError(absl::StrCat(name(), ": cannot import while task \"", active_task(),
-                                                        "\" is training"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(name(), ": cannot import while task \"", active_task(), "\" is training"));
     }
     if (std::find(tasks_.begin(), tasks_.end(), task) != tasks_.end()) {
       return absl::AlreadyExistsError(absl::StrCat(name(), ": task \"", task, "\" already exists"));
@@ -206,16 +205,17 @@ class ShareEllaMethod : public Method {
     }
     for (const auto& [m, module] : adapter.modules) {
       if (std::find(modules.begin(), modules.end(), m) == modules.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(name(), ": adapter module \"", m,
-                                                       "\" is not a target module of this state (",
-                                                       modules.size(), " targets, e.g. \"", modules.front(), "\")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), ": adapter module \"", m, "\" is not a target module of this state (",
+                         modules.size(), " targets, e.g. \"", modules.front(), "\")"));
       }
     }
     at::NoGradGuard no_grad;
     std::map<std::string, ShareModule> share = share_;
     for (size_t i = 0; i < modules.size(); ++i) {
       if (!share.count(modules[i])) {
-        ASSIGN_OR_RETURN(ShareModule m, ShareModule::Create(shapes[i].first, shapes[i].second, MakeShareOptions()));
+        ASSIGN_OR_RETURN(ShareModule m,
+                         ShareModule::Create(shapes[i].first, shapes[i].second, MakeShareOptions()));
         share.emplace(modules[i], std::move(m));
       }
     }
@@ -226,7 +226,8 @@ class ShareEllaMethod : public Method {
       for (const auto& m : modules) {
         const LinearLayer* layer = base.FindLinear(m);
         if (layer == nullptr) {
-          return absl::InvalidArgumentError(absl::StrCat(name(), ": the model has no linear layer \"", m, "\""));
+          return absl::InvalidArgumentError(
+              absl::StrCat(name(), ": the model has no linear layer \"", m, "\""));
         }
         at::Tensor current;
         if (served_.count(m)) {
@@ -243,8 +244,8 @@ class ShareEllaMethod : public Method {
         }
         const at::Tensor delta = it->second.Delta().to(current.device(), at::kFloat);
         if (!at::isfinite(delta).all().item<bool>()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(name(), ": adapter module \"", m, "\" of task \"", task, "\" has non-finite values"));
+          return absl::InvalidArgumentError(absl::StrCat(name(), ": adapter module \"", m, "\" of task \"",
+                                                         task, "\" has non-finite values"));
         }
         served[m] = current.to(at::kFloat).add(delta).to(current.scalar_type());
       }
@@ -341,8 +342,9 @@ class ShareEllaMethod : public Method {
       LinearLayer* layer = model->FindLinear(modules_[i]);
       TORCH_CHECK(layer != nullptr, name(), ": the model has no linear layer ", modules_[i]);
       const at::Device dev = layer->weight.device();
-      const uint64_t seed = lora_training() ? TaskLoraSeed(config_.seed, modules_[i], task_name)
-                                            : DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
+      const uint64_t seed = lora_training()
+                                ? TaskLoraSeed(config_.seed, modules_[i], task_name)
+                                : DeriveSeed(config_.seed, modules_[i], absl::StrCat(name(), "/", task_name));
       if (!lora_training()) {
         auto adapter = std::make_shared<ShareAdapter>(share.at(modules_[i]).BeginTask(seed, dev));
         layer->adapter = adapter;
@@ -370,7 +372,8 @@ class ShareEllaMethod : public Method {
       const std::string& m = modules_[i];
       // ELLA checks ΔW_t here on its device and recomputes it module by module at install time
       // below, so no dense copy of every module's update is held at once.
-      at::Tensor delta = use_ella_ ? PendingDelta(i).detach() : PendingDelta(i).detach().to(at::kCPU, at::kFloat);
+      at::Tensor delta =
+          use_ella_ ? PendingDelta(i).detach() : PendingDelta(i).detach().to(at::kCPU, at::kFloat);
       if (!at::isfinite(delta).all().item<bool>()) {
         return absl::InvalidArgumentError(absl::StrCat(
             name(), ": the update of module \"", m, "\" for task \"", task_name, "\" has non-finite values"));
@@ -436,7 +439,8 @@ class ShareEllaMethod : public Method {
     j["share"] = share;
     j["ella"] = ella;
     if (use_ella_ && legacy_.empty() && !tasks_.empty()) {
-      j["served"] = {{"format", kServedFormat}, {"dtype", std::string(c10::toString(served_.begin()->second.scalar_type()))}};
+      j["served"] = {{"format", kServedFormat},
+                     {"dtype", std::string(c10::toString(served_.begin()->second.scalar_type()))}};
     }
     *extra = j.dump();
   }
@@ -454,8 +458,8 @@ class ShareEllaMethod : public Method {
       const json& sj = j["served"];
       if (!sj.is_object() || !sj.contains("format") || !sj["format"].is_string() ||
           sj["format"].get<std::string>() != kServedFormat) {
-        return absl::InvalidArgumentError(absl::StrCat(name(), " state: \"served\" must name format \"",
-                                                       kServedFormat, "\""));
+        return absl::InvalidArgumentError(
+            absl::StrCat(name(), " state: \"served\" must name format \"", kServedFormat, "\""));
       }
     }
     auto config_of = [&](const char* kind, const std::string& m) -> absl::StatusOr<std::string> {
@@ -483,13 +487,15 @@ class ShareEllaMethod : public Method {
           // a checkpoint's files are checked against their SHA-256.
           auto it = tensors.find("served/" + m);
           if (it == tensors.end() || !it->second.defined()) {
-            return absl::InvalidArgumentError(absl::StrCat(name(), " state: missing tensor \"served/", m, "\""));
+            return absl::InvalidArgumentError(
+                absl::StrCat(name(), " state: missing tensor \"served/", m, "\""));
           }
           const at::Tensor& w = it->second;
-          if (w.dim() != 2 || w.size(0) != n_of(i) || w.size(1) != d_of(i) || !at::isFloatingType(w.scalar_type())) {
-            return absl::InvalidArgumentError(absl::StrCat(name(), " state: tensor \"served/", m, "\" has shape ",
-                                                           ShapeString(w), ", expected floating [", n_of(i), ", ",
-                                                           d_of(i), "]"));
+          if (w.dim() != 2 || w.size(0) != n_of(i) || w.size(1) != d_of(i) ||
+              !at::isFloatingType(w.scalar_type())) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(name(), " state: tensor \"served/", m, "\" has shape ", ShapeString(w),
+                             ", expected floating [", n_of(i), ", ", d_of(i), "]"));
           }
           served.emplace(m, w.detach());
         } else if (use_ella_) {
@@ -566,20 +572,22 @@ class ShareEllaMethod : public Method {
 std::vector<MethodOption> ShareEllaOptions() {
   MethodOption p = IntegerOption("p", &MethodConfig::p, "Share: pseudo-rank per task (follows --rank)", 1);
   p.flag = "-";
-  MethodOption lambda =
-      NumberOption("ella_lambda", &MethodConfig::ella_lambda, "ELLA: penalty weight (per task: strata submit --lambda)", 0);
+  MethodOption lambda = NumberOption("ella_lambda", &MethodConfig::ella_lambda,
+                                     "ELLA: penalty weight (per task: strata submit --lambda)", 0);
   lambda.per_task = true;
   lambda.aliases = {"lambda"};
   return {IntegerOption("k_max", &MethodConfig::k_max, "Share: cap on the subspace rank per side", 1),
-          IntegerOption("phi", &MethodConfig::phi,
-                        "Share: temporary basis vectors per side while a task trains (share_training=subspace)", 1),
+          IntegerOption(
+              "phi", &MethodConfig::phi,
+              "Share: temporary basis vectors per side while a task trains (share_training=subspace)", 1),
           p,
           NumberOption("energy_threshold", &MethodConfig::energy_threshold,
                        "Share: explained-energy fraction a merge keeps", 0, 1, /*min_exclusive=*/true),
-          ChoiceOption("share_training", &MethodConfig::share_training,
-                       "Share: how a task trains before its merge into the subspace: lora (a rank-p LoRA folded in "
-                       "at the end of the task) or subspace (the published coefficients + temporary vectors)",
-                       {"lora", "subspace"}),
+          ChoiceOption(
+              "share_training", &MethodConfig::share_training,
+              "Share: how a task trains before its merge into the subspace: lora (a rank-p LoRA folded in "
+              "at the end of the task) or subspace (the published coefficients + temporary vectors)",
+              {"lora", "subspace"}),
           lambda};
 }
 
@@ -601,7 +609,8 @@ MethodFactory Factory(bool use_share, bool use_ella) {
   };
 }
 
-const MethodRegistrar kShareElla(Descriptor("share_ella", 0, true, true), Factory(true, true), ShareEllaOptions());
+const MethodRegistrar kShareElla(Descriptor("share_ella", 0, true, true), Factory(true, true),
+                                 ShareEllaOptions());
 const MethodRegistrar kShare(Descriptor("share", 1, true, false), Factory(true, false), ShareEllaOptions());
 const MethodRegistrar kElla(Descriptor("ella", 2, false, true), Factory(false, true), ShareEllaOptions());
 

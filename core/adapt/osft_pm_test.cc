@@ -172,7 +172,8 @@ TEST(OsftTest, AdaptiveRanksFromActivations) {
     const int64_t k = static_cast<int64_t>(std::floor(std::min(w0.size(0), w0.size(1)) * ratios[i] + 1e-9));
     if (k == 0 || dw.norm().item<double>() == 0) continue;
     auto [u, s, vh] = torch::linalg::svd(w0, false, c10::nullopt);
-    EXPECT_LE(at::matmul(u.narrow(1, 0, k).t(), dw).norm().item<double>(), 1e-5 * dw.norm().item<double>()) << m;
+    EXPECT_LE(at::matmul(u.narrow(1, 0, k).t(), dw).norm().item<double>(), 1e-5 * dw.norm().item<double>())
+        << m;
   }
 }
 
@@ -334,7 +335,8 @@ TEST(PmTest, TrainsMergesAndRestores) {
   auto base = model->ShallowCopy();
   ASSERT_TRUE((*restored)->ApplyServedWeights(base.get()).ok());
   for (const auto& m : method->modules()) {
-    EXPECT_LT((base->FindLinear(m)->weight - r2->model->FindLinear(m)->weight).abs().max().item<double>(), 1e-5)
+    EXPECT_LT((base->FindLinear(m)->weight - r2->model->FindLinear(m)->weight).abs().max().item<double>(),
+              1e-5)
         << m;
   }
 }

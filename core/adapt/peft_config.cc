@@ -18,21 +18,25 @@ absl::StatusOr<PeftAdapterConfig> ParsePeftAdapterConfig(const std::string& text
   auto bad_field = [&](const char* field, const char* what) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": field '", field, "' ", what));
   };
-  if (auto it = config.find("peft_type"); it != config.end() && !(it->is_string() && it->get<std::string>() == "LORA")) {
-    return absl::UnimplementedError(absl::StrCat(source, ": peft_type ",
-                                                 it->dump(-1, ' ', false, json::error_handler_t::replace),
-                                                 " is not LORA"));
+  if (auto it = config.find("peft_type");
+      it != config.end() && !(it->is_string() && it->get<std::string>() == "LORA")) {
+    return absl::UnimplementedError(absl::StrCat(
+        source, ": peft_type ", it->dump(-1, ' ', false, json::error_handler_t::replace), " is not LORA"));
   }
   auto flag = [&](const char* field) {
     auto it = config.find(field);
     return it != config.end() && it->is_boolean() && it->get<bool>();
   };
-  if (flag("use_dora")) return absl::UnimplementedError(absl::StrCat(source, ": DoRA (use_dora) is not supported"));
+  if (flag("use_dora"))
+    return absl::UnimplementedError(absl::StrCat(source, ": DoRA (use_dora) is not supported"));
   if (flag("fan_in_fan_out")) {
-    return absl::UnimplementedError(absl::StrCat(source, ": fan_in_fan_out (Conv1D layers) is not supported"));
+    return absl::UnimplementedError(
+        absl::StrCat(source, ": fan_in_fan_out (Conv1D layers) is not supported"));
   }
-  if (auto it = config.find("bias"); it != config.end() && it->is_string() && it->get<std::string>() != "none") {
-    return absl::UnimplementedError(absl::StrCat(source, ": bias '", it->get<std::string>(), "' is not supported"));
+  if (auto it = config.find("bias");
+      it != config.end() && it->is_string() && it->get<std::string>() != "none") {
+    return absl::UnimplementedError(
+        absl::StrCat(source, ": bias '", it->get<std::string>(), "' is not supported"));
   }
   PeftAdapterConfig out;
   {

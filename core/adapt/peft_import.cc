@@ -3,10 +3,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -32,7 +31,8 @@ std::string JoinPath(const std::string& dir, const std::string& file) {
 enum class LoraSide { kA, kB };
 
 // Splits a PEFT tensor name into (module, side). Errors name the tensor.
-absl::StatusOr<std::pair<std::string, LoraSide>> ParseTensorName(const std::string& path, const std::string& name) {
+absl::StatusOr<std::pair<std::string, LoraSide>> ParseTensorName(const std::string& path,
+                                                                 const std::string& name) {
   auto unsupported = [&](const char* what) {
     return absl::UnimplementedError(absl::StrCat(path, ": tensor '", name, "': ", what, " is not supported"));
   };
@@ -48,13 +48,14 @@ absl::StatusOr<std::pair<std::string, LoraSide>> ParseTensorName(const std::stri
     std::string module = rest.substr(0, pos);
     std::string tail = rest.substr(pos + marker.size());  // "weight" or "<adapter>.weight"
     if (absl::EndsWith(tail, "bias")) return unsupported("a LoRA bias");
-    if (module.empty() || !(tail == "weight" || (absl::EndsWith(tail, ".weight") && tail.find('.') == tail.size() - 7))) {
+    if (module.empty() ||
+        !(tail == "weight" || (absl::EndsWith(tail, ".weight") && tail.find('.') == tail.size() - 7))) {
       break;
     }
     return std::make_pair(module, side);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat(path, ": tensor '", name, "' is not a LoRA factor (expected <module>.lora_A.weight / .lora_B.weight)"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      path, ": tensor '", name, "' is not a LoRA factor (expected <module>.lora_A.weight / .lora_B.weight)"));
 }
 
 }  // namespace
@@ -64,7 +65,8 @@ at::Tensor PeftLoraModule::Delta() const { return b.mm(a).mul(scale); }
 absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir) {
   const std::string config_path = JoinPath(dir, kConfigFile);
   const std::string weights_path = JoinPath(dir, kWeightsFile);
-  if (!PathExists(config_path)) return absl::NotFoundError(absl::StrCat("PEFT adapter: missing ", config_path));
+  if (!PathExists(config_path))
+    return absl::NotFoundError(absl::StrCat("PEFT adapter: missing ", config_path));
   if (!PathExists(weights_path)) {
     if (PathExists(JoinPath(dir, "adapter_model.bin"))) {
       return absl::UnimplementedError(absl::StrCat("PEFT adapter ", dir,
@@ -92,15 +94,17 @@ absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir) {
     }
     t = t.clone().contiguous();  // detach from the mapping
     if (!at::isfinite(t).all().item<bool>()) {
-      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensor '", name, "' has non-finite values"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(weights_path, ": tensor '", name, "' has non-finite values"));
     }
     auto& slot = factors[parsed.first];
     auto& slot_name = names[parsed.first];
     at::Tensor& dst = parsed.second == LoraSide::kA ? slot.first : slot.second;
     std::string& dst_name = parsed.second == LoraSide::kA ? slot_name.first : slot_name.second;
     if (dst.defined()) {
-      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensors '", dst_name, "' and '", name,
-                                                     "' are the same LoRA factor (several adapters in one file?)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(weights_path, ": tensors '", dst_name, "' and '", name,
+                       "' are the same LoRA factor (several adapters in one file?)"));
     }
     dst = t;
     dst_name = name;
@@ -109,20 +113,22 @@ absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir) {
     const auto& [a, b] = ab;
     if (!a.defined() || !b.defined()) {
       return absl::InvalidArgumentError(absl::StrCat(weights_path, ": module '", module, "' has lora_",
-                                                     a.defined() ? "A" : "B", " but no lora_", a.defined() ? "B" : "A"));
+                                                     a.defined() ? "A" : "B", " but no lora_",
+                                                     a.defined() ? "B" : "A"));
     }
     if (a.size(0) != b.size(1) || a.size(0) < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": module '", module, "': lora_A '",
-                                                     names[module].first, "' is [", a.size(0), ", ", a.size(1),
-                                                     "] but lora_B '", names[module].second, "' is [", b.size(0), ", ",
-                                                     b.size(1), "] (ranks differ)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(weights_path, ": module '", module, "': lora_A '", names[module].first, "' is [",
+                       a.size(0), ", ", a.size(1), "] but lora_B '", names[module].second, "' is [",
+                       b.size(0), ", ", b.size(1), "] (ranks differ)"));
     }
     const int64_t rank = a.size(0);
     const double alpha = PeftModuleAlpha(config, module);
     PeftLoraModule m;
     m.a = a;
     m.b = b;
-    m.scale = adapter.use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
+    m.scale =
+        adapter.use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
     adapter.modules.emplace(module, std::move(m));
   }
   if (adapter.modules.empty()) {
@@ -142,14 +148,18 @@ absl::Status WritePeftLoraAdapter(const std::string& dir, const PeftLoraAdapter&
   std::set<std::string> targets(adapter.target_modules.begin(), adapter.target_modules.end());
   for (const auto& [module, m] : adapter.modules) {
     if (!m.a.defined() || !m.b.defined() || m.a.dim() != 2 || m.b.dim() != 2 || m.a.size(0) != m.b.size(1)) {
-      return absl::InvalidArgumentError(absl::StrCat("PEFT write ", dir, ": module '", module, "' has bad factors"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("PEFT write ", dir, ": module '", module, "' has bad factors"));
     }
     const int64_t rank = m.a.size(0);
     const double alpha = adapter.use_rslora ? m.scale * std::sqrt(static_cast<double>(rank)) : m.scale * rank;
     if (rank != adapter.r) rank_pattern[module] = rank;
-    if (std::abs(alpha - adapter.lora_alpha) > 1e-9 * std::abs(adapter.lora_alpha)) alpha_pattern[module] = alpha;
-    tensors.emplace_back(absl::StrCat(kPrefix, module, ".lora_A.weight"), m.a.detach().to(at::kCPU).contiguous());
-    tensors.emplace_back(absl::StrCat(kPrefix, module, ".lora_B.weight"), m.b.detach().to(at::kCPU).contiguous());
+    if (std::abs(alpha - adapter.lora_alpha) > 1e-9 * std::abs(adapter.lora_alpha))
+      alpha_pattern[module] = alpha;
+    tensors.emplace_back(absl::StrCat(kPrefix, module, ".lora_A.weight"),
+                         m.a.detach().to(at::kCPU).contiguous());
+    tensors.emplace_back(absl::StrCat(kPrefix, module, ".lora_B.weight"),
+                         m.b.detach().to(at::kCPU).contiguous());
     if (adapter.target_modules.empty()) {
       size_t dot = module.rfind('.');
       targets.insert(dot == std::string::npos ? module : module.substr(dot + 1));
@@ -173,13 +183,14 @@ absl::Status WritePeftLoraAdapter(const std::string& dir, const PeftLoraAdapter&
   return WriteFileAtomic(JoinPath(dir, kConfigFile), config.dump(2));
 }
 
-absl::Status MergePeftIntoShare(const PeftLoraAdapter& adapter, const std::string& task, const ShareOptions& options,
-                                std::map<std::string, ShareModule>* modules) {
+absl::Status MergePeftIntoShare(const PeftLoraAdapter& adapter, const std::string& task,
+                                const ShareOptions& options, std::map<std::string, ShareModule>* modules) {
   if (task.empty()) return absl::InvalidArgumentError("PEFT import: empty task name");
   RETURN_IF_ERROR(options.Validate());
   for (const auto& [name, module] : *modules) {
     if (module.HasTask(task)) {
-      return absl::AlreadyExistsError(absl::StrCat("PEFT import: module '", name, "' already has task '", task, "'"));
+      return absl::AlreadyExistsError(
+          absl::StrCat("PEFT import: module '", name, "' already has task '", task, "'"));
     }
   }
   for (const auto& [name, m] : adapter.modules) {
@@ -203,7 +214,8 @@ absl::Status MergePeftIntoShare(const PeftLoraAdapter& adapter, const std::strin
       it = updated.emplace(name, std::move(fresh)).first;
     }
     absl::Status s = it->second.MergeLora(task, m.b, m.a, m.scale);
-    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("PEFT import: module '", name, "': ", s.message()));
+    if (!s.ok())
+      return absl::Status(s.code(), absl::StrCat("PEFT import: module '", name, "': ", s.message()));
   }
   for (auto& [name, module] : updated) {
     if (adapter.modules.count(name)) continue;

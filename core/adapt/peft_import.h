@@ -30,9 +30,9 @@
 namespace strata {
 
 struct PeftLoraModule {
-  at::Tensor a;        // lora_A [r, d] float32 CPU
-  at::Tensor b;        // lora_B [n, r] float32 CPU
-  double scale = 1.0;  // ΔW = scale·b·a
+  at::Tensor a;              // lora_A [r, d] float32 CPU
+  at::Tensor b;              // lora_B [n, r] float32 CPU
+  double scale = 1.0;        // ΔW = scale·b·a
   at::Tensor Delta() const;  // [n, d]
 };
 

@@ -21,7 +21,8 @@ absl::Status ValidateRecipe(const TrainingRecipe& r) {
     return Bad("learning_rate", absl::StrCat("must be finite and > 0, got ", r.learning_rate));
   }
   if (r.max_steps < 0) return Bad("max_steps", absl::StrCat("must be >= 0 (0 = epochs), got ", r.max_steps));
-  if (r.max_steps == 0 && r.epochs < 1) return Bad("epochs", absl::StrCat("must be >= 1 when max_steps is 0, got ", r.epochs));
+  if (r.max_steps == 0 && r.epochs < 1)
+    return Bad("epochs", absl::StrCat("must be >= 1 when max_steps is 0, got ", r.epochs));
   if (r.batch_size < 1) return Bad("batch_size", absl::StrCat("must be >= 1, got ", r.batch_size));
   if (r.max_seq_len < 8) return Bad("max_seq_len", absl::StrCat("must be >= 8, got ", r.max_seq_len));
   if (!(r.warmup_ratio >= 0 && r.warmup_ratio <= 1)) {
@@ -29,7 +30,8 @@ absl::Status ValidateRecipe(const TrainingRecipe& r) {
   }
   if (r.warmup_steps < 0) return Bad("warmup_steps", absl::StrCat("must be >= 0, got ", r.warmup_steps));
   if (r.lr_schedule != "linear" && r.lr_schedule != "cosine" && r.lr_schedule != "constant") {
-    return Bad("lr_schedule", absl::StrCat("must be linear, cosine or constant, got \"", r.lr_schedule, "\""));
+    return Bad("lr_schedule",
+               absl::StrCat("must be linear, cosine or constant, got \"", r.lr_schedule, "\""));
   }
   return ValidateMethodConfig(r.method_config);
 }
@@ -41,12 +43,14 @@ absl::Status ValidateOverrides(const TrainOverrides& o) {
   if (o.learning_rate && !(std::isfinite(*o.learning_rate) && *o.learning_rate > 0)) {
     return bad("learning_rate", absl::StrCat("must be a finite number > 0, got ", *o.learning_rate));
   }
-  if (o.max_steps && *o.max_steps < 1) return bad("max_steps", absl::StrCat("must be >= 1, got ", *o.max_steps));
+  if (o.max_steps && *o.max_steps < 1)
+    return bad("max_steps", absl::StrCat("must be >= 1, got ", *o.max_steps));
   if (o.epochs && *o.epochs < 1) return bad("epochs", absl::StrCat("must be >= 1, got ", *o.epochs));
   if (o.batch_size && (*o.batch_size < 1 || *o.batch_size > 4096)) {
     return bad("batch_size", absl::StrCat("must be in [1, 4096], got ", *o.batch_size));
   }
-  if (o.rank && (*o.rank < 1 || *o.rank > 1024)) return bad("rank", absl::StrCat("must be in [1, 1024], got ", *o.rank));
+  if (o.rank && (*o.rank < 1 || *o.rank > 1024))
+    return bad("rank", absl::StrCat("must be in [1, 1024], got ", *o.rank));
   if (o.alpha && !(std::isfinite(*o.alpha) && *o.alpha > 0)) {
     return bad("alpha", absl::StrCat("must be a finite number > 0, got ", *o.alpha));
   }
@@ -60,15 +64,16 @@ absl::Status ValidateOverrides(const TrainOverrides& o) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults, absl::string_view requested_method,
-                                                 const TrainOverrides& o, const CommittedState& state) {
+absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults,
+                                                 absl::string_view requested_method, const TrainOverrides& o,
+                                                 const CommittedState& state) {
   if (!requested_method.empty()) {
     if (absl::Status st = CheckMethodName(requested_method); !st.ok()) return st;
     if (requested_method != state.method) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "the task asks for method ", requested_method, ", but this server's adaptation state uses ", state.method,
-          " (one method per state directory; start another server with --method=", requested_method,
-          " and its own --state_dir)"));
+          "the task asks for method ", requested_method, ", but this server's adaptation state uses ",
+          state.method, " (one method per state directory; start another server with --method=",
+          requested_method, " and its own --state_dir)"));
     }
   }
   RETURN_IF_ERROR(ValidateOverrides(o));
@@ -87,12 +92,12 @@ absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults,
     r.method_config.seed = defaults.seed;
   } else {
     if (o.rank && *o.rank != state.config.rank) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("overrides.rank: the rank is fixed once the first task is learned (", state.config.rank, ")"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "overrides.rank: the rank is fixed once the first task is learned (", state.config.rank, ")"));
     }
     if (o.alpha && *o.alpha != state.config.alpha) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("overrides.alpha: alpha is fixed once the first task is learned (", state.config.alpha, ")"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "overrides.alpha: alpha is fixed once the first task is learned (", state.config.alpha, ")"));
     }
     // The state's config, with this task's per-task options.
     MethodConfig c = state.config;

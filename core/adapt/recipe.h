@@ -33,11 +33,11 @@ struct TrainingRecipe {
   int64_t max_steps = 300;  // > 0: exactly this many optimizer steps; 0: epochs
   int64_t epochs = 1;
   int64_t batch_size = 16;
-  int64_t max_seq_len = 256;   // tokens per training / scoring sequence (longer examples are refused)
+  int64_t max_seq_len = 256;  // tokens per training / scoring sequence (longer examples are refused)
   double warmup_ratio = kDefaultWarmupRatio;  // fraction of the steps
-  int64_t warmup_steps = 0;    // > 0 wins over warmup_ratio
-  std::string lr_schedule = "linear";  // linear, cosine or constant (after warmup)
-  uint64_t seed = 0;           // batch order; also the adapter initialisation of a new state
+  int64_t warmup_steps = 0;                   // > 0 wins over warmup_ratio
+  std::string lr_schedule = "linear";         // linear, cosine or constant (after warmup)
+  uint64_t seed = 0;                          // batch order; also the adapter initialisation of a new state
 
   // Sets the rank r and Share's pseudo-rank p together (they are one setting for users).
   void SetRank(int64_t rank) {
@@ -68,9 +68,9 @@ absl::Status ValidateRecipe(const TrainingRecipe& recipe);
 
 // The adaptation state a task joins.
 struct CommittedState {
-  std::string method;        // the state's method
-  int64_t tasks = 0;         // tasks learned (0: the state is still empty)
-  MethodConfig config;       // the state's method config (ignored while tasks == 0)
+  std::string method;   // the state's method
+  int64_t tasks = 0;    // tasks learned (0: the state is still empty)
+  MethodConfig config;  // the state's method config (ignored while tasks == 0)
 };
 
 // The recipe task `requested_method` (empty = the state's) trains with: `defaults` with
@@ -79,8 +79,10 @@ struct CommittedState {
 // (λ from the overrides or the defaults, the defaults' other per-task options) changed.
 // INVALID_ARGUMENT for a bad or non-finite value (naming "overrides.<field>"), FAILED_PRECONDITION
 // for a method other than the state's or a state-shaping override that differs from the state.
-absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults, absl::string_view requested_method,
-                                                 const TrainOverrides& overrides, const CommittedState& state);
+absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults,
+                                                 absl::string_view requested_method,
+                                                 const TrainOverrides& overrides,
+                                                 const CommittedState& state);
 
 // {"method", "method_config": {...}, "learning_rate", ...}: logged at start and written by the
 // benchmarks next to their results.

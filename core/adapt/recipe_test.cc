@@ -28,7 +28,8 @@ TEST(MethodRegistryTest, EveryMethodRegistersWithItsCapabilities) {
     // The descriptor's capabilities are the method's.
     EXPECT_EQ((*m)->SupportsTaskRouting(), d.task_routing) << d.name;
     EXPECT_EQ((*m)->joint(), d.joint) << d.name;
-    for (const std::string& o : d.options) EXPECT_TRUE(options.count(o)) << d.name << " reads unregistered " << o;
+    for (const std::string& o : d.options)
+      EXPECT_TRUE(options.count(o)) << d.name << " reads unregistered " << o;
   }
   EXPECT_TRUE(FindMethodDescriptor("share")->adapter_import);
   EXPECT_FALSE(FindMethodDescriptor("seq_lora")->adapter_import);
@@ -59,20 +60,28 @@ TEST(MethodRegistryTest, ConfigJsonCoversEveryOptionAndRefusesUnknownFields) {
 TEST(MethodRegistryTest, ValidationNamesTheField) {
   MethodConfig c;
   c.energy_threshold = 1.5;
-  EXPECT_THAT(std::string(ValidateMethodConfig(c).message()), HasSubstr("energy_threshold must be in (0, 1]"));
+  EXPECT_THAT(std::string(ValidateMethodConfig(c).message()),
+              HasSubstr("energy_threshold must be in (0, 1]"));
   c = MethodConfig{};
   c.alpha = std::numeric_limits<double>::infinity();
   EXPECT_THAT(std::string(ValidateMethodConfig(c).message()), HasSubstr("alpha must be finite and > 0"));
   c = MethodConfig{};
   c.osft_rank = "random";
-  EXPECT_THAT(std::string(ValidateMethodConfig(c).message()), HasSubstr("osft_rank must be \"uniform\" or \"adaptive\""));
+  EXPECT_THAT(std::string(ValidateMethodConfig(c).message()),
+              HasSubstr("osft_rank must be \"uniform\" or \"adaptive\""));
 }
 
 TEST(MethodRegistryTest, FlagsFromTheCommandLineAndEnvironment) {
   setenv("STRATA_TEST_K_MAX", "12", 1);
   setenv("STRATA_TEST_PHI", "3", 1);
-  std::vector<std::string> args = {"prog", "--phi=4", "--lambda", "0.25", "--grpc_port=1", "--targets=q_proj,v_proj",
-                                   "--share_training", "subspace"};
+  std::vector<std::string> args = {"prog",
+                                   "--phi=4",
+                                   "--lambda",
+                                   "0.25",
+                                   "--grpc_port=1",
+                                   "--targets=q_proj,v_proj",
+                                   "--share_training",
+                                   "subspace"};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -159,7 +168,8 @@ TEST(RecipeTest, TaskRecipeAgainstTheState) {
   EXPECT_THAT(std::string(inf.status().message()), HasSubstr("overrides.alpha"));
   TrainOverrides inf_lambda;
   inf_lambda.ella_lambda = std::numeric_limits<double>::infinity();
-  EXPECT_EQ(ResolveTaskRecipe(defaults, "", inf_lambda, empty).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ResolveTaskRecipe(defaults, "", inf_lambda, empty).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(RecipeTest, SetTaskConfigChangesOnlyPerTaskOptions) {

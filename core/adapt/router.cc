@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -39,9 +38,12 @@ absl::Status RouterOptions::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("router options: ", field, " ", why));
   };
   if (layer < -1) return bad("layer", absl::StrCat("must be >= 0 (or -1 = half of the layers), got ", layer));
-  if (!(shrinkage >= 0 && shrinkage <= 1)) return bad("shrinkage", absl::StrCat("must be in [0, 1], got ", shrinkage));
-  if (!(quantile > 0 && quantile <= 1)) return bad("quantile", absl::StrCat("must be in (0, 1], got ", quantile));
-  if (!(std::isfinite(margin) && margin >= 1)) return bad("margin", absl::StrCat("must be >= 1, got ", margin));
+  if (!(shrinkage >= 0 && shrinkage <= 1))
+    return bad("shrinkage", absl::StrCat("must be in [0, 1], got ", shrinkage));
+  if (!(quantile > 0 && quantile <= 1))
+    return bad("quantile", absl::StrCat("must be in (0, 1], got ", quantile));
+  if (!(std::isfinite(margin) && margin >= 1))
+    return bad("margin", absl::StrCat("must be >= 1, got ", margin));
   if (holdout_every < 2) return bad("holdout_every", absl::StrCat("must be >= 2, got ", holdout_every));
   return absl::OkStatus();
 }
@@ -66,7 +68,8 @@ int64_t TaskRouter::FeatureLayer(const CausalLM& model) const {
 }
 
 absl::StatusOr<at::Tensor> TaskRouter::Features(const CausalLM& base, const Tokenizer& tokenizer,
-                                                const std::vector<std::string>& prompts, int64_t batch_size) const {
+                                                const std::vector<std::string>& prompts,
+                                                int64_t batch_size) const {
   const int64_t layer = FeatureLayer(base);
   const int64_t hidden = base.config().hidden_size;
   if (prompts.empty()) return at::zeros({0, hidden}, at::kFloat);
@@ -79,7 +82,8 @@ absl::StatusOr<at::Tensor> TaskRouter::Features(const CausalLM& base, const Toke
     int64_t longest = 1;
     for (size_t i = start; i < end; ++i) {
       std::vector<int32_t> p = EncodePrompt(tokenizer, prompts[i]);
-      if (p.empty()) return absl::InvalidArgumentError(absl::StrCat("router: prompt ", i, " encodes to no token"));
+      if (p.empty())
+        return absl::InvalidArgumentError(absl::StrCat("router: prompt ", i, " encodes to no token"));
       if (static_cast<int64_t>(p.size()) > kMaxRouterTokens) p.erase(p.begin(), p.end() - kMaxRouterTokens);
       longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
       ids.push_back(std::move(p));
@@ -152,26 +156,29 @@ absl::Status TaskRouter::Rebuild() {
 absl::Status TaskRouter::AddTask(const std::string& name, const at::Tensor& features, int64_t layer) {
   RETURN_IF_ERROR(options_.Validate());
   if (name.empty()) return absl::InvalidArgumentError("router: empty task name");
-  if (HasTask(name)) return absl::AlreadyExistsError(absl::StrCat("router: task '", name, "' is already known"));
+  if (HasTask(name))
+    return absl::AlreadyExistsError(absl::StrCat("router: task '", name, "' is already known"));
   if (!features.defined() || features.dim() != 2 || features.size(0) < 2) {
     return absl::InvalidArgumentError(
         absl::StrCat("router: task '", name, "' needs the features of at least 2 training prompts"));
   }
   at::Tensor x = features.detach().to(at::kCPU, at::kDouble);
-  if (!AllFinite(x)) return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "' has non-finite features"));
+  if (!AllFinite(x))
+    return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "' has non-finite features"));
   const int64_t h = x.size(1);
   if (hidden_ != 0 && h != hidden_) {
     return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "' features have width ", h,
                                                    ", the router was built for ", hidden_));
   }
   if (layer < 0 || (layer_ >= 0 && layer != layer_)) {
-    return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "' features come from layer ", layer,
-                                                   ", the router uses layer ", layer_));
+    return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "' features come from layer ",
+                                                   layer, ", the router uses layer ", layer_));
   }
   const int64_t n = x.size(0);
   // Split: every holdout_every-th prompt calibrates (at least one), the rest fit.
   std::vector<int64_t> fit_idx, cal_idx;
-  for (int64_t i = 0; i < n; ++i) ((i % options_.holdout_every) == options_.holdout_every - 1 ? cal_idx : fit_idx).push_back(i);
+  for (int64_t i = 0; i < n; ++i)
+    ((i % options_.holdout_every) == options_.holdout_every - 1 ? cal_idx : fit_idx).push_back(i);
   if (cal_idx.empty()) {
     cal_idx.push_back(fit_idx.back());
     fit_idx.pop_back();
@@ -195,7 +202,8 @@ absl::Status TaskRouter::AddTask(const std::string& name, const at::Tensor& feat
     w = Whitening(scatter + add_scatter(fit, mu_fit), n_total + fit.size(0) - (num_tasks() + 1), h,
                   options_.shrinkage);
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(absl::StrCat("router: task '", name, "': covariance: ", e.what_without_backtrace()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("router: task '", name, "': covariance: ", e.what_without_backtrace()));
   }
   at::Tensor d2 = (cal - mu_fit.unsqueeze(0)).mm(w.t()).square().sum(1);
   std::vector<double> dist(d2.data_ptr<double>(), d2.data_ptr<double>() + d2.numel());
@@ -270,7 +278,8 @@ void TaskRouter::ExportState(const std::string& prefix, std::map<std::string, at
   j["margin"] = options_.margin;
   j["holdout_every"] = options_.holdout_every;
   json tasks = json::array();
-  for (const TaskEntry& t : tasks_) tasks.push_back({{"name", t.name}, {"count", t.count}, {"threshold", t.threshold}});
+  for (const TaskEntry& t : tasks_)
+    tasks.push_back({{"name", t.name}, {"count", t.count}, {"threshold", t.threshold}});
   j["tasks"] = tasks;
   *json_out = j.dump();
 }
@@ -278,10 +287,13 @@ void TaskRouter::ExportState(const std::string& prefix, std::map<std::string, at
 absl::StatusOr<TaskRouter> TaskRouter::ImportState(const std::string& text, const std::string& prefix,
                                                    const std::map<std::string, at::Tensor>& tensors) {
   json j = json::parse(text.empty() ? std::string("{}") : text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError("router state: not a JSON object");
+  if (j.is_discarded() || !j.is_object())
+    return absl::InvalidArgumentError("router state: not a JSON object");
   TaskRouter r;
   if (j.empty()) return r;
-  auto bad = [](const std::string& why) { return absl::InvalidArgumentError(absl::StrCat("router state: ", why)); };
+  auto bad = [](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("router state: ", why));
+  };
   if (j.value("format", "") != kFormat) return bad(absl::StrCat("format must be '", kFormat, "'"));
   try {
     r.layer_ = j.at("layer").get<int64_t>();
@@ -292,16 +304,19 @@ absl::StatusOr<TaskRouter> TaskRouter::ImportState(const std::string& text, cons
     r.options_.margin = j.at("margin").get<double>();
     r.options_.holdout_every = j.at("holdout_every").get<int64_t>();
     for (const json& t : j.at("tasks")) {
-      r.tasks_.push_back({t.at("name").get<std::string>(), t.at("count").get<int64_t>(), t.at("threshold").get<double>()});
+      r.tasks_.push_back(
+          {t.at("name").get<std::string>(), t.at("count").get<int64_t>(), t.at("threshold").get<double>()});
     }
   } catch (const json::exception& e) {
     return bad(absl::StrCat("bad field: ", e.what()));
   }
   RETURN_IF_ERROR(r.options_.Validate());
   if (r.hidden_ < 1 || r.tasks_.empty()) return bad("no hidden size or no task");
-  auto get = [&](const char* name, int64_t rows, int64_t cols, at::ScalarType dtype) -> absl::StatusOr<at::Tensor> {
+  auto get = [&](const char* name, int64_t rows, int64_t cols,
+                 at::ScalarType dtype) -> absl::StatusOr<at::Tensor> {
     auto it = tensors.find(prefix + name);
-    if (it == tensors.end() || !it->second.defined()) return bad(absl::StrCat("missing tensor '", prefix, name, "'"));
+    if (it == tensors.end() || !it->second.defined())
+      return bad(absl::StrCat("missing tensor '", prefix, name, "'"));
     const at::Tensor& t = it->second;
     if (t.dim() != 2 || t.size(0) != rows || t.size(1) != cols) {
       return bad(absl::StrCat("tensor '", prefix, name, "' must be [", rows, ", ", cols, "]"));
@@ -316,10 +331,9 @@ absl::StatusOr<TaskRouter> TaskRouter::ImportState(const std::string& text, cons
   return r;
 }
 
-absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
-                                                                         const TaskRouter& router,
-                                                                         std::shared_ptr<const CausalLM> unmatched,
-                                                                         std::shared_ptr<const CausalLM> merged) {
+absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(
+    const CausalLM& base, const Method& method, const TaskRouter& router,
+    std::shared_ptr<const CausalLM> unmatched, std::shared_ptr<const CausalLM> merged) {
   std::vector<std::shared_ptr<const CausalLM>> out = {std::move(unmatched)};
   const auto& known = method.tasks();
   for (const std::string& task : router.TaskNames()) {

@@ -48,11 +48,11 @@ class Tokenizer;
 inline constexpr int64_t kMaxRouterTokens = 256;
 
 struct RouterOptions {
-  int64_t layer = -1;          // decoder layers run for the feature; -1 = (layers + 1) / 2
-  double shrinkage = 0.1;      // γ, in [0, 1]
-  double quantile = 0.99;      // q of the held-out distances, in (0, 1]
-  double margin = 2.0;         // τ = margin · quantile, >= 1 (chosen on cl-small: docs/benchmarks.md)
-  int64_t holdout_every = 5;   // every k-th training prompt calibrates τ (k >= 2)
+  int64_t layer = -1;         // decoder layers run for the feature; -1 = (layers + 1) / 2
+  double shrinkage = 0.1;     // γ, in [0, 1]
+  double quantile = 0.99;     // q of the held-out distances, in (0, 1]
+  double margin = 2.0;        // τ = margin · quantile, >= 1 (chosen on cl-small: docs/benchmarks.md)
+  int64_t holdout_every = 5;  // every k-th training prompt calibrates τ (k >= 2)
   absl::Status Validate() const;
   // The layer used for a model with `num_layers` decoder layers.
   int64_t ResolvedLayer(int64_t num_layers) const;
@@ -68,7 +68,9 @@ struct RouteDecision {
 };
 
 // Where a decision points in a RouteModels() list: 0 when no task fits, 1 + task_index otherwise.
-inline size_t RouteSlot(const RouteDecision& d) { return d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1; }
+inline size_t RouteSlot(const RouteDecision& d) {
+  return d.task_index < 0 ? 0 : static_cast<size_t>(d.task_index) + 1;
+}
 
 class TaskRouter;
 
@@ -76,10 +78,9 @@ class TaskRouter;
 // prompt that fits no task gets: the base model, or the merged weights); [1 + k] for the router's
 // k-th task, the model as of that task (Method::ApplyTaskRouting on a copy of `base`) or, when the
 // method keeps no per-task weights or does not know the task, `merged`. Index with RouteSlot().
-absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(const CausalLM& base, const Method& method,
-                                                                         const TaskRouter& router,
-                                                                         std::shared_ptr<const CausalLM> unmatched,
-                                                                         std::shared_ptr<const CausalLM> merged);
+absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> RouteModels(
+    const CausalLM& base, const Method& method, const TaskRouter& router,
+    std::shared_ptr<const CausalLM> unmatched, std::shared_ptr<const CausalLM> merged);
 
 class TaskRouter {
  public:
@@ -107,8 +108,8 @@ class TaskRouter {
   // One decision per row of `features` ([B, H]). An empty router decides "no task" for every row.
   std::vector<RouteDecision> Route(const at::Tensor& features) const;
 
-  int64_t StateBytes() const;          // everything Export writes
-  int64_t StateBytesPerTask() const;   // what one more task adds
+  int64_t StateBytes() const;         // everything Export writes
+  int64_t StateBytesPerTask() const;  // what one more task adds
   int64_t hidden_size() const { return hidden_; }
 
   // State: tensors "<prefix>means" [T, H] float32 and "<prefix>scatter" [H, H] float64, plus JSON

@@ -65,7 +65,8 @@ TEST(RouterTest, StateRoundTripAndBadInput) {
   ASSERT_TRUE(router.AddTask("b", Cluster(1, 40, gen), 1).ok());
   EXPECT_EQ(router.AddTask("a", Cluster(2, 40, gen), 1).code(), absl::StatusCode::kAlreadyExists);
   EXPECT_EQ(router.AddTask("c", at::randn({40, 5}), 1).code(), absl::StatusCode::kInvalidArgument);  // width
-  EXPECT_EQ(router.AddTask("c", Cluster(2, 1, gen), 1).code(), absl::StatusCode::kInvalidArgument);  // one prompt
+  EXPECT_EQ(router.AddTask("c", Cluster(2, 1, gen), 1).code(),
+            absl::StatusCode::kInvalidArgument);  // one prompt
   EXPECT_EQ(router.AddTask("c", Cluster(2, 40, gen), 2).code(), absl::StatusCode::kInvalidArgument);  // layer
   EXPECT_EQ(router.num_tasks(), 2);
 

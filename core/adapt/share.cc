@@ -5,10 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <tuple>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "core/util/status_macros.h"
@@ -128,19 +127,27 @@ absl::Status CheckFactor(const at::Tensor& t, const char* name, int64_t rows, in
 template <typename T>
 absl::StatusOr<T> Field(const json& j, const char* name) {
   auto it = j.find(name);
-  if (it == j.end()) return absl::InvalidArgumentError(absl::StrCat("Share state config: missing field '", name, "'"));
+  if (it == j.end())
+    return absl::InvalidArgumentError(absl::StrCat("Share state config: missing field '", name, "'"));
   if constexpr (std::is_same_v<T, std::string>) {
-    if (!it->is_string()) return absl::InvalidArgumentError(absl::StrCat("Share state config: field '", name, "' is not a string"));
+    if (!it->is_string())
+      return absl::InvalidArgumentError(
+          absl::StrCat("Share state config: field '", name, "' is not a string"));
   } else if constexpr (std::is_integral_v<T>) {
-    if (!it->is_number_integer()) return absl::InvalidArgumentError(absl::StrCat("Share state config: field '", name, "' is not an integer"));
+    if (!it->is_number_integer())
+      return absl::InvalidArgumentError(
+          absl::StrCat("Share state config: field '", name, "' is not an integer"));
   } else {
-    if (!it->is_number()) return absl::InvalidArgumentError(absl::StrCat("Share state config: field '", name, "' is not a number"));
+    if (!it->is_number())
+      return absl::InvalidArgumentError(
+          absl::StrCat("Share state config: field '", name, "' is not a number"));
   }
   return it->get<T>();
 }
 
-absl::StatusOr<at::Tensor> StateTensor(const std::map<std::string, at::Tensor>& tensors, const std::string& prefix,
-                                       const char* name, int64_t rows, int64_t cols, at::ScalarType dtype) {
+absl::StatusOr<at::Tensor> StateTensor(const std::map<std::string, at::Tensor>& tensors,
+                                       const std::string& prefix, const char* name, int64_t rows,
+                                       int64_t cols, at::ScalarType dtype) {
   const std::string key = prefix + name;
   auto it = tensors.find(key);
   if (it == tensors.end() || !it->second.defined()) {
@@ -172,16 +179,16 @@ std::pair<at::Tensor, at::Tensor> BalanceLowRankFactors(const at::Tensor& b, con
               " do not chain");
   if (r == 0) return {bd, ad};
   at::Tensor qb, rb, qa, ra;
-  std::tie(qb, rb) = at::linalg_qr(bd, "reduced");        // qb [n, m_b], rb [m_b, r]
-  std::tie(qa, ra) = at::linalg_qr(ad.t(), "reduced");    // qa [d, m_a], ra [m_a, r]
+  std::tie(qb, rb) = at::linalg_qr(bd, "reduced");      // qb [n, m_b], rb [m_b, r]
+  std::tie(qa, ra) = at::linalg_qr(ad.t(), "reduced");  // qa [d, m_a], ra [m_a, r]
   at::Tensor u, sv, vh;
   std::tie(u, sv, vh) = at::linalg_svd(rb.mm(ra.t()), /*full_matrices=*/false, c10::nullopt);
   // Directions with σ_i ≤ 1e-6·σ_1 are rounding noise of float32 factors (a rank-deficient b·a):
   // exact zero columns, so that they claim no subspace direction.
   const double smax = sv.numel() > 0 ? sv.max().item<double>() : 0.0;
   at::Tensor root = at::where(sv > 1e-6 * smax, sv, at::zeros_like(sv)).sqrt();  // [m], m = min(m_b, m_a)
-  at::Tensor b_out = qb.mm(u).mul(root);                  // [n, m]
-  at::Tensor a_out = qa.mm(vh.t()).mul(root).t();         // [m, d]
+  at::Tensor b_out = qb.mm(u).mul(root);                                         // [n, m]
+  at::Tensor a_out = qa.mm(vh.t()).mul(root).t();                                // [m, d]
   const int64_t m = root.size(0);
   if (m < r) {
     b_out = at::cat({b_out, at::zeros({bd.size(0), r - m}, F64())}, 1);
@@ -191,7 +198,8 @@ std::pair<at::Tensor, at::Tensor> BalanceLowRankFactors(const at::Tensor& b, con
 }
 
 absl::Status ShareOptions::Validate() const {
-  if (k_max < 1) return absl::InvalidArgumentError(absl::StrCat("ShareOptions.k_max must be >= 1, got ", k_max));
+  if (k_max < 1)
+    return absl::InvalidArgumentError(absl::StrCat("ShareOptions.k_max must be >= 1, got ", k_max));
   if (p < 1) return absl::InvalidArgumentError(absl::StrCat("ShareOptions.p must be >= 1, got ", p));
   if (phi < 1) return absl::InvalidArgumentError(absl::StrCat("ShareOptions.phi must be >= 1, got ", phi));
   if (!(std::isfinite(lora_alpha) && lora_alpha > 0)) {
@@ -209,9 +217,9 @@ absl::Status ShareOptions::Validate() const {
 
 std::vector<std::pair<std::string, at::Tensor>> ShareTaskFactors::NamedParameters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
-  const std::pair<const char*, const at::Tensor*> all[] = {
-      {"e_beta", &e_beta},     {"e_alpha", &e_alpha},   {"r_beta1", &r_beta1},
-      {"r_beta2", &r_beta2},   {"r_alpha1", &r_alpha1}, {"r_alpha2", &r_alpha2}};
+  const std::pair<const char*, const at::Tensor*> all[] = {{"e_beta", &e_beta},     {"e_alpha", &e_alpha},
+                                                           {"r_beta1", &r_beta1},   {"r_beta2", &r_beta2},
+                                                           {"r_alpha1", &r_alpha1}, {"r_alpha2", &r_alpha2}};
   for (const auto& [name, t] : all) {
     if (t->defined() && t->requires_grad()) out.emplace_back(name, *t);
   }
@@ -253,8 +261,8 @@ absl::StatusOr<ShareModule> ShareModule::Create(int64_t out_features, int64_t in
                                                 const ShareOptions& options) {
   RETURN_IF_ERROR(options.Validate());
   if (out_features < 1 || in_features < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ShareModule: bad layer size out_features=", out_features, " in_features=", in_features));
+    return absl::InvalidArgumentError(absl::StrCat("ShareModule: bad layer size out_features=", out_features,
+                                                   " in_features=", in_features));
   }
   ShareModule m;
   m.n_ = out_features;
@@ -319,10 +327,10 @@ ShareTaskFactors ShareModule::BeginTask(uint64_t seed, at::Device device) const 
     f.r_alpha1 = a0t;
     f.r_alpha2 = at::eye(p, F32());
   } else {
-    f.e_alpha = alpha_.t().mm(a0t).contiguous();                // [kα, p]
-    at::Tensor residual = a0t - alpha_.mm(f.e_alpha);           // [d, p]
+    f.e_alpha = alpha_.t().mm(a0t).contiguous();                        // [kα, p]
+    at::Tensor residual = a0t - alpha_.mm(f.e_alpha);                   // [d, p]
     f.r_alpha1 = ComplementBasis(alpha_, residual, options_.phi, gen);  // [d, φ]
-    f.r_alpha2 = f.r_alpha1.t().mm(residual).contiguous();      // [φ, p]
+    f.r_alpha2 = f.r_alpha1.t().mm(residual).contiguous();              // [φ, p]
   }
   // B side: zero at step 0.
   if (kb == 0) {
@@ -352,8 +360,9 @@ ShareTaskFactors ShareModule::BeginTask(uint64_t seed, at::Device device) const 
 
 absl::Status ShareModule::Merge(const std::string& task, const ShareTaskFactors& factors) {
   if (factors.basis_version != version_) {
-    return absl::FailedPreconditionError(absl::StrCat("Share: factors for task '", task, "' were created at basis version ",
-                                                      factors.basis_version, ", the module is at version ", version_));
+    return absl::FailedPreconditionError(
+        absl::StrCat("Share: factors for task '", task, "' were created at basis version ",
+                     factors.basis_version, ", the module is at version ", version_));
   }
   RETURN_IF_ERROR(CheckFactor(factors.beta, "beta", n_, k_beta()));
   RETURN_IF_ERROR(CheckFactor(factors.alpha, "alpha", d_, k_alpha()));
@@ -362,7 +371,8 @@ absl::Status ShareModule::Merge(const std::string& task, const ShareTaskFactors&
   RETURN_IF_ERROR(CheckFactor(factors.r_beta1, "r_beta1", n_, -1));
   RETURN_IF_ERROR(CheckFactor(factors.r_beta2, "r_beta2", factors.r_beta1.size(1), factors.e_beta.size(1)));
   RETURN_IF_ERROR(CheckFactor(factors.r_alpha1, "r_alpha1", d_, -1));
-  RETURN_IF_ERROR(CheckFactor(factors.r_alpha2, "r_alpha2", factors.r_alpha1.size(1), factors.e_beta.size(1)));
+  RETURN_IF_ERROR(
+      CheckFactor(factors.r_alpha2, "r_alpha2", factors.r_alpha1.size(1), factors.e_beta.size(1)));
   at::NoGradGuard no_grad;
   return MergeLora(task, factors.B().detach(), factors.A().detach(), factors.scale);
 }
@@ -399,7 +409,8 @@ absl::Status ShareModule::MergeFactors(const std::string& task, const at::Tensor
   SideMerge mb = MergeSide(beta_, g_beta_, bd, options_.k_max, options_.energy_threshold);
   SideMerge ma = MergeSide(alpha_, g_alpha_, ad.t(), options_.k_max, options_.energy_threshold);
   // Eager re-projection of every stored task: one GEMM per side.
-  at::Tensor e_beta = at::cat({mb.transform.mm(e_beta_.to(at::kDouble)), mb.e_new}, 1).to(at::kFloat).contiguous();
+  at::Tensor e_beta =
+      at::cat({mb.transform.mm(e_beta_.to(at::kDouble)), mb.e_new}, 1).to(at::kFloat).contiguous();
   at::Tensor e_alpha =
       at::cat({ma.transform.mm(e_alpha_.to(at::kDouble)), ma.e_new}, 1).to(at::kFloat).contiguous();
   // Commit (nothing above mutated the module).
@@ -414,7 +425,8 @@ absl::Status ShareModule::MergeFactors(const std::string& task, const at::Tensor
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::TaskCoefficients(const std::string& task) const {
+absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::TaskCoefficients(
+    const std::string& task) const {
   const TaskRecord* rec = FindTask(task);
   if (rec == nullptr) return absl::NotFoundError(absl::StrCat("Share: no task '", task, "'"));
   return std::make_pair(e_beta_.narrow(1, rec->offset, rec->rank).clone(),
@@ -445,7 +457,8 @@ absl::StatusOr<at::Tensor> ShareModule::TaskDelta(const std::string& task) const
   return b.mm(a).mul(scale());
 }
 
-absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::CumulativeFactors(const std::string& task) const {
+absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::CumulativeFactors(
+    const std::string& task) const {
   const TaskRecord* rec = FindTask(task);
   if (rec == nullptr) return absl::NotFoundError(absl::StrCat("Share: no task '", task, "'"));
   at::NoGradGuard no_grad;
@@ -501,15 +514,18 @@ std::string ShareModule::ConfigJson() const {
   return j.dump();
 }
 
-absl::StatusOr<ShareModule> ShareModule::ImportState(const std::string& config_json, const std::string& prefix,
+absl::StatusOr<ShareModule> ShareModule::ImportState(const std::string& config_json,
+                                                     const std::string& prefix,
                                                      const std::map<std::string, at::Tensor>& tensors) {
   json j = json::parse(config_json, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat("Share state config for '", prefix, "' is not a JSON object"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Share state config for '", prefix, "' is not a JSON object"));
   }
   ASSIGN_OR_RETURN(std::string format, Field<std::string>(j, "format"));
   if (format != kFormat) {
-    return absl::InvalidArgumentError(absl::StrCat("Share state config: format '", format, "', expected '", kFormat, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("Share state config: format '", format, "', expected '", kFormat, "'"));
   }
   ShareOptions options;
   ASSIGN_OR_RETURN(int64_t n, Field<int64_t>(j, "out_features"));
@@ -533,10 +549,13 @@ absl::StatusOr<ShareModule> ShareModule::ImportState(const std::string& config_j
   }
   int64_t total_rank = 0;
   for (const json& t : *tasks_it) {
-    if (!t.is_object()) return absl::InvalidArgumentError("Share state config: a 'tasks' entry is not an object");
+    if (!t.is_object())
+      return absl::InvalidArgumentError("Share state config: a 'tasks' entry is not an object");
     ASSIGN_OR_RETURN(std::string name, Field<std::string>(t, "name"));
     ASSIGN_OR_RETURN(int64_t rank, Field<int64_t>(t, "rank"));
-    if (rank < 0) return absl::InvalidArgumentError(absl::StrCat("Share state config: task '", name, "' has rank ", rank));
+    if (rank < 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("Share state config: task '", name, "' has rank ", rank));
     RETURN_IF_ERROR(m.CheckNewTaskName(name));
     m.tasks_.push_back({name, total_rank, rank});
     total_rank += rank;

@@ -73,16 +73,16 @@ struct ShareOptions {
 // frozen and Eβ_t/Eα_t are empty, so task 1 is exactly a rank-p LoRA (B = Rβ1, A = Rα1ᵀ).
 // Step 0 therefore reproduces the served model: Forward(x) = 0.
 struct ShareTaskFactors {
-  at::Tensor beta;      // [n, kβ]  frozen snapshot of the basis
-  at::Tensor alpha;     // [d, kα]  frozen snapshot of the basis
-  at::Tensor e_beta;    // [kβ, p]
-  at::Tensor e_alpha;   // [kα, p]
-  at::Tensor r_beta1;   // [n, φβ]
-  at::Tensor r_beta2;   // [φβ, p]
-  at::Tensor r_alpha1;  // [d, φα]
-  at::Tensor r_alpha2;  // [φα, p]
-  double scale = 1.0;          // s = lora_alpha / p
-  int64_t basis_version = 0;   // ShareModule::version() when created; Merge checks it
+  at::Tensor beta;            // [n, kβ]  frozen snapshot of the basis
+  at::Tensor alpha;           // [d, kα]  frozen snapshot of the basis
+  at::Tensor e_beta;          // [kβ, p]
+  at::Tensor e_alpha;         // [kα, p]
+  at::Tensor r_beta1;         // [n, φβ]
+  at::Tensor r_beta2;         // [φβ, p]
+  at::Tensor r_alpha1;        // [d, φα]
+  at::Tensor r_alpha2;        // [φα, p]
+  double scale = 1.0;         // s = lora_alpha / p
+  int64_t basis_version = 0;  // ShareModule::version() when created; Merge checks it
 
   // The tensors with requires_grad (what the optimiser steps), under the member names above.
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;

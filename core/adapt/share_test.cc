@@ -47,7 +47,8 @@ double OrthoErr(const at::Tensor& q) {
 }
 
 std::string TempDir(const std::string& name) {
-  std::string dir = std::string(::testing::TempDir()) + "/strata_share_" + std::to_string(::getpid()) + "_" + name;
+  std::string dir =
+      std::string(::testing::TempDir()) + "/strata_share_" + std::to_string(::getpid()) + "_" + name;
   EXPECT_TRUE(RemoveAll(dir).ok());
   return dir;
 }
@@ -392,10 +393,10 @@ TEST(ShareTest, TruncationErrorWithinEnergyBound) {
 //   later tasks ≤ φ each) up to merge 50. The per-task coefficients (Eβ_i, Eα_i) are excluded: they
 //   grow by (kβ + kα)·p·4 = 2·32·8·4 bytes per task by design.
 // - Time: each merge is timed as the minimum over 5 merges of the same task into copies of the
-//   module (copies are independent; this filters the noise of a shared machine), on one thread. The cost depends on
-//   k (QR of n×(k+p)), not on t; k still grows during merges 1–5, so the assertion compares the first
-//   five merges at k = k_max with merges 46–50 (≤ 3×, generous so that it cannot flake). Merges 1–5
-//   are printed for reference.
+//   module (copies are independent; this filters the noise of a shared machine), on one thread. The cost
+//   depends on k (QR of n×(k+p)), not on t; k still grows during merges 1–5, so the assertion compares the
+//   first five merges at k = k_max with merges 46–50 (≤ 3×, generous so that it cannot flake). Merges 1–5 are
+//   printed for reference.
 
 TEST(ShareTest, MergeCostAndStateSizeDoNotGrow) {
   const int64_t n = 1024, d = 1024;
@@ -425,7 +426,8 @@ TEST(ShareTest, MergeCostAndStateSizeDoNotGrow) {
       ShareModule copy = m;
       auto start = std::chrono::steady_clock::now();
       ASSERT_TRUE(copy.Merge(name, f).ok());
-      best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      best = std::min(
+          best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
     }
     ms.push_back(best);
     ASSERT_TRUE(m.Merge(name, f).ok());
@@ -450,8 +452,8 @@ TEST(ShareTest, MergeCostAndStateSizeDoNotGrow) {
   };
   const double early = window_min(1, 5), settled = window_min(saturated_at + 1, saturated_at + 5),
                late = window_min(46, 50);
-  std::cout << "[ per-merge ms (min): merges 1-5 " << early << ", " << saturated_at + 1 << "-" << saturated_at + 5
-            << " (k = k_max) " << settled << ", 46-50 " << late << " ]" << std::endl;
+  std::cout << "[ per-merge ms (min): merges 1-5 " << early << ", " << saturated_at + 1 << "-"
+            << saturated_at + 5 << " (k = k_max) " << settled << ", 46-50 " << late << " ]" << std::endl;
   EXPECT_LT(late, 3.0 * settled);
   EXPECT_LT(OrthoErr(m.beta()), 1e-5);
   EXPECT_LT(OrthoErr(m.alpha()), 1e-5);
@@ -479,7 +481,8 @@ TEST(ShareTest, StateRoundTripThroughSafetensors) {
   ASSERT_TRUE(MakeDirs(dir).ok());
   const std::string path = dir + "/state.safetensors";
   std::vector<std::pair<std::string, at::Tensor>> list(tensors.begin(), tensors.end());
-  ASSERT_TRUE(WriteSafetensors(path, list, {{"q_proj", m.ConfigJson()}, {"v_proj", empty.ConfigJson()}}).ok());
+  ASSERT_TRUE(
+      WriteSafetensors(path, list, {{"q_proj", m.ConfigJson()}, {"v_proj", empty.ConfigJson()}}).ok());
   auto file = SafetensorsFile::Open(path);
   ASSERT_TRUE(file.ok()) << file.status();
   std::map<std::string, at::Tensor> loaded;
@@ -488,8 +491,8 @@ TEST(ShareTest, StateRoundTripThroughSafetensors) {
     ASSERT_TRUE(t.ok()) << t.status();
     loaded[name] = *t;
   }
-  auto back = ShareModule::ImportState((*file)->metadata().at("q_proj"), "model.layers.0.self_attn.q_proj.share.",
-                                       loaded);
+  auto back = ShareModule::ImportState((*file)->metadata().at("q_proj"),
+                                       "model.layers.0.self_attn.q_proj.share.", loaded);
   ASSERT_TRUE(back.ok()) << back.status();
   auto back_empty = ShareModule::ImportState((*file)->metadata().at("v_proj"),
                                              "model.layers.0.self_attn.v_proj.share.", loaded);
@@ -515,8 +518,8 @@ TEST(ShareTest, StateRoundTripThroughSafetensors) {
 
   // Corrupt state is rejected with the tensor's name.
   loaded["model.layers.0.self_attn.q_proj.share.e_beta"] = at::zeros({3, 3});
-  auto bad = ShareModule::ImportState((*file)->metadata().at("q_proj"), "model.layers.0.self_attn.q_proj.share.",
-                                      loaded);
+  auto bad = ShareModule::ImportState((*file)->metadata().at("q_proj"),
+                                      "model.layers.0.self_attn.q_proj.share.", loaded);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("q_proj.share.e_beta"), std::string::npos) << bad.status();
   EXPECT_FALSE(ShareModule::ImportState("{", "x.", loaded).ok());
@@ -535,11 +538,14 @@ TEST(ShareTest, MergeRejectsBadInputAndLeavesStateUnchanged) {
   const int64_t version = m.version();
 
   EXPECT_EQ(m.Merge("y", stale).code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(m.MergeFactors("x", Randn({n, 2}, gen), Randn({2, d}, gen)).code(), absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ(m.MergeFactors("", Randn({n, 2}, gen), Randn({2, d}, gen)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.MergeFactors("x", Randn({n, 2}, gen), Randn({2, d}, gen)).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(m.MergeFactors("", Randn({n, 2}, gen), Randn({2, d}, gen)).code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(m.MergeFactors("y", Randn({n + 1, 2}, gen), Randn({2, d}, gen)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(m.MergeFactors("y", Randn({n, 2}, gen), Randn({3, d}, gen)).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.MergeFactors("y", Randn({n, 2}, gen), Randn({3, d}, gen)).code(),
+            absl::StatusCode::kInvalidArgument);
   at::Tensor nan_b = Randn({n, 2}, gen);
   nan_b[0][0] = std::nan("");
   EXPECT_EQ(m.MergeFactors("y", nan_b, Randn({2, d}, gen)).code(), absl::StatusCode::kInvalidArgument);
@@ -599,8 +605,9 @@ TEST(ShareTest, PeftImportRoundTrip) {
     tensors.emplace_back("base_model.model." + module + ".lora_B.weight", ab.second);
   }
   ASSERT_TRUE(WriteSafetensors(dir + "/adapter_model.safetensors", tensors).ok());
-  ASSERT_TRUE(WriteFileAtomic(dir + "/adapter_config.json",
-                              R"({"peft_type": "LORA", "r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
+  ASSERT_TRUE(WriteFileAtomic(
+                  dir + "/adapter_config.json",
+                  R"({"peft_type": "LORA", "r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
                                   "bias": "none", "task_type": "CAUSAL_LM", "lora_dropout": 0.05})")
                   .ok());
 
@@ -631,9 +638,11 @@ TEST(ShareTest, PeftImportRoundTrip) {
     EXPECT_EQ(*sm.TaskRank("imported"), r);
   }
   EXPECT_EQ(modules.at("model.layers.0.self_attn.v_proj").out_features(), kv);
-  EXPECT_LT(RelErr(*modules.at("model.layers.0.self_attn.q_proj").TaskDelta("earlier"), b0.mm(a0) * 2.0), 1e-5);
+  EXPECT_LT(RelErr(*modules.at("model.layers.0.self_attn.q_proj").TaskDelta("earlier"), b0.mm(a0) * 2.0),
+            1e-5);
   EXPECT_EQ(*modules.at("model.layers.0.self_attn.o_proj").TaskRank("imported"), 0);
-  EXPECT_EQ(modules.at("model.layers.0.self_attn.o_proj").TaskDelta("imported")->abs().max().item<float>(), 0.0f);
+  EXPECT_EQ(modules.at("model.layers.0.self_attn.o_proj").TaskDelta("imported")->abs().max().item<float>(),
+            0.0f);
 
   // Importing the same task again fails and changes nothing.
   const at::Tensor beta_before = modules.at("model.layers.0.self_attn.q_proj").beta();
@@ -662,34 +671,40 @@ TEST(ShareTest, PeftImportRejectsMalformedAdapters) {
 
   const std::string dir = TempDir("peft_bad");
   ASSERT_TRUE(MakeDirs(dir).ok());
-  const std::string config = R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})";
+  const std::string config =
+      R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})";
   ASSERT_TRUE(WriteFileAtomic(dir + "/adapter_config.json", config).ok());
   // lora_A without lora_B.
-  ASSERT_TRUE(WriteSafetensors(dir + "/adapter_model.safetensors",
-                               {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Randn({2, 8}, gen)}})
+  ASSERT_TRUE(WriteSafetensors(
+                  dir + "/adapter_model.safetensors",
+                  {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Randn({2, 8}, gen)}})
                   .ok());
   auto s = ReadPeftLoraAdapter(dir).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("model.layers.0.self_attn.q_proj"), std::string::npos) << s;
   // Rank mismatch between A and B.
-  ASSERT_TRUE(WriteSafetensors(dir + "/adapter_model.safetensors",
-                               {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Randn({2, 8}, gen)},
-                                {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", Randn({8, 3}, gen)}})
-                  .ok());
-  EXPECT_EQ(ReadPeftLoraAdapter(dir).status().code(), absl::StatusCode::kInvalidArgument);
-  // DoRA is not supported.
   ASSERT_TRUE(WriteSafetensors(
                   dir + "/adapter_model.safetensors",
                   {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Randn({2, 8}, gen)},
-                   {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", Randn({8, 2}, gen)},
-                   {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", Randn({1, 8}, gen)}})
+                   {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", Randn({8, 3}, gen)}})
                   .ok());
+  EXPECT_EQ(ReadPeftLoraAdapter(dir).status().code(), absl::StatusCode::kInvalidArgument);
+  // DoRA is not supported.
+  ASSERT_TRUE(
+      WriteSafetensors(
+          dir + "/adapter_model.safetensors",
+          {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", Randn({2, 8}, gen)},
+           {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", Randn({8, 2}, gen)},
+           {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", Randn({1, 8}, gen)}})
+          .ok());
   EXPECT_EQ(ReadPeftLoraAdapter(dir).status().code(), absl::StatusCode::kUnimplemented);
   // Adapter-name infix is accepted; a bad config field is reported.
-  ASSERT_TRUE(WriteSafetensors(dir + "/adapter_model.safetensors",
-                               {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", Randn({2, 8}, gen)},
-                                {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight", Randn({8, 2}, gen)}})
-                  .ok());
+  ASSERT_TRUE(
+      WriteSafetensors(
+          dir + "/adapter_model.safetensors",
+          {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", Randn({2, 8}, gen)},
+           {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight", Randn({8, 2}, gen)}})
+          .ok());
   EXPECT_TRUE(ReadPeftLoraAdapter(dir).ok());
   ASSERT_TRUE(WriteFileAtomic(dir + "/adapter_config.json", R"({"r": "two", "lora_alpha": 4})").ok());
   s = ReadPeftLoraAdapter(dir).status();

@@ -8,10 +8,10 @@
 #include <memory>
 #include <string>
 
-#include "core/adapt/trainer.h"
 #include "core/adapt/method_config.h"
-#include "core/model/llama_configs.h"
+#include "core/adapt/trainer.h"
 #include "core/model/config.h"
+#include "core/model/llama_configs.h"
 #include "core/model/model.h"
 
 namespace strata::testing {
@@ -27,8 +27,9 @@ inline MethodConfig QvTestConfig() {
 }
 
 inline ModelConfig TinyConfig() {
-  ModelConfig c = TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2,
-                                  /*vocab=*/32, /*max_positions=*/64);
+  ModelConfig c =
+      TiedLlamaConfig(/*hidden=*/16, /*intermediate=*/24, /*layers=*/2, /*heads=*/4, /*kv_heads=*/2,
+                      /*vocab=*/32, /*max_positions=*/64);
   c.torch_dtype = "float32";
   return c;
 }

@@ -1,6 +1,5 @@
 // Tests of the Trainer: schedule, loss decrease, cancellation, non-finite detection, hooks, joint
 // training, determinism, and end-to-end runs on stories260K with the cl-small tasks.
-#include "core/adapt/test_fixtures.h"
 #include "core/adapt/trainer.h"
 
 #include <gmock/gmock.h>
@@ -13,6 +12,7 @@
 #include <cstdlib>
 
 #include "core/adapt/method.h"
+#include "core/adapt/test_fixtures.h"
 #include "core/data/dataset.h"
 #include "core/eval/scorers.h"
 #include "core/model/tokenizer.h"

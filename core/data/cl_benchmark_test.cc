@@ -35,8 +35,9 @@ TEST(ClBenchmarkTest, TaskSpecErrorsNameTheField) {
       HasSubstr("duplicate label \"a\""));
   EXPECT_THAT(std::string(ParseClTaskSpec("{", "t.json").status().message()), HasSubstr("not valid JSON"));
   // A number beyond a double is out_of_range, not parse_error, in nlohmann: refused, not thrown.
-  EXPECT_THAT(std::string(ParseClTaskSpec(R"({"instruction": "i", "n": 1e999})", "t.json").status().message()),
-              HasSubstr("not valid JSON"));
+  EXPECT_THAT(
+      std::string(ParseClTaskSpec(R"({"instruction": "i", "n": 1e999})", "t.json").status().message()),
+      HasSubstr("not valid JSON"));
   EXPECT_EQ(LoadClTaskSpec("/nonexistent/task.json").status().code(), absl::StatusCode::kNotFound);
 }
 

@@ -220,9 +220,10 @@ absl::StatusOr<std::vector<Example>> HoldOutEval(std::vector<Example>* train, do
         absl::StrCat("task '", task, "': no eval data; send eval chunks or set eval_fraction > 0"));
   }
   if (n_eval >= n) {
-    return absl::InvalidArgumentError(absl::StrCat("task '", task, "': ", n,
-                                                   " example(s) cannot be split into training and held-out eval "
-                                                   "data; send more examples or separate eval data"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("task '", task, "': ", n,
+                     " example(s) cannot be split into training and held-out eval "
+                     "data; send more examples or separate eval data"));
   }
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), 0);

@@ -246,7 +246,8 @@ ParseResult ParseLine(std::string_view line, const ValidationOptions& options) {
   if (!IsValidUtf8(line, &bad)) {
     std::string field = FieldAtOffset(line, bad);
     std::string where = field.empty() ? std::string() : absl::StrCat("field \"", field, "\": ");
-    return Fail(LineErrorReason::kInvalidUtf8, field, absl::StrCat(where, "invalid UTF-8 at column ", bad + 1));
+    return Fail(LineErrorReason::kInvalidUtf8, field,
+                absl::StrCat(where, "invalid UTF-8 at column ", bad + 1));
   }
   if (line.find('\n') != std::string_view::npos) {
     return Fail(LineErrorReason::kNotJson, "", "not valid JSON: the line contains a newline character");
@@ -325,7 +326,6 @@ std::string_view LineErrorReasonName(LineErrorReason reason) {
   }
   return "unknown";
 }
-
 
 JsonlValidator::JsonlValidator(std::string source, ValidationOptions options)
     : source_(std::move(source)), options_(options), config_status_(CheckConfig(options)) {}

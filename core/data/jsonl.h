@@ -164,5 +164,4 @@ absl::StatusOr<ParsedJsonl> ParseJsonlBuffer(std::string_view buffer, std::strin
                                              const ValidationOptions& options = {});
 absl::StatusOr<ParsedJsonl> ParseJsonlFile(const std::string& path, const ValidationOptions& options = {});
 
-
 }  // namespace strata

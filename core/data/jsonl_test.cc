@@ -117,8 +117,8 @@ TEST(JsonlTest, RejectsNotJson) {
 TEST(JsonlTest, RejectsNumberOverflowWithoutThrowing) {
   ExpectRejected({R"({"prompt": "p", "completion": 1e999})", LineErrorReason::kNotJson,
                   "not valid JSON: number overflow parsing '1e999'"});
-  ExpectRejected({R"({"prompt": "p", "completion": " c", "x": -1e400})", LineErrorReason::kNotJson,
-                  "number overflow"});
+  ExpectRejected(
+      {R"({"prompt": "p", "completion": " c", "x": -1e400})", LineErrorReason::kNotJson, "number overflow"});
 }
 
 TEST(JsonlTest, RejectsNonObjects) {
@@ -207,7 +207,8 @@ TEST(JsonlTest, RejectsInvalidUtf8) {
   ExpectRejected({"{\"prompt\": \"p\", \"completion\": \" \xE2\x82\"}", LineErrorReason::kInvalidUtf8,
                   "field \"completion\": invalid UTF-8"});  // truncated sequence
   ExpectRejected({"{\"prompt\": \"p\\\"\", \"completion\": \" a\", \"choices\": [\" a\", \"\xFF\"]}",
-                  LineErrorReason::kInvalidUtf8, "field \"choices\": invalid UTF-8"});  // after an escaped quote
+                  LineErrorReason::kInvalidUtf8,
+                  "field \"choices\": invalid UTF-8"});  // after an escaped quote
   ExpectRejected({"{\"pro\xFFmpt\": \"p\", \"completion\": \" c\"}", LineErrorReason::kInvalidUtf8,
                   "invalid UTF-8 at column 6"});  // in a field name: no field to name
 }

@@ -6,8 +6,8 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include "core/data/dataset.h"
 #include "absl/strings/str_cat.h"
+#include "core/data/dataset.h"
 #include "core/util/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -17,12 +17,18 @@ using nlohmann::json;
 
 const char* JobStateName(JobState s) {
   switch (s) {
-    case JobState::kQueued: return "queued";
-    case JobState::kTraining: return "training";
-    case JobState::kEvaluating: return "evaluating";
-    case JobState::kSucceeded: return "succeeded";
-    case JobState::kFailed: return "failed";
-    case JobState::kCancelled: return "cancelled";
+    case JobState::kQueued:
+      return "queued";
+    case JobState::kTraining:
+      return "training";
+    case JobState::kEvaluating:
+      return "evaluating";
+    case JobState::kSucceeded:
+      return "succeeded";
+    case JobState::kFailed:
+      return "failed";
+    case JobState::kCancelled:
+      return "cancelled";
   }
   return "unknown";
 }
@@ -51,11 +57,12 @@ absl::Status ValidateTaskName(const std::string& name, const std::string& field)
           absl::StrCat(field, ": '", name, "' may only contain letters, digits, '.', '_' and '-'"));
     }
   }
-  if (name == "." || name == "..") return absl::InvalidArgumentError(absl::StrCat(field, ": not a valid name"));
+  if (name == "." || name == "..")
+    return absl::InvalidArgumentError(absl::StrCat(field, ": not a valid name"));
   // Route names of Generate/Score: a task may not take them.
   if (name == "auto" || name == "merged" || name == "base") {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, ": '", name, "' is reserved (requests use auto, merged and base as route names)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": '", name, "' is reserved (requests use auto, merged and base as route names)"));
   }
   return absl::OkStatus();
 }
@@ -68,7 +75,8 @@ absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
     }
   }
   if (!(spec.eval_fraction >= 0 && spec.eval_fraction < 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("spec.eval_fraction: must be in [0, 1), got ", spec.eval_fraction));
+    return absl::InvalidArgumentError(
+        absl::StrCat("spec.eval_fraction: must be in [0, 1), got ", spec.eval_fraction));
   }
   if (spec.eval_cap < 1) return absl::InvalidArgumentError("spec.eval_cap: must be >= 1");
   if (!spec.scorer.empty() && !ParseScorer(spec.scorer).has_value()) {
@@ -105,7 +113,8 @@ T IntOr(const json& j, const char* key, T fallback) {
                v <= static_cast<int64_t>(std::numeric_limits<T>::max());
     out = static_cast<T>(v);
   } else {
-    throw std::invalid_argument(absl::StrCat("field \"", key, "\": expected an integer, got ", it->type_name()));
+    throw std::invalid_argument(
+        absl::StrCat("field \"", key, "\": expected an integer, got ", it->type_name()));
   }
   if (!in_range) throw std::invalid_argument(absl::StrCat("field \"", key, "\": integer out of range"));
   return out;
@@ -177,7 +186,8 @@ std::string JobToJson(const JobRecord& job) {
 
 absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string& source) {
   json j = json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return absl::DataLossError(absl::StrCat(source, ": not a JSON object"));
+  if (j.is_discarded() || !j.is_object())
+    return absl::DataLossError(absl::StrCat(source, ": not a JSON object"));
   try {
     JobRecord job;
     job.id = j.at("id").get<std::string>();

@@ -23,7 +23,7 @@ bool IsTerminal(JobState state);
 
 struct TaskSpecification {
   std::string name;
-  std::string method;  // empty = server default
+  std::string method;        // empty = server default
   TrainOverrides overrides;  // unset = the server's recipe
   double eval_fraction = 0.1;
   int32_t eval_cap = 200;

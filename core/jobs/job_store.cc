@@ -44,12 +44,13 @@ absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(const std::string& jobs
       ASSIGN_OR_RETURN(std::string text, ReadFile(path));
       ASSIGN_OR_RETURN(JobRecord job, JobFromJson(text, path));
       if (job.id != name) {
-        return absl::DataLossError(absl::StrCat(path, ": field \"id\" is '", job.id, "' but the directory is '",
-                                                name, "'"));
+        return absl::DataLossError(
+            absl::StrCat(path, ": field \"id\" is '", job.id, "' but the directory is '", name, "'"));
       }
       return job;
     }();
-    JobRecord job = parsed.ok() ? std::move(*parsed) : store->Quarantine(name, std::string(parsed.status().message()));
+    JobRecord job =
+        parsed.ok() ? std::move(*parsed) : store->Quarantine(name, std::string(parsed.status().message()));
     store->next_sequence_ = std::max(store->next_sequence_, job.sequence + 1);
     store->change_[job.id] = 1;
     store->jobs_[job.id] = std::move(job);
@@ -73,8 +74,10 @@ JobRecord JobStore::Quarantine(const std::string& name, const std::string& reaso
   const std::string src = JobDir(name) + "/job.json";
   std::string moved_to;
   if (PathExists(src)) {
-    const std::string dst = absl::StrCat(quarantine_dir, "/", name, "-job.json.", static_cast<int64_t>(job.created));
-    if (MakeDirs(quarantine_dir).ok() && std::rename(src.c_str(), dst.c_str()) == 0 && FsyncPath(quarantine_dir).ok()) {
+    const std::string dst =
+        absl::StrCat(quarantine_dir, "/", name, "-job.json.", static_cast<int64_t>(job.created));
+    if (MakeDirs(quarantine_dir).ok() && std::rename(src.c_str(), dst.c_str()) == 0 &&
+        FsyncPath(quarantine_dir).ok()) {
       moved_to = dst;
     }
   }
@@ -163,7 +166,8 @@ std::vector<JobRecord> JobStore::List() const {
   absl::ReaderMutexLock lock(&mu_);
   std::vector<JobRecord> out;
   for (const auto& [id, job] : jobs_) out.push_back(job);
-  std::sort(out.begin(), out.end(), [](const JobRecord& a, const JobRecord& b) { return a.sequence > b.sequence; });
+  std::sort(out.begin(), out.end(),
+            [](const JobRecord& a, const JobRecord& b) { return a.sequence > b.sequence; });
   return out;
 }
 
@@ -203,9 +207,11 @@ std::optional<JobRecord> JobStore::ActiveJobForTask(const std::string& task) con
   return std::nullopt;
 }
 
-absl::StatusOr<std::vector<Example>> JobStore::LoadExamples(const std::string& id, const std::string& split) const {
+absl::StatusOr<std::vector<Example>> JobStore::LoadExamples(const std::string& id,
+                                                            const std::string& split) const {
   std::string path = JobDir(id) + "/" + split + ".jsonl";
-  if (!PathExists(path)) return absl::NotFoundError(absl::StrCat("job ", id, " has no ", split, " data (", path, ")"));
+  if (!PathExists(path))
+    return absl::NotFoundError(absl::StrCat("job ", id, " has no ", split, " data (", path, ")"));
   ValidationOptions opts;
   ASSIGN_OR_RETURN(auto parsed, ParseJsonlFile(path, opts));
   return std::move(parsed.examples);
@@ -217,7 +223,8 @@ absl::Status JobStore::DeleteTrainingData(const std::string& id) {
   return FsyncPath(JobDir(id));
 }
 
-bool JobStore::WaitForChange(const std::string& id, int64_t* seen, absl::Duration timeout, JobRecord* out) const {
+bool JobStore::WaitForChange(const std::string& id, int64_t* seen, absl::Duration timeout,
+                             JobRecord* out) const {
   absl::MutexLock lock(&mu_);
   auto changed = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
     auto it = change_.find(id);

@@ -1,3 +1,5 @@
+#include "core/jobs/job_store.h"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -8,7 +10,6 @@
 #include <thread>
 #include <tuple>
 
-#include "core/jobs/job_store.h"
 #include "core/jobs/worker.h"
 #include "core/util/file_util.h"
 
@@ -19,8 +20,8 @@ namespace fs = std::filesystem;
 class TempDir {
  public:
   TempDir() {
-    path_ = (fs::temp_directory_path() / ("strata-jobs-" + std::to_string(::getpid()) + "-" +
-                                          std::to_string(counter_++)))
+    path_ = (fs::temp_directory_path() /
+             ("strata-jobs-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++)))
                 .string();
     fs::remove_all(path_);
     fs::create_directories(path_);
@@ -193,7 +194,8 @@ TEST(JobJson, NonIntegerNumbersAreRefusedNamingTheField) {
     auto r = JobFromJson(with(from, to), "job.json");
     ASSERT_FALSE(r.ok()) << to;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
-    EXPECT_NE(r.status().message().find("job.json: field \"" + field + "\""), std::string::npos) << r.status();
+    EXPECT_NE(r.status().message().find("job.json: field \"" + field + "\""), std::string::npos)
+        << r.status();
   }
 }
 

@@ -24,8 +24,9 @@ absl::Status Worker::Start() {
     } else if (job.attempts >= max_attempts_) {
       job.state = JobState::kFailed;
       job.finished = NowUnixSeconds();
-      job.error = absl::StrCat("the server stopped abnormally (crash or kill) during each of the ", job.attempts,
-                               " attempts to train this task; not retried (--max_job_attempts=", max_attempts_, ")");
+      job.error =
+          absl::StrCat("the server stopped abnormally (crash or kill) during each of the ", job.attempts,
+                       " attempts to train this task; not retried (--max_job_attempts=", max_attempts_, ")");
       spdlog::error("job {} ({}): {}", job.id, job.spec.name, job.error);
       (void)store_->DeleteTrainingData(job.id);
     } else {
@@ -152,7 +153,8 @@ void Worker::RunOne(JobRecord job) {
     job.finished = NowUnixSeconds();
     spdlog::error("job {}: failed: {}", job.id, job.error);
   }
-  if (auto st = store_->Update(job); !st.ok()) spdlog::error("job {}: cannot persist: {}", job.id, st.ToString());
+  if (auto st = store_->Update(job); !st.ok())
+    spdlog::error("job {}: cannot persist: {}", job.id, st.ToString());
   if (IsTerminal(job.state)) (void)store_->DeleteTrainingData(job.id);
   absl::MutexLock lock(&mu_);
   running_.clear();

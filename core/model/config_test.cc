@@ -89,7 +89,8 @@ TEST(ConfigTest, LoadMissingFileIsNotFound) {
 // Found by fuzz_model_config: a number beyond a double threw json::out_of_range (not parse_error)
 // out of ParseModelConfig, so a config.json with "rms_norm_eps": 1e505 terminated the process.
 TEST(ConfigTest, NumberOverflowIsInvalidArgumentNotAnException) {
-  auto c = ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e505})", "config.json");
+  auto c =
+      ParseModelConfig(R"({"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e505})", "config.json");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(c.status().message()), HasSubstr("config.json: invalid JSON"));

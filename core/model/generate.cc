@@ -1,5 +1,4 @@
 #include "core/model/generate.h"
-#include "core/util/utf8.h"
 
 #include <torch/torch.h>
 
@@ -14,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/util/utf8.h"
 
 namespace strata {
 namespace {
@@ -23,7 +23,6 @@ using Clock = std::chrono::steady_clock;
 // Number of prompt tokens decoded in front of the generated ones so that decoders which strip a
 // leading space at the start of a text ("▁Paris" -> "Paris") keep it in the middle of one.
 constexpr size_t kDecodeContextTokens = 4;
-
 
 // A small, portable PRNG (splitmix64): the sampled sequence depends only on the seed.
 class Rng {
@@ -102,8 +101,8 @@ struct SequenceState {
   size_t context = 0;           // number of leading context tokens in `tokens`
   size_t prefix_offset = 0;     // incremental detokenisation (see Detokenize)
   size_t read_offset = 0;
-  std::string text;             // generated text decoded so far (complete UTF-8 only)
-  size_t emitted = 0;           // bytes of `text` delivered through the callback
+  std::string text;    // generated text decoded so far (complete UTF-8 only)
+  size_t emitted = 0;  // bytes of `text` delivered through the callback
   int64_t max_new = 0;
   bool done = false;
   Rng rng{0};
@@ -115,22 +114,19 @@ struct SequenceState {
 // of the generation. Text ending in an incomplete UTF-8 sequence waits for the next token.
 void Detokenize(const Tokenizer& tokenizer, SequenceState& s, bool final) {
   const auto begin = s.tokens.begin();
-  const std::string prefix_text = tokenizer.Decode(
-      std::vector<int32_t>(begin + static_cast<std::ptrdiff_t>(s.prefix_offset),
-                           begin + static_cast<std::ptrdiff_t>(s.read_offset)),
-      /*skip_special_tokens=*/true);
+  const std::string prefix_text =
+      tokenizer.Decode(std::vector<int32_t>(begin + static_cast<std::ptrdiff_t>(s.prefix_offset),
+                                            begin + static_cast<std::ptrdiff_t>(s.read_offset)),
+                       /*skip_special_tokens=*/true);
   const std::string new_text = tokenizer.Decode(
       std::vector<int32_t>(begin + static_cast<std::ptrdiff_t>(s.prefix_offset), s.tokens.end()),
       /*skip_special_tokens=*/true);
-  if (new_text.size() <= prefix_text.size() ||
-      new_text.compare(0, prefix_text.size(), prefix_text) != 0) {
+  if (new_text.size() <= prefix_text.size() || new_text.compare(0, prefix_text.size(), prefix_text) != 0) {
     if (new_text.compare(0, prefix_text.size(), prefix_text) != 0) {
       // The decoder rewrote earlier text (unusual): fall back to decoding all generated tokens.
       const std::string all = tokenizer.Decode(
-          std::vector<int32_t>(begin + static_cast<std::ptrdiff_t>(s.context), s.tokens.end()),
-          true);
-      const std::string clean =
-          SanitizeUtf8(final ? all : all.substr(0, CompleteUtf8Prefix(all)));
+          std::vector<int32_t>(begin + static_cast<std::ptrdiff_t>(s.context), s.tokens.end()), true);
+      const std::string clean = SanitizeUtf8(final ? all : all.substr(0, CompleteUtf8Prefix(all)));
       if (clean.size() > s.text.size() && clean.compare(0, s.text.size(), s.text) == 0) {
         s.text = clean;
       }
@@ -163,8 +159,7 @@ size_t SafeEnd(const std::string& text, const std::vector<std::string>& stop_str
 
 absl::Status ValidateOptions(const SamplingOptions& o) {
   if (o.max_new_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_new_tokens must be >= 0, got ", o.max_new_tokens));
+    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be >= 0, got ", o.max_new_tokens));
   }
   if (!(o.temperature >= 0.0f) || std::isinf(o.temperature)) {
     return absl::InvalidArgumentError(
@@ -182,8 +177,7 @@ absl::Status ValidateOptions(const SamplingOptions& o) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model,
-                                                       const Tokenizer& tokenizer,
+absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model, const Tokenizer& tokenizer,
                                                        const std::vector<std::vector<int32_t>>& prompts,
                                                        const SamplingOptions& options,
                                                        const TokenCallback& on_token) {
@@ -197,10 +191,9 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model,
       return absl::InvalidArgumentError(absl::StrCat("prompt ", i, " is empty"));
     }
     if (static_cast<int64_t>(prompts[i].size()) > config.max_position_embeddings) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt ", i, " has ", prompts[i].size(),
-                       " tokens, more than the model's max_position_embeddings ",
-                       config.max_position_embeddings));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt ", i, " has ", prompts[i].size(), " tokens, more than the model's max_position_embeddings ",
+          config.max_position_embeddings));
     }
     for (int32_t id : prompts[i]) {
       if (id < 0 || id >= vocab) {

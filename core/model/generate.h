@@ -44,7 +44,7 @@ struct GenerationResult {
   std::string text;
   std::string finish_reason;  // "length", "eos", "stop", "cancelled"
   int64_t prompt_tokens = 0;
-  double seconds = 0;         // from the call until this sequence finished
+  double seconds = 0;  // from the call until this sequence finished
 };
 
 // Called for each generated token of sequence `index` (kept in ids; not for a stop/EOS token) with

@@ -6,10 +6,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 
@@ -375,8 +374,12 @@ std::unique_ptr<CausalLM> ScriptedModel(const std::vector<std::pair<int32_t, int
 TEST(GenerateTest, StreamingHoldsSplitCharacters) {
   auto b = [](int byte) { return 3 + byte; };
   // A -> C3 A9 (é) -> E4 BD A0 (你) -> A ...
-  auto m = ScriptedModel({{b('A'), b(0xC3)}, {b(0xC3), b(0xA9)}, {b(0xA9), b(0xE4)},
-                          {b(0xE4), b(0xBD)}, {b(0xBD), b(0xA0)}, {b(0xA0), b('A')}});
+  auto m = ScriptedModel({{b('A'), b(0xC3)},
+                          {b(0xC3), b(0xA9)},
+                          {b(0xA9), b(0xE4)},
+                          {b(0xE4), b(0xBD)},
+                          {b(0xBD), b(0xA0)},
+                          {b(0xA0), b('A')}});
   FakeByteTokenizer tok;
   SamplingOptions o;
   o.max_new_tokens = 7;
@@ -387,12 +390,13 @@ TEST(GenerateTest, StreamingHoldsSplitCharacters) {
     return true;
   });
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ((*r)[0].ids, (std::vector<int32_t>{b(0xC3), b(0xA9), b(0xE4), b(0xBD), b(0xA0), b('A'),
-                                               b(0xC3)}));
+  EXPECT_EQ((*r)[0].ids,
+            (std::vector<int32_t>{b(0xC3), b(0xA9), b(0xE4), b(0xBD), b(0xA0), b('A'), b(0xC3)}));
   // The last token starts a character that never completes: it ends as U+FFFD.
-  EXPECT_EQ(deltas, (std::vector<std::string>{"", "\xC3\xA9", "", "", "\xE4\xBD\xA0", "A",
-                                              "\xEF\xBF\xBD"}));
-  EXPECT_EQ((*r)[0].text, "\xC3\xA9\xE4\xBD\xA0" "A\xEF\xBF\xBD");
+  EXPECT_EQ(deltas, (std::vector<std::string>{"", "\xC3\xA9", "", "", "\xE4\xBD\xA0", "A", "\xEF\xBF\xBD"}));
+  EXPECT_EQ((*r)[0].text,
+            "\xC3\xA9\xE4\xBD\xA0"
+            "A\xEF\xBF\xBD");
   // Stopping on the byte after a partial character flushes it as U+FFFD (id -1).
   o.stop_ids = {b(0xBD)};
   std::vector<std::pair<int32_t, std::string>> calls;

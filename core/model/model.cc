@@ -1,8 +1,7 @@
 #include "core/model/model.h"
 
-#include <torch/torch.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,8 +31,7 @@ absl::StatusOr<at::ScalarType> ParseDtype(const std::string& dtype, const std::s
     return absl::InvalidArgumentError(
         "dtype float16: LibTorch has no float16 matmul on CPU; use float32 or bfloat16");
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("dtype \"", dtype, "\": expected float32 or bfloat16"));
+  return absl::InvalidArgumentError(absl::StrCat("dtype \"", dtype, "\": expected float32 or bfloat16"));
 }
 
 std::string DtypeName(at::ScalarType t) {
@@ -132,8 +130,7 @@ void KVCache::SelectRows(const at::Tensor& rows) {
   }
 }
 
-std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor& k,
-                                                  const at::Tensor& v) {
+std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "KVCache: keys/values must be [B, H, T, D]");
   if (layer >= keys_.size()) {
     keys_.resize(layer + 1);
@@ -146,8 +143,8 @@ std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor
   const int64_t t = k.size(2);
   if (keys.defined()) {
     TORCH_CHECK(keys.size(0) == k.size(0) && keys.size(1) == k.size(1) && keys.size(3) == k.size(3),
-                "KVCache: layer ", layer, " holds batch ", keys.size(0), " x ", keys.size(1),
-                " heads, got ", k.sizes());
+                "KVCache: layer ", layer, " holds batch ", keys.size(0), " x ", keys.size(1), " heads, got ",
+                k.sizes());
   }
   if (!keys.defined() || keys.size(2) < len + t) {
     const int64_t old_capacity = keys.defined() ? keys.size(2) : 0;
@@ -170,8 +167,9 @@ std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor
 // --- construction ----------------------------------------------------------------------------------
 
 ModelConfig CausalLM::EmbeddedDefaultConfig() {
-  ModelConfig c = TiedLlamaConfig(/*hidden=*/64, /*intermediate=*/176, /*layers=*/4, /*heads=*/4, /*kv_heads=*/2,
-                                  /*vocab=*/259, /*max_positions=*/512);
+  ModelConfig c =
+      TiedLlamaConfig(/*hidden=*/64, /*intermediate=*/176, /*layers=*/4, /*heads=*/4, /*kv_heads=*/2,
+                      /*vocab=*/259, /*max_positions=*/512);
   c.rope_theta = 10000.0;
   c.torch_dtype = "float32";
   return c;
@@ -212,8 +210,7 @@ absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::FromTensors(
   model->embed_tokens_ = get("model.embed_tokens.weight");
   model->final_norm_ = get("model.norm.weight");
   model->lm_head_.name = "lm_head";
-  model->lm_head_.weight =
-      config.tie_word_embeddings ? model->embed_tokens_ : get("lm_head.weight");
+  model->lm_head_.weight = config.tie_word_embeddings ? model->embed_tokens_ : get("lm_head.weight");
   model->layers_.resize(static_cast<size_t>(config.num_hidden_layers));
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     DecoderLayer& layer = model->layers_[static_cast<size_t>(i)];
@@ -247,8 +244,7 @@ absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::Load(const std::string& dir,
   return FromTensors(config, tensors, options, dir);
 }
 
-absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::RandomInit(const ModelConfig& config,
-                                                               uint64_t seed,
+absl::StatusOr<std::unique_ptr<CausalLM>> CausalLM::RandomInit(const ModelConfig& config, uint64_t seed,
                                                                const ModelLoadOptions& options) {
   RETURN_IF_ERROR(ValidateModelConfig(config, "RandomInit config"));
   at::Generator gen = at::detail::createCPUGenerator(seed);
@@ -297,24 +293,21 @@ std::vector<double> RopeInverseFrequencies(const ModelConfig& config) {
 
 void CausalLM::InitRope() {
   const std::vector<double> inv = RopeInverseFrequencies(config_);
-  rope_inv_freq_ =
-      at::tensor(inv, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat).to(device());
+  rope_inv_freq_ = at::tensor(inv, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat).to(device());
 }
 
 at::Device CausalLM::device() const { return embed_tokens_.device(); }
 
 at::ScalarType CausalLM::dtype() const { return embed_tokens_.scalar_type(); }
 
-at::ScalarType CausalLM::compute_dtype() const {
-  return device().is_cpu() ? at::kFloat : dtype();
-}
+at::ScalarType CausalLM::compute_dtype() const { return device().is_cpu() ? at::kFloat : dtype(); }
 
 // --- forward ---------------------------------------------------------------------------------------
 
 // `sin` is the signed table of ApplyRope ([-sin, sin]).
 at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x,
-                               const at::Tensor& cos, const at::Tensor& sin,
-                               const at::Tensor& mask, KVCache* cache) const {
+                               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
+                               KVCache* cache) const {
   const int64_t batch = x.size(0);
   const int64_t t = x.size(1);
   const int64_t heads = config_.num_attention_heads;
@@ -354,8 +347,8 @@ at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at
   return layer.o.Forward(out);
 }
 
-at::Tensor CausalLM::Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                             KVCache* cache, int64_t logits_to_keep) const {
+at::Tensor CausalLM::Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
+                             int64_t logits_to_keep) const {
   at::Tensor h = RunLayers(input_ids, attention_mask, cache, static_cast<int64_t>(layers_.size()));
   const int64_t t = h.size(1);
   h = RmsNorm(h, final_norm_, config_.rms_norm_eps);
@@ -372,8 +365,7 @@ at::Tensor CausalLM::HiddenStates(const at::Tensor& input_ids, const at::Tensor&
 
 at::Tensor CausalLM::RunLayers(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
                                int64_t num_layers) const {
-  TORCH_CHECK(input_ids.dim() == 2, "CausalLM::Forward: input_ids must be [B, T], got ",
-              input_ids.sizes());
+  TORCH_CHECK(input_ids.dim() == 2, "CausalLM::Forward: input_ids must be [B, T], got ", input_ids.sizes());
   const int64_t batch = input_ids.size(0);
   const int64_t t = input_ids.size(1);
   TORCH_CHECK(batch > 0 && t > 0, "CausalLM::Forward: empty input ", input_ids.sizes());
@@ -459,14 +451,12 @@ LinearLayer* CausalLM::FindLinear(const std::string& name) {
   const size_t dot = name.find('.', kPrefix.size());
   if (dot == std::string::npos) return nullptr;
   size_t index = 0;
-  if (!absl::SimpleAtoi(absl::string_view(name).substr(kPrefix.size(), dot - kPrefix.size()),
-                        &index) ||
+  if (!absl::SimpleAtoi(absl::string_view(name).substr(kPrefix.size(), dot - kPrefix.size()), &index) ||
       index >= layers_.size()) {
     return nullptr;
   }
   DecoderLayer& layer = layers_[index];
-  for (LinearLayer* l :
-       {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
+  for (LinearLayer* l : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
     if (l->name == name) return l;
   }
   return nullptr;
@@ -538,8 +528,7 @@ std::unique_ptr<CausalLM> CausalLM::ShallowCopy() const {
 void CausalLM::ClearAdapters() {
   lm_head_.adapter.reset();
   for (DecoderLayer& layer : layers_) {
-    for (LinearLayer* l :
-         {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
+    for (LinearLayer* l : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.gate, &layer.up, &layer.down}) {
       l->adapter.reset();
     }
   }

@@ -37,9 +37,9 @@ class LinearAdapter {
 };
 
 struct LinearLayer {
-  std::string name;   // HF module name
-  at::Tensor weight;  // [out_features, in_features]
-  at::Tensor bias;    // undefined when the layer has no bias
+  std::string name;                        // HF module name
+  at::Tensor weight;                       // [out_features, in_features]
+  at::Tensor bias;                         // undefined when the layer has no bias
   std::shared_ptr<LinearAdapter> adapter;  // optional side path
   // x [..., in] -> [..., out]. weight/bias are cast to x's dtype when they differ (bf16 weights
   // computing in float32 on CPU; differentiable, so gradients reach the stored weight), and the
@@ -66,14 +66,14 @@ class KVCache {
   std::pair<at::Tensor, at::Tensor> Append(size_t layer, const at::Tensor& k, const at::Tensor& v);
 
  private:
-  std::vector<at::Tensor> keys_;    // per layer [B, kv_heads, capacity, head_dim]
+  std::vector<at::Tensor> keys_;  // per layer [B, kv_heads, capacity, head_dim]
   std::vector<at::Tensor> values_;
-  std::vector<int64_t> lengths_;    // per layer valid positions
+  std::vector<int64_t> lengths_;  // per layer valid positions
   int64_t reserve_ = 0;
 };
 
 struct ModelLoadOptions {
-  std::string device = "cpu";      // "cpu", "cuda", "cuda:N" (checked with ResolveDevice)
+  std::string device = "cpu";  // "cpu", "cuda", "cuda:N" (checked with ResolveDevice)
   // "float32" or "bfloat16": the dtype weights are stored in (see CausalLM::compute_dtype());
   // "float16" only on CUDA.
   std::string dtype = "float32";
@@ -108,8 +108,7 @@ class CausalLM {
   // c10::InferenceMode if the weights may be trained later.)
   // Random init (normal(0, 0.02), norms at 1, biases at 0) with a fixed seed: used for the
   // embedded default model and benchmark configs. Deterministic for a given (config, seed).
-  static absl::StatusOr<std::unique_ptr<CausalLM>> RandomInit(const ModelConfig& config,
-                                                              uint64_t seed,
+  static absl::StatusOr<std::unique_ptr<CausalLM>> RandomInit(const ModelConfig& config, uint64_t seed,
                                                               const ModelLoadOptions& options = {});
   // The embedded default: a small Llama config for the byte-level default tokenizer (vocab 259,
   // hidden 64, 4 layers, 4 heads, 2 KV heads, intermediate 176, 512 positions, BOS 1, EOS 2, tied).
@@ -131,8 +130,8 @@ class CausalLM {
   // `logits_to_keep` > 0 computes logits for the last that many positions only (prefill for
   // generation needs 1). Returns logits [B, T or logits_to_keep, vocab] in float32.
   // Autograd-friendly: no grad mode is set here; callers choose (Generate uses InferenceMode).
-  at::Tensor Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
-                     KVCache* cache = nullptr, int64_t logits_to_keep = 0) const;
+  at::Tensor Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache = nullptr,
+                     int64_t logits_to_keep = 0) const;
 
   // The residual stream after the first `num_layers` decoder layers (0 = the token embeddings;
   // num_layers() = the input of the final norm), [B, T, hidden] in float32, for the same inputs as
@@ -179,9 +178,8 @@ class CausalLM {
   // Embeddings + the first `num_layers` decoder layers (residual stream, compute dtype).
   at::Tensor RunLayers(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
                        int64_t num_layers) const;
-  at::Tensor Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x,
-                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask,
-                       KVCache* cache) const;
+  at::Tensor Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x, const at::Tensor& cos,
+                       const at::Tensor& sin, const at::Tensor& mask, KVCache* cache) const;
 
   ModelConfig config_;
   at::Tensor embed_tokens_;  // [vocab, hidden]

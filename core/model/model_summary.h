@@ -10,8 +10,8 @@ class CausalLM;
 
 struct ModelSummary {
   bool loaded = false;
-  std::string name;          // directory base name or "embedded-default"
-  std::string path;          // empty for the embedded default
+  std::string name;  // directory base name or "embedded-default"
+  std::string path;  // empty for the embedded default
   std::string architecture;
   int64_t parameter_count = 0;
   int64_t hidden_size = 0;

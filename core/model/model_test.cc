@@ -9,11 +9,10 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "core/model/runtime.h"
@@ -159,10 +158,8 @@ TEST(ModelTest, LinearNamesAndParameters) {
   EXPECT_EQ(m->FindLinear("model.layers.2.self_attn.q_proj"), nullptr);
   EXPECT_EQ(m->FindLinear("model.layers.x.self_attn.q_proj"), nullptr);
   EXPECT_EQ(m->FindLinear("model.layers.0.self_attn.rotary"), nullptr);
-  EXPECT_EQ(m->FindLinear("model.layers.0.self_attn.k_proj")->weight.sizes(),
-            (std::vector<int64_t>{32, 64}));
-  EXPECT_EQ(m->FindLinear("model.layers.0.mlp.down_proj")->weight.sizes(),
-            (std::vector<int64_t>{64, 176}));
+  EXPECT_EQ(m->FindLinear("model.layers.0.self_attn.k_proj")->weight.sizes(), (std::vector<int64_t>{32, 64}));
+  EXPECT_EQ(m->FindLinear("model.layers.0.mlp.down_proj")->weight.sizes(), (std::vector<int64_t>{64, 176}));
   // Tied: no lm_head parameter; lm_head aliases the embedding.
   for (const auto& [name, t] : m->NamedParameters()) {
     EXPECT_NE(name, "lm_head.weight");
@@ -224,8 +221,7 @@ TEST(ModelTest, ShallowCopySharesAndReplacesIndependently) {
   copy->RetieEmbeddings();
   EXPECT_EQ(copy->FindLinear("lm_head")->weight.data_ptr(),
             copy->FindParameter("model.embed_tokens.weight")->data_ptr());
-  EXPECT_NE(copy->FindLinear("lm_head")->weight.data_ptr(),
-            m->FindLinear("lm_head")->weight.data_ptr());
+  EXPECT_NE(copy->FindLinear("lm_head")->weight.data_ptr(), m->FindLinear("lm_head")->weight.data_ptr());
 }
 
 TEST(ModelTest, WeightsTrainWithAutograd) {
@@ -436,15 +432,12 @@ TEST(ModelTest, Bfloat16RandomInit) {
 TEST(ModelTest, BadOptionsAndConfigs) {
   ModelLoadOptions o;
   o.dtype = "float16";
-  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(), absl::StatusCode::kInvalidArgument);
   o.dtype = "int8";
-  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(), absl::StatusCode::kInvalidArgument);
   o = ModelLoadOptions();
   o.device = "gpu";
-  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CausalLM::RandomInit(SmallConfig(), 1, o).status().code(), absl::StatusCode::kInvalidArgument);
   ModelConfig bad = SmallConfig();
   bad.num_key_value_heads = 3;
   EXPECT_FALSE(CausalLM::RandomInit(bad, 1).ok());
@@ -460,18 +453,15 @@ TEST(ModelTest, FromTensorsChecksNamesAndShapes) {
   auto r = CausalLM::FromTensors(m->config(), wrong, {}, "ckpt");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "model.layers.1.mlp.up_proj.weight"))
-      << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "model.layers.1.mlp.up_proj.weight")) << r.status();
   auto missing = tensors;
   missing.erase("model.layers.0.input_layernorm.weight");
   r = CausalLM::FromTensors(m->config(), missing, {}, "ckpt");
   ASSERT_FALSE(r.ok());
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "model.layers.0.input_layernorm.weight"))
-      << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "model.layers.0.input_layernorm.weight")) << r.status();
   // Parameters are copies, not views of the caller's tensors (so training in place is safe).
   auto copy = CausalLM::FromTensors(m->config(), tensors);
-  EXPECT_NE((*copy)->FindParameter("model.norm.weight")->data_ptr(),
-            tensors["model.norm.weight"].data_ptr());
+  EXPECT_NE((*copy)->FindParameter("model.norm.weight")->data_ptr(), tensors["model.norm.weight"].data_ptr());
   // Untied config without lm_head.weight: tied.
   ModelConfig untied = m->config();
   untied.tie_word_embeddings = false;
@@ -548,8 +538,7 @@ TEST(GoldenTest, Stories260KLastPositionLogits) {
     EXPECT_NEAR(last[static_cast<int64_t>(i)].item<double>(), first8[i], 1e-4) << i;
   }
   EXPECT_EQ(last.argmax().item<int64_t>(), ref["last_position_argmax"].get<int64_t>());
-  EXPECT_NEAR(torch::logsumexp(last, 0).item<double>(), ref["last_position_logsumexp"].get<double>(),
-              1e-4);
+  EXPECT_NEAR(torch::logsumexp(last, 0).item<double>(), ref["last_position_logsumexp"].get<double>(), 1e-4);
 }
 
 // Greedy decode with the KV cache (argmax of each step's logits), straight on the model.
@@ -646,8 +635,7 @@ TEST(GoldenTest, Stories260KValidationNll) {
   auto tok = Tokenizer::FromDirectory(kStories);
   ASSERT_TRUE(tok.ok()) << tok.status();
   const nlohmann::json ref = Reference();
-  const std::vector<double> expected =
-      ref["val_first5_stories_mean_nll_trunc256"].get<std::vector<double>>();
+  const std::vector<double> expected = ref["val_first5_stories_mean_nll_trunc256"].get<std::vector<double>>();
   const std::vector<std::string> stories = ValidationStories();
   ASSERT_GE(stories.size(), expected.size());
   for (size_t i = 0; i < expected.size(); ++i) {

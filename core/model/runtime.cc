@@ -1,9 +1,8 @@
 #include "core/model/runtime.h"
 
-#include <torch/torch.h>
-
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <torch/torch.h>
 #include <torch/version.h>
 
 #include <climits>
@@ -93,21 +92,20 @@ absl::StatusOr<std::string> ResolveDevice(const std::string& device) {
     index = 0;
   } else if (absl::StartsWith(d, "cuda:")) {
     if (!absl::SimpleAtoi(d.substr(5), &index) || index < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("device \"", device,
-                                                     "\": expected cpu, cuda or cuda:N"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("device \"", device, "\": expected cpu, cuda or cuda:N"));
     }
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("device \"", device, "\": expected cpu, cuda or cuda:N"));
+    return absl::InvalidArgumentError(absl::StrCat("device \"", device, "\": expected cpu, cuda or cuda:N"));
   }
   if (!torch::cuda::is_available()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "device \"", device, "\": this LibTorch build has no CUDA support or no CUDA device"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("device \"", device, "\": this LibTorch build has no CUDA support or no CUDA device"));
   }
   const int64_t count = static_cast<int64_t>(torch::cuda::device_count());
   if (index >= count) {
-    return absl::FailedPreconditionError(absl::StrCat("device \"", device, "\": only ", count,
-                                                      " CUDA device(s) visible"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("device \"", device, "\": only ", count, " CUDA device(s) visible"));
   }
   return absl::StrCat("cuda:", index);
 }
@@ -129,11 +127,10 @@ std::string TorchRuntimeSummary() {
   // 55x (docs/benchmarks.md): say which policy is in force.
   const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
   openmp = absl::StrCat(openmp, ", OMP_WAIT_POLICY ", wait_policy != nullptr ? wait_policy : "unset");
-  return absl::StrCat("torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR, ".",
-                      TORCH_VERSION_PATCH, "; BLAS ", LoadedBlasLibrary(), "; threads ",
-                      at::get_num_threads(), " (interop ", at::get_num_interop_threads(),
-                      "); ", openmp, "; CPU capability ", capability, "; allocator ",
-                      LoadedAllocator(), "; cuda ",
+  return absl::StrCat("torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR, ".", TORCH_VERSION_PATCH,
+                      "; BLAS ", LoadedBlasLibrary(), "; threads ", at::get_num_threads(), " (interop ",
+                      at::get_num_interop_threads(), "); ", openmp, "; CPU capability ", capability,
+                      "; allocator ", LoadedAllocator(), "; cuda ",
                       torch::cuda::is_available() ? "available" : "unavailable");
 }
 

@@ -175,7 +175,6 @@ absl::Status ParseSafetensorsHeader(const std::string& path, const char* base, u
   return absl::OkStatus();
 }
 
-
 uint64_t SafetensorsDtypeSize(const std::string& dtype) {
   static const std::pair<const char*, uint64_t> kSizes[] = {
       {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},

@@ -36,7 +36,9 @@ inline absl::string_view AV(std::string_view s) { return absl::string_view(s.dat
 // ---------------------------------------------------------------------------------------------
 
 // Validation, repair and encoding: core/util/utf8.h.
-int ValidUtf8Len(std::string_view s, size_t i, uint32_t* cp_out = nullptr) { return Utf8SequenceLength(s, i, cp_out); }
+int ValidUtf8Len(std::string_view s, size_t i, uint32_t* cp_out = nullptr) {
+  return Utf8SequenceLength(s, i, cp_out);
+}
 
 // Decoder output: invalid bytes in the middle become U+FFFD; an incomplete character at the very
 // end is kept as raw bytes so that streaming callers can complete it with the next token.
@@ -172,8 +174,8 @@ class Regex {
     pcre2_jit_stack* stack = nullptr;
     size_t pos = 0;
     while (pos <= s.size()) {
-      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos,
-                           PCRE2_NO_UTF_CHECK, md, mctx);
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, PCRE2_NO_UTF_CHECK,
+                           md, mctx);
       if (rc == PCRE2_ERROR_JIT_STACKLIMIT && stack == nullptr) {
         mctx = pcre2_match_context_create(nullptr);
         stack = pcre2_jit_stack_create(64 * 1024, 256 * 1024 * 1024, nullptr);
@@ -267,8 +269,8 @@ class JsonCtx {
     if (!it->is_boolean()) return Error(field, "must be a boolean");
     return it->get<bool>();
   }
-  absl::StatusOr<std::string> OptString(const json& obj, const std::string& key,
-                                        absl::string_view field, std::string def) const {
+  absl::StatusOr<std::string> OptString(const json& obj, const std::string& key, absl::string_view field,
+                                        std::string def) const {
     auto it = obj.find(key);
     if (it == obj.end() || it->is_null()) return def;
     if (!it->is_string()) return Error(field, "must be a string");
@@ -312,10 +314,10 @@ absl::StatusOr<Pattern> ParsePattern(const JsonCtx& ctx, const json& obj, const 
 struct Normalizer {
   enum class Kind { kPrepend, kReplace, kUnicode, kLowercase, kStrip };
   Kind kind;
-  std::string text;        // prepend / replacement content
-  Pattern pattern;         // replace
+  std::string text;  // prepend / replacement content
+  Pattern pattern;   // replace
   const icu::Normalizer2* icu = nullptr;
-  bool nfc = false;        // ASCII fast path is valid for NFC/NFD/NFKC/NFKD alike
+  bool nfc = false;  // ASCII fast path is valid for NFC/NFD/NFKC/NFKD alike
   bool strip_left = false, strip_right = false;
 
   void Apply(std::string* s) const {
@@ -333,8 +335,8 @@ struct Normalizer {
       case Kind::kUnicode: {
         if (IsAscii(*s)) break;  // ASCII is invariant under all four normalization forms
         UErrorCode status = U_ZERO_ERROR;
-        icu::UnicodeString u = icu::UnicodeString::fromUTF8(icu::StringPiece(s->data(),
-                                                                              static_cast<int32_t>(s->size())));
+        icu::UnicodeString u =
+            icu::UnicodeString::fromUTF8(icu::StringPiece(s->data(), static_cast<int32_t>(s->size())));
         icu::UnicodeString n = icu->normalize(u, status);
         if (U_SUCCESS(status)) {
           s->clear();
@@ -343,8 +345,8 @@ struct Normalizer {
         break;
       }
       case Kind::kLowercase: {
-        icu::UnicodeString u = icu::UnicodeString::fromUTF8(icu::StringPiece(s->data(),
-                                                                              static_cast<int32_t>(s->size())));
+        icu::UnicodeString u =
+            icu::UnicodeString::fromUTF8(icu::StringPiece(s->data(), static_cast<int32_t>(s->size())));
         u.toLower(icu::Locale::getRoot());
         s->clear();
         u.toUTF8String(*s);
@@ -560,7 +562,8 @@ absl::Status ParsePreTokenizer(const JsonCtx& ctx, const json& j, const std::str
     ASSIGN_OR_RETURN(p.invert, ctx.OptBool(j, "invert", field + ".invert", false));
   } else if (type == "ByteLevel") {
     p.kind = PreTokenizer::Kind::kByteLevel;
-    ASSIGN_OR_RETURN(p.add_prefix_space, ctx.OptBool(j, "add_prefix_space", field + ".add_prefix_space", true));
+    ASSIGN_OR_RETURN(p.add_prefix_space,
+                     ctx.OptBool(j, "add_prefix_space", field + ".add_prefix_space", true));
     ASSIGN_OR_RETURN(p.use_regex, ctx.OptBool(j, "use_regex", field + ".use_regex", true));
     if (p.use_regex) {
       if (!*gpt2_regex) {
@@ -583,7 +586,8 @@ absl::Status ParsePreTokenizer(const JsonCtx& ctx, const json& j, const std::str
     } else if (scheme == "never") {
       p.prepend_scheme = PreTokenizer::PrependScheme::kNever;
     } else {
-      return ctx.Unsupported(field + ".prepend_scheme", absl::StrCat("value '", scheme, "' is not supported"));
+      return ctx.Unsupported(field + ".prepend_scheme",
+                             absl::StrCat("value '", scheme, "' is not supported"));
     }
   } else {
     return ctx.Unsupported(field + ".type", absl::StrCat("pre-tokenizer '", type, "' is not supported"));
@@ -651,9 +655,9 @@ void ApplyPreTokenizer(const PreTokenizer& p, std::vector<Piece>* pieces) {
 struct DecoderStep {
   enum class Kind { kReplace, kByteFallback, kFuse, kStrip, kByteLevel, kMetaspace };
   Kind kind;
-  Pattern pattern;          // replace
-  std::string content;      // replace content / strip char / metaspace replacement
-  int start = 0, stop = 0;  // strip
+  Pattern pattern;                // replace
+  std::string content;            // replace content / strip char / metaspace replacement
+  int start = 0, stop = 0;        // strip
   bool strip_first_space = true;  // metaspace (prepend_scheme != never)
 };
 
@@ -805,8 +809,10 @@ class BpeModel {
       if (m.is_string()) {
         const std::string& s = m.get_ref<const std::string&>();
         const size_t sp = s.find(' ');
-        if (sp == std::string::npos || sp == 0 || sp + 1 >= s.size() || s.find(' ', sp + 1) != std::string::npos) {
-          return ctx.Error(absl::StrCat("model.merges[", i, "]"), absl::StrCat("must be \"a b\", got \"", s, "\""));
+        if (sp == std::string::npos || sp == 0 || sp + 1 >= s.size() ||
+            s.find(' ', sp + 1) != std::string::npos) {
+          return ctx.Error(absl::StrCat("model.merges[", i, "]"),
+                           absl::StrCat("must be \"a b\", got \"", s, "\""));
         }
         a.assign(s, 0, sp);
         b.assign(s, sp + 1, std::string::npos);
@@ -834,7 +840,8 @@ class BpeModel {
     ASSIGN_OR_RETURN(byte_fallback_, ctx.OptBool(model, "byte_fallback", "model.byte_fallback", false));
     ASSIGN_OR_RETURN(fuse_unk_, ctx.OptBool(model, "fuse_unk", "model.fuse_unk", false));
     ASSIGN_OR_RETURN(ignore_merges_, ctx.OptBool(model, "ignore_merges", "model.ignore_merges", false));
-    ASSIGN_OR_RETURN(prefix_, ctx.OptString(model, "continuing_subword_prefix", "model.continuing_subword_prefix", ""));
+    ASSIGN_OR_RETURN(
+        prefix_, ctx.OptString(model, "continuing_subword_prefix", "model.continuing_subword_prefix", ""));
     ASSIGN_OR_RETURN(suffix_, ctx.OptString(model, "end_of_word_suffix", "model.end_of_word_suffix", ""));
     ASSIGN_OR_RETURN(std::string unk, ctx.OptString(model, "unk_token", "model.unk_token", ""));
     if (!unk.empty()) {
@@ -1036,9 +1043,8 @@ class AddedMatcher {
   }
   void Finish() {
     for (auto& v : by_first_) {
-      std::stable_sort(v.begin(), v.end(), [](const Entry& a, const Entry& b) {
-        return a.text.size() > b.text.size();
-      });
+      std::stable_sort(v.begin(), v.end(),
+                       [](const Entry& a, const Entry& b) { return a.text.size() > b.text.size(); });
     }
   }
   bool empty() const { return empty_; }
@@ -1265,7 +1271,8 @@ class HfTokenizer final : public Tokenizer {
     };
     RETURN_IF_ERROR(ParseNormalizer(ctx, member("normalizer"), "normalizer", &normalizers_));
     std::shared_ptr<const Regex> gpt2;
-    RETURN_IF_ERROR(ParsePreTokenizer(ctx, member("pre_tokenizer"), "pre_tokenizer", &gpt2, &pre_tokenizers_));
+    RETURN_IF_ERROR(
+        ParsePreTokenizer(ctx, member("pre_tokenizer"), "pre_tokenizer", &gpt2, &pre_tokenizers_));
     RETURN_IF_ERROR(ParseDecoder(ctx, member("decoder"), "decoder", &decoders_));
 
     // Added tokens.
@@ -1279,7 +1286,8 @@ class HfTokenizer final : public Tokenizer {
         const json& a = added[i];
         if (!a.is_object()) return ctx.Error(f, "must be an object");
         auto id = a.find("id");
-        if (id == a.end() || !id->is_number_integer() || id->get<int64_t>() < 0 || id->get<int64_t>() > (1 << 30)) {
+        if (id == a.end() || !id->is_number_integer() || id->get<int64_t>() < 0 ||
+            id->get<int64_t>() > (1 << 30)) {
           return ctx.Error(f + ".id", "must be a non-negative integer");
         }
         auto t = std::make_unique<AddedToken>();
@@ -1349,7 +1357,8 @@ class HfTokenizer final : public Tokenizer {
         if (specials && specials->contains(name) && (*specials)[name].contains("ids") &&
             (*specials)[name]["ids"].is_array()) {
           for (const json& v : (*specials)[name]["ids"]) {
-            if (!v.is_number_integer()) return ctx.Error(field + ".special_tokens." + name + ".ids", "must be integers");
+            if (!v.is_number_integer())
+              return ctx.Error(field + ".special_tokens." + name + ".ids", "must be integers");
             tok_ids.push_back(v.get<int32_t>());
           }
         } else if (auto id = TokenToId(name)) {
@@ -1494,9 +1503,12 @@ class ByteTokenizer final : public Tokenizer {
   }
   std::string IdToToken(int32_t id) const override {
     switch (id) {
-      case kUnk: return "<unk>";
-      case kBos: return "<s>";
-      case kEos: return "</s>";
+      case kUnk:
+        return "<unk>";
+      case kBos:
+        return "<s>";
+      case kEos:
+        return "</s>";
       default:
         if (id >= kOffset && id < kOffset + 256) return ByteToken(static_cast<uint8_t>(id - kOffset));
         return "";

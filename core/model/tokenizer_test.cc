@@ -236,7 +236,8 @@ TEST(Llama3, SpecialTokensAndIds) {
   EXPECT_EQ(tok.eos_ids(), std::vector<int32_t>{128001});
   EXPECT_EQ(tok.TokenToId("<|eot_id|>"), 128009);
   EXPECT_EQ(tok.IdToToken(128009), "<|eot_id|>");
-  const std::vector<int32_t> ids = tok.Encode("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", false);
+  const std::vector<int32_t> ids =
+      tok.Encode("<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", false);
   EXPECT_EQ(ids.front(), 128006);
   EXPECT_EQ(ids.back(), 128009);
   EXPECT_EQ(tok.Decode(ids, true), "user\n\nHi");
@@ -254,7 +255,9 @@ TEST(Gpt2, EndOfTextAndBytes) {
   ASSERT_EQ(llama.size(), 3u);
   EXPECT_EQ(tok.Decode({llama[0], llama[1]}, true), std::string("\xF0\x9F\xA6"));
   std::vector<int32_t> broken = {llama[0], 64};
-  EXPECT_EQ(tok.Decode(broken, true), "\xEF\xBF\xBD\xEF\xBF\xBD" "a");
+  EXPECT_EQ(tok.Decode(broken, true),
+            "\xEF\xBF\xBD\xEF\xBF\xBD"
+            "a");
   // Invalid UTF-8 input does not crash and decodes to U+FFFD.
   EXPECT_EQ(tok.Decode(tok.Encode(std::string("x\xFFy"), false), true), "x\xEF\xBF\xBDy");
 }
@@ -296,8 +299,8 @@ TEST(Tokenizer, LongInputsAndThroughputOnLargeVocabularies) {
     EXPECT_EQ(tok.Decode(ids, true), story) << name;
     EXPECT_LT(secs, 5.0) << name;
     // Pathological runs (one regex match / one BPE word of 100k characters) must not break.
-    for (const std::string& s : {std::string(100000, ' ') + "x", std::string(100000, 'a'),
-                                 std::string(30000, '!') + "\n\n"}) {
+    for (const std::string& s :
+         {std::string(100000, ' ') + "x", std::string(100000, 'a'), std::string(30000, '!') + "\n\n"}) {
       EXPECT_EQ(tok.Decode(tok.Encode(s, false), true), s) << name;
     }
   }
@@ -329,7 +332,7 @@ TEST(Tokenizer, AddedTokenStripFlags) {
   EXPECT_EQ(t.Encode("a <r> b", false), (std::vector<int32_t>{0, 2, 4, 1}));
   EXPECT_EQ(t.Encode("a <w> b", false), (std::vector<int32_t>{0, 2, 5, 2, 1}));
   EXPECT_EQ(t.Encode("a<w>b", false), (std::vector<int32_t>{0, 7, 8, 9, 1}));  // not a single word
-  EXPECT_EQ(t.Encode("<ll><l>", false), (std::vector<int32_t>{6, 3}));  // longest match first
+  EXPECT_EQ(t.Encode("<ll><l>", false), (std::vector<int32_t>{6, 3}));         // longest match first
   // No decoder: tokens are joined with spaces (as HF tokenizers does).
   EXPECT_EQ(t.Decode({0, 3, 5, 1}, true), "a <w> b");
   EXPECT_EQ(t.Decode({0, 3, 5, 1}, false), "a <l> <w> b");
@@ -401,7 +404,8 @@ TEST_F(TokenizerErrorTest, MissingFile) {
   auto tok = Tokenizer::FromFiles("/nonexistent/dir/tokenizer.json", "");
   ASSERT_FALSE(tok.ok());
   EXPECT_EQ(tok.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_NE(tok.status().message().find("/nonexistent/dir/tokenizer.json"), std::string::npos) << tok.status();
+  EXPECT_NE(tok.status().message().find("/nonexistent/dir/tokenizer.json"), std::string::npos)
+      << tok.status();
   auto dir = Tokenizer::FromDirectory("/nonexistent/dir");
   ASSERT_FALSE(dir.ok());
   EXPECT_EQ(dir.status().code(), absl::StatusCode::kNotFound);
@@ -419,8 +423,7 @@ TEST_F(TokenizerErrorTest, BadJson) {
 
 TEST_F(TokenizerErrorTest, UnsupportedModelTypes) {
   for (const std::string type : {"WordPiece", "Unigram", "WordLevel"}) {
-    const std::string path =
-        Write(type + ".json", Minimal(R"({"type":")" + type + R"(","vocab":{"a":0}})"));
+    const std::string path = Write(type + ".json", Minimal(R"({"type":")" + type + R"(","vocab":{"a":0}})"));
     auto tok = Tokenizer::FromFiles(path, "");
     ASSERT_FALSE(tok.ok()) << type;
     EXPECT_EQ(tok.status().code(), absl::StatusCode::kUnimplemented) << tok.status();
@@ -438,10 +441,10 @@ TEST_F(TokenizerErrorTest, MissingFields) {
       {"nomodel.json", R"({"version":"1.0"})", "'model'"},
       {"novocab.json", Minimal(R"({"type":"BPE","merges":[]})"), "model.vocab"},
       {"nomerges.json", Minimal(R"({"type":"BPE","vocab":{"a":0}})"), "model.merges"},
-      {"badmerge.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":1},"merges":["a b"]})"), "model.merges[0]"},
+      {"badmerge.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":1},"merges":["a b"]})"),
+       "model.merges[0]"},
       {"badmerge2.json", Minimal(R"({"type":"BPE","vocab":{"a":0},"merges":[["a"]]})"), "model.merges[0]"},
-      {"badadded.json",
-       R"({"added_tokens":[{"id":5}],"model":{"type":"BPE","vocab":{"a":0},"merges":[]}})",
+      {"badadded.json", R"({"added_tokens":[{"id":5}],"model":{"type":"BPE","vocab":{"a":0},"merges":[]}})",
        "added_tokens[0].content"},
       {"badpretok.json",
        R"({"pre_tokenizer":{"type":"BertPreTokenizer"},"model":{"type":"BPE","vocab":{"a":0},"merges":[]}})",
@@ -467,7 +470,8 @@ TEST_F(TokenizerErrorTest, HugeVocabIdIsRefusedNotAllocated) {
   EXPECT_NE(tok.status().message().find("largest id is 266662777 for 2 tokens"), std::string::npos)
       << tok.status();
   // Holes are fine (ids below twice the token count plus 1024).
-  const std::string holes = Write("holes.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":900},"merges":[]})"));
+  const std::string holes =
+      Write("holes.json", Minimal(R"({"type":"BPE","vocab":{"a":0,"b":900},"merges":[]})"));
   EXPECT_TRUE(Tokenizer::FromFiles(holes, "").ok());
 }
 

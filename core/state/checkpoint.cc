@@ -1,7 +1,7 @@
 #include "core/state/checkpoint.h"
 
-#include <torch/torch.h>
 #include <spdlog/spdlog.h>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <filesystem>
@@ -53,8 +53,10 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
     return st;
   };
 
-  std::vector<std::pair<std::string, at::Tensor>> tensors(data.method_tensors.begin(), data.method_tensors.end());
-  for (const auto& [name, t] : data.router_tensors) tensors.emplace_back(std::string(kRouterPrefix) + name, t);
+  std::vector<std::pair<std::string, at::Tensor>> tensors(data.method_tensors.begin(),
+                                                          data.method_tensors.end());
+  for (const auto& [name, t] : data.router_tensors)
+    tensors.emplace_back(std::string(kRouterPrefix) + name, t);
   if (auto st = WriteSafetensors(tmp + "/method.safetensors", tensors, {{"format", kFormat}}); !st.ok()) {
     return fail(st);
   }
@@ -151,7 +153,8 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     std::string path = dir + "/" + rel;
     auto actual = Sha256File(path);
     if (!actual.ok()) {
-      return absl::DataLossError(absl::StrCat("checkpoint file missing: ", path, " (", actual.status().message(), ")"));
+      return absl::DataLossError(
+          absl::StrCat("checkpoint file missing: ", path, " (", actual.status().message(), ")"));
     }
     if (*actual != sha.get<std::string>()) {
       return absl::DataLossError(absl::StrCat("checkpoint file corrupted (SHA-256 mismatch): ", path));
@@ -179,7 +182,8 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     for (const auto& row : state.at("matrix")) data.matrix.push_back(NumbersFromJson(row));
     data.base = NumbersFromJson(state.at("base"));
     data.reference_nll = NumbersFromJson(state.at("reference_nll"));
-    if (state.contains("stage_versions")) data.stage_versions = state["stage_versions"].get<std::vector<int64_t>>();
+    if (state.contains("stage_versions"))
+      data.stage_versions = state["stage_versions"].get<std::vector<int64_t>>();
     // Absent in checkpoints written before automatic routing: no router, views not measured.
     data.router_json = state.value("router", std::string("{}"));
     auto matrix_from = [&](const char* key, std::vector<std::vector<double>>* out) {
@@ -189,16 +193,17 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     matrix_from("routed_matrix", &data.routed_matrix);
     matrix_from("auto_matrix", &data.auto_matrix);
     matrix_from("router_accuracy", &data.router_accuracy);
-    if (state.contains("reference_nll_auto")) data.reference_nll_auto = NumbersFromJson(state.at("reference_nll_auto"));
+    if (state.contains("reference_nll_auto"))
+      data.reference_nll_auto = NumbersFromJson(state.at("reference_nll_auto"));
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(dir, "/state.json: ", e.what()));
   }
   auto file = SafetensorsFile::Open(dir + "/method.safetensors");
   if (!file.ok()) return absl::DataLossError(file.status().message());
   for (const auto& [name, entry] : (*file)->entries()) {
-    at::ScalarType dtype = entry.dtype == "F64"   ? at::kDouble
-                           : entry.dtype == "I32" ? at::kInt
-                           : entry.dtype == "I64" ? at::kLong
+    at::ScalarType dtype = entry.dtype == "F64"    ? at::kDouble
+                           : entry.dtype == "I32"  ? at::kInt
+                           : entry.dtype == "I64"  ? at::kLong
                            : entry.dtype == "BF16" ? at::kBFloat16
                                                    : at::kFloat;
     ASSIGN_OR_RETURN(at::Tensor t, (*file)->Get(name, dtype));

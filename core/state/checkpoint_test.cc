@@ -14,7 +14,8 @@ namespace fs = std::filesystem;
 
 struct Dir {
   Dir() {
-    path = (fs::temp_directory_path() / ("strata-ckpt-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
+    path = (fs::temp_directory_path() /
+            ("strata-ckpt-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
                .string();
     fs::remove_all(path);
     fs::create_directories(path + "/tasks/a");
@@ -69,7 +70,8 @@ TEST(Checkpoint, CorruptedFileIsRefusedByName) {
   Dir dir;
   ASSERT_TRUE(SaveCheckpoint(dir.path, Sample(dir.path)).ok());
   {
-    std::fstream f(dir.path + "/checkpoint/method.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(dir.path + "/checkpoint/method.safetensors",
+                   std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(-3, std::ios::end);
     f.put('\x7f');
   }
@@ -82,7 +84,8 @@ TEST(Checkpoint, CorruptedFileIsRefusedByName) {
 TEST(Checkpoint, ChangedEvalSplitIsDetected) {
   Dir dir;
   ASSERT_TRUE(SaveCheckpoint(dir.path, Sample(dir.path)).ok());
-  std::ofstream(dir.path + "/tasks/a/eval.jsonl", std::ios::app) << "{\"prompt\":\"z\",\"completion\":\" w\"}\n";
+  std::ofstream(dir.path + "/tasks/a/eval.jsonl", std::ios::app)
+      << "{\"prompt\":\"z\",\"completion\":\" w\"}\n";
   auto r = LoadCheckpoint(dir.path);
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("tasks/a/eval.jsonl"), std::string::npos) << r.status();

@@ -105,10 +105,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
   int64_t version = 1;
   if (checkpoint.has_value()) {
     if (checkpoint->base_model_id != options.base_model_id) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the checkpoint in ", options.state_dir, "/checkpoint was made on base model '",
-          checkpoint->base_model_id, "', but the server runs '", options.base_model_id,
-          "'; start with the same --model or another --state_dir"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the checkpoint in ", options.state_dir, "/checkpoint was made on base model '",
+                       checkpoint->base_model_id, "', but the server runs '", options.base_model_id,
+                       "'; start with the same --model or another --state_dir"));
     }
     MethodState state;
     state.method = checkpoint->method;
@@ -202,7 +202,7 @@ int64_t Engine::AdaptationStateBytes() const {
 }
 
 absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const ServedVersion& version,
-                                                                const std::string& task) const {
+                                                               const std::string& task) const {
   const Method& method = *version.method;
   if (!method.SupportsTaskRouting()) {
     // The method's own UNIMPLEMENTED message names the methods that route.
@@ -227,8 +227,8 @@ absl::StatusOr<std::shared_ptr<const CausalLM>> Engine::Routed(const ServedVersi
 }
 
 absl::StatusOr<std::vector<RouteChoice>> Engine::ResolveBatch(const ServedVersion& version,
-                                                               const std::string& route,
-                                                               const std::vector<std::string>& prompts) const {
+                                                              const std::string& route,
+                                                              const std::vector<std::string>& prompts) const {
   std::vector<RouteChoice> out(prompts.size());
   if (route == "merged" || route == "base") {
     RouteChoice c;
@@ -309,7 +309,8 @@ absl::StatusOr<CompletionScores> Engine::ScoreCompletions(const CausalLM& model,
   CompletionScores out;
   out.log_likelihood = cs.log_likelihoods.at(0);
   for (const auto& c : completions) {
-    out.tokens.push_back(static_cast<int32_t>(EncodePromptCompletion(*tokenizer_, prompt, c).completion.size()));
+    out.tokens.push_back(
+        static_cast<int32_t>(EncodePromptCompletion(*tokenizer_, prompt, c).completion.size()));
   }
   out.best = static_cast<int32_t>(std::max_element(out.log_likelihood.begin(), out.log_likelihood.end()) -
                                   out.log_likelihood.begin());
@@ -347,7 +348,8 @@ absl::StatusOr<TrainingRecipe> Engine::CheckTask(const TaskSpecification& spec) 
   state.method = current->method->name();
   state.tasks = current->method->num_tasks();
   state.config = current->method->config();
-  ASSIGN_OR_RETURN(TrainingRecipe recipe, ResolveTaskRecipe(options_.recipe, spec.method, spec.overrides, state));
+  ASSIGN_OR_RETURN(TrainingRecipe recipe,
+                   ResolveTaskRecipe(options_.recipe, spec.method, spec.overrides, state));
   if (TaskIsLearned(spec.name)) {
     return absl::AlreadyExistsError(absl::StrCat("task '", spec.name, "' is already learned"));
   }

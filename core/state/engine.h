@@ -112,7 +112,8 @@ class Engine : public TaskRunner {
   // `task` (W0 + the updates of it and every earlier task; Method::ApplyTaskRouting), for methods
   // that keep per-task updates (share, share_ella, inc_lora, o_lora). Cached per task and version.
   // NOT_FOUND for an unknown task, FAILED_PRECONDITION when the method has no per-task weights.
-  absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const ServedVersion& version, const std::string& task) const;
+  absl::StatusOr<std::shared_ptr<const CausalLM>> Routed(const ServedVersion& version,
+                                                         const std::string& task) const;
 
   // Where a request on `version` is served. `route`: "" or "auto" (the router picks a learned task
   // from the prompt, or --unmatched_route when none fits), "merged", "base", or a task name (as
@@ -121,7 +122,8 @@ class Engine : public TaskRunner {
   absl::StatusOr<RouteChoice> Resolve(const ServedVersion& version, const std::string& route,
                                       const std::string& prompt) const;
   // Resolve for several prompts (one decision per row; the feature pass is batched).
-  absl::StatusOr<std::vector<RouteChoice>> ResolveBatch(const ServedVersion& version, const std::string& route,
+  absl::StatusOr<std::vector<RouteChoice>> ResolveBatch(const ServedVersion& version,
+                                                        const std::string& route,
                                                         const std::vector<std::string>& prompts) const;
 
   // Generates for several prompts routed per row (ResolveBatch): the rows of one route run as one
@@ -158,8 +160,8 @@ class Engine : public TaskRunner {
 
   // TaskRunner: a task's training run, or an import job (PEFT LoRA adapters folded into the state
   // without gradient steps; publishes a new version).
-  absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train, std::vector<Example> eval,
-                                    const JobContext& ctx) override;
+  absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train,
+                                    std::vector<Example> eval, const JobContext& ctx) override;
   bool TaskIsLearned(const std::string& task_name) const override;
 
   // Called after each published version (metrics export). Set before the worker starts.

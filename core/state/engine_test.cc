@@ -23,7 +23,8 @@ const std::string kModel = std::string(STRATA_SHARED_DIR) + "/models/stories260K
 
 struct Dir {
   Dir() {
-    path = (fs::temp_directory_path() / ("strata-engine-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
+    path = (fs::temp_directory_path() /
+            ("strata-engine-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
                .string();
     fs::remove_all(path);
   }
@@ -147,7 +148,8 @@ TEST(Engine, LearnsTasksPublishesVersionsAndRestoresFromCheckpoint) {
     ASSERT_TRUE(seq.ok()) << seq.status();
     auto refused = (*seq)->Routed(*(*seq)->Current(), "capitals");
     EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
-    EXPECT_NE(std::string(refused.status().message()).find("inc_lora"), std::string::npos) << refused.status();
+    EXPECT_NE(std::string(refused.status().message()).find("inc_lora"), std::string::npos)
+        << refused.status();
   }
 
   auto scores = (*engine)->ScoreCompletions(*v2->model, "Word: maison\nLanguage:", {" english", " french"});

@@ -68,9 +68,10 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
       ASSIGN_OR_RETURN(pre_score, ev.Score(*before->model, eval, scorer));
     }
   }
-  spdlog::info("task '{}': {} train / {} eval examples, scorer {}, base score {:.4f}, before training {:.4f}; "
-               "recipe {}",
-               job.spec.name, train.size(), eval.size(), scorer, base_score, pre_score, RecipeToJson(recipe));
+  spdlog::info(
+      "task '{}': {} train / {} eval examples, scorer {}, base score {:.4f}, before training {:.4f}; "
+      "recipe {}",
+      job.spec.name, train.size(), eval.size(), scorer, base_score, pre_score, RecipeToJson(recipe));
 
   TrainOptions to = TrainOptionsFromRecipe(recipe);
   to.cancel = ctx.cancel;
@@ -140,8 +141,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
     ledger = s.ledger;
   }
   StageResult stage;
-  stage.task = CheckpointTask{job.spec.name, scorer, job.id, job.spec.description, eval_rel,
-                              static_cast<int64_t>(eval.size())};
+  stage.task = CheckpointTask{job.spec.name,        scorer,   job.id,
+                              job.spec.description, eval_rel, static_cast<int64_t>(eval.size())};
   stage.eval = eval;
   stage.base_score = base_score;
   stage.pre_score = pre_score;
@@ -158,7 +159,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   {
     c10::InferenceMode guard;
     for (const auto& t : tasks) {
-      if (ctx.cancel && ctx.cancel->load()) return rollback(absl::CancelledError("cancelled during evaluation"));
+      if (ctx.cancel && ctx.cancel->load())
+        return rollback(absl::CancelledError("cancelled during evaluation"));
       auto score = ev.Score(*new_model, eval_of(t), t.scorer);
       if (!score.ok()) return failed(score.status());
       stage.scores.push_back(*score);
@@ -188,7 +190,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
     if (!rm.ok()) return rollback(rm.status());
     const std::vector<std::string> routes = new_router.TaskNames();
     for (size_t j = 0; j < tasks.size(); ++j) {
-      if (ctx.cancel && ctx.cancel->load()) return rollback(absl::CancelledError("cancelled during evaluation"));
+      if (ctx.cancel && ctx.cancel->load())
+        return rollback(absl::CancelledError("cancelled during evaluation"));
       const auto& eval_j = eval_of(tasks[j]);
       const auto it = std::find(routes.begin(), routes.end(), tasks[j].name);
       if (s.method->SupportsTaskRouting() && it != routes.end()) {

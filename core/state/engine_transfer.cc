@@ -38,7 +38,8 @@ absl::Status Engine::ExportState(const std::string& dir) const {
   RETURN_IF_ERROR(MakeDirs(dir));
   std::error_code ec;
   const std::string src = impl_->options.state_dir + "/checkpoint";
-  if (!PathExists(src)) return absl::FailedPreconditionError("no task learned yet: there is no state to export");
+  if (!PathExists(src))
+    return absl::FailedPreconditionError("no task learned yet: there is no state to export");
   for (const auto& e : fs::directory_iterator(src, ec)) {
     ASSIGN_OR_RETURN(std::string text, ReadFile(e.path().string()));
     RETURN_IF_ERROR(WriteFileAtomic(dir + "/" + e.path().filename().string(), text));
@@ -49,7 +50,9 @@ absl::Status Engine::ExportState(const std::string& dir) const {
 namespace {
 
 // The task an adapter directory becomes: the directory's name.
-std::string AdapterTaskName(const std::string& dir) { return fs::path(AbsolutePath(dir)).filename().string(); }
+std::string AdapterTaskName(const std::string& dir) {
+  return fs::path(AbsolutePath(dir)).filename().string();
+}
 
 }  // namespace
 
@@ -65,7 +68,8 @@ absl::Status Engine::CheckImport(const std::vector<std::string>& dirs) const {
     if (!names.insert(task).second) {
       return absl::InvalidArgumentError(absl::StrCat("dirs[", i, "]: task '", task, "' is imported twice"));
     }
-    if (TaskIsLearned(task)) return absl::AlreadyExistsError(absl::StrCat("task '", task, "' already exists"));
+    if (TaskIsLearned(task))
+      return absl::AlreadyExistsError(absl::StrCat("task '", task, "' already exists"));
     auto adapter = ReadPeftLoraAdapter(dirs[i]);
     if (!adapter.ok()) return adapter.status();
   }
@@ -102,11 +106,12 @@ absl::StatusOr<JobOutcome> Engine::RunImport(const JobRecord& job) {
   }
   const CheckpointData snapshot = s.Snapshot(*new_state, ledger, s.router, before->version + 1);
   // Imported adapters come without data: they get no router statistics (served by name only).
-  auto version = s.CheckpointAndPublish(snapshot, *new_state, std::shared_ptr<const CausalLM>(std::move(served)),
-                                        before->tasks_learned, s.router, std::move(ledger));
+  auto version =
+      s.CheckpointAndPublish(snapshot, *new_state, std::shared_ptr<const CausalLM>(std::move(served)),
+                             before->tasks_learned, s.router, std::move(ledger));
   if (!version.ok()) return rollback(version.status());
-  spdlog::info("job {}: imported {} adapter(s) [{}] into the {} state: weights version {}", job.id, names.size(),
-               absl::StrJoin(names, ", "), s.method->name(), (*version)->version);
+  spdlog::info("job {}: imported {} adapter(s) [{}] into the {} state: weights version {}", job.id,
+               names.size(), absl::StrJoin(names, ", "), s.method->name(), (*version)->version);
   if (on_publish_) on_publish_();
   JobOutcome outcome;
   outcome.weights_version = (*version)->version;

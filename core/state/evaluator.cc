@@ -42,7 +42,8 @@ absl::StatusOr<double> Evaluator::Score(const CausalLM& model, const std::vector
     }
     case Scorer::kNll: {
       std::vector<std::string> texts;
-      for (const auto& e : examples) texts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt + e.completion);
+      for (const auto& e : examples)
+        texts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt + e.completion);
       NllOptions no;
       no.max_seq_len = max_seq_len_;
       ASSIGN_OR_RETURN(NllScore r, ScoreNll(model, *tokenizer_, texts, no));
@@ -67,7 +68,8 @@ absl::StatusOr<double> Evaluator::ReferenceNll(const CausalLM& model) const {
 
 absl::StatusOr<double> Evaluator::ScoreGrouped(const std::vector<std::shared_ptr<const CausalLM>>& models,
                                                const std::vector<size_t>& choice,
-                                               const std::vector<Example>& examples, const std::string& scorer) const {
+                                               const std::vector<Example>& examples,
+                                               const std::string& scorer) const {
   if (examples.empty()) return Nan();
   std::map<size_t, std::vector<Example>> groups;
   for (size_t i = 0; i < examples.size(); ++i) groups[choice[i]].push_back(examples[i]);
@@ -79,8 +81,8 @@ absl::StatusOr<double> Evaluator::ScoreGrouped(const std::vector<std::shared_ptr
   return total / static_cast<double>(examples.size());
 }
 
-absl::StatusOr<double> Evaluator::ReferenceNllRouted(const std::vector<std::shared_ptr<const CausalLM>>& models,
-                                                     const TaskRouter& router) const {
+absl::StatusOr<double> Evaluator::ReferenceNllRouted(
+    const std::vector<std::shared_ptr<const CausalLM>>& models, const TaskRouter& router) const {
   if (reference_texts_.empty()) return Nan();
   ASSIGN_OR_RETURN(at::Tensor features, router.Features(*base_, *tokenizer_, reference_texts_));
   std::vector<size_t> slots;
@@ -88,7 +90,8 @@ absl::StatusOr<double> Evaluator::ReferenceNllRouted(const std::vector<std::shar
   NllOptions no;
   no.max_seq_len = max_seq_len_;
   auto nll = MeanNllOnModels(models, slots, *tokenizer_, reference_texts_, no);
-  if (!nll.ok()) return absl::Status(nll.status().code(), absl::StrCat("reference NLL (auto): ", nll.status().message()));
+  if (!nll.ok())
+    return absl::Status(nll.status().code(), absl::StrCat("reference NLL (auto): ", nll.status().message()));
   return *nll;
 }
 

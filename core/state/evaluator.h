@@ -35,7 +35,10 @@ class Evaluator {
   // reference NLL: ReferenceNll returns NaN).
   Evaluator(const CausalLM* base, const Tokenizer* tokenizer, int64_t max_seq_len,
             std::vector<std::string> reference_texts)
-      : base_(base), tokenizer_(tokenizer), max_seq_len_(max_seq_len), reference_texts_(std::move(reference_texts)) {}
+      : base_(base),
+        tokenizer_(tokenizer),
+        max_seq_len_(max_seq_len),
+        reference_texts_(std::move(reference_texts)) {}
 
   bool has_reference() const { return !reference_texts_.empty(); }
 

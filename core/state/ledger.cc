@@ -27,7 +27,8 @@ void AddViewRow(std::vector<std::vector<double>>* view, size_t tasks, const std:
 
 }  // namespace
 
-absl::StatusOr<ResultsLedger> ResultsLedger::FromCheckpoint(const CheckpointData& d, const std::string& state_dir) {
+absl::StatusOr<ResultsLedger> ResultsLedger::FromCheckpoint(const CheckpointData& d,
+                                                            const std::string& state_dir) {
   ResultsLedger l;
   l.tasks_ = d.tasks;
   l.matrix_ = d.matrix;

@@ -84,7 +84,8 @@ class ResultsLedger {
  public:
   // The ledger stored in a checkpoint; the eval splits are read from `state_dir` (DATA_LOSS naming
   // the file when one is unreadable).
-  static absl::StatusOr<ResultsLedger> FromCheckpoint(const CheckpointData& data, const std::string& state_dir);
+  static absl::StatusOr<ResultsLedger> FromCheckpoint(const CheckpointData& data,
+                                                      const std::string& state_dir);
   // Writes the ledger's fields (tasks, matrix, views, reference NLL, stage versions) into `data`.
   void WriteTo(CheckpointData* data) const;
 
@@ -111,7 +112,7 @@ class ResultsLedger {
   std::map<std::string, std::vector<Example>> eval_sets_;
   std::vector<std::vector<double>> matrix_;  // [stage-1][task]
   std::vector<double> base_scores_;
-  std::vector<double> reference_nll_;   // [stage]
+  std::vector<double> reference_nll_;    // [stage]
   std::vector<int64_t> stage_versions_;  // weights version of each stage
   std::vector<std::vector<double>> routed_matrix_, auto_matrix_, router_accuracy_;
   std::vector<double> reference_nll_auto_;

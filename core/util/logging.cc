@@ -26,7 +26,7 @@ class JsonFormatter final : public spdlog::formatter {
     gmtime_r(&t, &tm);
     char ts[64];
     snprintf(ts, sizeof(ts), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
     nlohmann::json j;
     j["ts"] = ts;
     auto level = spdlog::level::to_string_view(msg.level);

@@ -6,10 +6,10 @@
 namespace strata {
 
 struct ProcessStats {
-  double cpu_seconds = 0;          // user + system
+  double cpu_seconds = 0;  // user + system
   int64_t resident_bytes = 0;
   int64_t virtual_bytes = 0;
-  double start_time_seconds = 0;   // since the Unix epoch
+  double start_time_seconds = 0;  // since the Unix epoch
   int64_t open_fds = 0;
   int64_t max_fds = 0;
   int64_t threads = 0;

@@ -21,7 +21,10 @@ TEST(Utf8Test, ValidatesAsRfc3629) {
 }
 
 TEST(Utf8Test, RepairsAndEncodes) {
-  EXPECT_EQ(SanitizeUtf8("a\xFF" "b"), "a\xEF\xBF\xBD" "b");
+  EXPECT_EQ(SanitizeUtf8("a\xFF"
+                         "b"),
+            "a\xEF\xBF\xBD"
+            "b");
   EXPECT_EQ(SanitizeUtf8("ok \xE6\x9D"), "ok \xEF\xBF\xBD\xEF\xBF\xBD");
   EXPECT_EQ(SanitizeUtf8KeepingTail("ok \xE6\x9D"), "ok \xE6\x9D");  // a character cut off at the end
   EXPECT_EQ(CompleteUtf8Prefix("ok \xE6\x9D"), 3u);

@@ -44,8 +44,8 @@ bool EvalAnnotated(void* arg) {
 }
 }  // namespace
 
-#define WRAP(cond)                          \
-  Annotated annotated{&(cond), this};       \
+#define WRAP(cond)                    \
+  Annotated annotated{&(cond), this}; \
   const Condition wrapped(&EvalAnnotated, &annotated)
 
 #define REAL(type, name) static const auto real = Real<type>(name)
@@ -146,14 +146,16 @@ void CondVar::Wait(Mutex* mu) {
   __tsan_acquire(mu);
 }
 bool CondVar::WaitWithTimeout(Mutex* mu, absl::Duration timeout) {
-  REAL(bool (*)(CondVar*, Mutex*, absl::Duration), "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
+  REAL(bool (*)(CondVar*, Mutex*, absl::Duration),
+       "_ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE");
   __tsan_release(mu);
   const bool r = real(this, mu, timeout);
   __tsan_acquire(mu);
   return r;
 }
 bool CondVar::WaitWithDeadline(Mutex* mu, absl::Time deadline) {
-  REAL(bool (*)(CondVar*, Mutex*, absl::Time), "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
+  REAL(bool (*)(CondVar*, Mutex*, absl::Time),
+       "_ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
   __tsan_release(mu);
   const bool r = real(this, mu, deadline);
   __tsan_acquire(mu);

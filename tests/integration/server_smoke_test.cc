@@ -22,8 +22,7 @@ struct RunningServer {
   std::string addr() const { return "127.0.0.1:" + std::to_string(grpc_port); }
 
   void Start(std::vector<std::string> extra = {}, std::map<std::string, std::string> env = {}) {
-    std::vector<std::string> argv = {BinaryPath("strata-server"),
-                                     "--grpc_port=" + std::to_string(grpc_port),
+    std::vector<std::string> argv = {BinaryPath("strata-server"), "--grpc_port=" + std::to_string(grpc_port),
                                      "--metrics_port=" + std::to_string(metrics_port),
                                      "--state_dir=" + dir.path() + "/state", "--threads=1"};
     argv.insert(argv.end(), extra.begin(), extra.end());
@@ -44,8 +43,8 @@ TEST(ServerSmoke, HealthInfoMetricsAndCleanShutdown) {
   ASSERT_EQ(health_json.exit_code, 0) << health_json.err;
   EXPECT_EQ(nlohmann::json::parse(health_json.out)["status"], "SERVING");
 
-  auto svc = RunCommand({BinaryPath("strata"), "health", "--server", s.addr(), "--service",
-                         "strata.v1.AdminService"});
+  auto svc = RunCommand(
+      {BinaryPath("strata"), "health", "--server", s.addr(), "--service", "strata.v1.AdminService"});
   EXPECT_EQ(svc.exit_code, 0) << svc.err;
   EXPECT_EQ(svc.out, "SERVING\n");
 
@@ -71,10 +70,11 @@ TEST(ServerSmoke, HealthInfoMetricsAndCleanShutdown) {
   auto metrics = HttpGet(s.metrics_port, "/metrics", &http_status);
   ASSERT_TRUE(metrics.has_value());
   EXPECT_EQ(http_status, 200);
-  for (const char* name : {"strata_build_info{", "process_cpu_seconds_total", "process_resident_memory_bytes",
-                           "process_start_time_seconds", "strata_uptime_seconds",
-                           "strata_rpc_requests_total{code=\"OK\",method=\"/strata.v1.AdminService/GetServerInfo\"}",
-                           "strata_rpc_duration_seconds_bucket"}) {
+  for (const char* name :
+       {"strata_build_info{", "process_cpu_seconds_total", "process_resident_memory_bytes",
+        "process_start_time_seconds", "strata_uptime_seconds",
+        "strata_rpc_requests_total{code=\"OK\",method=\"/strata.v1.AdminService/GetServerInfo\"}",
+        "strata_rpc_duration_seconds_bucket"}) {
     EXPECT_NE(metrics->find(name), std::string::npos) << name << " missing from:\n" << *metrics;
   }
 
@@ -136,12 +136,12 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
   EXPECT_NE(bad_env.err.find("STRATA_METRICS_PORT"), std::string::npos) << bad_env.err;
 
   // The method options are checked at start, each error naming its flag.
-  for (const auto& [flag, want] : std::vector<std::pair<std::string, std::string>>{
-           {"--method=nope", "--method: unknown method 'nope'"},
-           {"--pm_epsilon=2", "--pm_epsilon:"},
-           {"--phi=0", "--phi:"},
-           {"--targets=", "--targets:"},
-           {"--osft_rank=sometimes", "--osft_rank:"}}) {
+  for (const auto& [flag, want] :
+       std::vector<std::pair<std::string, std::string>>{{"--method=nope", "--method: unknown method 'nope'"},
+                                                        {"--pm_epsilon=2", "--pm_epsilon:"},
+                                                        {"--phi=0", "--phi:"},
+                                                        {"--targets=", "--targets:"},
+                                                        {"--osft_rank=sometimes", "--osft_rank:"}}) {
     auto bad = RunCommand({BinaryPath("strata-server"), flag});
     EXPECT_EQ(bad.exit_code, 2) << flag;
     EXPECT_NE(bad.err.find(want), std::string::npos) << flag << ": " << bad.err;
@@ -166,16 +166,17 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
   std::ofstream(dir.path() + "/cert.pem") << "not a certificate\n";
   std::ofstream(dir.path() + "/key.pem") << "not a key\n";
   auto bad_tls = RunCommand({BinaryPath("strata-server"), "--tls_cert=" + dir.path() + "/cert.pem",
-                             "--tls_key=" + dir.path() + "/key.pem", "--state_dir=" + dir.path(), "--metrics_port=0",
-                             "--grpc_port=" + std::to_string(FreePort())});
+                             "--tls_key=" + dir.path() + "/key.pem", "--state_dir=" + dir.path(),
+                             "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_tls.exit_code, 2);
-  EXPECT_NE(bad_tls.err.find("--tls_cert: " + dir.path() + "/cert.pem: no PEM certificate"), std::string::npos)
+  EXPECT_NE(bad_tls.err.find("--tls_cert: " + dir.path() + "/cert.pem: no PEM certificate"),
+            std::string::npos)
       << bad_tls.err;
   EXPECT_EQ(bad_tls.err.find("port in use"), std::string::npos) << bad_tls.err;
 
-  auto bad_model = RunCommand({BinaryPath("strata-server"), "--model=" + dir.path() + "/nope",
-                               "--state_dir=" + dir.path(), "--metrics_port=0",
-                               "--grpc_port=" + std::to_string(FreePort())});
+  auto bad_model =
+      RunCommand({BinaryPath("strata-server"), "--model=" + dir.path() + "/nope", "--state_dir=" + dir.path(),
+                  "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_model.exit_code, 2);
   EXPECT_NE(bad_model.err.find("nope"), std::string::npos) << bad_model.err;
 }
@@ -194,8 +195,8 @@ TEST(ServerSmoke, PortInUseIsReported) {
 
 TEST(Cli, ExitCodes) {
   int port = FreePort();
-  auto unreachable = RunCommand({BinaryPath("strata"), "health", "--server",
-                                 "127.0.0.1:" + std::to_string(port), "--timeout", "1"});
+  auto unreachable = RunCommand(
+      {BinaryPath("strata"), "health", "--server", "127.0.0.1:" + std::to_string(port), "--timeout", "1"});
   EXPECT_EQ(unreachable.exit_code, 3);
   EXPECT_NE(unreachable.err.find("cannot reach"), std::string::npos) << unreachable.err;
 
@@ -216,8 +217,8 @@ TEST(Cli, OfflineTokenizeAndGenerate) {
   auto tok = RunCommand({BinaryPath("strata"), "tokenize", "--model", model, "--text", "Once upon a time"});
   ASSERT_EQ(tok.exit_code, 0) << tok.err;
   EXPECT_EQ(tok.out, "1 403 407 261 378\n");
-  auto tok_json =
-      RunCommand({BinaryPath("strata"), "tokenize", "--model", model, "--text", "Once upon a time", "--json"});
+  auto tok_json = RunCommand(
+      {BinaryPath("strata"), "tokenize", "--model", model, "--text", "Once upon a time", "--json"});
   ASSERT_EQ(tok_json.exit_code, 0) << tok_json.err;
   EXPECT_EQ(nlohmann::json::parse(tok_json.out)["ids"], nlohmann::json({1, 403, 407, 261, 378}));
 
@@ -226,9 +227,9 @@ TEST(Cli, OfflineTokenizeAndGenerate) {
   ASSERT_EQ(gen.exit_code, 0) << gen.err;
   EXPECT_EQ(gen.out.rfind(", there was a little girl", 0), 0u) << gen.out;
 
-  auto gen_json = RunCommand({BinaryPath("strata"), "generate", "--model", model, "--prompt",
-                              "Once upon a time", "--max-tokens", "16", "--temperature", "0", "--json",
-                              "--threads", "1"});
+  auto gen_json =
+      RunCommand({BinaryPath("strata"), "generate", "--model", model, "--prompt", "Once upon a time",
+                  "--max-tokens", "16", "--temperature", "0", "--json", "--threads", "1"});
   ASSERT_EQ(gen_json.exit_code, 0) << gen_json.err;
   auto j = nlohmann::json::parse(gen_json.out);
   EXPECT_EQ(j["ids"].size(), 16u);

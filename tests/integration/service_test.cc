@@ -294,12 +294,14 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
 
   const std::string metrics = s.Metrics();
   for (const char* series :
-       {"strata_task_score{task=\"capitals\",view=\"merged\"}", "strata_task_score{task=\"iso3\",view=\"merged\"}",
+       {"strata_task_score{task=\"capitals\",view=\"merged\"}",
+        "strata_task_score{task=\"iso3\",view=\"merged\"}",
         "strata_task_score{task=\"iso3\",view=\"routed\"}", "strata_task_score{task=\"iso3\",view=\"auto\"}",
         "strata_task_forgetting{task=\"capitals\",view=\"merged\"}",
         "strata_task_forgetting{task=\"capitals\",view=\"auto\"}", "strata_average_score{view=\"merged\"}",
         "strata_average_score{view=\"auto\"}", "strata_backward_transfer{view=\"auto\"}",
-        "strata_router_accuracy{task=\"capitals\"}", "strata_router_bytes", "strata_adaptation_state_bytes"}) {
+        "strata_router_accuracy{task=\"capitals\"}", "strata_router_bytes",
+        "strata_adaptation_state_bytes"}) {
     EXPECT_FALSE(std::isnan(MetricValue(metrics, series))) << series << " missing from\n" << metrics;
   }
   // The router sends each task's eval prompts to it.
@@ -317,18 +319,20 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
   CommandResult story_text = s.Cli({"generate", "--prompt", "Once upon a time", "--max-tokens", "6"});
   EXPECT_EQ(story_text.out.rfind(", there was a little", 0), 0u) << story_text.out;
   EXPECT_NE(story_text.err.find("route base (chosen automatically"), std::string::npos) << story_text.err;
-  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--route", "merged"})
-                ["route"],
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2", "--route",
+                       "merged"})["route"],
             "merged");
-  EXPECT_EQ(s.CliJson({"generate", "--prompt", "Once upon a time", "--max-tokens", "2", "--route", "iso3"})["route"],
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "Once upon a time", "--max-tokens", "2", "--route",
+                       "iso3"})["route"],
             "iso3");
-  json scored = s.CliJson({"score", "--prompt", "The capital of France is", "--completion", " Paris",
-                           "--completion", " Rome"});
+  json scored = s.CliJson(
+      {"score", "--prompt", "The capital of France is", "--completion", " Paris", "--completion", " Rome"});
   EXPECT_EQ(scored["route"], "capitals") << scored.dump();
-  ExpectRpcError(s.Cli({"generate", "--prompt", "x", "--route", "capitals", "--task", "iso3"}), "INVALID_ARGUMENT",
-                 "different routes");
+  ExpectRpcError(s.Cli({"generate", "--prompt", "x", "--route", "capitals", "--task", "iso3"}),
+                 "INVALID_ARGUMENT", "different routes");
   const std::string metrics_routes = s.Metrics();
-  EXPECT_GE(MetricValue(metrics_routes, "strata_route_requests_total{route=\"capitals\"}"), 2) << metrics_routes;
+  EXPECT_GE(MetricValue(metrics_routes, "strata_route_requests_total{route=\"capitals\"}"), 2)
+      << metrics_routes;
   EXPECT_GE(MetricValue(metrics_routes, "strata_route_requests_total{route=\"base\"}"), 2) << metrics_routes;
   EXPECT_EQ(MetricValue(metrics, "strata_tasks_learned"), 2);
   EXPECT_EQ(MetricValue(metrics, "strata_weights_version"), 3);
@@ -372,7 +376,8 @@ TEST(Service, LearnsTwoTasksWhileServingAndSurvivesRestart) {
       << metrics_after;
   json report_routes = s.CliJson({"report"});
   EXPECT_EQ(report_routes["router_accuracy"], report["router_accuracy"]);
-  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"], "capitals");
+  EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"],
+            "capitals");
   // A relearn under the same name is refused.
   ExpectRpcError(s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval", cap_eval}),
                  "ALREADY_EXISTS", "already learned");
@@ -393,8 +398,8 @@ TEST(Service, OsftAndPerturbAndMergeLearnThroughTheService) {
     const std::string iso_eval = HeadLines(ClSmall("iso3/test.jsonl"), 16, dir + "/iso3-eval.jsonl");
     for (const auto& [task, train, eval] : std::vector<std::tuple<std::string, std::string, std::string>>{
              {"capitals", cap_train, cap_eval}, {"iso3", iso_train, iso_eval}}) {
-      CommandResult r = s.Cli({"submit", "--task", task, train, "--eval", eval, "--method", method, "--steps", "6",
-                               "--batch-size", "8", "--wait"});
+      CommandResult r = s.Cli({"submit", "--task", task, train, "--eval", eval, "--method", method, "--steps",
+                               "6", "--batch-size", "8", "--wait"});
       ASSERT_EQ(r.exit_code, 0) << r.err << r.out << s.Log();
       EXPECT_NE(r.out.find("succeeded: task '" + task + "' learned"), std::string::npos) << r.out;
     }
@@ -407,14 +412,16 @@ TEST(Service, OsftAndPerturbAndMergeLearnThroughTheService) {
     EXPECT_GT(std::stoll(report["adaptation_state_bytes"].get<std::string>()), 0);
     const std::string metrics = s.Metrics();
     EXPECT_EQ(MetricValue(metrics, "strata_tasks_learned"), 2) << metrics;
-    EXPECT_FALSE(std::isnan(MetricValue(metrics, "strata_task_score{task=\"iso3\",view=\"merged\"}"))) << metrics;
+    EXPECT_FALSE(std::isnan(MetricValue(metrics, "strata_task_score{task=\"iso3\",view=\"merged\"}")))
+        << metrics;
     // No per-task weights: a prompt that fits a task is served on the merged weights.
-    EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"], "merged");
+    EXPECT_EQ(s.CliJson({"generate", "--prompt", "The capital of France is", "--max-tokens", "2"})["route"],
+              "merged");
 
     // The served model is the method's merged weights: they changed from the base, and an export of
     // them generates the same greedy text offline.
-    const std::vector<std::string> gen = {"generate", "--prompt", "The capital of France is", "--max-tokens", "12",
-                                          "--temperature", "0"};
+    const std::vector<std::string> gen = {
+        "generate", "--prompt", "The capital of France is", "--max-tokens", "12", "--temperature", "0"};
     std::vector<std::string> gen_merged = gen;
     gen_merged.insert(gen_merged.end(), {"--route", "merged"});
     CommandResult served = s.Cli(gen_merged);
@@ -433,8 +440,9 @@ TEST(Service, OsftAndPerturbAndMergeLearnThroughTheService) {
     ASSERT_EQ(from_base.exit_code, 0) << from_base.err;
     EXPECT_NE(from_base.out, served.out) << "the served weights did not change";
 
-    ExpectRpcError(s.Cli({"submit", "--task", "other", cap_train, "--eval", cap_eval, "--method", "share_ella"}),
-                   "FAILED_PRECONDITION", method);
+    ExpectRpcError(
+        s.Cli({"submit", "--task", "other", cap_train, "--eval", cap_eval, "--method", "share_ella"}),
+        "FAILED_PRECONDITION", method);
     ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
     s.Start();
     json info = s.CliJson({"info"});
@@ -725,8 +733,8 @@ TEST(Service, BadInputsGetTheirCodes) {
   // Invalid UTF-8 in a prompt, an empty completion, a single completion.
   ExpectRpcError(s.Cli({"generate", "--prompt", "caf\xE9", "--max-tokens", "2"}), "INVALID_ARGUMENT",
                  "prompt: invalid UTF-8 at byte 4");
-  ExpectRpcError(s.Cli({"score", "--prompt", "2+2=", "--completion", " 4", "--completion", ""}), "INVALID_ARGUMENT",
-                 "completions[1]: empty");
+  ExpectRpcError(s.Cli({"score", "--prompt", "2+2=", "--completion", " 4", "--completion", ""}),
+                 "INVALID_ARGUMENT", "completions[1]: empty");
   {
     json one = s.CliJson({"score", "--prompt", "2+2=", "--completion", " 4"});
     ASSERT_EQ(one["scores"].size(), 1u) << one.dump();
