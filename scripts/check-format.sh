@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that every C++ file git tracks is formatted as .clang-format says (clang-format from
-# Debian 12, version 14). Prints the files that differ and exits 1; `--fix` rewrites them.
+# Debian 12, version 14; installed with apt-get when missing). Prints the files that differ and
+# exits 1; `--fix` rewrites them.
 #
 #   scripts/check-format.sh          check (CI runs this)
 #   scripts/check-format.sh --fix    format in place
@@ -8,10 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CLANG_FORMAT=${CLANG_FORMAT:-clang-format}
 if ! command -v "$CLANG_FORMAT" >/dev/null; then
-  echo "[format] $CLANG_FORMAT not found (Debian: apt-get install clang-format)" >&2
-  exit 2
+  echo "[format] installing clang-format (Debian 12: version 14)"
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends clang-format >/dev/null
 fi
-mapfile -t files < <(git ls-files '*.cc' '*.h' | grep -v '^third_party/')
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  mapfile -t files < <(git ls-files '*.cc' '*.h')
+else  # an exported tree without .git: the source folders
+  mapfile -t files < <(find bench client core fuzz proto scripts server tests -name '*.cc' -o -name '*.h' | sort)
+fi
 if [[ "${1:-}" == "--fix" ]]; then
   "$CLANG_FORMAT" -i --style=file "${files[@]}"
   echo "[format] formatted ${#files[@]} files"
