@@ -213,18 +213,6 @@ TEST(JsonlTest, RejectsInvalidUtf8) {
                   "invalid UTF-8 at column 6"});  // in a field name: no field to name
 }
 
-TEST(JsonlTest, Utf8Checker) {
-  EXPECT_TRUE(IsValidUtf8("plain ascii"));
-  EXPECT_TRUE(IsValidUtf8("Åland, 東京, 😀"));
-  size_t bad = 99;
-  EXPECT_FALSE(IsValidUtf8("ab\xFF", &bad));
-  EXPECT_EQ(bad, 2u);
-  EXPECT_FALSE(IsValidUtf8("\xE0\x80\x80"));      // overlong 3-byte
-  EXPECT_FALSE(IsValidUtf8("\xF0\x8F\xBF\xBF"));  // overlong 4-byte
-  EXPECT_TRUE(IsValidUtf8("\xF4\x8F\xBF\xBF"));   // U+10FFFF
-  EXPECT_FALSE(IsValidUtf8("\x80"));
-}
-
 TEST(JsonlTest, RejectsMixedKindsWithinAFile) {
   ExpectRejected({R"({"text": "t"})", LineErrorReason::kMixedKinds,
                   "example kind \"text\" differs from the file's kind \"completion\" (set by line 1)"});

@@ -11,6 +11,8 @@ TEST(Utf8Test, ValidatesAsRfc3629) {
   size_t bad = 0;
   EXPECT_FALSE(IsValidUtf8("ab\xFF", &bad));
   EXPECT_EQ(bad, 2u);
+  EXPECT_FALSE(IsValidUtf8("\x80"));              // a lone continuation byte
+  EXPECT_FALSE(IsValidUtf8("\xF0\x8F\xBF\xBF"));  // overlong 4-byte
   EXPECT_FALSE(IsValidUtf8("\xE0\x80\x80"));      // overlong
   EXPECT_FALSE(IsValidUtf8("\xED\xA0\x80"));      // surrogate
   EXPECT_FALSE(IsValidUtf8("\xF4\x90\x80\x80"));  // above U+10FFFF
