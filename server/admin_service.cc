@@ -18,6 +18,8 @@ absl::StatusOr<std::string> ConfinePath(const std::string& root, const std::stri
                                         const std::string& what) {
   if (path.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": must not be empty"));
   std::string full = AbsolutePath(path.front() == '/' ? path : root + "/" + path);
+  // "adapter-a/" names the directory adapter-a (its name becomes a task's name on import).
+  while (full.size() > 1 && full.back() == '/') full.pop_back();
   if (!IsWithinRoot(root, full)) {
     return absl::PermissionDeniedError(
         absl::StrCat(what, ": '", path, "' is outside ", root, " (the server's configured root)"));

@@ -866,7 +866,7 @@ TEST(Service, ImportsPeftAdapterFromTheImportRoot) {
   // The import is a queued job like a task: --no-wait returns its id at once; a directory whose name
   // cannot name a task, or a task already learned, is refused before anything is queued.
   WritePeftAdapter(s.state() + "/imports/adapter-b");
-  CommandResult queued = s.Cli({"import", "--no-wait", "adapter-b"});
+  CommandResult queued = s.Cli({"import", "--no-wait", "adapter-b/"});  // a trailing slash names it too
   ASSERT_EQ(queued.exit_code, 0) << queued.err;
   const std::string job_id = queued.out.substr(0, queued.out.find('\n'));
   CommandResult watched = s.Cli({"watch", job_id});
