@@ -705,16 +705,14 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
     std::vector<at::Tensor> test_features;
     for (const BenchTask& t : tasks) {
       std::vector<std::string> prompts;
-      for (const Example& e : t.data.test)
-        prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      for (const Example& e : t.data.test) prompts.push_back(RouterPrompt(e));
       absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
       if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
       test_features.push_back(*f);
     }
     for (const BenchTask& t : tasks) {
       std::vector<std::string> prompts;
-      for (const Example& e : t.data.train)
-        prompts.push_back(e.kind == ExampleKind::kText ? e.text : e.prompt);
+      for (const Example& e : t.data.train) prompts.push_back(RouterPrompt(e));
       absl::StatusOr<at::Tensor> f = router.Features(*base_model, tokenizer, prompts);
       if (!f.ok()) return Usage(absl::StrCat("router features: ", f.status().message()));
       if (absl::Status st = router.AddTask(t.data.name, *f, layer); !st.ok()) {

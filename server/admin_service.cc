@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <filesystem>
-
 #include "absl/strings/str_cat.h"
 #include "core/jobs/job.h"
 #include "core/util/file_util.h"
@@ -109,28 +107,14 @@ grpc::Status AdminServiceImpl::ImportAdapters(grpc::ServerContext* context,
   for (int i = 0; i < request->dirs_size(); ++i) {
     auto dir = ConfinePath(facts_.import_root, request->dirs(i), absl::StrCat("dirs[", i, "]"));
     if (!dir.ok()) return ToGrpcStatus(dir.status());
-    // The directory's name becomes the task's name (as Engine::ImportAdapters takes it): it must
-    // follow the rules of a submitted task's name.
-    TaskSpecification spec;
-    spec.name = std::filesystem::path(AbsolutePath(*dir)).filename().string();
-    if (auto st = ValidateTaskSpecification(spec); !st.ok()) {
-      return ToGrpcStatus(absl::InvalidArgumentError(
-          absl::StrCat("dirs[", i, "]: the task name is the directory's name '", spec.name,
-                       "', which is not a valid task name (", st.message(), "); rename the directory")));
-    }
-    for (size_t j = 0; j < dirs.size(); ++j) {
-      if (std::filesystem::path(AbsolutePath(dirs[j])).filename().string() == spec.name) {
-        return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-            "dirs[", i, "]: dirs[", j, "] has the same directory name '", spec.name, "' (one task each)")));
-      }
-    }
     dirs.push_back(*dir);
   }
   // Everything the job will read is checked now; the import then runs on the training worker like a
   // task (this RPC never waits for training).
-  if (auto st = engine_->CheckImport(dirs); !st.ok()) return ToGrpcStatus(st);
+  auto tasks = engine_->CheckImport(dirs);
+  if (!tasks.ok()) return ToGrpcStatus(tasks.status());
   TaskSpecification spec;
-  spec.name = std::filesystem::path(dirs.front()).filename().string();
+  spec.name = tasks->front();
   spec.import_dirs = dirs;
   spec.description = absl::StrCat("import of ", dirs.size(), " PEFT adapter(s)");
   if (auto st = ValidateTaskSpecification(spec); !st.ok()) return ToGrpcStatus(st);

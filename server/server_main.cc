@@ -203,10 +203,6 @@ absl::Status ValidateFlags() {
         at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
     if (!st.ok()) return st;
   }
-  if (FindMethodDescriptor(absl::GetFlag(FLAGS_method)) == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("--method: unknown method '", absl::GetFlag(FLAGS_method),
-                                                   "' (valid: ", absl::StrJoin(MethodNames(), ", "), ")"));
-  }
   // The recipe, checked as the engine will check it (the error names the flag).
   if (absl::Status st = ValidateRecipe(ServerRecipe()); !st.ok()) {
     // "recipe: <field> <why>" / "method config: <field> <why>" -> "--<flag>: <why>"

@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/util/env_flags.h"
 
 namespace strata {
 namespace {
@@ -191,10 +192,10 @@ std::vector<std::string> MethodNames() {
   return out;
 }
 
-absl::Status CheckMethodName(absl::string_view name, absl::string_view what) {
+absl::Status CheckMethodName(absl::string_view name) {
   if (FindMethodDescriptor(name) != nullptr) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown ", what, " \"", name, "\"; valid methods: ", absl::StrJoin(MethodNames(), ", ")));
+      absl::StrCat("unknown method '", name, "' (valid: ", absl::StrJoin(MethodNames(), ", "), ")"));
 }
 
 std::string MethodOptionText(const MethodConfig& c, const MethodOption& o) {
@@ -309,8 +310,7 @@ absl::Status ParseMethodOptionFlags(int* argc, char** argv, MethodConfig* config
   for (const MethodOption& o : AllMethodOptions()) {
     const std::string flag = o.FlagName();
     if (flag.empty()) continue;
-    std::string env = env_prefix;
-    for (char ch : flag) env.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(ch))));
+    const std::string env = EnvTwinName(flag, env_prefix);
     if (const char* value = std::getenv(env.c_str()); value != nullptr) {
       if (absl::Status st = SetMethodOption(config, o, value, env); !st.ok()) return st;
     }

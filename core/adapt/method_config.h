@@ -140,8 +140,8 @@ std::vector<MethodDescriptor> MethodDescriptors();
 const MethodDescriptor* FindMethodDescriptor(absl::string_view name);
 // All method names in listing order, the default first.
 std::vector<std::string> MethodNames();
-// INVALID_ARGUMENT "unknown method "x"; valid methods: ..." unless `name` is registered.
-absl::Status CheckMethodName(absl::string_view name, absl::string_view what = "method");
+// INVALID_ARGUMENT "unknown method 'x' (valid: share_ella, ...)" unless `name` is registered.
+absl::Status CheckMethodName(absl::string_view name);
 
 // The option's value in `config` as text ("all-linear", "8", "0.1", "q_proj,v_proj").
 std::string MethodOptionText(const MethodConfig& config, const MethodOption& option);

@@ -118,7 +118,8 @@ TEST(RecipeTest, DefaultsAreValidAndOneWarmup) {
   EXPECT_THAT(std::string(ValidateRecipe(r).message()), HasSubstr("learning_rate"));
   r = TrainingRecipe{};
   r.method = "nope";
-  EXPECT_THAT(std::string(ValidateRecipe(r).message()), HasSubstr("unknown method \"nope\""));
+  EXPECT_THAT(std::string(ValidateRecipe(r).message()),
+              HasSubstr("unknown method 'nope' (valid: share_ella, share"));
   EXPECT_THAT(RecipeToJson(TrainingRecipe{}), HasSubstr("\"k_max\":32"));
 }
 

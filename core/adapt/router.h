@@ -38,6 +38,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/data/example.h"
 
 namespace strata {
 
@@ -66,6 +67,9 @@ struct RouteDecision {
   std::string nearest;      // the nearest task, even when it does not fit
   double confidence = 0;    // see the header comment
 };
+
+// What the router sees of an example: its prompt (a text example: the text itself).
+inline std::string RouterPrompt(const Example& e) { return e.kind == ExampleKind::kText ? e.text : e.prompt; }
 
 // Where a decision points in a RouteModels() list: 0 when no task fits, 1 + task_index otherwise.
 inline size_t RouteSlot(const RouteDecision& d) {

@@ -155,8 +155,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
       c10::InferenceMode guard;
       ASSIGN_OR_RETURN(const double nll, impl->evaluator->ReferenceNll(*impl->base));
       impl->ledger.SetBaseReferenceNll(nll);
-    } else if (impl->ledger.HasBaseReferenceNll()) {
-      impl->ledger.SetBaseReferenceNll(std::nan(""));  // fills the auto view's stage 0 of older states
     }
   }
   auto version_ptr = std::make_shared<ServedVersion>();

@@ -156,7 +156,8 @@ class Engine : public TaskRunner {
   // will read them (INVALID_ARGUMENT / NOT_FOUND naming the directory and file, ALREADY_EXISTS for
   // a learned task, UNIMPLEMENTED for a method without a subspace). The server calls it before it
   // queues the import; nothing is read into the state here.
-  absl::Status CheckImport(const std::vector<std::string>& dirs) const;
+  // Returns the tasks the adapters become (each directory's name), in order.
+  absl::StatusOr<std::vector<std::string>> CheckImport(const std::vector<std::string>& dirs) const;
 
   // TaskRunner: a task's training run, or an import job (PEFT LoRA adapters folded into the state
   // without gradient steps; publishes a new version).

@@ -2,7 +2,6 @@
 #include <torch/torch.h>
 
 #include <filesystem>
-#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -49,49 +48,59 @@ absl::Status Engine::ExportState(const std::string& dir) const {
 
 namespace {
 
-// The task an adapter directory becomes: the directory's name.
-std::string AdapterTaskName(const std::string& dir) {
-  return fs::path(AbsolutePath(dir)).filename().string();
+// An import's adapters with the tasks they become (each directory's name), read and checked: the
+// method imports, the names follow the task-name rules, are not learned and not repeated.
+absl::StatusOr<std::vector<std::pair<std::string, PeftLoraAdapter>>> ReadImport(
+    const Engine& engine, const std::vector<std::string>& dirs) {
+  if (dirs.empty()) return absl::InvalidArgumentError("dirs: at least one adapter directory is required");
+  const std::string method = engine.Current()->method->name();
+  const MethodDescriptor* descriptor = FindMethodDescriptor(method);
+  if (descriptor == nullptr || !descriptor->adapter_import) return AdapterImportUnsupported(method);
+  std::vector<std::pair<std::string, PeftLoraAdapter>> out;
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    const std::string task = fs::path(AbsolutePath(dirs[i])).filename().string();
+    if (absl::Status st = ValidateTaskName(task, "name"); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("dirs[", i, "]: the task name is the directory's name '",
+                                                     task, "', which is not a valid task name (",
+                                                     st.message(), "); rename the directory"));
+    }
+    for (size_t j = 0; j < out.size(); ++j) {
+      if (out[j].first == task) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "dirs[", i, "]: dirs[", j, "] has the same directory name '", task, "' (one task each)"));
+      }
+    }
+    if (engine.TaskIsLearned(task))
+      return absl::AlreadyExistsError(absl::StrCat("task '", task, "' already exists"));
+    ASSIGN_OR_RETURN(PeftLoraAdapter adapter, ReadPeftLoraAdapter(dirs[i]));
+    out.emplace_back(task, std::move(adapter));
+  }
+  return out;
 }
 
 }  // namespace
 
-absl::Status Engine::CheckImport(const std::vector<std::string>& dirs) const {
-  if (dirs.empty()) return absl::InvalidArgumentError("dirs: at least one adapter directory is required");
-  std::shared_ptr<const ServedVersion> current = Current();
-  const MethodDescriptor* method = FindMethodDescriptor(current->method->name());
-  if (method == nullptr || !method->adapter_import) return AdapterImportUnsupported(current->method->name());
-  std::set<std::string> names;
-  for (size_t i = 0; i < dirs.size(); ++i) {
-    const std::string task = AdapterTaskName(dirs[i]);
-    RETURN_IF_ERROR(ValidateTaskName(task, absl::StrCat("dirs[", i, "] (", dirs[i], ")")));
-    if (!names.insert(task).second) {
-      return absl::InvalidArgumentError(absl::StrCat("dirs[", i, "]: task '", task, "' is imported twice"));
-    }
-    if (TaskIsLearned(task))
-      return absl::AlreadyExistsError(absl::StrCat("task '", task, "' already exists"));
-    auto adapter = ReadPeftLoraAdapter(dirs[i]);
-    if (!adapter.ok()) return adapter.status();
-  }
-  return absl::OkStatus();
+absl::StatusOr<std::vector<std::string>> Engine::CheckImport(const std::vector<std::string>& dirs) const {
+  ASSIGN_OR_RETURN(auto adapters, ReadImport(*this, dirs));
+  std::vector<std::string> names;
+  for (const auto& [task, adapter] : adapters) names.push_back(task);
+  return names;
 }
 
 absl::StatusOr<JobOutcome> Engine::RunImport(const JobRecord& job) {
-  const std::vector<std::string>& dirs = job.spec.import_dirs;
   Impl& s = *impl_;
   absl::MutexLock train_lock(&s.train_mu);
-  RETURN_IF_ERROR(CheckImport(dirs));
+  // Read again at run time: the state (learned tasks) and the files may have changed since the
+  // import was queued.
+  ASSIGN_OR_RETURN(auto adapters, ReadImport(*this, job.spec.import_dirs));
   SetTorchThreads(s.options.training_threads);
   ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
   auto rollback = [&](absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.train_mu) {
     return s.Rollback(previous_state, std::move(st));
   };
   std::vector<std::string> names;
-  for (const auto& dir : dirs) {
-    const std::string task = AdapterTaskName(dir);
-    auto adapter = ReadPeftLoraAdapter(dir);
-    if (!adapter.ok()) return rollback(adapter.status());
-    if (auto st = s.method->ImportPeftAdapter(task, *adapter, *s.base); !st.ok()) return rollback(st);
+  for (const auto& [task, adapter] : adapters) {
+    if (auto st = s.method->ImportPeftAdapter(task, adapter, *s.base); !st.ok()) return rollback(st);
     names.push_back(task);
   }
   auto served = s.base->ShallowCopy();

@@ -26,8 +26,6 @@ std::string AutoScorer(const std::vector<Example>& examples) {
   return std::string(ScorerName(s));
 }
 
-std::string RouterPrompt(const Example& e) { return e.kind == ExampleKind::kText ? e.text : e.prompt; }
-
 absl::StatusOr<double> Evaluator::Score(const CausalLM& model, const std::vector<Example>& examples,
                                         const std::string& scorer) const {
   if (examples.empty()) return Nan();

@@ -26,9 +26,6 @@ class Tokenizer;
 // otherwise.
 std::string AutoScorer(const std::vector<Example>& examples);
 
-// What the router sees of an example: its prompt (a text example: the text itself).
-std::string RouterPrompt(const Example& example);
-
 class Evaluator {
  public:
   // `base` and `tokenizer` must outlive the evaluator; `reference_texts` may be empty (no

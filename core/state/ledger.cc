@@ -39,6 +39,10 @@ absl::StatusOr<ResultsLedger> ResultsLedger::FromCheckpoint(const CheckpointData
   l.auto_matrix_ = d.auto_matrix;
   l.router_accuracy_ = d.router_accuracy;
   l.reference_nll_auto_ = d.reference_nll_auto;
+  // States from before the auto view: its stage 0 is the base model's, as in the merged view.
+  if (l.reference_nll_auto_.empty() && !l.reference_nll_.empty()) {
+    l.reference_nll_auto_.push_back(l.reference_nll_.front());
+  }
   for (const auto& t : l.tasks_) {
     auto parsed = ParseJsonlFile(state_dir + "/" + t.eval_file, ValidationOptions{});
     if (!parsed.ok()) return absl::DataLossError(parsed.status().message());

@@ -97,8 +97,8 @@ class ResultsLedger {
   // The kept eval split of each task, in learning order.
   const std::vector<Example>& EvalSet(const std::string& task) const;
   // The reference NLL of the base model (stage 0), measured once when a reference text is
-  // configured. SetBaseReferenceNll fills only what is missing: stage 0 of the reference NLL, and
-  // stage 0 of the auto view from it (the base model in both).
+  // configured: SetBaseReferenceNll sets stage 0 of the merged and the auto view (the base model
+  // in both) where it is missing. (FromCheckpoint fills the auto view's stage 0 of older states.)
   bool HasBaseReferenceNll() const { return !reference_nll_.empty(); }
   void SetBaseReferenceNll(double nll);
 

@@ -8,10 +8,6 @@
 
 namespace strata {
 
-std::string EnvTwinName(const std::string& flag_name, const std::string& prefix) {
-  return prefix + absl::AsciiStrToUpper(flag_name);
-}
-
 absl::Status ApplyEnvironmentTwins(const std::vector<std::string>& flag_names, const std::string& prefix) {
   for (const auto& name : flag_names) {
     absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);

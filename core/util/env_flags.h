@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 
 namespace strata {
 
@@ -15,7 +16,10 @@ namespace strata {
 absl::Status ApplyEnvironmentTwins(const std::vector<std::string>& flag_names,
                                    const std::string& prefix = "STRATA_");
 
-// "grpc_port" -> "STRATA_GRPC_PORT".
-std::string EnvTwinName(const std::string& flag_name, const std::string& prefix = "STRATA_");
+// "grpc_port" -> "STRATA_GRPC_PORT". (Header-only: the method options' flag parsing, which is
+// torch- and absl-flags-free, names its twins with it too.)
+inline std::string EnvTwinName(const std::string& flag_name, const std::string& prefix = "STRATA_") {
+  return prefix + absl::AsciiStrToUpper(flag_name);
+}
 
 }  // namespace strata
