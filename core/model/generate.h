@@ -55,8 +55,16 @@ struct GenerationResult {
 // sequence (finish_reason "cancelled"; the others go on). Called on the calling thread.
 using TokenCallback = std::function<bool(size_t index, int32_t id, const std::string& text_delta)>;
 
+// INVALID_ARGUMENT naming the field for options Generate() refuses.
+absl::Status ValidateSamplingOptions(const SamplingOptions& options);
+// INVALID_ARGUMENT (messages start with `label`) for an empty prompt, one longer than the model's
+// max_position_embeddings, or ids outside its vocabulary.
+absl::Status CheckPromptIds(const std::vector<int32_t>& prompt, const ModelConfig& config,
+                            const std::string& label);
+
 // Generates for a batch of tokenised prompts at once: one left-padded prefill, then KV-cached
-// decode steps; each sequence finishes independently (finished rows leave the batch). Runs under
+// decode steps; each sequence finishes independently (finished rows leave the batch). A
+// DecodeBatch (decode_batch.h) run to completion. Runs under
 // c10::InferenceMode. Prompts must be non-empty, with ids in [0, vocab_size) and no longer than
 // max_position_embeddings.
 absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model, const Tokenizer& tokenizer,

@@ -110,7 +110,7 @@ at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
                      : at::linear(x, w, b);
   if (adapter) {
     at::Tensor side = adapter->Forward(x);
-    y = y + side.to(y.scalar_type());
+    if (side.defined()) y = y + side.to(y.scalar_type());
   }
   return y;
 }
@@ -121,12 +121,74 @@ void KVCache::Clear() {
   lengths_.clear();
 }
 
-void KVCache::SelectRows(const at::Tensor& rows) {
+void KVCache::SelectRows(const at::Tensor& rows, int64_t drop_front) {
   for (size_t i = 0; i < keys_.size(); ++i) {
     if (!keys_[i].defined()) continue;
+    TORCH_CHECK(drop_front >= 0 && drop_front <= lengths_[i], "KVCache::SelectRows: cannot drop ", drop_front,
+                " of ", lengths_[i], " positions");
     const at::Tensor r = rows.to(keys_[i].device(), at::kLong);
-    keys_[i] = keys_[i].index_select(0, r);
-    values_[i] = values_[i].index_select(0, r);
+    if (drop_front == 0) {
+      keys_[i] = keys_[i].index_select(0, r);
+      values_[i] = values_[i].index_select(0, r);
+      continue;
+    }
+    // Keep the spare capacity: the kept positions move to the front of a buffer of the same size.
+    const int64_t keep = lengths_[i] - drop_front;
+    at::Tensor k =
+        at::empty({r.size(0), keys_[i].size(1), keys_[i].size(2), keys_[i].size(3)}, keys_[i].options());
+    at::Tensor v = at::empty_like(k);
+    k.narrow(2, 0, keep).copy_(keys_[i].narrow(2, drop_front, keep).index_select(0, r));
+    v.narrow(2, 0, keep).copy_(values_[i].narrow(2, drop_front, keep).index_select(0, r));
+    keys_[i] = k;
+    values_[i] = v;
+    lengths_[i] = keep;
+  }
+}
+
+void KVCache::AddRows(const KVCache& other) {
+  if (other.keys_.empty()) return;
+  if (keys_.empty()) {
+    // Copies (the other cache may go on being used).
+    keys_.clear();
+    values_.clear();
+    for (size_t i = 0; i < other.keys_.size(); ++i) {
+      keys_.push_back(other.keys_[i].defined() ? other.keys_[i].clone() : at::Tensor());
+      values_.push_back(other.values_[i].defined() ? other.values_[i].clone() : at::Tensor());
+    }
+    lengths_ = other.lengths_;
+    return;
+  }
+  TORCH_CHECK(other.keys_.size() == keys_.size(), "KVCache::AddRows: ", other.keys_.size(),
+              " layers, expected ", keys_.size());
+  for (size_t i = 0; i < keys_.size(); ++i) {
+    const at::Tensor& ka = keys_[i];
+    const at::Tensor& kb = other.keys_[i];
+    TORCH_CHECK(ka.defined() && kb.defined() && ka.size(1) == kb.size(1) && ka.size(3) == kb.size(3),
+                "KVCache::AddRows: layer ", i, " shapes differ");
+    const int64_t la = lengths_[i];
+    const int64_t lb = other.lengths_[i];
+    const int64_t len = std::max(la, lb);
+    const int64_t capacity = std::max({len, reserve_, std::max(ka.size(2), kb.size(2))});
+    const int64_t ba = ka.size(0);
+    const int64_t bb = kb.size(0);
+    at::Tensor k = at::empty({ba + bb, ka.size(1), capacity, ka.size(3)}, ka.options());
+    at::Tensor v = at::empty_like(k);
+    // Padding must be finite: a masked position still enters probs·V with weight 0.
+    if (la < len) {
+      k.narrow(0, 0, ba).narrow(2, 0, len - la).zero_();
+      v.narrow(0, 0, ba).narrow(2, 0, len - la).zero_();
+    }
+    if (lb < len) {
+      k.narrow(0, ba, bb).narrow(2, 0, len - lb).zero_();
+      v.narrow(0, ba, bb).narrow(2, 0, len - lb).zero_();
+    }
+    k.narrow(0, 0, ba).narrow(2, len - la, la).copy_(ka.narrow(2, 0, la));
+    v.narrow(0, 0, ba).narrow(2, len - la, la).copy_(values_[i].narrow(2, 0, la));
+    k.narrow(0, ba, bb).narrow(2, len - lb, lb).copy_(kb.narrow(2, 0, lb));
+    v.narrow(0, ba, bb).narrow(2, len - lb, lb).copy_(other.values_[i].narrow(2, 0, lb));
+    keys_[i] = k;
+    values_[i] = v;
+    lengths_[i] = len;
   }
 }
 

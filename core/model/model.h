@@ -43,7 +43,7 @@ struct LinearLayer {
   std::shared_ptr<LinearAdapter> adapter;  // optional side path
   // x [..., in] -> [..., out]. weight/bias are cast to x's dtype when they differ (bf16 weights
   // computing in float32 on CPU; differentiable, so gradients reach the stored weight), and the
-  // adapter's output is added in the result's dtype.
+  // adapter's output is added in the result's dtype (an undefined output adds nothing).
   at::Tensor Forward(const at::Tensor& x) const;
 };
 
@@ -58,8 +58,16 @@ class KVCache {
   // Capacity hint in positions: the next allocation holds at least `positions` entries.
   void Reserve(int64_t positions) { reserve_ = positions; }
   void Clear();
-  // Keeps only the batch rows `rows` (int64 indices), e.g. to drop finished sequences.
-  void SelectRows(const at::Tensor& rows);
+  // Batch rows held (0 before the first Append).
+  int64_t rows() const { return keys_.empty() || !keys_[0].defined() ? 0 : keys_[0].size(0); }
+  // Keeps only the batch rows `rows` (int64 indices; an index may repeat, which copies that row),
+  // e.g. to drop finished sequences, and drops the first `drop_front` positions of every row (left
+  // padding that no kept row needs any more).
+  void SelectRows(const at::Tensor& rows, int64_t drop_front = 0);
+  // Appends the rows of `other` (same layers, heads and head size) after this cache's rows. The
+  // shorter side is left-padded with zero keys/values to the longer length, so every row's real
+  // positions stay right-aligned (the caller masks the padding). An empty cache takes `other`'s rows.
+  void AddRows(const KVCache& other);
 
   // Appends k/v [B, kv_heads, T, head_dim] to `layer` and returns views of all cached keys and
   // values [B, kv_heads, length + T, head_dim]. Used by CausalLM::Forward.

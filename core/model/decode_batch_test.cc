@@ -1,0 +1,224 @@
+#include "core/model/decode_batch.h"
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/model/model.h"
+#include "core/model/tokenizer.h"
+
+namespace strata {
+namespace {
+
+const std::string kStories = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
+
+// A fixed low-rank side path y = (x Aᵀ) Bᵀ, like a task route's LoRA.
+class FixedLowRank : public LinearAdapter {
+ public:
+  FixedLowRank(int64_t in, int64_t out, int64_t rank, uint64_t seed) {
+    at::Generator gen = at::detail::createCPUGenerator(seed);
+    a_ = at::randn({rank, in}, gen, at::kFloat) * 0.3;
+    b_ = at::randn({out, rank}, gen, at::kFloat) * 0.3;
+  }
+  at::Tensor Forward(const at::Tensor& x) override { return at::matmul(at::matmul(x, a_.t()), b_.t()); }
+
+ private:
+  at::Tensor a_, b_;
+};
+
+std::shared_ptr<const CausalLM> Stories() {
+  auto m = CausalLM::Load(kStories);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? std::shared_ptr<const CausalLM>(std::move(m).value()) : nullptr;
+}
+
+// A "task route": the weights with a side path on every linear layer.
+std::shared_ptr<const CausalLM> Route(const CausalLM& weights, uint64_t seed) {
+  auto copy = weights.ShallowCopy();
+  uint64_t i = 0;
+  for (const std::string& name : copy->LinearNames()) {
+    LinearLayer* layer = copy->FindLinear(name);
+    layer->adapter = std::make_shared<FixedLowRank>(layer->weight.size(1), layer->weight.size(0), 4, seed + i++);
+  }
+  return std::shared_ptr<const CausalLM>(std::move(copy));
+}
+
+struct Outcome {
+  std::vector<int32_t> ids;
+  std::string text;
+  std::string streamed;
+  std::string finish_reason;
+  bool done = false;
+};
+
+DecodeRow MakeRow(const std::vector<int32_t>& prompt, const SamplingOptions& o, Outcome* out,
+                  std::shared_ptr<const CausalLM> route = nullptr) {
+  DecodeRow row;
+  row.prompt = prompt;
+  row.sampling = o;
+  row.route_model = std::move(route);
+  row.on_token = [out](int32_t, const std::string& delta) {
+    out->streamed += delta;
+    return true;
+  };
+  row.on_done = [out](absl::StatusOr<GenerationResult> r) {
+    ASSERT_TRUE(r.ok()) << r.status();
+    out->ids = r->ids;
+    out->text = r->text;
+    out->finish_reason = r->finish_reason;
+    out->done = true;
+  };
+  return row;
+}
+
+class DecodeBatchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = Stories();
+    ASSERT_NE(model_, nullptr);
+    auto tok = Tokenizer::FromDirectory(kStories);
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tok_ = std::shared_ptr<const Tokenizer>(std::move(tok).value());
+    prompts_ = {tok_->Encode("Once upon a time", true), tok_->Encode("Tom and his dog went to the park. They", true),
+                tok_->Encode("The", true), tok_->Encode("Lily wanted to play with the big red ball, but", true)};
+    options_.max_new_tokens = 24;
+    options_.stop_ids = {1};
+  }
+  // The request alone, through Generate() on its route's model.
+  GenerationResult Alone(size_t prompt, const SamplingOptions& o, const CausalLM* route = nullptr) {
+    auto r = Generate(route ? *route : *model_, *tok_, {prompts_[prompt]}, o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return (*r)[0];
+  }
+  std::shared_ptr<const CausalLM> model_;
+  std::shared_ptr<const Tokenizer> tok_;
+  std::vector<std::vector<int32_t>> prompts_;
+  SamplingOptions options_;
+};
+
+// Rows that join a running batch at different steps (different cache lengths, left padding added
+// on both sides, rows leaving in between) get exactly the greedy tokens they get alone.
+TEST_F(DecodeBatchTest, JoiningMidwayEqualsAlone) {
+  DecodeBatch batch(model_, tok_);
+  std::vector<Outcome> out(prompts_.size());
+  SamplingOptions shorter = options_;
+  shorter.max_new_tokens = 5;  // leaves early: its cache rows are dropped while others run
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[0], options_, &out[0])).ok());
+  ASSERT_TRUE(batch.Step().ok());
+  ASSERT_TRUE(batch.Step().ok());
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[1], shorter, &out[1])).ok());
+  ASSERT_TRUE(batch.Step().ok());
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[2], options_, &out[2])).ok());
+  for (int i = 0; i < 7; ++i) ASSERT_TRUE(batch.Step().ok());
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[3], options_, &out[3])).ok());
+  int steps = 0;
+  while (!batch.empty()) {
+    ASSERT_TRUE(batch.Step().ok());
+    ASSERT_LT(++steps, 100);
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    const GenerationResult alone = Alone(i, i == 1 ? shorter : options_);
+    ASSERT_TRUE(out[i].done) << i;
+    EXPECT_EQ(out[i].ids, alone.ids) << i;
+    EXPECT_EQ(out[i].text, alone.text) << i;
+    EXPECT_EQ(out[i].streamed, alone.text) << i;
+    EXPECT_EQ(out[i].finish_reason, alone.finish_reason) << i;
+  }
+}
+
+// Each step gives every running row one token; a row's first token comes from its prefill.
+TEST_F(DecodeBatchTest, OneTokenPerRowPerStep) {
+  DecodeBatch batch(model_, tok_);
+  Outcome a, b;
+  SamplingOptions o = options_;
+  o.stop_ids.clear();
+  o.stop_on_eos = false;
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[0], o, &a)).ok());
+  ASSERT_TRUE(batch.Step().ok());
+  EXPECT_EQ(batch.last_step_rows(), 1);
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[1], o, &b)).ok());
+  ASSERT_TRUE(batch.Step().ok());
+  // The step decoded the running row, then prefilled the joining one.
+  EXPECT_EQ(batch.last_step_rows(), 1);
+  ASSERT_TRUE(batch.Step().ok());
+  EXPECT_EQ(batch.last_step_rows(), 2);
+  EXPECT_EQ(batch.size(), 2u);
+}
+
+// Rows of different routes in one batch (side paths per row, shared base GEMMs) equal each request
+// run alone on its route's model, greedy and sampled.
+TEST_F(DecodeBatchTest, PerRowRoutesEqualPerRequestRoutes) {
+  const auto route_a = Route(*model_, 11);
+  const auto route_b = Route(*model_, 23);
+  const std::vector<std::shared_ptr<const CausalLM>> routes = {route_a, nullptr, route_b, route_a};
+  for (float temperature : {0.0f, 0.9f}) {
+    SamplingOptions o = options_;
+    o.temperature = temperature;
+    o.seed = 7;
+    DecodeBatch batch(model_, tok_);
+    std::vector<Outcome> out(prompts_.size());
+    for (size_t i = 0; i < prompts_.size(); ++i) {
+      ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
+      if (i == 1) {
+        ASSERT_TRUE(batch.Step().ok());  // rows of one route end up apart in the batch
+      }
+    }
+    while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+    for (size_t i = 0; i < prompts_.size(); ++i) {
+      const GenerationResult alone = Alone(i, o, routes[i].get());
+      EXPECT_EQ(out[i].ids, alone.ids) << "row " << i << " temperature " << temperature;
+      EXPECT_EQ(out[i].text, alone.text) << i;
+    }
+    // The side paths matter: route a's tokens differ from the weights alone.
+    EXPECT_NE(Alone(0, o, route_a.get()).ids, Alone(0, o).ids);
+  }
+}
+
+// A cancelled row leaves at the next step (its slot is free), the others go on unchanged.
+TEST_F(DecodeBatchTest, CancelFreesTheSlot) {
+  DecodeBatch batch(model_, tok_);
+  std::vector<Outcome> out(2);
+  auto a = batch.Add(MakeRow(prompts_[0], options_, &out[0]));
+  auto b = batch.Add(MakeRow(prompts_[1], options_, &out[1]));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(batch.Step().ok());
+  ASSERT_TRUE(batch.Step().ok());
+  batch.Cancel(*a);
+  EXPECT_FALSE(out[0].done);
+  ASSERT_TRUE(batch.Step().ok());
+  EXPECT_TRUE(out[0].done);
+  EXPECT_EQ(out[0].finish_reason, "cancelled");
+  EXPECT_EQ(batch.size(), 1u);
+  EXPECT_EQ(batch.last_step_rows(), 1);
+  while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+  EXPECT_EQ(out[1].ids, Alone(1, options_).ids);
+  // A row cancelled before it joined never runs.
+  Outcome c;
+  auto id = batch.Add(MakeRow(prompts_[2], options_, &c));
+  ASSERT_TRUE(id.ok());
+  batch.Cancel(*id);
+  ASSERT_TRUE(batch.Step().ok());
+  EXPECT_TRUE(c.done);
+  EXPECT_EQ(c.finish_reason, "cancelled");
+  EXPECT_TRUE(c.ids.empty());
+  EXPECT_TRUE(batch.empty());
+}
+
+TEST_F(DecodeBatchTest, RefusesBadRows) {
+  DecodeBatch batch(model_, tok_);
+  Outcome o;
+  EXPECT_EQ(batch.Add(MakeRow({}, options_, &o)).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(batch.Add(MakeRow({1, 100000}, options_, &o)).status().code(), absl::StatusCode::kInvalidArgument);
+  SamplingOptions bad = options_;
+  bad.top_p = 0;
+  EXPECT_EQ(batch.Add(MakeRow({1}, bad, &o)).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(batch.empty());
+  EXPECT_FALSE(o.done);
+}
+
+}  // namespace
+}  // namespace strata
