@@ -40,6 +40,27 @@ PromptCompletionIds EncodePromptCompletion(const Tokenizer& tokenizer, std::stri
   return out;
 }
 
+std::vector<int32_t> EncodeCompletionAfter(const Tokenizer& tokenizer, std::string_view prompt,
+                                           std::string_view completion) {
+  size_t start = 0;
+  if (prompt.size() > kCompletionContextBytes) {
+    // Just after a space or newline, so the tail starts a word as it does inside the prompt.
+    const size_t from = prompt.size() - kCompletionContextBytes;
+    const size_t ws = prompt.find_first_of(" \n", from);
+    if (ws != std::string_view::npos && ws + 1 < prompt.size()) start = ws + 1;
+  }
+  if (start == 0) return EncodePromptCompletion(tokenizer, prompt, completion).completion;
+  const std::string_view tail = prompt.substr(start);
+  const std::vector<int32_t> tail_ids = tokenizer.Encode(tail, /*add_special_tokens=*/false);
+  std::string joined(tail);
+  joined.append(completion);
+  const std::vector<int32_t> whole = tokenizer.Encode(joined, /*add_special_tokens=*/false);
+  if (StartsWith(whole, tail_ids) && whole.size() > tail_ids.size()) {
+    return std::vector<int32_t>(whole.begin() + static_cast<std::ptrdiff_t>(tail_ids.size()), whole.end());
+  }
+  return tokenizer.Encode(completion, /*add_special_tokens=*/false);
+}
+
 EncodedExample EncodeExample(const Tokenizer& tokenizer, const Example& example,
                              const EncodeOptions& options) {
   EncodedExample out;

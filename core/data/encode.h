@@ -41,6 +41,16 @@ std::vector<int32_t> EncodePrompt(const Tokenizer& tokenizer, std::string_view p
 PromptCompletionIds EncodePromptCompletion(const Tokenizer& tokenizer, std::string_view prompt,
                                            std::string_view completion);
 
+// The completion ids of EncodePromptCompletion(prompt, completion) without encoding the whole
+// prompt again: the boundary rule is applied to the prompt's tail (from a word boundary at least
+// kCompletionContextBytes before its end) + completion, which tokenises the same way wherever
+// merges stay within words (every tokenizer Strata loads). Scoring many completions after one
+// long prompt then costs the prompt's tokenisation once. A prompt without such a boundary is
+// encoded whole.
+inline constexpr size_t kCompletionContextBytes = 64;
+std::vector<int32_t> EncodeCompletionAfter(const Tokenizer& tokenizer, std::string_view prompt,
+                                           std::string_view completion);
+
 struct EncodeOptions {
   // Maximum number of tokens per example (0 = no limit; otherwise at least 2 is used).
   // Supervised examples keep the WHOLE completion and the END of the prompt (the part next to

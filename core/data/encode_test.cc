@@ -3,8 +3,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <string>
+
 #include "absl/strings/str_cat.h"
 #include "core/data/fake_tokenizer.h"
+#include "nlohmann/json.hpp"
 
 namespace strata {
 namespace {
@@ -159,6 +163,43 @@ TEST(EncodeTest, Stories260KCompletionHasNoSpuriousSpaceToken) {
   const auto separate = (*tok)->Encode(completion, false);
   EXPECT_NE(separate, pc.completion);
   EXPECT_EQ((*tok)->Decode(Cat(pc.prompt, separate), true), prompt + " " + completion);
+}
+
+// The completion ids after a long prompt, from the prompt's tail only, equal the ids of the whole
+// prompt + completion, for the real tokenizers (SentencePiece-style and byte-level BPE) on the
+// cl-small tasks' prompts made long.
+TEST(EncodeTest, CompletionAfterALongPromptEqualsTheWholeEncoding) {
+  const std::string shared = STRATA_SHARED_DIR;
+  std::vector<std::pair<std::string, std::string>> pairs;
+  for (const char* task : {"capitals", "iso3", "langid", "domains"}) {
+    std::ifstream in(shared + "/data/cl-small/" + task + "/test.jsonl");
+    std::string line;
+    for (int n = 0; n < 40 && std::getline(in, line); ++n) {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("prompt") && j.contains("completion")) {
+        pairs.emplace_back(j["prompt"].get<std::string>(), j["completion"].get<std::string>());
+      }
+    }
+  }
+  ASSERT_GT(pairs.size(), 100u);
+  for (const char* name : {"llama2", "gpt2", "qwen3", "mistral"}) {
+    auto tok = Tokenizer::FromDirectory(shared + "/tokenizers/" + name);
+    ASSERT_TRUE(tok.ok()) << name << ": " << tok.status();
+    for (size_t i = 0; i < pairs.size(); ++i) {
+      // A few-shot style prompt: earlier pairs, then this one's prompt.
+      std::string prompt;
+      for (size_t k = 1; k <= 3; ++k) {
+        const auto& shot = pairs[(i + k) % pairs.size()];
+        prompt += shot.first + shot.second + "\n";
+      }
+      prompt += pairs[i].first;
+      for (const std::string& completion : {pairs[i].second, std::string(" no"), std::string("\nX")}) {
+        EXPECT_EQ(EncodeCompletionAfter(**tok, prompt, completion),
+                  EncodePromptCompletion(**tok, prompt, completion).completion)
+            << name << " prompt " << i << " completion '" << completion << "'";
+      }
+    }
+  }
 }
 
 }  // namespace

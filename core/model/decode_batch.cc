@@ -20,7 +20,6 @@
 namespace strata {
 namespace {
 
-
 using Clock = std::chrono::steady_clock;
 
 // Number of prompt tokens decoded in front of the generated ones so that decoders which strip a
@@ -167,7 +166,6 @@ size_t SafeEnd(const std::string& text, const std::vector<std::string>& stop_str
   return end;
 }
 
-
 // The rows of one forward pass and their side paths, shared by the RowAdapters of every layer.
 struct ForwardRoutes {
   // Per distinct route in the pass: its model (whose adapters are the side paths) and its rows.
@@ -237,7 +235,8 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
   return absl::OkStatus();
 }
 
-absl::Status CheckPromptIds(const std::vector<int32_t>& prompt, const ModelConfig& config, const std::string& label) {
+absl::Status CheckPromptIds(const std::vector<int32_t>& prompt, const ModelConfig& config,
+                            const std::string& label) {
   if (prompt.empty()) return absl::InvalidArgumentError(absl::StrCat(label, " is empty"));
   if (static_cast<int64_t>(prompt.size()) > config.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat(label, " has ", prompt.size(),
@@ -252,7 +251,6 @@ absl::Status CheckPromptIds(const std::vector<int32_t>& prompt, const ModelConfi
   }
   return absl::OkStatus();
 }
-
 
 struct DecodeBatch::Impl {
   std::shared_ptr<const CausalLM> weights;
@@ -358,7 +356,8 @@ struct DecodeBatch::Impl {
   }
 
   void Deliver(SequenceState& s) {
-    if (s.result.seconds == 0) s.result.seconds = std::chrono::duration<double>(Clock::now() - s.start).count();
+    if (s.result.seconds == 0)
+      s.result.seconds = std::chrono::duration<double>(Clock::now() - s.start).count();
     s.result.text = std::move(s.text);
     if (s.row.on_done) s.row.on_done(std::move(s.result));
   }
@@ -410,7 +409,8 @@ struct DecodeBatch::Impl {
     const at::Device device = weights->device();
     const int64_t batch = static_cast<int64_t>(joining.size());
     int64_t width = 0;
-    for (const auto& s : joining) width = std::max<int64_t>(width, static_cast<int64_t>(s->row.prompt.size()));
+    for (const auto& s : joining)
+      width = std::max<int64_t>(width, static_cast<int64_t>(s->row.prompt.size()));
     const int32_t pad = config.pad_token_id.value_or(0);
     at::Tensor input = at::full({batch, width}, pad, at::kLong);
     at::Tensor new_mask = at::zeros({batch, width}, at::kLong);
@@ -434,8 +434,8 @@ struct DecodeBatch::Impl {
     KVCache fresh;
     fresh.Reserve(width + longest_new);
     const CausalLM& model = ModelFor(rows);
-    const at::Tensor logits =
-        model.Forward(input.to(device), padded ? new_mask.to(device) : at::Tensor(), &fresh, /*logits_to_keep=*/1);
+    const at::Tensor logits = model.Forward(input.to(device), padded ? new_mask.to(device) : at::Tensor(),
+                                            &fresh, /*logits_to_keep=*/1);
     last_step_rows = batch;
     const at::Tensor last = logits.select(1, -1).to(at::kCPU, at::kFloat).contiguous();
     const float* data = last.data_ptr<float>();
@@ -589,7 +589,8 @@ absl::Status DecodeBatch::Step() {
     im.Compact();
     im.Join();
   } catch (const c10::Error& e) {
-    const absl::Status st = absl::InternalError(absl::StrCat("generation failed: ", e.what_without_backtrace()));
+    const absl::Status st =
+        absl::InternalError(absl::StrCat("generation failed: ", e.what_without_backtrace()));
     im.FailAll(st);
     return st;
   }

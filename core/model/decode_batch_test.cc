@@ -42,7 +42,8 @@ std::shared_ptr<const CausalLM> Route(const CausalLM& weights, uint64_t seed) {
   uint64_t i = 0;
   for (const std::string& name : copy->LinearNames()) {
     LinearLayer* layer = copy->FindLinear(name);
-    layer->adapter = std::make_shared<FixedLowRank>(layer->weight.size(1), layer->weight.size(0), 4, seed + i++);
+    layer->adapter =
+        std::make_shared<FixedLowRank>(layer->weight.size(1), layer->weight.size(0), 4, seed + i++);
   }
   return std::shared_ptr<const CausalLM>(std::move(copy));
 }
@@ -83,8 +84,9 @@ class DecodeBatchTest : public ::testing::Test {
     auto tok = Tokenizer::FromDirectory(kStories);
     ASSERT_TRUE(tok.ok()) << tok.status();
     tok_ = std::shared_ptr<const Tokenizer>(std::move(tok).value());
-    prompts_ = {tok_->Encode("Once upon a time", true), tok_->Encode("Tom and his dog went to the park. They", true),
-                tok_->Encode("The", true), tok_->Encode("Lily wanted to play with the big red ball, but", true)};
+    prompts_ = {tok_->Encode("Once upon a time", true),
+                tok_->Encode("Tom and his dog went to the park. They", true), tok_->Encode("The", true),
+                tok_->Encode("Lily wanted to play with the big red ball, but", true)};
     options_.max_new_tokens = 24;
     options_.stop_ids = {1};
   }
@@ -212,7 +214,8 @@ TEST_F(DecodeBatchTest, RefusesBadRows) {
   DecodeBatch batch(model_, tok_);
   Outcome o;
   EXPECT_EQ(batch.Add(MakeRow({}, options_, &o)).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(batch.Add(MakeRow({1, 100000}, options_, &o)).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(batch.Add(MakeRow({1, 100000}, options_, &o)).status().code(),
+            absl::StatusCode::kInvalidArgument);
   SamplingOptions bad = options_;
   bad.top_p = 0;
   EXPECT_EQ(batch.Add(MakeRow({1}, bad, &o)).status().code(), absl::StatusCode::kInvalidArgument);

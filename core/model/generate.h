@@ -72,4 +72,14 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model, co
                                                        const SamplingOptions& options,
                                                        const TokenCallback& on_token = nullptr);
 
+// Log-likelihood (sum of log-probabilities, natural log) of each continuation after `prompt`: the
+// prompt runs once (one prefill into a KV cache), its cache is shared by every continuation, and
+// the continuations run together, right-padded, in batches of up to `batch_size` rows. Runs under
+// c10::InferenceMode. INVALID_ARGUMENT for an empty prompt or continuation, ids outside the
+// vocabulary, or a prompt + continuation longer than max_position_embeddings (naming the
+// continuation's index); INTERNAL if LibTorch throws.
+absl::StatusOr<std::vector<double>> ContinuationLogLikelihoods(
+    const CausalLM& model, const std::vector<int32_t>& prompt,
+    const std::vector<std::vector<int32_t>>& continuations, int64_t batch_size = 16);
+
 }  // namespace strata

@@ -558,5 +558,35 @@ TEST(GenerateTest, Bfloat16Generation) {
   EXPECT_EQ((*r)[1].ids.size(), 16u);
 }
 
+// Continuations scored on the prompt's shared KV cache (right-padded, batched, several batches)
+// equal each prompt + continuation run whole.
+TEST(GenerateTest, ContinuationLogLikelihoodsEqualWholeSequences) {
+  auto m = DefaultModel();
+  FakeByteTokenizer tok;
+  const std::vector<int32_t> prompt = tok.Encode("The capital of France is", true);
+  const std::vector<std::vector<int32_t>> conts = {tok.Encode(" Paris", false), tok.Encode(" a", false),
+                                                   tok.Encode(" Lyon, of course", false),
+                                                   tok.Encode("!", false)};
+  auto ll = ContinuationLogLikelihoods(*m, prompt, conts, /*batch_size=*/3);
+  ASSERT_TRUE(ll.ok()) << ll.status();
+  ASSERT_EQ(ll->size(), conts.size());
+  c10::InferenceMode guard;
+  for (size_t i = 0; i < conts.size(); ++i) {
+    std::vector<int64_t> whole(prompt.begin(), prompt.end());
+    whole.insert(whole.end(), conts[i].begin(), conts[i].end());
+    const int64_t n = static_cast<int64_t>(whole.size());
+    const at::Tensor logits = m->Forward(at::tensor(whole, at::kLong).view({1, n}), at::Tensor());
+    const at::Tensor lp = at::log_softmax(logits[0].to(at::kDouble), -1);
+    double expected = 0;
+    for (int64_t j = static_cast<int64_t>(prompt.size()); j < n; ++j)
+      expected += lp[j - 1][whole[j]].item<double>();
+    EXPECT_NEAR((*ll)[i], expected, 1e-4) << i;
+  }
+  EXPECT_EQ(ContinuationLogLikelihoods(*m, prompt, {{}}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto too_long = ContinuationLogLikelihoods(*m, prompt, {std::vector<int32_t>(600, 5)});
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(too_long.status().message(), "completions[0]")) << too_long.status();
+}
+
 }  // namespace
 }  // namespace strata

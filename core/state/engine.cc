@@ -11,6 +11,7 @@
 #include "core/data/encode.h"
 #include "core/data/jsonl.h"
 #include "core/eval/scorers.h"
+#include "core/model/decode_batch.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
@@ -29,8 +30,7 @@ namespace strata {
 
 absl::StatusOr<std::vector<std::shared_ptr<const CausalLM>>> Engine::Impl::BuildRouteModels(
     const Method& m, const TaskRouter& r, std::shared_ptr<const CausalLM> merged) const {
-  std::shared_ptr<const CausalLM> unmatched =
-      options.unmatched_route == "merged" ? merged : std::shared_ptr<const CausalLM>(base->ShallowCopy());
+  std::shared_ptr<const CausalLM> unmatched = options.unmatched_route == "merged" ? merged : base_view;
   return RouteModels(*base, m, r, std::move(unmatched), std::move(merged));
 }
 
@@ -84,6 +84,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
                                                        ModelSummary summary, EngineOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->base = std::move(base);
+  impl->base_view = std::shared_ptr<const CausalLM>(impl->base->ShallowCopy());
   impl->tokenizer = tokenizer;
   impl->options = options;
   RETURN_IF_ERROR(MakeDirs(options.state_dir + "/tasks"));
@@ -231,7 +232,8 @@ absl::StatusOr<std::vector<RouteChoice>> Engine::ResolveBatch(const ServedVersio
   if (route == "merged" || route == "base") {
     RouteChoice c;
     c.route = route;
-    c.model = route == "merged" ? version.model : std::shared_ptr<const CausalLM>(impl_->base->ShallowCopy());
+    c.model = route == "merged" ? version.model : impl_->base_view;
+    c.weights = c.model;
     std::fill(out.begin(), out.end(), c);
     return out;
   }
@@ -240,6 +242,7 @@ absl::StatusOr<std::vector<RouteChoice>> Engine::ResolveBatch(const ServedVersio
     RouteChoice c;
     c.route = route;
     c.model = model;
+    c.weights = impl_->base_view;
     std::fill(out.begin(), out.end(), c);
     return out;
   }
@@ -260,15 +263,19 @@ absl::StatusOr<std::vector<RouteChoice>> Engine::ResolveBatch(const ServedVersio
     if (!decisions[i].task.empty() && per_task &&
         std::find(known.begin(), known.end(), decisions[i].task) != known.end()) {
       ASSIGN_OR_RETURN(c.model, Routed(version, decisions[i].task));
+      c.weights = impl_->base_view;
       c.route = decisions[i].task;
     } else if (!decisions[i].task.empty()) {
       c.model = version.model;  // the method keeps no per-task weights: the merged ones hold the task
+      c.weights = c.model;
       c.route = "merged";
     } else if (unmatched == "merged") {
       c.model = version.model;
+      c.weights = c.model;
       c.route = "merged";
     } else {
-      c.model = std::shared_ptr<const CausalLM>(impl_->base->ShallowCopy());
+      c.model = impl_->base_view;
+      c.weights = c.model;
       c.route = "base";
     }
   }
@@ -279,14 +286,30 @@ absl::StatusOr<std::vector<std::pair<RouteChoice, GenerationResult>>> Engine::Ge
     const ServedVersion& version, const std::string& route, const std::vector<std::string>& prompts,
     const SamplingOptions& sampling) const {
   ASSIGN_OR_RETURN(std::vector<RouteChoice> choices, ResolveBatch(version, route, prompts));
-  std::map<std::string, std::vector<size_t>> rows;  // by route
-  for (size_t i = 0; i < prompts.size(); ++i) rows[choices[i].route].push_back(i);
+  std::map<const CausalLM*, std::vector<size_t>> rows;  // by the weights under the route
+  for (size_t i = 0; i < prompts.size(); ++i) rows[choices[i].weights.get()].push_back(i);
   std::vector<std::pair<RouteChoice, GenerationResult>> out(prompts.size());
-  for (const auto& [name, idx] : rows) {
-    std::vector<std::vector<int32_t>> encoded;
-    for (size_t i : idx) encoded.push_back(EncodePrompt(*tokenizer_, prompts[i]));
-    ASSIGN_OR_RETURN(auto results, Generate(*choices[idx.front()].model, *tokenizer_, encoded, sampling));
-    for (size_t k = 0; k < idx.size(); ++k) out[idx[k]] = {choices[idx[k]], std::move(results[k])};
+  for (const auto& [weights, idx] : rows) {
+    DecodeBatch batch(choices[idx.front()].weights, tokenizer_);
+    absl::Status failed;
+    for (size_t i : idx) {
+      DecodeRow row;
+      row.prompt = EncodePrompt(*tokenizer_, prompts[i]);
+      row.sampling = sampling;
+      row.stream = i;
+      if (choices[i].model != choices[i].weights) row.route_model = choices[i].model;
+      out[i].first = choices[i];
+      row.on_done = [&out, &failed, i](absl::StatusOr<GenerationResult> r) {
+        if (r.ok()) {
+          out[i].second = std::move(r).value();
+        } else {
+          failed = r.status();
+        }
+      };
+      RETURN_IF_ERROR(batch.Add(std::move(row)).status());
+    }
+    while (!batch.empty()) RETURN_IF_ERROR(batch.Step());
+    RETURN_IF_ERROR(failed);
   }
   return out;
 }
@@ -298,18 +321,23 @@ absl::StatusOr<RouteChoice> Engine::Resolve(const ServedVersion& version, const 
 }
 
 absl::StatusOr<CompletionScores> Engine::ScoreCompletions(const CausalLM& model, const std::string& prompt,
-                                                          const std::vector<std::string>& completions) const {
+                                                          const std::vector<std::string>& completions,
+                                                          const std::vector<int32_t>* given_ids) const {
   if (completions.empty()) return absl::InvalidArgumentError("completions: at least one is required");
-  Example ex = MakeChoiceExample(prompt, completions[0], completions);
-  ScorerOptions so;
-  so.max_seq_len = impl_->options.recipe.max_seq_len;
-  ASSIGN_OR_RETURN(ChoiceScore cs, ScoreChoice(model, *tokenizer_, {ex}, so));
-  CompletionScores out;
-  out.log_likelihood = cs.log_likelihoods.at(0);
-  for (const auto& c : completions) {
-    out.tokens.push_back(
-        static_cast<int32_t>(EncodePromptCompletion(*tokenizer_, prompt, c).completion.size()));
+  const std::vector<int32_t> prompt_ids =
+      given_ids != nullptr ? *given_ids : EncodePrompt(*tokenizer_, prompt);
+  if (prompt_ids.empty()) return absl::InvalidArgumentError("prompt: no tokens to score after");
+  std::vector<std::vector<int32_t>> continuations;
+  for (size_t i = 0; i < completions.size(); ++i) {
+    continuations.push_back(EncodeCompletionAfter(*tokenizer_, prompt, completions[i]));
+    if (continuations.back().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("completions[", i, "]: no tokens to score"));
+    }
   }
+  ASSIGN_OR_RETURN(std::vector<double> ll, ContinuationLogLikelihoods(model, prompt_ids, continuations));
+  CompletionScores out;
+  out.log_likelihood = std::move(ll);
+  for (const auto& c : continuations) out.tokens.push_back(static_cast<int32_t>(c.size()));
   out.best = static_cast<int32_t>(std::max_element(out.log_likelihood.begin(), out.log_likelihood.end()) -
                                   out.log_likelihood.begin());
   return out;

@@ -78,7 +78,12 @@ struct ServedVersion {
 
 // Where a request is served (Engine::Resolve).
 struct RouteChoice {
+  // The model that serves the route: `weights`, plus for a task route the task's side paths (the
+  // adapters on its linear layers).
   std::shared_ptr<const CausalLM> model;
+  // The weights under the route: the base model W0 for "base" and every task route (one object per
+  // engine), a version's merged weights for "merged". Rows of a decode batch share these.
+  std::shared_ptr<const CausalLM> weights;
   // "base", "merged" or a learned task's name.
   std::string route;
   // Whether the route was chosen by the router ("auto").
@@ -126,15 +131,20 @@ class Engine : public TaskRunner {
                                                         const std::string& route,
                                                         const std::vector<std::string>& prompts) const;
 
-  // Generates for several prompts routed per row (ResolveBatch): the rows of one route run as one
-  // batch on that route's model. Result i belongs to prompt i.
+  // Generates for several prompts routed per row (ResolveBatch): rows over the same weights run as
+  // one decode batch, each with its route's side paths (DecodeBatch). Result i belongs to prompt i.
   absl::StatusOr<std::vector<std::pair<RouteChoice, GenerationResult>>> GenerateRouted(
       const ServedVersion& version, const std::string& route, const std::vector<std::string>& prompts,
       const SamplingOptions& sampling) const;
 
-  // Log-likelihood of each completion after `prompt` on `model`.
+  // Log-likelihood of each completion after `prompt` on `model`: the prompt is tokenised and run
+  // once, the completions are scored together in one batched forward on its KV cache
+  // (ContinuationLogLikelihoods). INVALID_ARGUMENT when there is no completion, or when the prompt
+  // and a completion do not fit the model's positions (naming the completion).
+  // `prompt_ids`: the prompt already tokenised (EncodePrompt), or null.
   absl::StatusOr<CompletionScores> ScoreCompletions(const CausalLM& model, const std::string& prompt,
-                                                    const std::vector<std::string>& completions) const;
+                                                    const std::vector<std::string>& completions,
+                                                    const std::vector<int32_t>* prompt_ids = nullptr) const;
 
   // The recipe task `spec` would train with against the current state, checked as RunJob will
   // check it (INVALID_ARGUMENT for bad values or an unknown method, FAILED_PRECONDITION for a

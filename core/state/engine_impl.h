@@ -26,6 +26,9 @@ namespace strata {
 // sections: the version pointer, the ledger, the routed-model cache). RPC threads take only mu.
 struct Engine::Impl {
   std::unique_ptr<CausalLM> base;  // W0, never modified
+  // W0 as the "base" route and the weights under every task route (shares base's tensors, no
+  // adapters): one object, so a decode batch groups rows by it.
+  std::shared_ptr<const CausalLM> base_view;
   std::shared_ptr<const Tokenizer> tokenizer;
   EngineOptions options;
   std::unique_ptr<Evaluator> evaluator;
