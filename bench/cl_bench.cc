@@ -381,7 +381,7 @@ absl::StatusOr<MethodRun> RunMethod(const std::string& requested, const BenchCon
 
   absl::StatusOr<double> nll_after = ReferenceNll(*current, tokenizer, ref_texts, max_seq_len);
   if (!nll_after.ok()) {
-    fail(absl::StrCat("reference NLL: ", nll_after.status().message()));
+    return fail(absl::StrCat("reference NLL: ", nll_after.status().message()));
   }
   run.nll_before = ctx.nll_base;
   run.nll_after = *nll_after;
@@ -655,7 +655,6 @@ int RunClBenchCommand(const ClBenchArgs& args_in) {
       return Usage(absl::StrCat("--plots: ", s.message()));
   }
 
-  const size_t T = tasks.size();
   std::vector<std::string> task_names;
   for (const BenchTask& t : tasks) task_names.push_back(t.data.name);
   std::printf("strata bench cl: model %s, order %s, methods %s\n", args.model_dir.c_str(),

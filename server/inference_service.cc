@@ -6,12 +6,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/data/encode.h"
 #include "core/data/jsonl.h"
 #include "core/model/generate.h"
-#include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
 #include "core/util/utf8.h"
 #include "server/status_util.h"
@@ -92,9 +92,22 @@ double Seconds(Clock::time_point since) {
 
 }  // namespace
 
-InferenceServiceImpl::InferenceServiceImpl(const Engine* engine, const BearerAuth* auth,
-                                           ServerMetrics* metrics, InferenceOptions options)
-    : engine_(engine), auth_(auth), metrics_(metrics), options_(options) {}
+InferenceServiceImpl::InferenceServiceImpl(const Engine* engine, DecodeScheduler* scheduler,
+                                           const BearerAuth* auth, ServerMetrics* metrics,
+                                           InferenceOptions options)
+    : engine_(engine), scheduler_(scheduler), auth_(auth), metrics_(metrics), options_(options) {}
+
+// An admission error, counted by reason.
+grpc::Status InferenceServiceImpl::Refused(const absl::Status& status) {
+  if (metrics_ != nullptr) {
+    if (absl::IsResourceExhausted(status)) metrics_->RecordRejected("queue_full");
+    if (absl::IsInvalidArgument(status) && absl::StartsWith(status.message(), "prompt:") &&
+        absl::StrContains(status.message(), "limit")) {
+      metrics_->RecordRejected("prompt_too_long");
+    }
+  }
+  return ToGrpcStatus(status);
+}
 
 grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const pb::GenerateRequest* request,
                                             grpc::ServerWriter<pb::GenerateResponse>* writer) {
@@ -103,64 +116,84 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
   if (auto st = CheckUtf8(request->prompt(), "prompt"); !st.ok()) return ToGrpcStatus(st);
   auto sampling = SamplingFromProto(request->sampling(), options_.max_new_tokens);
   if (!sampling.ok()) return ToGrpcStatus(sampling.status());
-  SetTorchThreads(options_.serving_threads);
-
   auto requested = RequestedRoute(request->task(), request->route());
   if (!requested.ok()) return ToGrpcStatus(requested.status());
 
-  // One version for the whole request.
-  const std::shared_ptr<const ServedVersion> version = engine_->Current();
-  auto choice = engine_->Resolve(*version, *requested, request->prompt());
-  if (!choice.ok()) return ToGrpcStatus(choice.status());
-  if (metrics_) metrics_->RecordRoute(choice->route);
-  std::shared_ptr<const CausalLM> model = choice->model;
-  auto set_route = [&](pb::GenerateResponse* msg) {
-    msg->set_weights_version(version->version);
-    msg->set_route(choice->route);
-    msg->set_route_automatic(choice->automatic);
-    msg->set_route_confidence(choice->confidence);
-  };
-  const Tokenizer& tokenizer = engine_->tokenizer();
-  std::vector<int32_t> prompt = EncodePrompt(tokenizer, request->prompt());
+  GenerationRequest job;
+  job.prompt = request->prompt();
+  job.route = *requested;
+  job.sampling = *sampling;
+  auto stream = scheduler_->Submit(std::move(job));
+  if (!stream.ok()) return Refused(stream.status());
 
-  std::vector<int32_t> pending_ids;  // generated ids not yet sent (their text is incomplete)
-  std::optional<double> ttft;
-  bool write_failed = false;
-  auto on_token = [&](size_t, int32_t id, const std::string& delta) {
-    if (id >= 0) {
-      pending_ids.push_back(id);
-      if (!ttft) ttft = Seconds(start);
+  RouteChoice route;
+  int64_t version = 0;
+  auto set_route = [&](pb::GenerateResponse* msg) {
+    msg->set_weights_version(version);
+    msg->set_route(route.route);
+    msg->set_route_automatic(route.automatic);
+    msg->set_route_confidence(route.confidence);
+  };
+  GenerationFigures figures;
+  std::vector<int32_t> pending_ids;     // generated ids not yet sent (their text is incomplete)
+  std::optional<double> last_token_at;  // scheduler time of the previous token
+  const double submitted_after = Seconds(start);
+  for (;;) {
+    // Poll for the client going away (or its deadline passing) between events.
+    if (context->IsCancelled()) {
+      (*stream)->Cancel();
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the generation");
     }
-    if (!delta.empty()) {
-      pb::GenerateResponse msg;
-      // Proto3 strings must be UTF-8: invalid bytes in generated text become U+FFFD.
-      msg.set_text(SanitizeUtf8(delta));
-      for (int32_t i : pending_ids) msg.add_token_ids(i);
-      set_route(&msg);
-      pending_ids.clear();
-      if (!writer->Write(msg)) {
-        write_failed = true;
-        return false;
+    for (StreamEvent& e : (*stream)->Next(absl::Milliseconds(50))) {
+      switch (e.kind) {
+        case StreamEvent::Kind::kStarted:
+          route = e.route;
+          version = e.version;
+          figures.prompt_tokens = e.prompt_tokens;
+          if (metrics_) metrics_->RecordRoute(route.route);
+          break;
+        case StreamEvent::Kind::kToken: {
+          if (e.token_id >= 0) {
+            pending_ids.push_back(e.token_id);
+            ++figures.generation_tokens;
+            if (!figures.time_to_first_token) figures.time_to_first_token = submitted_after + e.seconds;
+            if (last_token_at) figures.inter_token_latencies.push_back(e.seconds - *last_token_at);
+            last_token_at = e.seconds;
+          }
+          if (e.text.empty()) break;
+          pb::GenerateResponse msg;
+          // Proto3 strings must be UTF-8: invalid bytes in generated text become U+FFFD.
+          msg.set_text(SanitizeUtf8(e.text));
+          for (int32_t i : pending_ids) msg.add_token_ids(i);
+          set_route(&msg);
+          pending_ids.clear();
+          if (!writer->Write(msg)) {
+            (*stream)->Cancel();
+            return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the generation");
+          }
+          break;
+        }
+        case StreamEvent::Kind::kDone: {
+          if (!e.status.ok()) return ToGrpcStatus(e.status);
+          const GenerationResult& r = e.result;
+          figures.e2e_seconds = submitted_after + e.seconds;
+          if (metrics_) metrics_->RecordGeneration(figures);
+          if (r.finish_reason == "cancelled" || context->IsCancelled()) {
+            return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the generation");
+          }
+          pb::GenerateResponse last;
+          for (int32_t i : pending_ids) last.add_token_ids(i);
+          set_route(&last);
+          last.set_finish_reason(r.finish_reason);
+          last.set_prompt_tokens(static_cast<int32_t>(r.prompt_tokens));
+          last.set_completion_tokens(static_cast<int32_t>(r.ids.size()));
+          last.set_time_to_first_token_seconds(figures.time_to_first_token.value_or(Seconds(start)));
+          writer->Write(last);
+          return grpc::Status::OK;
+        }
       }
     }
-    return !context->IsCancelled();
-  };
-  auto results = strata::Generate(*model, tokenizer, {prompt}, *sampling, on_token);
-  if (!results.ok()) return ToGrpcStatus(results.status());
-  const GenerationResult& r = (*results)[0];
-  if (metrics_) metrics_->RecordGeneration(static_cast<int64_t>(r.ids.size()), ttft);
-  if (write_failed || context->IsCancelled()) {
-    return grpc::Status(grpc::StatusCode::CANCELLED, "the client cancelled the generation");
   }
-  pb::GenerateResponse last;
-  for (int32_t i : pending_ids) last.add_token_ids(i);
-  set_route(&last);
-  last.set_finish_reason(r.finish_reason);
-  last.set_prompt_tokens(static_cast<int32_t>(r.prompt_tokens));
-  last.set_completion_tokens(static_cast<int32_t>(r.ids.size()));
-  last.set_time_to_first_token_seconds(ttft.value_or(Seconds(start)));
-  writer->Write(last);
-  return grpc::Status::OK;
 }
 
 grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb::ScoreRequest* request,
@@ -180,31 +213,22 @@ grpc::Status InferenceServiceImpl::Score(grpc::ServerContext* context, const pb:
   }
   auto requested = RequestedRoute(request->task(), request->route());
   if (!requested.ok()) return ToGrpcStatus(requested.status());
-  SetTorchThreads(options_.serving_threads);
-  const std::shared_ptr<const ServedVersion> version = engine_->Current();
-  auto choice = engine_->Resolve(*version, *requested, request->prompt());
-  if (!choice.ok()) return ToGrpcStatus(choice.status());
-  if (metrics_) metrics_->RecordRoute(choice->route);
-  std::shared_ptr<const CausalLM> model = choice->model;
   std::vector<std::string> completions(request->completions().begin(), request->completions().end());
-  // The engine scores choice sets of 2 or more: a single completion is scored as a pair with itself
-  // (the same log-likelihood twice), and the first one is reported.
-  std::vector<std::string> scored = completions;
-  if (scored.size() == 1) scored.push_back(scored[0]);
-  auto scores = engine_->ScoreCompletions(*model, request->prompt(), scored);
-  if (!scores.ok()) return ToGrpcStatus(scores.status());
-  if (completions.size() == 1) scores->best = 0;
+  auto scored = scheduler_->Score(*requested, request->prompt(), completions);
+  if (!scored.ok()) return Refused(scored.status());
+  if (metrics_) metrics_->RecordRoute(scored->route.route);
+  const CompletionScores& scores = scored->scores;
   for (size_t i = 0; i < completions.size(); ++i) {
     pb::CompletionScore* s = response->add_scores();
     s->set_completion(completions[i]);
-    if (i < scores->log_likelihood.size()) s->set_log_likelihood(scores->log_likelihood[i]);
-    if (i < scores->tokens.size()) s->set_tokens(scores->tokens[i]);
+    if (i < scores.log_likelihood.size()) s->set_log_likelihood(scores.log_likelihood[i]);
+    if (i < scores.tokens.size()) s->set_tokens(scores.tokens[i]);
   }
-  response->set_best(scores->best);
-  response->set_weights_version(version->version);
-  response->set_route(choice->route);
-  response->set_route_automatic(choice->automatic);
-  response->set_route_confidence(choice->confidence);
+  response->set_best(scores.best);
+  response->set_weights_version(scored->version);
+  response->set_route(scored->route.route);
+  response->set_route_automatic(scored->route.automatic);
+  response->set_route_confidence(scored->route.confidence);
   return grpc::Status::OK;
 }
 

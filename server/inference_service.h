@@ -1,14 +1,16 @@
 #pragma once
-// strata.v1.InferenceService: transport only. Each request takes the served version once
-// (Engine::Current()) and runs start to finish on it, even when the worker publishes a newer one
-// meanwhile; every response names that version. A request sets its own LibTorch thread budget
-// (OpenMP thread counts are per calling thread).
+// strata.v1.InferenceService: transport only. Generate and Score go to the decode scheduler
+// (core/serve/scheduler.h), which batches every running request and runs all serving forward
+// passes on its own thread and thread budget; a handler tokenises nothing heavier than the
+// prompt, relays the scheduler's events as stream messages and maps errors. A request is served
+// on one version from start to finish (the one current when it joined the batch); every response
+// names it. A client that goes away or passes its deadline frees its batch slot at once.
 //
-// Thread safety: handlers run concurrently on gRPC's threads; they only read immutable served
-// versions.
+// Thread safety: handlers run concurrently on gRPC's threads.
 
 #include <cstdint>
 
+#include "core/serve/scheduler.h"
 #include "core/state/engine.h"
 #include "server/auth.h"
 #include "server/metrics.h"
@@ -17,15 +19,14 @@
 namespace strata {
 
 struct InferenceOptions {
-  int serving_threads = 1;
   int32_t max_new_tokens = 1024;  // per request
 };
 
 class InferenceServiceImpl final : public strata::v1::InferenceService::Service {
  public:
   // Not owned; must outlive the service. `auth` null = no token required; `metrics` may be null.
-  InferenceServiceImpl(const Engine* engine, const BearerAuth* auth, ServerMetrics* metrics,
-                       InferenceOptions options);
+  InferenceServiceImpl(const Engine* engine, DecodeScheduler* scheduler, const BearerAuth* auth,
+                       ServerMetrics* metrics, InferenceOptions options);
 
   grpc::Status Generate(grpc::ServerContext* context, const strata::v1::GenerateRequest* request,
                         grpc::ServerWriter<strata::v1::GenerateResponse>* writer) override;
@@ -35,7 +36,10 @@ class InferenceServiceImpl final : public strata::v1::InferenceService::Service 
                         strata::v1::TokenizeResponse* response) override;
 
  private:
+  grpc::Status Refused(const absl::Status& status);
+
   const Engine* engine_;
+  DecodeScheduler* scheduler_;
   const BearerAuth* auth_;
   ServerMetrics* metrics_;
   const InferenceOptions options_;

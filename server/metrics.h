@@ -18,6 +18,13 @@
 //                       name), "auto" (routed automatically: what a request naming no task gets)
 //   routing             strata_route_requests_total{route} (Generate and Score requests by the
 //                       route taken: base, merged or a task name)
+//   serving             (vLLM's names, prefixed strata_) strata_num_requests_running,
+//                       strata_num_requests_waiting (the decode scheduler, at scrape time),
+//                       strata_time_to_first_token_seconds, strata_time_per_output_token_seconds
+//                       (inter-token latency), strata_e2e_request_latency_seconds,
+//                       strata_prompt_tokens_total, strata_generation_tokens_total,
+//                       strata_batch_size (rows per decode step),
+//                       strata_requests_rejected_total{reason} (queue_full, prompt_too_long)
 //
 // Thread safety: all members are safe to use from any thread after construction. The snapshot has
 // its own mutex, never held while calling the engine or the job store.
@@ -47,6 +54,16 @@ namespace strata {
 
 class Engine;
 class JobStore;
+class DecodeScheduler;
+
+// One finished Generate request's serving figures.
+struct GenerationFigures {
+  int64_t prompt_tokens = 0;
+  int64_t generation_tokens = 0;
+  std::optional<double> time_to_first_token;  // none when no token was generated
+  std::vector<double> inter_token_latencies;  // seconds between consecutive tokens
+  double e2e_seconds = 0;                     // arrival to the last token
+};
 
 struct BuildFacts {
   std::string version, git_commit, torch_version, device, blas, allocator;
@@ -84,9 +101,14 @@ class ServerMetrics {
   // A gRPC interceptor factory feeding RecordRpc; owned by the server builder.
   std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeInterceptorFactory();
 
-  // One finished generation: tokens generated and the time to its first token (none when no token
-  // was generated).
-  void RecordGeneration(int64_t tokens, std::optional<double> time_to_first_token_seconds);
+  // One finished generation.
+  void RecordGeneration(const GenerationFigures& figures);
+  // One decode step of the scheduler over `rows` rows.
+  void RecordBatch(int64_t rows);
+  // A request refused at admission: "queue_full" or "prompt_too_long".
+  void RecordRejected(const std::string& reason);
+  // The decode scheduler whose queue the running/waiting gauges show (not owned; may be null).
+  void SetScheduler(const DecodeScheduler* scheduler) { scheduler_ = scheduler; }
   // One Generate or Score request served on `route` (base, merged or a task name).
   void RecordRoute(const std::string& route);
 
@@ -106,8 +128,14 @@ class ServerMetrics {
   std::shared_ptr<prometheus::Collectable> state_collector_;
   prometheus::Family<prometheus::Counter>* rpc_requests_;
   prometheus::Family<prometheus::Histogram>* rpc_latency_;
-  prometheus::Counter* generated_tokens_;
+  prometheus::Counter* generation_tokens_;
+  prometheus::Counter* prompt_tokens_;
   prometheus::Histogram* time_to_first_token_;
+  prometheus::Histogram* time_per_output_token_;
+  prometheus::Histogram* e2e_latency_;
+  prometheus::Histogram* batch_size_;
+  prometheus::Family<prometheus::Counter>* rejected_;
+  std::atomic<const DecodeScheduler*> scheduler_{nullptr};
   prometheus::Family<prometheus::Counter>* route_requests_;
 
   std::atomic<const JobStore*> jobs_{nullptr};

@@ -33,6 +33,7 @@
 #include "core/model/model_summary.h"
 #include "core/model/runtime.h"
 #include "core/model/tokenizer.h"
+#include "core/serve/scheduler.h"
 #include "core/state/engine.h"
 #include "core/util/env_flags.h"
 #include "core/util/file_util.h"
@@ -93,8 +94,20 @@ ABSL_FLAG(int32_t, router_layer, -1,
           "them; a new state directory: a checkpoint keeps its router's layer).");
 ABSL_FLAG(std::string, reference_text, "",
           "Text file whose NLL is measured after each task (general-ability retention); empty = none.");
-ABSL_FLAG(int32_t, training_threads, 0, "Intra-op threads of the training worker (0 = --threads).");
-ABSL_FLAG(int32_t, serving_threads, 0, "Intra-op threads of each inference request (0 = --threads).");
+ABSL_FLAG(int32_t, training_threads, 0,
+          "Intra-op threads of the training worker (0 = --threads minus the serving threads, at least 1).");
+ABSL_FLAG(int32_t, serving_threads, 0,
+          "Intra-op threads of the decode scheduler, which runs every inference forward pass (0 = half of "
+          "--threads, at least 1). Training and serving run at once, so the two budgets should add up to "
+          "the cores: OpenMP threads spin while waiting, and oversubscribed cores slow both.");
+// Serving (the decode scheduler).
+ABSL_FLAG(int32_t, max_batch_size, 32, "Most requests decoded together in one step (over every route).");
+ABSL_FLAG(int32_t, max_waiting_requests, 256,
+          "Most inference requests waiting for a batch slot; more are refused with RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int32_t, max_prompt_tokens, 0,
+          "Most prompt tokens of one Generate or Score request (0 = the model's "
+          "positions).");
+ABSL_FLAG(int32_t, max_score_completions, 64, "Most completions one Score request may carry.");
 // Limits.
 ABSL_FLAG(int64_t, max_task_examples, 100000, "Most examples (train + eval) one task may have.");
 ABSL_FLAG(int64_t, max_task_bytes, int64_t{256} << 20, "Most bytes of data one task may have.");
@@ -127,6 +140,7 @@ const std::vector<std::string> kFlagNames = {
     // Training defaults and thread budgets.
     "method", "learning_rate", "max_steps", "batch_size", "warmup_ratio", "lr_schedule", "max_seq_len",
     "unmatched_route", "router_layer", "reference_text", "training_threads", "serving_threads",
+    "max_batch_size", "max_waiting_requests", "max_prompt_tokens", "max_score_completions",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_job_attempts", "max_new_tokens", "max_message_bytes",
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
@@ -200,6 +214,10 @@ absl::Status ValidateFlags() {
         at_least("max_queue", absl::GetFlag(FLAGS_max_queue), 1),
         at_least("max_job_attempts", absl::GetFlag(FLAGS_max_job_attempts), 1),
         at_least("max_new_tokens", absl::GetFlag(FLAGS_max_new_tokens), 1),
+        at_least("max_batch_size", absl::GetFlag(FLAGS_max_batch_size), 1),
+        at_least("max_waiting_requests", absl::GetFlag(FLAGS_max_waiting_requests), 1),
+        at_least("max_prompt_tokens", absl::GetFlag(FLAGS_max_prompt_tokens), 0),
+        at_least("max_score_completions", absl::GetFlag(FLAGS_max_score_completions), 1),
         at_least("max_message_bytes", absl::GetFlag(FLAGS_max_message_bytes), 4096)}) {
     if (!st.ok()) return st;
   }
@@ -298,15 +316,22 @@ int Run() {
   if (!device.ok()) return Fail(device.status());
   int threads = absl::GetFlag(FLAGS_threads);
   if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int training_threads =
-      absl::GetFlag(FLAGS_training_threads) > 0 ? absl::GetFlag(FLAGS_training_threads) : threads;
-  const int serving_threads =
-      absl::GetFlag(FLAGS_serving_threads) > 0 ? absl::GetFlag(FLAGS_serving_threads) : threads;
+  // The budget: serving gets half the cores unless told, training the rest (at least one each).
+  const int serving_threads = absl::GetFlag(FLAGS_serving_threads) > 0 ? absl::GetFlag(FLAGS_serving_threads)
+                                                                       : std::max(1, threads / 2);
+  const int training_threads = absl::GetFlag(FLAGS_training_threads) > 0
+                                   ? absl::GetFlag(FLAGS_training_threads)
+                                   : std::max(1, threads - serving_threads);
   SetTorchThreads(threads);
   spdlog::info("strata-server {} ({}, {}) starting", kVersion, kGitCommit, kBuildType);
   spdlog::info("runtime: {}", TorchRuntimeSummary());
-  spdlog::info("BLAS: {}; allocator: {}; torch threads: {} (training {}, serving {} per request)",
+  spdlog::info("BLAS: {}; allocator: {}; torch threads: {} (training worker {}, decode scheduler {})",
                LoadedBlasLibrary(), LoadedAllocator(), GetTorchThreads(), training_threads, serving_threads);
+  if (training_threads + serving_threads > threads) {
+    spdlog::warn(
+        "training ({}) + serving ({}) threads exceed --threads {}: the two will slow each other down",
+        training_threads, serving_threads, threads);
+  }
 
   for (const std::string& dir : {state_dir, export_root, import_root}) {
     if (auto st = MakeDirs(dir); !st.ok()) return Fail(st);
@@ -401,11 +426,22 @@ int Run() {
   limits.max_tokens = absl::GetFlag(FLAGS_max_seq_len);
   AdaptationServiceImpl adaptation(store.get(), &worker, engine.get(), auth.get(), limits);
   AdminServiceImpl admin(server_facts, engine.get(), &adaptation, auth.get());
+  SchedulerOptions scheduler_options;
+  scheduler_options.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  scheduler_options.max_waiting_requests = absl::GetFlag(FLAGS_max_waiting_requests);
+  scheduler_options.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  scheduler_options.max_score_completions = absl::GetFlag(FLAGS_max_score_completions);
+  scheduler_options.serving_threads = serving_threads;
+  DecodeScheduler scheduler(engine.get(), scheduler_options,
+                            [&metrics](int64_t rows) { metrics.RecordBatch(rows); });
+  metrics.SetScheduler(&scheduler);
+  spdlog::info("decode scheduler: batches of up to {} requests, {} may wait",
+               scheduler_options.max_batch_size, scheduler_options.max_waiting_requests);
   InferenceOptions inference_options;
-  inference_options.serving_threads = serving_threads;
   inference_options.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
-  InferenceServiceImpl inference(engine.get(), server_facts.inference_auth_required ? auth.get() : nullptr,
-                                 &metrics, inference_options);
+  InferenceServiceImpl inference(engine.get(), &scheduler,
+                                 server_facts.inference_auth_required ? auth.get() : nullptr, &metrics,
+                                 inference_options);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -454,6 +490,7 @@ int Run() {
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
   server->Wait();
   exposer.reset();
+  metrics.SetScheduler(nullptr);
   spdlog::info("shutdown complete");
   return 0;
 }

@@ -579,7 +579,9 @@ TEST(MethodTest, EllaStateSharesTheServedWeightsAndRoundTripsExactly) {
       EXPECT_LT(MaxDiff(w, base->FindLinear(m)->weight + sum.at(m)), 2e-6) << name << " " << m;
     }
     EXPECT_EQ(UnsharedBytes(*state, *served), share_bytes) << name;
-    if (name == "ella") EXPECT_EQ(share_bytes, 0);
+    if (name == "ella") {
+      EXPECT_EQ(share_bytes, 0);
+    }
 
     auto restored = CreateMethodFromState(*state);
     ASSERT_TRUE(restored.ok()) << restored.status();

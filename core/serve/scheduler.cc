@@ -1,6 +1,8 @@
 #include "core/serve/scheduler.h"
 
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <spdlog/spdlog.h>
+#include <torch/torch.h>
 
 #include <chrono>
 #include <future>
@@ -29,7 +31,8 @@ std::vector<StreamEvent> GenerationStream::Next(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   auto available = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !events_.empty(); };
   mu_.AwaitWithTimeout(absl::Condition(&available), timeout);
-  std::vector<StreamEvent> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
+  std::vector<StreamEvent> out(std::make_move_iterator(events_.begin()),
+                               std::make_move_iterator(events_.end()));
   events_.clear();
   return out;
 }
@@ -70,12 +73,14 @@ DecodeScheduler::~DecodeScheduler() {
 
 absl::Status DecodeScheduler::CheckPromptLength(int64_t tokens) const {
   const int64_t positions = engine_->Current()->model->config().max_position_embeddings;
-  const int64_t limit = options_.max_prompt_tokens > 0 ? std::min(options_.max_prompt_tokens, positions) : positions;
+  const int64_t limit =
+      options_.max_prompt_tokens > 0 ? std::min(options_.max_prompt_tokens, positions) : positions;
   if (tokens > limit) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt: ", tokens, " tokens, more than this server's limit of ", limit,
-        options_.max_prompt_tokens > 0 && options_.max_prompt_tokens < positions ? " (--max_prompt_tokens)"
-                                                                                 : " (the model's positions)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt: ", tokens, " tokens, more than this server's limit of ", limit,
+                     options_.max_prompt_tokens > 0 && options_.max_prompt_tokens < positions
+                         ? " (--max_prompt_tokens)"
+                         : " (the model's positions)"));
   }
   return absl::OkStatus();
 }
@@ -95,9 +100,9 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> DecodeScheduler::Submit(Genera
   if (stop_) return absl::UnavailableError("the server is shutting down");
   const int64_t waiting = static_cast<int64_t>(waiting_.size() + exclusive_.size());
   if (waiting >= options_.max_waiting_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat("the server is busy: ", running_, " requests running and ",
-                                                     waiting, " waiting (--max_waiting_requests ",
-                                                     options_.max_waiting_requests, "); retry later"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the server is busy: ", running_, " requests running and ", waiting,
+                     " waiting (--max_waiting_requests ", options_.max_waiting_requests, "); retry later"));
   }
   waiting_.push_back(pending);
   return pending->stream;
@@ -106,8 +111,8 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> DecodeScheduler::Submit(Genera
 absl::StatusOr<ScoreOutcome> DecodeScheduler::Score(const std::string& route, const std::string& prompt,
                                                     const std::vector<std::string>& completions) {
   if (static_cast<int64_t>(completions.size()) > options_.max_score_completions) {
-    return absl::InvalidArgumentError(absl::StrCat("completions: ", completions.size(),
-                                                   " given, at most ", options_.max_score_completions,
+    return absl::InvalidArgumentError(absl::StrCat("completions: ", completions.size(), " given, at most ",
+                                                   options_.max_score_completions,
                                                    " per request (--max_score_completions)"));
   }
   auto ids = std::make_shared<std::vector<int32_t>>(EncodePrompt(engine_->tokenizer(), prompt));
@@ -137,10 +142,9 @@ absl::StatusOr<ScoreOutcome> DecodeScheduler::Score(const std::string& route, co
     if (stop_) return absl::UnavailableError("the server is shutting down");
     const int64_t waiting = static_cast<int64_t>(waiting_.size() + exclusive_.size());
     if (waiting >= options_.max_waiting_requests) {
-      return absl::ResourceExhaustedError(absl::StrCat("the server is busy: ", running_,
-                                                       " requests running and ", waiting,
-                                                       " waiting (--max_waiting_requests ",
-                                                       options_.max_waiting_requests, "); retry later"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the server is busy: ", running_, " requests running and ", waiting,
+                       " waiting (--max_waiting_requests ", options_.max_waiting_requests, "); retry later"));
     }
     exclusive_.push_back(std::move(job));
   }
@@ -157,13 +161,27 @@ DecodeScheduler::Stats DecodeScheduler::stats() const {
 
 void DecodeScheduler::Loop() {
   SetTorchThreads(options_.serving_threads);
+  const at::Device device = engine_->Current()->model->device();
+  if (device.is_cuda()) {
+    // Serving kernels go to a high-priority stream of their own (streams are per thread), so a
+    // training step queued on the default stream does not hold decode steps back.
+    try {
+      c10::impl::VirtualGuardImpl cuda(c10::DeviceType::CUDA);
+      cuda.exchangeStream(cuda.getStreamFromGlobalPool(device, /*isHighPriority=*/true));
+      spdlog::info("decode scheduler: high-priority CUDA stream on {}", device.str());
+    } catch (const c10::Error& e) {
+      spdlog::warn("decode scheduler: no separate CUDA stream ({}); serving shares the default stream",
+                   e.what_without_backtrace());
+    }
+  }
   std::shared_ptr<const Tokenizer> tokenizer(&engine_->tokenizer(), [](const Tokenizer*) {});
   // One decode batch per weights object (W0 for base and task routes, each version's merged model).
   std::map<const CausalLM*, std::unique_ptr<DecodeBatch>> batches;
   std::map<int64_t, Running> rows;  // by a scheduler-wide key
   int64_t next_key = 1;
 
-  auto fail = [](const std::shared_ptr<GenerationStream>& stream, const absl::Status& status, double seconds) {
+  auto fail = [](const std::shared_ptr<GenerationStream>& stream, const absl::Status& status,
+                 double seconds) {
     StreamEvent e;
     e.kind = StreamEvent::Kind::kDone;
     e.status = status;
@@ -251,7 +269,8 @@ void DecodeScheduler::Loop() {
       mu_.Await(absl::Condition(&ready));
       if (stop_) break;
       jobs.swap(exclusive_);
-      while (!waiting_.empty() && running_ + static_cast<int64_t>(admitted.size()) < options_.max_batch_size) {
+      while (!waiting_.empty() &&
+             running_ + static_cast<int64_t>(admitted.size()) < options_.max_batch_size) {
         admitted.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }

@@ -40,11 +40,11 @@
 namespace strata {
 
 struct SchedulerOptions {
-  int max_batch_size = 32;        // rows decoded together, over every route
-  int max_waiting_requests = 256; // queued requests (Generate and Score) beyond the running rows
-  int64_t max_prompt_tokens = 0;  // 0 = the model's max_position_embeddings
+  int max_batch_size = 32;         // rows decoded together, over every route
+  int max_waiting_requests = 256;  // queued requests (Generate and Score) beyond the running rows
+  int64_t max_prompt_tokens = 0;   // 0 = the model's max_position_embeddings
   int64_t max_score_completions = 64;
-  int serving_threads = 1;        // intra-op threads of the scheduler thread
+  int serving_threads = 1;  // intra-op threads of the scheduler thread
 };
 
 // What a generation stream reports, in order: kStarted once (route and version), kToken per

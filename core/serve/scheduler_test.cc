@@ -110,8 +110,8 @@ class SchedulerTest : public ::testing::Test {
     delete dir_;
   }
   // The request alone through the engine (one prompt, its route, the given version).
-  static GenerationResult Alone(const ServedVersion& version, const std::string& route, const std::string& prompt,
-                                const SamplingOptions& o) {
+  static GenerationResult Alone(const ServedVersion& version, const std::string& route,
+                                const std::string& prompt, const SamplingOptions& o) {
     auto r = engine_->GenerateRouted(version, route, {prompt}, o);
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? (*r)[0].second : GenerationResult{};
@@ -128,12 +128,9 @@ TEST_F(SchedulerTest, ConcurrentRequestsOnManyRoutesEqualEachAlone) {
     if (rows > widest.load()) widest.store(rows);
   });
   const std::vector<std::pair<std::string, std::string>> requests = {
-      {"capitals", "The capital of France is"},
-      {"langid", "Word: maison\nLanguage:"},
-      {"auto", "The capital of Italy is"},
-      {"base", "Once upon a time, there was a little girl"},
-      {"merged", "Word: casa\nLanguage:"},
-      {"auto", "Once upon a time"},
+      {"capitals", "The capital of France is"}, {"langid", "Word: maison\nLanguage:"},
+      {"auto", "The capital of Italy is"},      {"base", "Once upon a time, there was a little girl"},
+      {"merged", "Word: casa\nLanguage:"},      {"auto", "Once upon a time"},
       {"capitals", "The capital of Spain is"},
   };
   SamplingOptions o;

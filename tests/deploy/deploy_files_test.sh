@@ -209,9 +209,11 @@ def c_dashboard():
             "strata_forward_transfer", "strata_reference_nll", "strata_training_loss",
             "strata_training_tokens_per_second", "strata_queue_length", "strata_jobs", "strata_jobs_finished_total",
             "strata_rpc_requests_total", "strata_rpc_duration_seconds_bucket",
-            "strata_time_to_first_token_seconds_bucket", "strata_generated_tokens_total", "strata_weights_version",
+            "strata_time_to_first_token_seconds_bucket", "strata_generation_tokens_total", "strata_weights_version",
             "strata_tasks_learned", "strata_adaptation_state_bytes", "strata_router_accuracy",
-            "strata_route_requests_total"]
+            "strata_route_requests_total", "strata_num_requests_running", "strata_num_requests_waiting",
+            "strata_time_per_output_token_seconds_bucket", "strata_batch_size_bucket", "strata_prompt_tokens_total",
+            "strata_e2e_request_latency_seconds_bucket", "strata_requests_rejected_total"]
     used = set()
     for _, e in dashboard_exprs(d):
         used.update(METRIC_RE.findall(e))
