@@ -3,6 +3,7 @@
 //   strata-bench cl --model DIR --tasks DIR --order t1,t2 [--methods m1,m2] ... --json OUT [--plots DIR]
 //   strata-bench train [--models stories260K,110m] [--methods ...] [--json OUT]
 //   strata-bench memory --config DIR|llama-8b|mistral-7b|qwen2-7b|110m [--dtype ...] [--measure ...]
+//   strata-bench serve --model DIR|stories260K|110m --streams 1,16 --tasks 1,8 [--with-training] --json OUT
 //
 // Exit codes: 0 ok, 1 a measurement / method failed, 2 usage error.
 
@@ -10,6 +11,7 @@
 
 #include "bench/cl_bench.h"
 #include "bench/memory_bench.h"
+#include "bench/serve_bench.h"
 #include "bench/train_bench.h"
 
 int main(int argc, char** argv) {
@@ -34,6 +36,12 @@ int main(int argc, char** argv) {
       app.add_subcommand("memory", "Memory plan from a model config; --measure checks it on the CPU");
   strata::bench::AddMemoryBenchOptions(memory, &memory_args);
   memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
+
+  strata::bench::ServeBenchArgs serve_args;
+  CLI::App* serve =
+      app.add_subcommand("serve", "Serving throughput and latency of a real server under concurrent streams");
+  strata::bench::AddServeBenchOptions(serve, &serve_args);
+  serve->callback([&] { exit_code = strata::bench::RunServeBenchCommand(serve_args); });
 
   try {
     app.parse(argc, argv);

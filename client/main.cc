@@ -7,6 +7,7 @@
 
 #include "bench/cl_bench.h"
 #include "bench/memory_bench.h"
+#include "bench/serve_bench.h"
 #include "bench/train_bench.h"
 #include "client/cli_common.h"
 #include "client/commands.h"
@@ -39,7 +40,8 @@ int main(int argc, char** argv) {
   AddAdminCommands(app, opts, &exit_code);
   // `strata bench cl|train`: offline benchmarks (bench/), no server needed.
   CLI::App* bench = app.add_subcommand(
-      "bench", "Offline benchmarks: continual learning (cl), training (train), memory plan (memory)");
+      "bench",
+      "Benchmarks: continual learning (cl), training (train), memory plan (memory), serving (serve)");
   bench->require_subcommand(1);
   strata::bench::ClBenchArgs cl_args;
   CLI::App* bench_cl =
@@ -56,6 +58,12 @@ int main(int argc, char** argv) {
       "memory", "Memory plan from a model config (weights, KV cache, state, training peak)");
   strata::bench::AddMemoryBenchOptions(bench_memory, &memory_args);
   bench_memory->callback([&] { exit_code = strata::bench::RunMemoryBenchCommand(memory_args); });
+  strata::bench::ServeBenchArgs serve_args;
+  CLI::App* bench_serve = bench->add_subcommand(
+      "serve",
+      "Serving throughput and latency of a real server under concurrent streams (optionally training)");
+  strata::bench::AddServeBenchOptions(bench_serve, &serve_args);
+  bench_serve->callback([&] { exit_code = strata::bench::RunServeBenchCommand(serve_args); });
   // Global options may come before or after the subcommand (fallthrough); list them in every
   // subcommand's --help too.
   for (CLI::App* sub : app.get_subcommands({})) {

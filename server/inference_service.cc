@@ -50,6 +50,7 @@ absl::StatusOr<SamplingOptions> SamplingFromProto(const pb::SamplingParams& p, i
   }
   o.top_p = p.top_p() == 0 ? 1.0f : p.top_p();
   o.seed = p.seed();
+  o.stop_on_eos = !p.ignore_eos();
   for (const std::string& s : p.stop()) {
     if (s.empty()) return absl::InvalidArgumentError("sampling.stop: stop strings must not be empty");
     o.stop_strings.push_back(s);

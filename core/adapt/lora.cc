@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <tuple>
 
 namespace strata {
 
@@ -12,6 +13,12 @@ at::Tensor LowRankAdapter::Forward(const at::Tensor& x) {
   const at::Tensor xin = x.scalar_type() == a.scalar_type() ? x : x.to(a.scalar_type());
   // Scale the rank-r intermediate (the smallest tensor on the path).
   return at::linear(at::linear(xin, a).mul(scaling_ * branch_scale_), b);
+}
+
+bool LowRankAdapter::LowRankFactors(at::Tensor* b, at::Tensor* a, double* scale) const {
+  std::tie(*b, *a) = Factors();
+  *scale = scaling_ * branch_scale_;
+  return true;
 }
 
 at::Tensor LowRankAdapter::DeltaWeight() const {
@@ -23,6 +30,32 @@ LoraAdapter::LoraAdapter(at::Tensor a, at::Tensor b, double scaling)
     : LowRankAdapter(scaling), a_(std::move(a)), b_(std::move(b)) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.size(0) == b_.size(1),
               "LoraAdapter: A must be [r, d] and B [n, r], got A ", a_.sizes(), " B ", b_.sizes());
+}
+
+SharedBasisAdapter::SharedBasisAdapter(at::Tensor left, at::Tensor core, at::Tensor right, double scaling)
+    : LowRankAdapter(scaling), left_(std::move(left)), core_(std::move(core)), right_(std::move(right)) {
+  TORCH_CHECK(left_.dim() == 2 && core_.dim() == 2 && right_.dim() == 2 && left_.size(1) == core_.size(0) &&
+                  right_.size(1) == core_.size(1),
+              "SharedBasisAdapter: L must be [n, kl], C [kl, kr] and R [d, kr], got L ", left_.sizes(), " C ",
+              core_.sizes(), " R ", right_.sizes());
+}
+
+std::pair<at::Tensor, at::Tensor> SharedBasisAdapter::Factors() const {
+  return {left_, at::matmul(core_, right_.t())};
+}
+
+at::Tensor SharedBasisAdapter::Forward(const at::Tensor& x) {
+  const at::Tensor xin = x.scalar_type() == right_.scalar_type() ? x : x.to(right_.scalar_type());
+  return at::matmul(at::matmul(at::matmul(xin, right_), core_.t()).mul(scaling() * branch_scale()), left_.t());
+}
+
+bool SharedBasisAdapter::SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right,
+                                            double* scale) const {
+  *left = left_;
+  *core = core_;
+  *right = right_;
+  *scale = scaling() * branch_scale();
+  return true;
 }
 
 std::shared_ptr<LoraAdapter> LoraAdapter::Create(int64_t in_features, int64_t out_features, int64_t rank,

@@ -31,6 +31,8 @@ class LowRankAdapter : public LinearAdapter {
 
   // x [..., d] -> s · b · (x Aᵀ) Bᵀ [..., n], computed in the factors' dtype.
   at::Tensor Forward(const at::Tensor& x) override;
+  // Factors() and s · b.
+  bool LowRankFactors(at::Tensor* b, at::Tensor* a, double* scale) const override;
   // s · B A [n×d] (with autograd when the factors require grad; the branch scale is NOT applied).
   at::Tensor DeltaWeight() const;
 
@@ -60,6 +62,22 @@ class LoraAdapter : public LowRankAdapter {
  private:
   at::Tensor a_;  // [r, d]
   at::Tensor b_;  // [n, r]
+};
+
+// A low-rank side path through a basis shared with other routes: y = s · ((x R) Cᵀ) Lᵀ with
+// L [n×kl], C [kl×kr], R [d×kr] taken as they are (no copy). Share's task routes are these (L = β,
+// R = α, C = the task's cumulative core), so a decode batch over many tasks runs one side path
+// with a per-row core. Inference only (no trainable parameters).
+class SharedBasisAdapter : public LowRankAdapter {
+ public:
+  SharedBasisAdapter(at::Tensor left, at::Tensor core, at::Tensor right, double scaling);
+  // (L, C Rᵀ), computed on each call.
+  std::pair<at::Tensor, at::Tensor> Factors() const override;
+  at::Tensor Forward(const at::Tensor& x) override;
+  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const override;
+
+ private:
+  at::Tensor left_, core_, right_;
 };
 
 // A deterministic per-module seed from a base seed and strings (module name, task name).

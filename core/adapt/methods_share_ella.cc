@@ -172,13 +172,14 @@ class ShareEllaMethod : public Method {
       return absl::NotFoundError(absl::StrCat(name(), ": unknown task \"", task, "\""));
     }
     RETURN_IF_ERROR(CheckBase(*base));
-    std::vector<std::shared_ptr<LoraAdapter>> adapters;
+    // Through the shared basis (on CPU the module's own β and α: every task's route shares them).
+    std::vector<std::shared_ptr<LinearAdapter>> adapters;
     for (const auto& m : modules_) {
       const ShareModule& share = share_.at(m);
-      ASSIGN_OR_RETURN(auto factors, share.CumulativeFactors(task));
+      ASSIGN_OR_RETURN(ShareModule::Core c, share.CumulativeCore(task));
       const at::Device dev = base->FindLinear(m)->weight.device();
       adapters.push_back(
-          std::make_shared<LoraAdapter>(factors.second.to(dev), factors.first.to(dev), share.scale()));
+          std::make_shared<SharedBasisAdapter>(c.beta.to(dev), c.core.to(dev), c.alpha.to(dev), share.scale()));
     }
     for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->adapter = adapters[i];
     return absl::OkStatus();

@@ -473,6 +473,22 @@ absl::StatusOr<std::pair<at::Tensor, at::Tensor>> ShareModule::CumulativeFactors
   return std::make_pair(beta_.clone(), c.mm(alpha_.t()).contiguous());
 }
 
+absl::StatusOr<ShareModule::Core> ShareModule::CumulativeCore(const std::string& task) const {
+  const TaskRecord* rec = FindTask(task);
+  if (rec == nullptr) return absl::NotFoundError(absl::StrCat("Share: no task '", task, "'"));
+  at::NoGradGuard no_grad;
+  const int64_t cols = rec->offset + rec->rank;
+  if (k_beta() == 0 || k_alpha() == 0 || cols == 0) {
+    return Core{at::zeros({n_, 1}, F32()), at::zeros({1, 1}, F32()), at::zeros({d_, 1}, F32())};
+  }
+  at::Tensor c = e_beta_.narrow(1, 0, cols)
+                     .to(at::kDouble)
+                     .mm(e_alpha_.narrow(1, 0, cols).to(at::kDouble).t())
+                     .to(at::kFloat)
+                     .contiguous();  // [kβ, kα]
+  return Core{beta_, c, alpha_};
+}
+
 at::Tensor ShareModule::SumOfTaskDeltas() const {
   at::NoGradGuard no_grad;
   if (k_beta() == 0 || k_alpha() == 0 || e_beta_.size(1) == 0) return at::zeros({n_, d_}, F32());

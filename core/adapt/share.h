@@ -155,6 +155,15 @@ class ShareModule {
   // serving uses this: task i trained on top of the earlier tasks' merged updates, so W0 + ΔW_i
   // alone is not the model it learned on.
   absl::StatusOr<std::pair<at::Tensor, at::Tensor>> CumulativeFactors(const std::string& task) const;
+  // The same side path through the basis itself: s·(x α) C_iᵀ βᵀ with β [n, kβ], C_i [kβ, kα] and
+  // α [d, kα]. β and α are this module's own tensors (not copies), so the routes of every task of
+  // one module share them and a decode batch runs them as one side path with a per-row core
+  // (SharedBasisAdapter); do not use them after the module changes (a frozen version's module
+  // never does). Zero-size bases give a rank-1 zero path, as CumulativeFactors.
+  struct Core {
+    at::Tensor beta, core, alpha;
+  };
+  absl::StatusOr<Core> CumulativeCore(const std::string& task) const;
   // Σ_i ΔW_i over every task = s·β (Σ_i Eβ_i Eα_iᵀ) αᵀ [n, d] (float32, CPU), in one GEMM chain
   // (cost independent of t apart from the k×Σr_i·k product).
   at::Tensor SumOfTaskDeltas() const;

@@ -178,16 +178,46 @@ struct ForwardRoutes {
   };
   std::vector<Group> groups;
   int64_t batch = 0;
+  // Changes whenever the row -> route assignment changes (RowAdapters rebuild their plans).
+  int64_t epoch = 0;
+  std::vector<const CausalLM*> assignment;  // route model of each row
 };
 
-// The side path of one linear layer for a batch whose rows have different routes: each route's
-// adapter runs on that route's rows only, rows without an adapter get none.
+// The side path of one linear layer for a batch whose rows have different routes. When every
+// route's adapter here goes through the same shared basis (LinearAdapter::SharedBasisFactors, as
+// Share's task routes of one version do), the batch runs the basis once, (x R) then Lᵀ, with a
+// per-row k×k core in between: the cost of one route. Else, when every route's adapter is low-rank (LinearAdapter::LowRankFactors), all of them run as two GEMMs
+// over the concatenated factors, x [A_1; ...; A_G]ᵀ masked per row to its own route's columns
+// (times its scale), then [B_1 ... B_G]ᵀ: the cost of one rank-Σr side path, whatever the number
+// of routes (the concatenation is rebuilt only when the batch's rows change). Otherwise each
+// route's adapter runs on its own rows. Rows without an adapter get none.
 class RowAdapter : public LinearAdapter {
  public:
   RowAdapter(std::string name, int64_t out_features, const ForwardRoutes* routes)
       : name_(std::move(name)), out_features_(out_features), routes_(routes) {}
 
   at::Tensor Forward(const at::Tensor& x) override {
+    if (epoch_ != routes_->epoch) Rebuild(x.device());
+    if (!any_) return at::Tensor();
+    if (shared_) {
+      // ((x R) C_rowᵀ) Lᵀ: the basis GEMMs once for every row, a k×k core per row (scale folded in).
+      const at::Tensor xin = x.scalar_type() == right_.scalar_type() ? x : x.to(right_.scalar_type());
+      const int64_t batch = x.size(0);
+      const at::Tensor h = at::matmul(xin.reshape({batch, -1, x.size(-1)}), right_);  // [B, T, kr]
+      const at::Tensor hc = at::bmm(h, row_cores_);                                   // [B, T, kl]
+      std::vector<int64_t> shape = x.sizes().vec();
+      shape.back() = out_features_;
+      return at::matmul(hc, left_t_).view(shape);
+    }
+    if (low_rank_) {
+      const at::Tensor xin = x.scalar_type() == a_.scalar_type() ? x : x.to(a_.scalar_type());
+      at::Tensor h = at::linear(xin, a_);  // [B, ..., Σr]
+      std::vector<int64_t> shape(static_cast<size_t>(h.dim()), 1);
+      shape.front() = mask_.size(0);
+      shape.back() = mask_.size(1);
+      h.mul_(mask_.view(shape));
+      return at::linear(h, b_);
+    }
     at::Tensor out;
     for (const ForwardRoutes::Group& g : routes_->groups) {
       const LinearLayer* layer = g.model->FindLinear(name_);
@@ -210,9 +240,97 @@ class RowAdapter : public LinearAdapter {
   }
 
  private:
+  // Every route with a side path here goes through the same basis (L, R): one core per row.
+  bool BuildShared(const at::Device& device) {
+    at::Tensor left, right;
+    std::vector<at::Tensor> cores(routes_->groups.size());
+    for (size_t g = 0; g < routes_->groups.size(); ++g) {
+      const LinearLayer* layer = routes_->groups[g].model->FindLinear(name_);
+      if (layer == nullptr || !layer->adapter) continue;
+      at::Tensor l, c, r;
+      double scale = 1.0;
+      if (!layer->adapter->SharedBasisFactors(&l, &c, &r, &scale)) return false;
+      if (!left.defined()) {
+        left = l;
+        right = r;
+      } else if (!l.is_same(left) || !r.is_same(right)) {
+        return false;
+      }
+      cores[g] = c.t().mul(scale);  // [kr, kl]
+    }
+    if (!left.defined()) return false;
+    std::vector<at::Tensor> per_row(static_cast<size_t>(routes_->batch));
+    const at::Tensor zero = at::zeros({right.size(1), left.size(1)}, left.options());
+    for (size_t g = 0; g < routes_->groups.size(); ++g) {
+      for (int64_t r : routes_->groups[g].rows) per_row[static_cast<size_t>(r)] = cores[g].defined() ? cores[g] : zero;
+    }
+    row_cores_ = at::stack(per_row).to(device);  // [B, kr, kl]
+    right_ = right;
+    left_t_ = left.t();
+    return true;
+  }
+
+  void Rebuild(const at::Device& device) {
+    epoch_ = routes_->epoch;
+    any_ = false;
+    shared_ = false;
+    low_rank_ = true;
+    for (const ForwardRoutes::Group& g : routes_->groups) {
+      const LinearLayer* layer = g.model->FindLinear(name_);
+      any_ = any_ || (layer != nullptr && layer->adapter);
+    }
+    if (!any_) return;
+    if (BuildShared(device)) {
+      shared_ = true;
+      return;
+    }
+    row_cores_ = right_ = left_t_ = at::Tensor();
+    std::vector<at::Tensor> as, bs;
+    std::vector<std::pair<int64_t, int64_t>> cols(routes_->groups.size(), {0, 0});  // [begin, end)
+    std::vector<double> scales(routes_->groups.size(), 0.0);
+    int64_t total = 0;
+    for (size_t g = 0; g < routes_->groups.size(); ++g) {
+      const LinearLayer* layer = routes_->groups[g].model->FindLinear(name_);
+      if (layer == nullptr || !layer->adapter) continue;
+      any_ = true;
+      at::Tensor b, a;
+      double scale = 1.0;
+      if (!layer->adapter->LowRankFactors(&b, &a, &scale)) {
+        low_rank_ = false;
+        continue;
+      }
+      as.push_back(a);
+      bs.push_back(b);
+      cols[g] = {total, total + a.size(0)};
+      scales[g] = scale;
+      total += a.size(0);
+    }
+    if (!any_ || !low_rank_) {
+      a_ = b_ = mask_ = at::Tensor();
+      return;
+    }
+    a_ = at::cat(as, 0);  // [Σr, d]
+    b_ = at::cat(bs, 1);  // [n, Σr]
+    std::vector<float> mask(static_cast<size_t>(routes_->batch * total), 0.0f);
+    for (size_t g = 0; g < routes_->groups.size(); ++g) {
+      for (int64_t r : routes_->groups[g].rows) {
+        for (int64_t c = cols[g].first; c < cols[g].second; ++c) {
+          mask[static_cast<size_t>(r * total + c)] = static_cast<float>(scales[g]);
+        }
+      }
+    }
+    mask_ = at::tensor(mask, at::kFloat).view({routes_->batch, total}).to(device, a_.scalar_type());
+  }
+
   std::string name_;
   int64_t out_features_;
   const ForwardRoutes* routes_;
+  int64_t epoch_ = -1;
+  bool any_ = false;
+  bool shared_ = false;
+  bool low_rank_ = false;
+  at::Tensor a_, b_, mask_;            // concatenated low-rank factors, per-row scaled mask
+  at::Tensor right_, left_t_, row_cores_;  // the shared basis and each row's core
 };
 
 }  // namespace
@@ -284,6 +402,11 @@ struct DecodeBatch::Impl {
         layer->adapter = std::make_shared<RowAdapter>(name, layer->weight.size(0), &routes);
       }
     }
+    std::vector<const CausalLM*> assignment;
+    for (const SequenceState* s : rows) assignment.push_back(&RouteOf(*s));
+    if (assignment == routes.assignment) return *mixed;  // same rows, same routes: same plan
+    routes.assignment = assignment;
+    ++routes.epoch;
     routes.groups.clear();
     routes.batch = static_cast<int64_t>(rows.size());
     std::map<const CausalLM*, size_t> index;
@@ -382,6 +505,7 @@ struct DecodeBatch::Impl {
       }
     }
     running.swap(kept);
+    routes.assignment.clear();  // a freed route model's address may be reused: rebuild the plans
     if (running.empty()) {
       cache.Clear();
       mask = at::Tensor();
@@ -481,6 +605,7 @@ struct DecodeBatch::Impl {
       mask = at::cat({left_pad(mask, len), left_pad(staying_mask, len)}, 0);
     }
     for (auto& s : staying) running.push_back(std::move(s));
+    routes.assignment.clear();
   }
 
   // One decode step for every running row.

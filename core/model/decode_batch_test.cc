@@ -17,16 +17,25 @@ namespace {
 const std::string kStories = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
 
 // A fixed low-rank side path y = (x Aᵀ) Bᵀ, like a task route's LoRA.
+// With `expose` it offers its factors (LowRankFactors), so a mixed batch runs it in the
+// concatenated two-GEMM path; without, through Forward per route.
 class FixedLowRank : public LinearAdapter {
  public:
-  FixedLowRank(int64_t in, int64_t out, int64_t rank, uint64_t seed) {
+  FixedLowRank(int64_t in, int64_t out, int64_t rank, uint64_t seed, bool expose) : expose_(expose) {
     at::Generator gen = at::detail::createCPUGenerator(seed);
     a_ = at::randn({rank, in}, gen, at::kFloat) * 0.3;
     b_ = at::randn({out, rank}, gen, at::kFloat) * 0.3;
   }
-  at::Tensor Forward(const at::Tensor& x) override { return at::matmul(at::matmul(x, a_.t()), b_.t()); }
+  at::Tensor Forward(const at::Tensor& x) override { return at::linear(at::linear(x, a_).mul(0.5), b_); }
+  bool LowRankFactors(at::Tensor* b, at::Tensor* a, double* scale) const override {
+    *b = b_;
+    *a = a_;
+    *scale = 0.5;
+    return expose_;
+  }
 
  private:
+  bool expose_;
   at::Tensor a_, b_;
 };
 
@@ -37,13 +46,16 @@ std::shared_ptr<const CausalLM> Stories() {
 }
 
 // A "task route": the weights with a side path on every linear layer.
-std::shared_ptr<const CausalLM> Route(const CausalLM& weights, uint64_t seed) {
+std::shared_ptr<const CausalLM> Route(const CausalLM& weights, uint64_t seed, bool expose = true) {
   auto copy = weights.ShallowCopy();
   uint64_t i = 0;
   for (const std::string& name : copy->LinearNames()) {
     LinearLayer* layer = copy->FindLinear(name);
+    // An odd seed leaves every other layer without a side path (a route need not adapt every layer).
+    if (i++ % 2 == 1 && seed % 2 == 1) continue;
+    const int64_t rank = 2 + static_cast<int64_t>(seed % 3);
     layer->adapter =
-        std::make_shared<FixedLowRank>(layer->weight.size(1), layer->weight.size(0), 4, seed + i++);
+        std::make_shared<FixedLowRank>(layer->weight.size(1), layer->weight.size(0), rank, seed + i, expose);
   }
   return std::shared_ptr<const CausalLM>(std::move(copy));
 }
@@ -154,29 +166,33 @@ TEST_F(DecodeBatchTest, OneTokenPerRowPerStep) {
 // Rows of different routes in one batch (side paths per row, shared base GEMMs) equal each request
 // run alone on its route's model, greedy and sampled.
 TEST_F(DecodeBatchTest, PerRowRoutesEqualPerRequestRoutes) {
-  const auto route_a = Route(*model_, 11);
-  const auto route_b = Route(*model_, 23);
-  const std::vector<std::shared_ptr<const CausalLM>> routes = {route_a, nullptr, route_b, route_a};
-  for (float temperature : {0.0f, 0.9f}) {
-    SamplingOptions o = options_;
-    o.temperature = temperature;
-    o.seed = 7;
-    DecodeBatch batch(model_, tok_);
-    std::vector<Outcome> out(prompts_.size());
-    for (size_t i = 0; i < prompts_.size(); ++i) {
-      ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
-      if (i == 1) {
-        ASSERT_TRUE(batch.Step().ok());  // rows of one route end up apart in the batch
+  for (bool low_rank : {true, false}) {
+    for (float temperature : {0.0f, 0.9f}) {
+      // Routes of different ranks; one leaves some layers without a side path.
+      const auto route_a = Route(*model_, 11, low_rank);
+      const auto route_b = Route(*model_, 24, low_rank);
+      const std::vector<std::shared_ptr<const CausalLM>> routes = {route_a, nullptr, route_b, route_a};
+      SamplingOptions o = options_;
+      o.temperature = temperature;
+      o.seed = 7;
+      DecodeBatch batch(model_, tok_);
+      std::vector<Outcome> out(prompts_.size());
+      for (size_t i = 0; i < prompts_.size(); ++i) {
+        ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
+        if (i == 1) {
+          ASSERT_TRUE(batch.Step().ok());  // rows of one route end up apart in the batch
+        }
       }
+      while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+      for (size_t i = 0; i < prompts_.size(); ++i) {
+        const GenerationResult alone = Alone(i, o, routes[i].get());
+        EXPECT_EQ(out[i].ids, alone.ids)
+            << "row " << i << " temperature " << temperature << " low-rank " << low_rank;
+        EXPECT_EQ(out[i].text, alone.text) << i;
+      }
+      // The side paths matter: route a's tokens differ from the weights alone.
+      EXPECT_NE(Alone(0, o, route_a.get()).ids, Alone(0, o).ids);
     }
-    while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
-    for (size_t i = 0; i < prompts_.size(); ++i) {
-      const GenerationResult alone = Alone(i, o, routes[i].get());
-      EXPECT_EQ(out[i].ids, alone.ids) << "row " << i << " temperature " << temperature;
-      EXPECT_EQ(out[i].text, alone.text) << i;
-    }
-    // The side paths matter: route a's tokens differ from the weights alone.
-    EXPECT_NE(Alone(0, o, route_a.get()).ids, Alone(0, o).ids);
   }
 }
 

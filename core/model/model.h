@@ -34,6 +34,25 @@ class LinearAdapter {
   virtual ~LinearAdapter() = default;
   // x: [..., in_features] -> [..., out_features].
   virtual at::Tensor Forward(const at::Tensor& x) = 0;
+  // A low-rank side path y = scale · (x Aᵀ) Bᵀ may expose B [n×r], A [r×d] and its scale, so that
+  // a decode batch runs the side paths of many routes as two GEMMs over their concatenated
+  // factors (DecodeBatch). Default: false (not low-rank; the batch calls Forward per route).
+  virtual bool LowRankFactors(at::Tensor* b, at::Tensor* a, double* scale) const {
+    (void)b;
+    (void)a;
+    (void)scale;
+    return false;
+  }
+  // A side path through a basis shared with other routes, y = scale · ((x R) Cᵀ) Lᵀ with
+  // L [n×kl], C [kl×kr] (this route's core) and R [d×kr], may expose them: routes whose L and R are
+  // the same tensors run as one side path with a per-row core (DecodeBatch). Default: false.
+  virtual bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const {
+    (void)left;
+    (void)core;
+    (void)right;
+    (void)scale;
+    return false;
+  }
 };
 
 struct LinearLayer {
