@@ -3,7 +3,7 @@
 //   strata-bench-decode [--threads N] [--models stories260K,110m] [--dtype float32|bfloat16]
 //                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR]
 //
-// For each model and batch size (1 and 8) it times a prefill of a --prompt-token random prompt and
+// For each model and batch size (1, 8 and 16) it times a prefill of a --prompt-token random prompt and
 // then --new greedy decode steps through the KV cache (the model's own Forward loop, no tokenizer),
 // and a single-sequence prefill of 256 tokens. Each figure is the median over --reps runs after one
 // warm-up run. Tokens/s counts every sequence of the batch. Then the cost of automatic routing: the
@@ -222,7 +222,7 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
       name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size, c.num_hidden_layers,
       c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, f.dtype.c_str());
   RunOnce(model, 1, f.prompt, 8, 99);  // warm-up
-  for (int64_t batch : {int64_t{1}, int64_t{8}}) {
+  for (int64_t batch : {int64_t{1}, int64_t{8}, int64_t{16}}) {
     std::vector<double> prefill, decode;
     for (int r = 0; r < f.reps; ++r) {
       const RunTimes t = RunOnce(model, batch, f.prompt, f.new_tokens, 100 + r);
