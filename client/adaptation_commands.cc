@@ -27,7 +27,8 @@ const std::map<std::string, pb::JobState>& StateNames() {
   static const std::map<std::string, pb::JobState> names = {
       {"queued", pb::JOB_STATE_QUEUED},         {"training", pb::JOB_STATE_TRAINING},
       {"evaluating", pb::JOB_STATE_EVALUATING}, {"succeeded", pb::JOB_STATE_SUCCEEDED},
-      {"failed", pb::JOB_STATE_FAILED},         {"cancelled", pb::JOB_STATE_CANCELLED}};
+      {"failed", pb::JOB_STATE_FAILED},         {"cancelled", pb::JOB_STATE_CANCELLED},
+      {"held", pb::JOB_STATE_HELD},             {"rolled_back", pb::JOB_STATE_ROLLED_BACK}};
   return names;
 }
 
@@ -79,6 +80,15 @@ int PrintOutcome(const pb::Job& job, const GlobalOptions& opts) {
     if (job.reference_nll() != 0 && std::isfinite(job.reference_nll())) {
       std::cout << absl::StrFormat("reference NLL %.4f\n", job.reference_nll());
     }
+  } else if (job.state() == pb::JOB_STATE_HELD) {
+    std::cout << absl::StrFormat(
+        "%s held: task '%s' trained, but the publish gate kept it as candidate version %d (not served)\n",
+        job.id(), job.task_name(), job.weights_version());
+    for (const auto& reason : job.hold_reasons()) std::cout << "  " << reason << "\n";
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& r : job.eval_results()) rows.push_back({r.task(), FormatScore(r.score())});
+    PrintTable({"TASK", "SCORE (candidate, merged)"}, rows);
+    std::cout << absl::StrFormat("publish it anyway: strata promote %d\n", job.weights_version());
   }
   if (job.state() == pb::JOB_STATE_SUCCEEDED) return kExitOk;
   std::fprintf(stderr, "strata: job %s %s: %s\n", job.id().c_str(), StateName(job.state()).c_str(),
@@ -126,7 +136,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("submit", "Stream a task's JSONL data to the server; prints the job id");
   struct Args {
     std::string task, file, eval_file, method, scorer, description;
-    double eval_fraction = 0.1, lr = 0, alpha = 0, ella_lambda = 0;
+    double eval_fraction = 0.1, lr = 0, alpha = 0, ella_lambda = 0, min_score = 0;
     int eval_cap = 0, steps = 0, epochs = 0, batch_size = 0, rank = 0, seed = 0, max_seq_len = 0;
     bool wait = false;
   };
@@ -166,10 +176,15 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                   "How the task is scored (default: choice for choices, else exact_match)")
       ->check(CLI::IsMember({"choice", "exact_match", "nll"}));
   cmd->add_option("--description", a->description, "Free-form description kept with the task");
+  auto* min_score = cmd->add_option("--min-score", a->min_score,
+                                    "Publish gate: the least score in [0, 1] the task must reach for its "
+                                    "version to be served (otherwise the job is held)")
+                        ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--wait", a->wait,
                 "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
   cmd->callback(
-      [&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq] {
+      [&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq,
+       min_score] {
         pb::SubmitTaskRequest spec_msg;
         pb::TaskSpec* spec = spec_msg.mutable_spec();
         spec->set_name(a->task);
@@ -180,6 +195,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
           spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
         }
         spec->set_description(a->description);
+        if (min_score->count()) spec->set_min_score(a->min_score);
         pb::TrainingOverrides* o = spec->mutable_overrides();
         if (lr->count()) o->set_learning_rate(a->lr);
         if (steps->count()) o->set_max_steps(a->steps);
@@ -399,6 +415,12 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     std::cout << absl::StrFormat("method %s, weights version %d, %d task(s) learned, adaptation state %s\n",
                                  r.method(), r.weights_version(), r.tasks_size(),
                                  FormatBytes(r.adaptation_state_bytes()));
+    for (const pb::HeldCandidate& c : r.candidates()) {
+      std::cout << absl::StrFormat(
+          "held: candidate version %d (task '%s', job %s) is not served (strata promote %d publishes it):\n",
+          c.version(), c.task(), c.job_id(), c.version());
+      for (const auto& reason : c.reasons()) std::cout << "  " << reason << "\n";
+    }
     if (r.tasks_size() == 0) return;
     auto print_matrix = [&](const std::string& title,
                             const google::protobuf::RepeatedPtrField<pb::MatrixRow>& matrix, bool with_base) {
