@@ -159,8 +159,8 @@ void Worker::RunOne(JobRecord job) {
     job.weights_version = outcome->weights_version;
     job.reference_nll = outcome->reference_nll;
     job.hold_reasons = outcome->hold_reasons;
-    job.error = absl::StrCat("held as candidate version ", outcome->weights_version,
-                             " (not served): ", absl::StrJoin(outcome->hold_reasons, "; "));
+    job.error = absl::StrCat("candidate version ", outcome->weights_version,
+                             " is not served: ", absl::StrJoin(outcome->hold_reasons, "; "));
     job.finished = NowUnixSeconds();
     spdlog::warn("job {}: task '{}' {}", job.id, job.spec.name, job.error);
   } else if (outcome.ok()) {
