@@ -116,6 +116,7 @@ void Engine::Impl::KeepPublished(const VersionMeta& meta) {
       // Nothing is pruned: the older versions stay the rollback targets.
       spdlog::error("version {} is served but could not be kept for rollback: {}", meta.version, st.ToString());
     } else {
+      MaybeCrashAt("versions.before_prune");
       for (const VersionMeta& m : versions->List()) {
         if (m.status != kVersionCandidate) continue;
         spdlog::info("candidate version {} (task '{}') discarded: version {} was published on top of its base",
