@@ -24,11 +24,14 @@ namespace pb = strata::v1;
 constexpr size_t kChunkBytes = 64 * 1024;
 
 const std::map<std::string, pb::JobState>& StateNames() {
-  static const std::map<std::string, pb::JobState> names = {
-      {"queued", pb::JOB_STATE_QUEUED},         {"training", pb::JOB_STATE_TRAINING},
-      {"evaluating", pb::JOB_STATE_EVALUATING}, {"succeeded", pb::JOB_STATE_SUCCEEDED},
-      {"failed", pb::JOB_STATE_FAILED},         {"cancelled", pb::JOB_STATE_CANCELLED},
-      {"held", pb::JOB_STATE_HELD},             {"rolled_back", pb::JOB_STATE_ROLLED_BACK}};
+  static const std::map<std::string, pb::JobState> names = {{"queued", pb::JOB_STATE_QUEUED},
+                                                            {"training", pb::JOB_STATE_TRAINING},
+                                                            {"evaluating", pb::JOB_STATE_EVALUATING},
+                                                            {"succeeded", pb::JOB_STATE_SUCCEEDED},
+                                                            {"failed", pb::JOB_STATE_FAILED},
+                                                            {"cancelled", pb::JOB_STATE_CANCELLED},
+                                                            {"held", pb::JOB_STATE_HELD},
+                                                            {"rolled_back", pb::JOB_STATE_ROLLED_BACK}};
   return names;
 }
 
@@ -182,95 +185,94 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                         ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--wait", a->wait,
                 "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
-  cmd->callback(
-      [&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq,
-       min_score] {
-        pb::SubmitTaskRequest spec_msg;
-        pb::TaskSpec* spec = spec_msg.mutable_spec();
-        spec->set_name(a->task);
-        if (method->count()) spec->set_method(a->method);
-        if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
-        if (cap->count()) spec->set_eval_cap(a->eval_cap);
-        if (!a->scorer.empty()) {
-          spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
-        }
-        spec->set_description(a->description);
-        if (min_score->count()) spec->set_min_score(a->min_score);
-        pb::TrainingOverrides* o = spec->mutable_overrides();
-        if (lr->count()) o->set_learning_rate(a->lr);
-        if (steps->count()) o->set_max_steps(a->steps);
-        if (epochs->count()) o->set_epochs(a->epochs);
-        if (batch->count()) o->set_batch_size(a->batch_size);
-        if (rank->count()) o->set_rank(a->rank);
-        if (alpha->count()) o->set_alpha(a->alpha);
-        if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
-        if (seed->count()) o->set_seed(a->seed);
-        if (seq->count()) o->set_max_seq_len(a->max_seq_len);
+  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda,
+                 seed, seq, min_score] {
+    pb::SubmitTaskRequest spec_msg;
+    pb::TaskSpec* spec = spec_msg.mutable_spec();
+    spec->set_name(a->task);
+    if (method->count()) spec->set_method(a->method);
+    if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
+    if (cap->count()) spec->set_eval_cap(a->eval_cap);
+    if (!a->scorer.empty()) {
+      spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
+    }
+    spec->set_description(a->description);
+    if (min_score->count()) spec->set_min_score(a->min_score);
+    pb::TrainingOverrides* o = spec->mutable_overrides();
+    if (lr->count()) o->set_learning_rate(a->lr);
+    if (steps->count()) o->set_max_steps(a->steps);
+    if (epochs->count()) o->set_epochs(a->epochs);
+    if (batch->count()) o->set_batch_size(a->batch_size);
+    if (rank->count()) o->set_rank(a->rank);
+    if (alpha->count()) o->set_alpha(a->alpha);
+    if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
+    if (seed->count()) o->set_seed(a->seed);
+    if (seq->count()) o->set_max_seq_len(a->max_seq_len);
 
-        std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
-        if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
-        int64_t total = 0;
-        for (const auto& [path, is_eval] : files) {
-          std::error_code ec;
-          total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
-        }
+    std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
+    if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
+    int64_t total = 0;
+    for (const auto& [path, is_eval] : files) {
+      std::error_code ec;
+      total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
+    }
 
-        auto channel = Connect(opts);
-        if (!channel) {
-          *exit_code = kExitUnreachable;
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    pb::Job job;
+    {
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx, opts, /*with_deadline=*/false);
+      auto writer = stub->SubmitTask(&ctx, &job);
+      bool open = writer->Write(spec_msg);
+      int64_t sent = 0, lines = 0;
+      ProgressLine progress;
+      auto text = [&] {
+        return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
+                               FormatBytes(sent), FormatBytes(total), lines);
+      };
+      for (const auto& [path, is_eval] : files) {
+        if (!open) break;
+        std::ifstream in(path, std::ios::binary);
+        if (!in) {
+          ctx.TryCancel();
+          *exit_code = UsageError("cannot read " + path, opts);
           return;
         }
-        auto stub = pb::AdaptationService::NewStub(channel);
-        pb::Job job;
-        {
-          grpc::ClientContext ctx;
-          PrepareContext(&ctx, opts, /*with_deadline=*/false);
-          auto writer = stub->SubmitTask(&ctx, &job);
-          bool open = writer->Write(spec_msg);
-          int64_t sent = 0, lines = 0;
-          ProgressLine progress;
-          auto text = [&] {
-            return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
-                                   FormatBytes(sent), FormatBytes(total), lines);
-          };
-          for (const auto& [path, is_eval] : files) {
-            if (!open) break;
-            std::ifstream in(path, std::ios::binary);
-            if (!in) {
-              ctx.TryCancel();
-              *exit_code = UsageError("cannot read " + path, opts);
-              return;
-            }
-            std::string buf(kChunkBytes, '\0');
-            while (open && in) {
-              in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-              std::streamsize n = in.gcount();
-              if (n <= 0) break;
-              pb::SubmitTaskRequest msg;
-              pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
-              chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
-              open = writer->Write(msg);
-              sent += n;
-              lines += std::count(buf.data(), buf.data() + n, '\n');
-              progress.Update(text());
-            }
-          }
-          if (open) writer->WritesDone();
-          grpc::Status status = writer->Finish();
-          if (!status.ok()) {
-            progress.Finish(text() + " (refused)");
-            *exit_code = ReportRpcError("SubmitTask", status, opts);
-            return;
-          }
-          progress.Finish(text());
+        std::string buf(kChunkBytes, '\0');
+        while (open && in) {
+          in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+          std::streamsize n = in.gcount();
+          if (n <= 0) break;
+          pb::SubmitTaskRequest msg;
+          pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
+          chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
+          open = writer->Write(msg);
+          sent += n;
+          lines += std::count(buf.data(), buf.data() + n, '\n');
+          progress.Update(text());
         }
-        if (!a->wait) {
-          std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
-          return;
-        }
-        if (!opts.json) std::cout << job.id() << std::endl;
-        *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
-      });
+      }
+      if (open) writer->WritesDone();
+      grpc::Status status = writer->Finish();
+      if (!status.ok()) {
+        progress.Finish(text() + " (refused)");
+        *exit_code = ReportRpcError("SubmitTask", status, opts);
+        return;
+      }
+      progress.Finish(text());
+    }
+    if (!a->wait) {
+      std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
+      return;
+    }
+    if (!opts.json) std::cout << job.id() << std::endl;
+    *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
+  });
 }
 
 void AddJobs(CLI::App& app, GlobalOptions& opts, int* exit_code) {

@@ -129,7 +129,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                                    "(rollback targets) and the candidate a held job left (promote target)");
     cmd->callback([&opts, exit_code] {
       auto r = CallUnary<pb::AdminService, pb::ListVersionsResponse>(
-          opts, exit_code, "ListVersions", [&](auto& stub, grpc::ClientContext* ctx, pb::ListVersionsResponse* out) {
+          opts, exit_code, "ListVersions",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::ListVersionsResponse* out) {
             return stub.ListVersions(ctx, pb::ListVersionsRequest(), out);
           });
       if (!r) return;
@@ -140,13 +141,14 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       std::vector<std::vector<std::string>> rows;
       for (const auto& v : r->versions()) {
         std::vector<std::string> scores;
-        for (const auto& s : v.scores()) scores.push_back(absl::StrCat(s.task(), " ", FormatScore(s.score())));
+        for (const auto& s : v.scores())
+          scores.push_back(absl::StrCat(s.task(), " ", FormatScore(s.score())));
         std::string status = v.status();
         if (v.served()) status += " (served)";
         rows.push_back({absl::StrCat(v.version()), status, v.task().empty() ? "-" : v.task(),
                         v.job_id().empty() ? "-" : v.job_id(),
-                        scores.empty() ? "-" : absl::StrJoin(scores, ", "), FormatTimestamp(v.created().seconds()),
-                        FormatBytes(v.bytes())});
+                        scores.empty() ? "-" : absl::StrJoin(scores, ", "),
+                        FormatTimestamp(v.created().seconds()), FormatBytes(v.bytes())});
       }
       PrintTable({"VERSION", "STATUS", "TASK", "JOB", "SCORES", "CREATED", "SIZE"}, rows);
       for (const auto& v : r->versions()) {
@@ -165,31 +167,37 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     }
     std::cout << absl::StrFormat("%s: served weights version %d -> %d (%.3f s)\n", verb, c.from_version(),
                                  c.to_version(), c.seconds());
-    if (!c.tasks_added().empty()) std::cout << "tasks added: " << absl::StrJoin(c.tasks_added(), ", ") << "\n";
+    if (!c.tasks_added().empty())
+      std::cout << "tasks added: " << absl::StrJoin(c.tasks_added(), ", ") << "\n";
     if (!c.tasks_removed().empty()) {
-      std::cout << "tasks rolled back (they may be submitted again): " << absl::StrJoin(c.tasks_removed(), ", ")
-                << "\n";
+      std::cout << "tasks rolled back (they may be submitted again): "
+                << absl::StrJoin(c.tasks_removed(), ", ") << "\n";
     }
-    if (!c.jobs_changed().empty()) std::cout << "jobs updated: " << absl::StrJoin(c.jobs_changed(), ", ") << "\n";
+    if (!c.jobs_changed().empty())
+      std::cout << "jobs updated: " << absl::StrJoin(c.jobs_changed(), ", ") << "\n";
   };
   {
     auto* cmd = app.add_subcommand("promote", "Publish a candidate version the publish gate held");
     auto version = std::make_shared<int64_t>(0);
-    cmd->add_option("version", *version, "Candidate version (strata versions)")->required()->check(CLI::PositiveNumber);
+    cmd->add_option("version", *version, "Candidate version (strata versions)")
+        ->required()
+        ->check(CLI::PositiveNumber);
     cmd->callback([&opts, exit_code, version, print_change] {
       pb::PromoteVersionRequest request;
       request.set_version(*version);
       auto r = CallUnary<pb::AdminService, pb::VersionChange>(
-          opts, exit_code, "PromoteVersion", [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
+          opts, exit_code, "PromoteVersion",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
             return stub.PromoteVersion(ctx, request, out);
           });
       if (r) print_change(*r, opts, "promoted");
     });
   }
   {
-    auto* cmd = app.add_subcommand("rollback",
-                                   "Serve an earlier kept version again (default: the one before the served "
-                                   "version); newer versions are discarded and their tasks may be submitted again");
+    auto* cmd =
+        app.add_subcommand("rollback",
+                           "Serve an earlier kept version again (default: the one before the served "
+                           "version); newer versions are discarded and their tasks may be submitted again");
     auto version = std::make_shared<int64_t>(0);
     cmd->add_option("version", *version, "Published version to serve again (strata versions)")
         ->check(CLI::PositiveNumber);
@@ -197,7 +205,8 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       pb::RollbackVersionRequest request;
       request.set_version(*version);
       auto r = CallUnary<pb::AdminService, pb::VersionChange>(
-          opts, exit_code, "RollbackVersion", [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
+          opts, exit_code, "RollbackVersion",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
             return stub.RollbackVersion(ctx, request, out);
           });
       if (r) print_change(*r, opts, "rolled back");

@@ -188,7 +188,8 @@ grpc::Status AdminServiceImpl::FinishVersionChange(const absl::StatusOr<VersionC
   return grpc::Status::OK;
 }
 
-grpc::Status AdminServiceImpl::PromoteVersion(grpc::ServerContext* context, const pb::PromoteVersionRequest* request,
+grpc::Status AdminServiceImpl::PromoteVersion(grpc::ServerContext* context,
+                                              const pb::PromoteVersionRequest* request,
                                               pb::VersionChange* response) {
   if (auto st = Authorize(auth_, *context); !st.ok()) return st;
   if (request->version() <= 0) {

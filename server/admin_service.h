@@ -52,7 +52,8 @@ class AdminServiceImpl final : public strata::v1::AdminService::Service {
                             strata::v1::ListVersionsResponse* response) override;
   grpc::Status PromoteVersion(grpc::ServerContext* context, const strata::v1::PromoteVersionRequest* request,
                               strata::v1::VersionChange* response) override;
-  grpc::Status RollbackVersion(grpc::ServerContext* context, const strata::v1::RollbackVersionRequest* request,
+  grpc::Status RollbackVersion(grpc::ServerContext* context,
+                               const strata::v1::RollbackVersionRequest* request,
                                strata::v1::VersionChange* response) override;
 
  private:

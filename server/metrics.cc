@@ -10,8 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/eval/metrics.h"
 #include "core/jobs/job_store.h"
-#include "core/state/gate.h"
 #include "core/state/engine.h"
+#include "core/state/gate.h"
 #include "core/util/process_info.h"
 
 namespace strata {
@@ -201,7 +201,8 @@ class StateCollector : public prometheus::Collectable {
     prometheus::MetricFamily finished;
     finished.name = "strata_jobs_finished_total";
     finished.help =
-        "Jobs that ended, by final state (succeeded, failed, cancelled; succeeded includes the jobs rolled back "
+        "Jobs that ended, by final state (succeeded, failed, cancelled; succeeded includes the jobs rolled "
+        "back "
         "since), from the job journal.";
     finished.type = prometheus::MetricType::Counter;
     for (JobState s : {JobState::kSucceeded, JobState::kFailed, JobState::kCancelled}) {

@@ -113,8 +113,9 @@ ABSL_FLAG(std::string, min_task_score, "off",
           "'off' = none).");
 ABSL_FLAG(std::string, max_reference_rise, "off",
           "Publish gate: the most the reference-text NLL may rise, relative (0.05 = 5%; 'off' = unchecked).");
-ABSL_FLAG(int32_t, keep_versions, 3,
-          "Published versions whose states are kept for rollback (the served one included), plus one candidate.");
+ABSL_FLAG(
+    int32_t, keep_versions, 3,
+    "Published versions whose states are kept for rollback (the served one included), plus one candidate.");
 ABSL_FLAG(int32_t, max_new_tokens, 1024, "Most tokens one Generate request may ask for.");
 ABSL_FLAG(int32_t, max_message_bytes, 16 << 20, "Largest gRPC message the server accepts or sends.");
 // Export / import roots.
@@ -173,7 +174,8 @@ absl::StatusOr<std::optional<double>> GateFlag(const char* name, const std::stri
   if (value == "off" || value.empty()) return std::optional<double>();
   double v = 0;
   if (!absl::SimpleAtod(value, &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, ": expected a number or 'off', got '", value, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": expected a number or 'off', got '", value, "'"));
   }
   return std::optional<double>(v);
 }
@@ -182,7 +184,8 @@ absl::StatusOr<GateOptions> ServerGate() {
   GateOptions g;
   ASSIGN_OR_RETURN(g.max_forgetting, GateFlag("max_forgetting", absl::GetFlag(FLAGS_max_forgetting)));
   ASSIGN_OR_RETURN(g.min_task_score, GateFlag("min_task_score", absl::GetFlag(FLAGS_min_task_score)));
-  ASSIGN_OR_RETURN(g.max_reference_rise, GateFlag("max_reference_rise", absl::GetFlag(FLAGS_max_reference_rise)));
+  ASSIGN_OR_RETURN(g.max_reference_rise,
+                   GateFlag("max_reference_rise", absl::GetFlag(FLAGS_max_reference_rise)));
   RETURN_IF_ERROR(ValidateGateOptions(g));
   return g;
 }

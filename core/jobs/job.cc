@@ -95,8 +95,8 @@ absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
   }
   if (spec.min_score.has_value()) {
     if (!std::isfinite(*spec.min_score) || *spec.min_score < 0 || *spec.min_score > 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("spec.min_score: must be in [0, 1] (a fraction of the eval split), got ", *spec.min_score));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.min_score: must be in [0, 1] (a fraction of the eval split), got ", *spec.min_score));
     }
     if (spec.scorer == "nll") {
       return absl::InvalidArgumentError(
@@ -218,7 +218,8 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
     job.spec.eval_cap = IntOr<int32_t>(s, "eval_cap", 200);
     job.spec.scorer = s.value("scorer", "");
     job.spec.description = s.value("description", "");
-    if (s.contains("min_score") && !s["min_score"].is_null()) job.spec.min_score = s["min_score"].get<double>();
+    if (s.contains("min_score") && !s["min_score"].is_null())
+      job.spec.min_score = s["min_score"].get<double>();
     if (s.contains("import_dirs")) job.spec.import_dirs = s.at("import_dirs").get<std::vector<std::string>>();
     if (s.contains("overrides")) {
       const json& o = s["overrides"];

@@ -49,8 +49,8 @@ absl::StatusOr<std::vector<std::string>> Worker::ReconcileVersions() {
     if (job.state == JobState::kHeld && runner_->JobIsLearned(job)) {
       job.state = JobState::kSucceeded;
       job.error.clear();
-      spdlog::info("job {} ({}): its candidate version {} is served, marking succeeded", job.id, job.spec.name,
-                   job.weights_version);
+      spdlog::info("job {} ({}): its candidate version {} is served, marking succeeded", job.id,
+                   job.spec.name, job.weights_version);
     } else if (job.state == JobState::kSucceeded && !runner_->JobIsLearned(job)) {
       job.state = JobState::kRolledBack;
       job.error = absl::StrCat("rolled back: weights version ", job.weights_version,

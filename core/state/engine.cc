@@ -88,8 +88,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
   impl->options = options;
   RETURN_IF_ERROR(ValidateGateOptions(options.gate));
   if (options.keep_versions < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--keep_versions: must be >= 1 (the served version is always kept), got ", options.keep_versions));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--keep_versions: must be >= 1 (the served version is always kept), got ", options.keep_versions));
   }
   RETURN_IF_ERROR(MakeDirs(options.state_dir + "/tasks"));
   std::vector<std::string> reference_texts;

@@ -4,8 +4,8 @@
 
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -75,7 +75,8 @@ struct Engine::Impl {
   // A version's description from its ledger (scores in the users' view: auto when measured, else
   // merged).
   VersionMeta DescribeVersion(int64_t version, const std::string& status, int64_t based_on,
-                              const std::string& job_id, const std::string& task, const ResultsLedger& l) const;
+                              const std::string& job_id, const std::string& task,
+                              const ResultsLedger& l) const;
   // After version `published` was published from <state_dir>/checkpoint: keeps it, discards every
   // candidate and prunes the oldest published versions beyond keep_versions (only once the new one
   // is kept). Failures are logged: the version is served already.

@@ -236,7 +236,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
                                          job.spec.name, next);
     meta.hold_reasons = gate.reasons;
     if (auto st = s.KeepCandidate(snapshot, meta); !st.ok()) {
-      return rollback(absl::Status(st.code(), absl::StrCat("cannot keep the candidate version: ", st.message())));
+      return rollback(
+          absl::Status(st.code(), absl::StrCat("cannot keep the candidate version: ", st.message())));
     }
     // The served state stays as it was: the live method goes back to it.
     (void)s.Rollback(previous_state, absl::OkStatus());
@@ -254,8 +255,8 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
                                         new_router, std::move(next));
   if (!version.ok()) return rollback(version.status());
   s.router = std::move(new_router);
-  s.KeepPublished(s.DescribeVersion(stage.weights_version, kVersionPublished, before->version, job.id, job.spec.name,
-                                    next_for_versions));
+  s.KeepPublished(s.DescribeVersion(stage.weights_version, kVersionPublished, before->version, job.id,
+                                    job.spec.name, next_for_versions));
   outcome.weights_version = (*version)->version;
   spdlog::info("task '{}' learned: weights version {}, scores [{}], auto-routed [{}], router accuracy [{}]",
                job.spec.name, (*version)->version, absl::StrJoin(stage.scores, ", "),

@@ -122,8 +122,8 @@ absl::StatusOr<JobOutcome> Engine::RunImport(const JobRecord& job) {
                              before->tasks_learned, s.router, std::move(ledger));
   if (!version.ok()) return rollback(version.status());
   // Imports publish without the gate: adapters come without eval data to measure them on.
-  s.KeepPublished(s.DescribeVersion(new_version, kVersionPublished, before->version, job.id, job.spec.name,
-                                    kept_ledger));
+  s.KeepPublished(
+      s.DescribeVersion(new_version, kVersionPublished, before->version, job.id, job.spec.name, kept_ledger));
   spdlog::info("job {}: imported {} adapter(s) [{}] into the {} state: weights version {}", job.id,
                names.size(), absl::StrJoin(names, ", "), s.method->name(), (*version)->version);
   if (on_publish_) on_publish_();

@@ -65,7 +65,8 @@ VersionMeta Engine::Impl::DescribeVersion(int64_t version, const std::string& st
   m.task = task;
   for (const TaskInfo& t : l.Tasks("")) {
     m.tasks.push_back(t.name);
-    m.scores.emplace_back(t.name, std::isfinite(t.current_auto_score) ? t.current_auto_score : t.current_score);
+    m.scores.emplace_back(t.name,
+                          std::isfinite(t.current_auto_score) ? t.current_auto_score : t.current_score);
   }
   const EngineReport r = l.Report();
   m.reference_nll = !r.reference_nll_auto.empty() && std::isfinite(r.reference_nll_auto.back())
@@ -114,13 +115,15 @@ void Engine::Impl::KeepPublished(const VersionMeta& meta) {
     auto st = versions->Add(options.state_dir + "/checkpoint", meta);
     if (!st.ok() && !absl::IsAlreadyExists(st)) {
       // Nothing is pruned: the older versions stay the rollback targets.
-      spdlog::error("version {} is served but could not be kept for rollback: {}", meta.version, st.ToString());
+      spdlog::error("version {} is served but could not be kept for rollback: {}", meta.version,
+                    st.ToString());
     } else {
       MaybeCrashAt("versions.before_prune");
       for (const VersionMeta& m : versions->List()) {
         if (m.status != kVersionCandidate) continue;
-        spdlog::info("candidate version {} (task '{}') discarded: version {} was published on top of its base",
-                     m.version, m.task, meta.version);
+        spdlog::info(
+            "candidate version {} (task '{}') discarded: version {} was published on top of its base",
+            m.version, m.task, meta.version);
         (void)versions->Remove(m.version);
       }
       Prune(meta.version);
@@ -159,7 +162,8 @@ absl::Status Engine::Impl::ReconcileVersions(const ResultsLedger& served_ledger)
     versions = std::move(store);
     for (const VersionMeta& m : versions->List()) {
       if (m.status == kVersionCandidate && m.version == served) {
-        spdlog::info("version {}: a promote was interrupted after the state changed; completing it", m.version);
+        spdlog::info("version {}: a promote was interrupted after the state changed; completing it",
+                     m.version);
         RETURN_IF_ERROR(versions->SetStatus(m.version, kVersionPublished));
       } else if (m.status == kVersionPublished && m.version > served) {
         spdlog::info("version {}: a rollback to {} was interrupted after the state changed; completing it",
@@ -212,8 +216,8 @@ absl::StatusOr<std::shared_ptr<const ServedVersion>> Engine::Impl::Restore(int64
   const CheckpointData& data = prepared.data;
   if (data.base_model_id != options.base_model_id) {
     return abandon(absl::FailedPreconditionError(
-        absl::StrCat("version ", version, " was made on base model '", data.base_model_id, "', the server runs '",
-                     options.base_model_id, "'")));
+        absl::StrCat("version ", version, " was made on base model '", data.base_model_id,
+                     "', the server runs '", options.base_model_id, "'")));
   }
   // Everything the new version needs is built before the state changes.
   MethodState state;
@@ -234,7 +238,8 @@ absl::StatusOr<std::shared_ptr<const ServedVersion>> Engine::Impl::Restore(int64
   if (!restored_ledger->HasBaseReferenceNll()) {
     // The empty state kept before the first task was measured: the base model's NLL is the same.
     absl::MutexLock l(&mu);
-    if (ledger.HasBaseReferenceNll()) restored_ledger->SetBaseReferenceNll(ledger.Report().reference_nll.front());
+    if (ledger.HasBaseReferenceNll())
+      restored_ledger->SetBaseReferenceNll(ledger.Report().reference_nll.front());
   }
   auto next = std::make_shared<ServedVersion>();
   next->version = data.weights_version;
@@ -300,9 +305,9 @@ absl::StatusOr<VersionChange> Engine::Promote(int64_t version) {
         version == before->version ? " (it is served now)" : "; strata rollback makes it current again"));
   }
   if (meta.based_on != before->version) {
-    return absl::FailedPreconditionError(absl::StrCat("candidate version ", version, " was trained on version ",
-                                                      meta.based_on, ", but version ", before->version,
-                                                      " is served; submit its task again"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("candidate version ", version, " was trained on version ", meta.based_on,
+                     ", but version ", before->version, " is served; submit its task again"));
   }
   ResultsLedger old_ledger;
   {
@@ -331,8 +336,8 @@ absl::StatusOr<VersionChange> Engine::Promote(int64_t version) {
     if (!old_tasks.count(t)) change.tasks_added.push_back(t);
   }
   change.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  spdlog::info("promoted candidate version {} (task '{}', job {}): served version {} -> {} in {:.3f} s", version,
-               meta.task, meta.job_id, change.from_version, change.to_version, change.seconds);
+  spdlog::info("promoted candidate version {} (task '{}', job {}): served version {} -> {} in {:.3f} s",
+               version, meta.task, meta.job_id, change.from_version, change.to_version, change.seconds);
   if (on_publish_) on_publish_();
   return change;
 }
@@ -362,7 +367,8 @@ absl::StatusOr<VersionChange> Engine::Rollback(std::optional<int64_t> version) {
         return absl::FailedPreconditionError(absl::StrCat("version ", *version, " is served already"));
       }
       if (*version > before->version) {
-        return absl::FailedPreconditionError(absl::StrCat("version ", *version, " is newer than the served version ",
+        return absl::FailedPreconditionError(absl::StrCat("version ", *version,
+                                                          " is newer than the served version ",
                                                           before->version, "; rollback goes back only"));
       }
       target = *version;
@@ -374,9 +380,9 @@ absl::StatusOr<VersionChange> Engine::Rollback(std::optional<int64_t> version) {
         }
       }
       if (target == 0) {
-        return absl::FailedPreconditionError(absl::StrCat("no version before the served version ", before->version,
-                                                          " is kept (--keep_versions=", s.options.keep_versions,
-                                                          ")"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("no version before the served version ", before->version,
+                         " is kept (--keep_versions=", s.options.keep_versions, ")"));
       }
     }
   }
@@ -413,7 +419,8 @@ absl::StatusOr<VersionChange> Engine::Rollback(std::optional<int64_t> version) {
   }
   change.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   spdlog::info("rolled back from version {} to version {} in {:.3f} s; tasks rolled back: [{}]",
-               change.from_version, change.to_version, change.seconds, absl::StrJoin(change.tasks_removed, ", "));
+               change.from_version, change.to_version, change.seconds,
+               absl::StrJoin(change.tasks_removed, ", "));
   if (on_publish_) on_publish_();
   return change;
 }

@@ -17,8 +17,8 @@ double At(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] :
 absl::Status ValidateGateOptions(const GateOptions& o) {
   auto check = [](const std::optional<double>& v, const char* flag, double most) -> absl::Status {
     if (v.has_value() && !(std::isfinite(*v) && *v >= 0 && *v <= most)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": must be a number in [0, ", most,
-                                                     "] (or off), got ", *v));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": must be a number in [0, ", most, "] (or off), got ", *v));
     }
     return absl::OkStatus();
   };
@@ -46,13 +46,15 @@ GateDecision EvaluateGate(const GateOptions& options, const std::optional<double
       const bool nll = t.scorer == "nll";
       const double loss = nll ? new_score - old_score : old_score - new_score;
       if (loss > *options.max_forgetting + 1e-12) {
-        d.reasons.push_back(absl::StrFormat(
-            "forgetting: %s %s %.4f -> %.4f (%s%.4f; --max_forgetting allows %.4g, %s view)", t.name,
-            nll ? "NLL" : "score", old_score, new_score, nll ? "+" : "-", loss, *options.max_forgetting, view));
+        d.reasons.push_back(
+            absl::StrFormat("forgetting: %s %s %.4f -> %.4f (%s%.4f; --max_forgetting allows %.4g, %s view)",
+                            t.name, nll ? "NLL" : "score", old_score, new_score, nll ? "+" : "-", loss,
+                            *options.max_forgetting, view));
       }
     }
   }
-  const std::optional<double> min_score = task_min_score.has_value() ? task_min_score : options.min_task_score;
+  const std::optional<double> min_score =
+      task_min_score.has_value() ? task_min_score : options.min_task_score;
   if (min_score.has_value() && stage.task.scorer != "nll" && !stage.scores.empty()) {
     const size_t j = stage.scores.size() - 1;
     double score = At(stage.auto_scores, j);
@@ -62,10 +64,9 @@ GateDecision EvaluateGate(const GateOptions& options, const std::optional<double
       view = "merged";
     }
     if (!Finite(score) || score < *min_score) {
-      d.reasons.push_back(absl::StrFormat("min_task_score: %s reached %.4f, below the %.4g required (%s, %s view)",
-                                          stage.task.name, score, *min_score,
-                                          task_min_score.has_value() ? "its --min-score" : "--min_task_score",
-                                          view));
+      d.reasons.push_back(absl::StrFormat(
+          "min_task_score: %s reached %.4f, below the %.4g required (%s, %s view)", stage.task.name, score,
+          *min_score, task_min_score.has_value() ? "its --min-score" : "--min_task_score", view));
     }
   }
   if (options.max_reference_rise.has_value()) {
@@ -81,9 +82,10 @@ GateDecision EvaluateGate(const GateOptions& options, const std::optional<double
     if (Finite(old_nll) && Finite(new_nll) && old_nll > 0) {
       const double rise = (new_nll - old_nll) / old_nll;
       if (rise > *options.max_reference_rise + 1e-12) {
-        d.reasons.push_back(absl::StrFormat(
-            "reference_rise: reference NLL %.4f -> %.4f (+%.2f%%; --max_reference_rise allows %.4g%%, %s view)",
-            old_nll, new_nll, 100 * rise, 100 * *options.max_reference_rise, view));
+        d.reasons.push_back(
+            absl::StrFormat("reference_rise: reference NLL %.4f -> %.4f (+%.2f%%; --max_reference_rise "
+                            "allows %.4g%%, %s view)",
+                            old_nll, new_nll, 100 * rise, 100 * *options.max_reference_rise, view));
       }
     }
   }

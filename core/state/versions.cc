@@ -148,7 +148,8 @@ absl::Status VersionStore::Add(const std::string& checkpoint_dir, VersionMeta me
   if (auto st = WriteFileAtomic(tmp + "/" + kMetaFile, MetaToJson(meta).dump(1)); !st.ok()) return fail(st);
   if (auto st = FsyncPath(tmp); !st.ok()) return fail(st);
   if (::rename(tmp.c_str(), final_dir.c_str()) != 0) {
-    return fail(absl::InternalError(absl::StrCat("cannot rename ", tmp, " to ", final_dir, ": ", std::strerror(errno))));
+    return fail(absl::InternalError(
+        absl::StrCat("cannot rename ", tmp, " to ", final_dir, ": ", std::strerror(errno))));
   }
   return FsyncPath(root());
 }
@@ -184,7 +185,8 @@ std::vector<VersionMeta> VersionStore::List() const {
   for (const auto& e : fs::directory_iterator(root(), ec)) {
     const std::string name = e.path().filename().string();
     int64_t n = 0;
-    if (!e.is_directory() || name.size() < 2 || name[0] != 'v' || !absl::SimpleAtoi(name.substr(1), &n)) continue;
+    if (!e.is_directory() || name.size() < 2 || name[0] != 'v' || !absl::SimpleAtoi(name.substr(1), &n))
+      continue;
     auto meta = Get(n);
     if (!meta.ok()) {
       spdlog::warn("kept version {} is unreadable and is not listed: {}", name, meta.status().ToString());
@@ -192,7 +194,8 @@ std::vector<VersionMeta> VersionStore::List() const {
     }
     out.push_back(std::move(*meta));
   }
-  std::sort(out.begin(), out.end(), [](const VersionMeta& a, const VersionMeta& b) { return a.version > b.version; });
+  std::sort(out.begin(), out.end(),
+            [](const VersionMeta& a, const VersionMeta& b) { return a.version > b.version; });
   return out;
 }
 
@@ -222,6 +225,8 @@ absl::Status VersionStore::CommitRestore(const PreparedRestore& prepared) const 
   return ReplaceDirAtomic(prepared.tmp_dir, state_dir_ + "/checkpoint");
 }
 
-void VersionStore::AbandonRestore(const PreparedRestore& prepared) const { (void)RemoveAll(prepared.tmp_dir); }
+void VersionStore::AbandonRestore(const PreparedRestore& prepared) const {
+  (void)RemoveAll(prepared.tmp_dir);
+}
 
 }  // namespace strata

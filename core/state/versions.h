@@ -29,16 +29,16 @@ namespace strata {
 
 struct VersionMeta {
   int64_t version = 0;
-  std::string status;     // "published" or "candidate"
-  int64_t based_on = 0;   // the served version this one was trained on (0 = unknown / the base)
-  double created = 0;     // Unix seconds
-  std::string job_id;     // the job that made it (empty for a state kept before versions existed)
-  std::string task;       // the task that job added
-  std::vector<std::string> tasks;                       // every task the state has, in order
-  std::vector<std::pair<std::string, double>> scores;   // each task's score in the users' view
-  double reference_nll = 0;                             // NaN when not measured
-  std::vector<std::string> hold_reasons;                // a candidate's gate reasons
-  int64_t bytes = 0;                                    // disk bytes of its state files
+  std::string status;              // "published" or "candidate"
+  int64_t based_on = 0;            // the served version this one was trained on (0 = unknown / the base)
+  double created = 0;              // Unix seconds
+  std::string job_id;              // the job that made it (empty for a state kept before versions existed)
+  std::string task;                // the task that job added
+  std::vector<std::string> tasks;  // every task the state has, in order
+  std::vector<std::pair<std::string, double>> scores;  // each task's score in the users' view
+  double reference_nll = 0;                            // NaN when not measured
+  std::vector<std::string> hold_reasons;               // a candidate's gate reasons
+  int64_t bytes = 0;                                   // disk bytes of its state files
 };
 
 inline constexpr char kVersionPublished[] = "published";

@@ -16,7 +16,8 @@ namespace fs = std::filesystem;
 
 struct Dir {
   Dir() {
-    path = (fs::temp_directory_path() / ("strata-versions-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
+    path = (fs::temp_directory_path() /
+            ("strata-versions-" + std::to_string(::getpid()) + "-" + std::to_string(n++)))
                .string();
     fs::remove_all(path);
     fs::create_directories(path + "/tasks/a");

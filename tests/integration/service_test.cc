@@ -82,7 +82,8 @@ struct Server {
                                      "--serving_threads=1",
                                      "--shutdown_grace_seconds=5"};
     argv.insert(argv.end(), flags.begin(), flags.end());
-    proc = std::make_unique<Subprocess>(argv, dir.path() + "/server" + std::to_string(++starts) + ".log", env);
+    proc =
+        std::make_unique<Subprocess>(argv, dir.path() + "/server" + std::to_string(++starts) + ".log", env);
     if (wait) {
       ASSERT_TRUE(WaitForServing(grpc_port, 60, proc.get())) << proc->Log();
     }
@@ -971,7 +972,8 @@ json Versions(const Server& s) { return s.CliJson({"versions"}); }
 
 std::set<int64_t> KeptVersions(const json& versions) {
   std::set<int64_t> out;
-  for (const auto& v : versions.value("versions", json::array())) out.insert(std::stoll(v["version"].get<std::string>()));
+  for (const auto& v : versions.value("versions", json::array()))
+    out.insert(std::stoll(v["version"].get<std::string>()));
   return out;
 }
 
@@ -987,14 +989,15 @@ TEST(Versions, GateHoldsAContradictingTaskThenPromoteAndRollback) {
   s.Start();
   const std::string cap_train = ClSmall("capitals/train.jsonl");
   const std::string cap_eval = ClSmall("capitals/test.jsonl");
-  CommandResult learned = s.Cli({"submit", "--task", "capitals", cap_train, "--eval", cap_eval, "--steps", "200",
-                                 "--wait"});
+  CommandResult learned =
+      s.Cli({"submit", "--task", "capitals", cap_train, "--eval", cap_eval, "--steps", "200", "--wait"});
   ASSERT_EQ(learned.exit_code, 0) << learned.out << learned.err << s.Log();
   EXPECT_EQ(Served(s), "2");
   EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{1, 2}));  // the empty state is version 1
 
   const std::string paris = ContradictingCapitals(s.dir.path() + "/paris.jsonl");
-  CommandResult held = s.Cli({"submit", "--task", "paris", paris, "--eval", paris, "--steps", "120", "--wait"});
+  CommandResult held =
+      s.Cli({"submit", "--task", "paris", paris, "--eval", paris, "--steps", "120", "--wait"});
   EXPECT_EQ(held.exit_code, 1) << held.out << held.err << s.Log();
   EXPECT_NE(held.out.find("held"), std::string::npos) << held.out;
   EXPECT_NE(held.out.find("forgetting: capitals score"), std::string::npos) << held.out;
@@ -1084,9 +1087,8 @@ TEST(Versions, RollbackKilledAtEitherSideOfTheSwapIsAllOrNothing) {
   Server s({"--method=seq_lora", "--max_forgetting=off", "--keep_versions=2"});
   s.Start();
   const std::string eval = HeadLines(ClSmall("capitals/test.jsonl"), 16, s.dir.path() + "/eval.jsonl");
-  CommandResult learned =
-      s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval", eval, "--steps", "4",
-             "--batch-size", "4", "--wait"});
+  CommandResult learned = s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval",
+                                 eval, "--steps", "4", "--batch-size", "4", "--wait"});
   ASSERT_EQ(learned.exit_code, 0) << learned.out << learned.err << s.Log();
   EXPECT_EQ(Served(s), "2");
   // The next publish is killed after its state is kept, before the older states are pruned.
