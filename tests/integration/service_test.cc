@@ -917,6 +917,14 @@ TEST(Service, BearerTokenAndTls) {
   ExpectRpcError(tls({"--auth-token-file", keys.path() + "/wrong", "tasks"}), "UNAUTHENTICATED", "invalid");
   ExpectRpcError(tls({"export", "x"}), "UNAUTHENTICATED");
   ExpectRpcError(tls({"submit", "--task", "t", ClSmall("capitals/train.jsonl")}), "UNAUTHENTICATED");
+  // The version RPCs are admin RPCs under the same token.
+  ExpectRpcError(tls({"versions"}), "UNAUTHENTICATED");
+  ExpectRpcError(tls({"promote", "2"}), "UNAUTHENTICATED");
+  ExpectRpcError(tls({"rollback"}), "UNAUTHENTICATED");
+  CommandResult versions = tls({"--auth-token-file", keys.path() + "/token", "versions"});
+  EXPECT_EQ(versions.exit_code, 0) << versions.err;
+  ExpectRpcError(tls({"--auth-token-file", keys.path() + "/token", "rollback"}), "FAILED_PRECONDITION",
+                 "no version before");
   CommandResult ok = tls({"--auth-token-file", keys.path() + "/token", "tasks"});
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
   CommandResult info = tls({"--auth-token-file", keys.path() + "/token", "--json", "info"});
