@@ -24,10 +24,14 @@ namespace pb = strata::v1;
 constexpr size_t kChunkBytes = 64 * 1024;
 
 const std::map<std::string, pb::JobState>& StateNames() {
-  static const std::map<std::string, pb::JobState> names = {
-      {"queued", pb::JOB_STATE_QUEUED},         {"training", pb::JOB_STATE_TRAINING},
-      {"evaluating", pb::JOB_STATE_EVALUATING}, {"succeeded", pb::JOB_STATE_SUCCEEDED},
-      {"failed", pb::JOB_STATE_FAILED},         {"cancelled", pb::JOB_STATE_CANCELLED}};
+  static const std::map<std::string, pb::JobState> names = {{"queued", pb::JOB_STATE_QUEUED},
+                                                            {"training", pb::JOB_STATE_TRAINING},
+                                                            {"evaluating", pb::JOB_STATE_EVALUATING},
+                                                            {"succeeded", pb::JOB_STATE_SUCCEEDED},
+                                                            {"failed", pb::JOB_STATE_FAILED},
+                                                            {"cancelled", pb::JOB_STATE_CANCELLED},
+                                                            {"held", pb::JOB_STATE_HELD},
+                                                            {"rolled_back", pb::JOB_STATE_ROLLED_BACK}};
   return names;
 }
 
@@ -79,6 +83,15 @@ int PrintOutcome(const pb::Job& job, const GlobalOptions& opts) {
     if (job.reference_nll() != 0 && std::isfinite(job.reference_nll())) {
       std::cout << absl::StrFormat("reference NLL %.4f\n", job.reference_nll());
     }
+  } else if (job.state() == pb::JOB_STATE_HELD) {
+    std::cout << absl::StrFormat(
+        "%s held: task '%s' trained, but the publish gate kept it as candidate version %d (not served)\n",
+        job.id(), job.task_name(), job.weights_version());
+    for (const auto& reason : job.hold_reasons()) std::cout << "  " << reason << "\n";
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& r : job.eval_results()) rows.push_back({r.task(), FormatScore(r.score())});
+    PrintTable({"TASK", "SCORE (candidate, merged)"}, rows);
+    std::cout << absl::StrFormat("publish it anyway: strata promote %d\n", job.weights_version());
   }
   if (job.state() == pb::JOB_STATE_SUCCEEDED) return kExitOk;
   std::fprintf(stderr, "strata: job %s %s: %s\n", job.id().c_str(), StateName(job.state()).c_str(),
@@ -126,7 +139,7 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   auto* cmd = app.add_subcommand("submit", "Stream a task's JSONL data to the server; prints the job id");
   struct Args {
     std::string task, file, eval_file, method, scorer, description;
-    double eval_fraction = 0.1, lr = 0, alpha = 0, ella_lambda = 0;
+    double eval_fraction = 0.1, lr = 0, alpha = 0, ella_lambda = 0, min_score = 0;
     int eval_cap = 0, steps = 0, epochs = 0, batch_size = 0, rank = 0, seed = 0, max_seq_len = 0;
     bool wait = false;
   };
@@ -166,95 +179,100 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
                   "How the task is scored (default: choice for choices, else exact_match)")
       ->check(CLI::IsMember({"choice", "exact_match", "nll"}));
   cmd->add_option("--description", a->description, "Free-form description kept with the task");
+  auto* min_score = cmd->add_option("--min-score", a->min_score,
+                                    "Publish gate: the least score in [0, 1] the task must reach for its "
+                                    "version to be served (otherwise the job is held)")
+                        ->check(CLI::Range(0.0, 1.0));
   cmd->add_flag("--wait", a->wait,
                 "Follow the job until it ends and print its evaluation (exit 1 if it fails)");
-  cmd->callback(
-      [&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda, seed, seq] {
-        pb::SubmitTaskRequest spec_msg;
-        pb::TaskSpec* spec = spec_msg.mutable_spec();
-        spec->set_name(a->task);
-        if (method->count()) spec->set_method(a->method);
-        if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
-        if (cap->count()) spec->set_eval_cap(a->eval_cap);
-        if (!a->scorer.empty()) {
-          spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
-        }
-        spec->set_description(a->description);
-        pb::TrainingOverrides* o = spec->mutable_overrides();
-        if (lr->count()) o->set_learning_rate(a->lr);
-        if (steps->count()) o->set_max_steps(a->steps);
-        if (epochs->count()) o->set_epochs(a->epochs);
-        if (batch->count()) o->set_batch_size(a->batch_size);
-        if (rank->count()) o->set_rank(a->rank);
-        if (alpha->count()) o->set_alpha(a->alpha);
-        if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
-        if (seed->count()) o->set_seed(a->seed);
-        if (seq->count()) o->set_max_seq_len(a->max_seq_len);
+  cmd->callback([&opts, exit_code, a, fraction, cap, method, lr, steps, epochs, batch, rank, alpha, lambda,
+                 seed, seq, min_score] {
+    pb::SubmitTaskRequest spec_msg;
+    pb::TaskSpec* spec = spec_msg.mutable_spec();
+    spec->set_name(a->task);
+    if (method->count()) spec->set_method(a->method);
+    if (fraction->count()) spec->set_eval_fraction(a->eval_fraction);
+    if (cap->count()) spec->set_eval_cap(a->eval_cap);
+    if (!a->scorer.empty()) {
+      spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
+    }
+    spec->set_description(a->description);
+    if (min_score->count()) spec->set_min_score(a->min_score);
+    pb::TrainingOverrides* o = spec->mutable_overrides();
+    if (lr->count()) o->set_learning_rate(a->lr);
+    if (steps->count()) o->set_max_steps(a->steps);
+    if (epochs->count()) o->set_epochs(a->epochs);
+    if (batch->count()) o->set_batch_size(a->batch_size);
+    if (rank->count()) o->set_rank(a->rank);
+    if (alpha->count()) o->set_alpha(a->alpha);
+    if (lambda->count()) o->set_ella_lambda(a->ella_lambda);
+    if (seed->count()) o->set_seed(a->seed);
+    if (seq->count()) o->set_max_seq_len(a->max_seq_len);
 
-        std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
-        if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
-        int64_t total = 0;
-        for (const auto& [path, is_eval] : files) {
-          std::error_code ec;
-          total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
-        }
+    std::vector<std::pair<std::string, bool>> files = {{a->file, false}};
+    if (!a->eval_file.empty()) files.push_back({a->eval_file, true});
+    int64_t total = 0;
+    for (const auto& [path, is_eval] : files) {
+      std::error_code ec;
+      total += static_cast<int64_t>(std::filesystem::file_size(path, ec));
+    }
 
-        auto channel = Connect(opts);
-        if (!channel) {
-          *exit_code = kExitUnreachable;
+    auto channel = Connect(opts);
+    if (!channel) {
+      *exit_code = kExitUnreachable;
+      return;
+    }
+    auto stub = pb::AdaptationService::NewStub(channel);
+    pb::Job job;
+    {
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx, opts, /*with_deadline=*/false);
+      auto writer = stub->SubmitTask(&ctx, &job);
+      bool open = writer->Write(spec_msg);
+      int64_t sent = 0, lines = 0;
+      ProgressLine progress;
+      auto text = [&] {
+        return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
+                               FormatBytes(sent), FormatBytes(total), lines);
+      };
+      for (const auto& [path, is_eval] : files) {
+        if (!open) break;
+        std::ifstream in(path, std::ios::binary);
+        if (!in) {
+          ctx.TryCancel();
+          *exit_code = UsageError("cannot read " + path, opts);
           return;
         }
-        auto stub = pb::AdaptationService::NewStub(channel);
-        pb::Job job;
-        {
-          grpc::ClientContext ctx;
-          PrepareContext(&ctx, opts, /*with_deadline=*/false);
-          auto writer = stub->SubmitTask(&ctx, &job);
-          bool open = writer->Write(spec_msg);
-          int64_t sent = 0, lines = 0;
-          ProgressLine progress;
-          auto text = [&] {
-            return absl::StrFormat("upload %s %s / %s, %d lines", Bar(total > 0 ? double(sent) / total : 1.0),
-                                   FormatBytes(sent), FormatBytes(total), lines);
-          };
-          for (const auto& [path, is_eval] : files) {
-            if (!open) break;
-            std::ifstream in(path, std::ios::binary);
-            if (!in) {
-              ctx.TryCancel();
-              *exit_code = UsageError("cannot read " + path, opts);
-              return;
-            }
-            std::string buf(kChunkBytes, '\0');
-            while (open && in) {
-              in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-              std::streamsize n = in.gcount();
-              if (n <= 0) break;
-              pb::SubmitTaskRequest msg;
-              pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
-              chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
-              open = writer->Write(msg);
-              sent += n;
-              lines += std::count(buf.data(), buf.data() + n, '\n');
-              progress.Update(text());
-            }
-          }
-          if (open) writer->WritesDone();
-          grpc::Status status = writer->Finish();
-          if (!status.ok()) {
-            progress.Finish(text() + " (refused)");
-            *exit_code = ReportRpcError("SubmitTask", status, opts);
-            return;
-          }
-          progress.Finish(text());
+        std::string buf(kChunkBytes, '\0');
+        while (open && in) {
+          in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+          std::streamsize n = in.gcount();
+          if (n <= 0) break;
+          pb::SubmitTaskRequest msg;
+          pb::DataChunk* chunk = is_eval ? msg.mutable_eval() : msg.mutable_train();
+          chunk->set_jsonl(buf.data(), static_cast<size_t>(n));
+          open = writer->Write(msg);
+          sent += n;
+          lines += std::count(buf.data(), buf.data() + n, '\n');
+          progress.Update(text());
         }
-        if (!a->wait) {
-          std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
-          return;
-        }
-        if (!opts.json) std::cout << job.id() << std::endl;
-        *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
-      });
+      }
+      if (open) writer->WritesDone();
+      grpc::Status status = writer->Finish();
+      if (!status.ok()) {
+        progress.Finish(text() + " (refused)");
+        *exit_code = ReportRpcError("SubmitTask", status, opts);
+        return;
+      }
+      progress.Finish(text());
+    }
+    if (!a->wait) {
+      std::cout << (opts.json ? ProtoToJson(job) : job.id()) << "\n";
+      return;
+    }
+    if (!opts.json) std::cout << job.id() << std::endl;
+    *exit_code = FollowJob(*stub, job.id(), opts, /*json_events=*/false);
+  });
 }
 
 void AddJobs(CLI::App& app, GlobalOptions& opts, int* exit_code) {
@@ -399,6 +417,12 @@ void AddReport(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     std::cout << absl::StrFormat("method %s, weights version %d, %d task(s) learned, adaptation state %s\n",
                                  r.method(), r.weights_version(), r.tasks_size(),
                                  FormatBytes(r.adaptation_state_bytes()));
+    for (const pb::HeldCandidate& c : r.candidates()) {
+      std::cout << absl::StrFormat(
+          "held: candidate version %d (task '%s', job %s) is not served (strata promote %d publishes it):\n",
+          c.version(), c.task(), c.job_id(), c.version());
+      for (const auto& reason : c.reasons()) std::cout << "  " << reason << "\n";
+    }
     if (r.tasks_size() == 0) return;
     auto print_matrix = [&](const std::string& title,
                             const google::protobuf::RepeatedPtrField<pb::MatrixRow>& matrix, bool with_base) {

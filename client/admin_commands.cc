@@ -1,8 +1,10 @@
-// `strata export` and `strata import`: the AdminService's export / import.
+// `strata export`, `import`, `versions`, `promote` and `rollback`: the AdminService.
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/commands.h"
 #include "strata/v1/adaptation.grpc.pb.h"
 #include "strata/v1/admin.grpc.pb.h"
@@ -119,6 +121,95 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
         std::cerr << absl::StrFormat("import job %s did not succeed: %s\n", job.id(), job.error());
       }
       if (job.state() != pb::JOB_STATE_SUCCEEDED) *exit_code = kExitServerError;
+    });
+  }
+  {
+    auto* cmd = app.add_subcommand("versions",
+                                   "The kept weights versions: the last --keep_versions published ones "
+                                   "(rollback targets) and the candidate a held job left (promote target)");
+    cmd->callback([&opts, exit_code] {
+      auto r = CallUnary<pb::AdminService, pb::ListVersionsResponse>(
+          opts, exit_code, "ListVersions",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::ListVersionsResponse* out) {
+            return stub.ListVersions(ctx, pb::ListVersionsRequest(), out);
+          });
+      if (!r) return;
+      if (opts.json) {
+        std::cout << ProtoToJson(*r) << "\n";
+        return;
+      }
+      std::vector<std::vector<std::string>> rows;
+      for (const auto& v : r->versions()) {
+        std::vector<std::string> scores;
+        for (const auto& s : v.scores())
+          scores.push_back(absl::StrCat(s.task(), " ", FormatScore(s.score())));
+        std::string status = v.status();
+        if (v.served()) status += " (served)";
+        rows.push_back({absl::StrCat(v.version()), status, v.task().empty() ? "-" : v.task(),
+                        v.job_id().empty() ? "-" : v.job_id(),
+                        scores.empty() ? "-" : absl::StrJoin(scores, ", "),
+                        FormatTimestamp(v.created().seconds()), FormatBytes(v.bytes())});
+      }
+      PrintTable({"VERSION", "STATUS", "TASK", "JOB", "SCORES", "CREATED", "SIZE"}, rows);
+      for (const auto& v : r->versions()) {
+        if (v.hold_reasons().empty()) continue;
+        std::cout << absl::StrFormat("\ncandidate version %d held because:\n", v.version());
+        for (const auto& reason : v.hold_reasons()) std::cout << "  " << reason << "\n";
+      }
+      std::cout << absl::StrFormat("\nserved: version %d; published versions kept: %d (--keep_versions)\n",
+                                   r->served_version(), r->keep_versions());
+    });
+  }
+  auto print_change = [](const pb::VersionChange& c, const GlobalOptions& opts, const char* verb) {
+    if (opts.json) {
+      std::cout << ProtoToJson(c) << "\n";
+      return;
+    }
+    std::cout << absl::StrFormat("%s: served weights version %d -> %d (%.3f s)\n", verb, c.from_version(),
+                                 c.to_version(), c.seconds());
+    if (!c.tasks_added().empty())
+      std::cout << "tasks added: " << absl::StrJoin(c.tasks_added(), ", ") << "\n";
+    if (!c.tasks_removed().empty()) {
+      std::cout << "tasks rolled back (they may be submitted again): "
+                << absl::StrJoin(c.tasks_removed(), ", ") << "\n";
+    }
+    if (!c.jobs_changed().empty())
+      std::cout << "jobs updated: " << absl::StrJoin(c.jobs_changed(), ", ") << "\n";
+  };
+  {
+    auto* cmd = app.add_subcommand("promote", "Publish a candidate version the publish gate held");
+    auto version = std::make_shared<int64_t>(0);
+    cmd->add_option("version", *version, "Candidate version (strata versions)")
+        ->required()
+        ->check(CLI::PositiveNumber);
+    cmd->callback([&opts, exit_code, version, print_change] {
+      pb::PromoteVersionRequest request;
+      request.set_version(*version);
+      auto r = CallUnary<pb::AdminService, pb::VersionChange>(
+          opts, exit_code, "PromoteVersion",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
+            return stub.PromoteVersion(ctx, request, out);
+          });
+      if (r) print_change(*r, opts, "promoted");
+    });
+  }
+  {
+    auto* cmd =
+        app.add_subcommand("rollback",
+                           "Serve an earlier kept version again (default: the one before the served "
+                           "version); newer versions are discarded and their tasks may be submitted again");
+    auto version = std::make_shared<int64_t>(0);
+    cmd->add_option("version", *version, "Published version to serve again (strata versions)")
+        ->check(CLI::PositiveNumber);
+    cmd->callback([&opts, exit_code, version, print_change] {
+      pb::RollbackVersionRequest request;
+      request.set_version(*version);
+      auto r = CallUnary<pb::AdminService, pb::VersionChange>(
+          opts, exit_code, "RollbackVersion",
+          [&](auto& stub, grpc::ClientContext* ctx, pb::VersionChange* out) {
+            return stub.RollbackVersion(ctx, request, out);
+          });
+      if (r) print_change(*r, opts, "rolled back");
     });
   }
 }

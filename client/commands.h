@@ -20,7 +20,7 @@ void AddGenerateCommand(CLI::App& app, GlobalOptions& opts, int* exit_code);
 void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code);
 // submit, jobs, watch, cancel, tasks, report.
 void AddAdaptationCommands(CLI::App& app, GlobalOptions& opts, int* exit_code);
-// export, import.
+// export, import, versions, promote, rollback.
 void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code);
 
 struct GenerateArgs {

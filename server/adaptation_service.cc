@@ -44,6 +44,10 @@ pb::JobState StateToProto(JobState s) {
       return pb::JOB_STATE_FAILED;
     case JobState::kCancelled:
       return pb::JOB_STATE_CANCELLED;
+    case JobState::kHeld:
+      return pb::JOB_STATE_HELD;
+    case JobState::kRolledBack:
+      return pb::JOB_STATE_ROLLED_BACK;
   }
   return pb::JOB_STATE_UNSPECIFIED;
 }
@@ -62,6 +66,10 @@ std::optional<JobState> StateFromProto(pb::JobState s) {
       return JobState::kFailed;
     case pb::JOB_STATE_CANCELLED:
       return JobState::kCancelled;
+    case pb::JOB_STATE_HELD:
+      return JobState::kHeld;
+    case pb::JOB_STATE_ROLLED_BACK:
+      return JobState::kRolledBack;
     default:
       return std::nullopt;
   }
@@ -111,6 +119,8 @@ void AdaptationServiceImpl::ToProto(const JobRecord& job, pb::Job* out) const {
   out->set_queue_position(job.state == JobState::kQueued ? store_->QueuePosition(job.id) : 0);
   out->set_reference_nll(job.reference_nll);
   out->set_attempts(job.attempts);
+  for (const auto& r : job.hold_reasons) out->add_hold_reasons(r);
+  if (job.spec.min_score.has_value()) out->set_min_score(*job.spec.min_score);
 }
 
 absl::Status AdaptationServiceImpl::CheckAdmission(const TaskSpecification& spec) const {
@@ -406,6 +416,13 @@ grpc::Status AdaptationServiceImpl::GetReport(grpc::ServerContext* context, cons
   response->set_method(r.method);
   response->set_weights_version(r.weights_version);
   response->set_adaptation_state_bytes(r.adaptation_state_bytes);
+  for (const HeldCandidate& c : r.candidates) {
+    pb::HeldCandidate* out = response->add_candidates();
+    out->set_version(c.version);
+    out->set_task(c.task);
+    out->set_job_id(c.job_id);
+    for (const auto& reason : c.reasons) out->add_reasons(reason);
+  }
   return grpc::Status::OK;
 }
 

@@ -2,6 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
 #include "absl/strings/str_cat.h"
 #include "core/jobs/job.h"
 #include "core/util/file_util.h"
@@ -26,8 +30,8 @@ absl::StatusOr<std::string> ConfinePath(const std::string& root, const std::stri
 }
 
 AdminServiceImpl::AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation,
-                                   const BearerAuth* auth)
-    : facts_(std::move(facts)), engine_(engine), adaptation_(adaptation), auth_(auth) {}
+                                   const BearerAuth* auth, Worker* worker)
+    : facts_(std::move(facts)), engine_(engine), adaptation_(adaptation), auth_(auth), worker_(worker) {}
 
 grpc::Status AdminServiceImpl::GetServerInfo(grpc::ServerContext* context, const pb::GetServerInfoRequest*,
                                              pb::ServerInfo* out) {
@@ -124,6 +128,89 @@ grpc::Status AdminServiceImpl::ImportAdapters(grpc::ServerContext* context,
   response->set_job_id(job->id);
   for (const auto& d : dirs) response->add_paths(d);
   return grpc::Status::OK;
+}
+
+namespace {
+
+void SetTimestamp(double unix_seconds, google::protobuf::Timestamp* ts) {
+  const double whole = std::floor(unix_seconds);
+  ts->set_seconds(static_cast<int64_t>(whole));
+  ts->set_nanos(static_cast<int32_t>(std::min(999999999.0, (unix_seconds - whole) * 1e9)));
+}
+
+}  // namespace
+
+grpc::Status AdminServiceImpl::ListVersions(grpc::ServerContext* context, const pb::ListVersionsRequest*,
+                                            pb::ListVersionsResponse* response) {
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  const int64_t served = engine_->Current()->version;
+  for (const VersionMeta& m : engine_->Versions()) {
+    pb::WeightsVersion* v = response->add_versions();
+    v->set_version(m.version);
+    v->set_status(m.status);
+    v->set_served(m.version == served);
+    v->set_based_on(m.based_on);
+    if (m.created > 0) SetTimestamp(m.created, v->mutable_created());
+    v->set_job_id(m.job_id);
+    v->set_task(m.task);
+    for (const auto& [task, score] : m.scores) {
+      pb::TaskScoreAt* ts = v->add_scores();
+      ts->set_task(task);
+      ts->set_score(score);
+    }
+    v->set_reference_nll(m.reference_nll);
+    for (const auto& r : m.hold_reasons) v->add_hold_reasons(r);
+    v->set_bytes(m.bytes);
+  }
+  response->set_served_version(served);
+  response->set_keep_versions(engine_->options().keep_versions);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::FinishVersionChange(const absl::StatusOr<VersionChange>& change,
+                                                   pb::VersionChange* response) {
+  if (!change.ok()) return ToGrpcStatus(change.status());
+  response->set_from_version(change->from_version);
+  response->set_to_version(change->to_version);
+  for (const auto& t : change->tasks_added) response->add_tasks_added(t);
+  for (const auto& t : change->tasks_removed) response->add_tasks_removed(t);
+  response->set_seconds(change->seconds);
+  if (worker_ != nullptr) {
+    // The state changed durably; the journal follows (a crash before this is reconciled at start).
+    auto jobs = worker_->ReconcileVersions();
+    if (!jobs.ok()) {
+      spdlog::error("the job journal does not reflect version {} yet: {}", change->to_version,
+                    jobs.status().ToString());
+    } else {
+      for (const auto& id : *jobs) response->add_jobs_changed(id);
+    }
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminServiceImpl::PromoteVersion(grpc::ServerContext* context,
+                                              const pb::PromoteVersionRequest* request,
+                                              pb::VersionChange* response) {
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  if (request->version() <= 0) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("version: must be a kept candidate version (> 0), got ", request->version())));
+  }
+  return FinishVersionChange(engine_->Promote(request->version()), response);
+}
+
+grpc::Status AdminServiceImpl::RollbackVersion(grpc::ServerContext* context,
+                                               const pb::RollbackVersionRequest* request,
+                                               pb::VersionChange* response) {
+  if (auto st = Authorize(auth_, *context); !st.ok()) return st;
+  if (request->version() < 0) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("version: must be a kept version, or 0 for the one before the served version, got ",
+                     request->version())));
+  }
+  std::optional<int64_t> target;
+  if (request->version() > 0) target = request->version();
+  return FinishVersionChange(engine_->Rollback(target), response);
 }
 
 }  // namespace strata

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <string>
 
+#include "core/jobs/worker.h"
 #include "core/model/model_summary.h"
 #include "core/state/engine.h"
 #include "server/adaptation_service.h"
@@ -35,9 +36,9 @@ struct ServerFacts {
 class AdminServiceImpl final : public strata::v1::AdminService::Service {
  public:
   // Not owned; must outlive the service. `auth` null = no token required. `adaptation` queues the
-  // adapter import jobs.
+  // adapter import jobs; `worker` brings the job journal in line after a promote or a rollback.
   AdminServiceImpl(ServerFacts facts, Engine* engine, AdaptationServiceImpl* adaptation,
-                   const BearerAuth* auth);
+                   const BearerAuth* auth, Worker* worker = nullptr);
 
   grpc::Status GetServerInfo(grpc::ServerContext* context, const strata::v1::GetServerInfoRequest* request,
                              strata::v1::ServerInfo* response) override;
@@ -47,12 +48,24 @@ class AdminServiceImpl final : public strata::v1::AdminService::Service {
                            strata::v1::ExportStateResponse* response) override;
   grpc::Status ImportAdapters(grpc::ServerContext* context, const strata::v1::ImportAdaptersRequest* request,
                               strata::v1::ImportAdaptersResponse* response) override;
+  grpc::Status ListVersions(grpc::ServerContext* context, const strata::v1::ListVersionsRequest* request,
+                            strata::v1::ListVersionsResponse* response) override;
+  grpc::Status PromoteVersion(grpc::ServerContext* context, const strata::v1::PromoteVersionRequest* request,
+                              strata::v1::VersionChange* response) override;
+  grpc::Status RollbackVersion(grpc::ServerContext* context,
+                               const strata::v1::RollbackVersionRequest* request,
+                               strata::v1::VersionChange* response) override;
 
  private:
+  // Converts a promote's or rollback's result and reconciles the job journal.
+  grpc::Status FinishVersionChange(const absl::StatusOr<VersionChange>& change,
+                                   strata::v1::VersionChange* response);
+
   ServerFacts facts_;
   Engine* engine_;
   AdaptationServiceImpl* adaptation_;
   const BearerAuth* auth_;
+  Worker* worker_;
 };
 
 // `path` resolved against `root` (relative paths are taken relative to it), or PERMISSION_DENIED

@@ -12,6 +12,7 @@
 #include "core/jobs/job_store.h"
 #include "core/serve/scheduler.h"
 #include "core/state/engine.h"
+#include "core/state/gate.h"
 #include "core/util/process_info.h"
 
 namespace strata {
@@ -162,6 +163,9 @@ class StateCollector : public prometheus::Collectable {
       out.push_back(LabeledGaugeFamily("strata_weights_info",
                                        "The weights version being served, as a label; the value is always 1.",
                                        "version", {{absl::StrCat(version), 1.0}}));
+      out.push_back(GaugeFamily("strata_candidate_versions",
+                                "Candidate versions kept but not served (the publish gate held their jobs).",
+                                static_cast<double>(engine->CandidateCount())));
     }
     if (const DecodeScheduler* scheduler = metrics_->scheduler_.load()) {
       const DecodeScheduler::Stats stats = scheduler->stats();
@@ -196,15 +200,20 @@ class StateCollector : public prometheus::Collectable {
       }
     }
     for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
-                       JobState::kFailed, JobState::kCancelled}) {
+                       JobState::kFailed, JobState::kCancelled, JobState::kHeld, JobState::kRolledBack}) {
       by_state.emplace_back(JobStateName(s), counts[s]);
     }
     out->push_back(LabeledGaugeFamily("strata_jobs", "Jobs in the journal by state.", "state", by_state));
     // Finished jobs never leave their terminal state and the journal keeps every job, so the count
-    // is monotonic (and survives restarts): a counter.
+    // is monotonic (and survives restarts): a counter. A rolled-back job had succeeded and still
+    // counts so; a held job counts once promoted (the gate's holds: strata_gate_rejections_total).
+    counts[JobState::kSucceeded] += counts[JobState::kRolledBack];
     prometheus::MetricFamily finished;
     finished.name = "strata_jobs_finished_total";
-    finished.help = "Jobs that ended, by final state (succeeded, failed, cancelled), from the job journal.";
+    finished.help =
+        "Jobs that ended, by final state (succeeded, failed, cancelled; succeeded includes the jobs rolled "
+        "back "
+        "since), from the job journal.";
     finished.type = prometheus::MetricType::Counter;
     for (JobState s : {JobState::kSucceeded, JobState::kFailed, JobState::kCancelled}) {
       prometheus::ClientMetric m;
@@ -212,7 +221,30 @@ class StateCollector : public prometheus::Collectable {
       m.counter.value = counts[s];
       finished.metric.push_back(m);
     }
+    counts[JobState::kSucceeded] -= counts[JobState::kRolledBack];
     out->push_back(finished);
+    // The gate's decisions stay in the journal (a promoted or rolled-back job keeps its reasons),
+    // so the count is monotonic too.
+    std::map<std::string, double> rejections;
+    for (const char* kind : kGateReasonKinds) rejections[kind] = 0;
+    for (const JobRecord& job : store.List()) {
+      for (const std::string& reason : job.hold_reasons) {
+        if (auto it = rejections.find(HoldReasonKind(reason)); it != rejections.end()) it->second += 1;
+      }
+    }
+    prometheus::MetricFamily gate;
+    gate.name = "strata_gate_rejections_total";
+    gate.help =
+        "New versions the publish gate refused (kept as candidates, jobs held), by failed check: forgetting, "
+        "min_task_score, reference_rise (from the job journal).";
+    gate.type = prometheus::MetricType::Counter;
+    for (const auto& [kind, count] : rejections) {
+      prometheus::ClientMetric m;
+      m.label.push_back({"reason", kind});
+      m.counter.value = count;
+      gate.metric.push_back(m);
+    }
+    out->push_back(gate);
     prometheus::MetricFamily quarantined;
     quarantined.name = "strata_job_journal_quarantined_total";
     quarantined.help =

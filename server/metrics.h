@@ -7,7 +7,9 @@
 //                       strata_training_loss,
 //                       strata_training_tokens_per_second (read from the job store at scrape time;
 //                       the training figures only while a job trains)
-//   served weights      strata_weights_version, strata_weights_info{version} (= 1)
+//   served weights      strata_weights_version, strata_weights_info{version} (= 1),
+//                       strata_candidate_versions, strata_gate_rejections_total{reason} (from the
+//                       journal's held jobs: forgetting, min_task_score, reference_rise)
 //   continual learning  strata_task_score{task,view}, strata_task_forgetting{task,view},
 //                       strata_average_score{view}, strata_backward_transfer{view},
 //                       strata_forward_transfer{view} (each only once defined),

@@ -16,12 +16,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -38,6 +40,7 @@
 #include "core/util/env_flags.h"
 #include "core/util/file_util.h"
 #include "core/util/logging.h"
+#include "core/util/status_macros.h"
 #include "server/adaptation_service.h"
 #include "server/admin_service.h"
 #include "server/auth.h"
@@ -115,6 +118,17 @@ ABSL_FLAG(int32_t, max_queue, 100, "Most jobs waiting in the queue.");
 ABSL_FLAG(int32_t, max_job_attempts, 3,
           "Times a job may start training: a job interrupted by a crash (kill -9, OOM) is re-run until "
           "then, and then fails with the reason.");
+ABSL_FLAG(std::string, max_forgetting, "0.02",
+          "Publish gate: the most any learned task's score may drop (in the view users get) for a new "
+          "version to be published; otherwise it is kept as a candidate and its job held ('off' disables).");
+ABSL_FLAG(std::string, min_task_score, "off",
+          "Publish gate: the least score a new task must reach to be published (a task's --min-score wins; "
+          "'off' = none).");
+ABSL_FLAG(std::string, max_reference_rise, "off",
+          "Publish gate: the most the reference-text NLL may rise, relative (0.05 = 5%; 'off' = unchecked).");
+ABSL_FLAG(
+    int32_t, keep_versions, 3,
+    "Published versions whose states are kept for rollback (the served one included), plus one candidate.");
 ABSL_FLAG(int32_t, max_new_tokens, 1024, "Most tokens one Generate request may ask for.");
 ABSL_FLAG(int32_t, max_message_bytes, 16 << 20, "Largest gRPC message the server accepts or sends.");
 // Export / import roots.
@@ -143,6 +157,8 @@ const std::vector<std::string> kFlagNames = {
     "max_batch_size", "max_waiting_requests", "max_prompt_tokens", "max_score_completions",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_job_attempts", "max_new_tokens", "max_message_bytes",
+    // The publish gate and kept versions.
+    "max_forgetting", "min_task_score", "max_reference_rise", "keep_versions",
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
 // clang-format on
 
@@ -165,6 +181,27 @@ TrainingRecipe ServerRecipe() {
   r.lr_schedule = absl::GetFlag(FLAGS_lr_schedule);
   r.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   return r;
+}
+
+// A gate threshold flag: a number, or "off" (unset).
+absl::StatusOr<std::optional<double>> GateFlag(const char* name, const std::string& value) {
+  if (value == "off" || value.empty()) return std::optional<double>();
+  double v = 0;
+  if (!absl::SimpleAtod(value, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, ": expected a number or 'off', got '", value, "'"));
+  }
+  return std::optional<double>(v);
+}
+
+absl::StatusOr<GateOptions> ServerGate() {
+  GateOptions g;
+  ASSIGN_OR_RETURN(g.max_forgetting, GateFlag("max_forgetting", absl::GetFlag(FLAGS_max_forgetting)));
+  ASSIGN_OR_RETURN(g.min_task_score, GateFlag("min_task_score", absl::GetFlag(FLAGS_min_task_score)));
+  ASSIGN_OR_RETURN(g.max_reference_rise,
+                   GateFlag("max_reference_rise", absl::GetFlag(FLAGS_max_reference_rise)));
+  RETURN_IF_ERROR(ValidateGateOptions(g));
+  return g;
 }
 
 absl::Status ValidateFlags() {
@@ -213,6 +250,7 @@ absl::Status ValidateFlags() {
         at_least("max_task_bytes", absl::GetFlag(FLAGS_max_task_bytes), 1),
         at_least("max_queue", absl::GetFlag(FLAGS_max_queue), 1),
         at_least("max_job_attempts", absl::GetFlag(FLAGS_max_job_attempts), 1),
+        at_least("keep_versions", absl::GetFlag(FLAGS_keep_versions), 1), ServerGate().status(),
         at_least("max_new_tokens", absl::GetFlag(FLAGS_max_new_tokens), 1),
         at_least("max_batch_size", absl::GetFlag(FLAGS_max_batch_size), 1),
         at_least("max_waiting_requests", absl::GetFlag(FLAGS_max_waiting_requests), 1),
@@ -380,6 +418,8 @@ int Run() {
   engine_options.training_threads = training_threads;
   engine_options.serving_threads = serving_threads;
   engine_options.base_model_id = loaded->id;
+  engine_options.gate = *ServerGate();  // checked by ValidateFlags
+  engine_options.keep_versions = absl::GetFlag(FLAGS_keep_versions);
   auto engine_or = Engine::Create(std::move(loaded->model), loaded->tokenizer, summary, engine_options);
   if (!engine_or.ok()) return Fail(engine_or.status());
   std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -425,7 +465,7 @@ int Run() {
   limits.max_queue = absl::GetFlag(FLAGS_max_queue);
   limits.max_tokens = absl::GetFlag(FLAGS_max_seq_len);
   AdaptationServiceImpl adaptation(store.get(), &worker, engine.get(), auth.get(), limits);
-  AdminServiceImpl admin(server_facts, engine.get(), &adaptation, auth.get());
+  AdminServiceImpl admin(server_facts, engine.get(), &adaptation, auth.get(), &worker);
   SchedulerOptions scheduler_options;
   scheduler_options.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   scheduler_options.max_waiting_requests = absl::GetFlag(FLAGS_max_waiting_requests);

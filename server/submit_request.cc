@@ -18,6 +18,7 @@ TaskSpecification SpecFromProto(const pb::TaskSpec& p) {
   if (p.has_eval_cap()) s.eval_cap = p.eval_cap();
   s.scorer = ScorerNameFromProto(p.scorer());
   s.description = p.description();
+  if (p.has_min_score()) s.min_score = p.min_score();
   const pb::TrainingOverrides& o = p.overrides();
   if (o.has_learning_rate()) s.overrides.learning_rate = o.learning_rate();
   if (o.has_max_steps()) s.overrides.max_steps = o.max_steps();

@@ -29,21 +29,28 @@ const char* JobStateName(JobState s) {
       return "failed";
     case JobState::kCancelled:
       return "cancelled";
+    case JobState::kHeld:
+      return "held";
+    case JobState::kRolledBack:
+      return "rolled_back";
   }
   return "unknown";
 }
 
 std::optional<JobState> ParseJobState(const std::string& name) {
   for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
-                     JobState::kFailed, JobState::kCancelled}) {
+                     JobState::kFailed, JobState::kCancelled, JobState::kHeld, JobState::kRolledBack}) {
     if (name == JobStateName(s)) return s;
   }
   return std::nullopt;
 }
 
 bool IsTerminal(JobState s) {
-  return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
+  return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled ||
+         s == JobState::kHeld || s == JobState::kRolledBack;
 }
+
+std::string HoldReasonKind(const std::string& reason) { return reason.substr(0, reason.find(':')); }
 
 absl::Status ValidateTaskName(const std::string& name, const std::string& field) {
   if (name.empty() || name.size() > 64) {
@@ -85,6 +92,16 @@ absl::Status ValidateTaskSpecification(const TaskSpecification& spec) {
   }
   if (absl::Status st = ValidateOverrides(spec.overrides); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("spec.", st.message()));
+  }
+  if (spec.min_score.has_value()) {
+    if (!std::isfinite(*spec.min_score) || *spec.min_score < 0 || *spec.min_score > 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.min_score: must be in [0, 1] (a fraction of the eval split), got ", *spec.min_score));
+    }
+    if (spec.scorer == "nll") {
+      return absl::InvalidArgumentError(
+          "spec.min_score: does not apply to the nll scorer (lower is better; scores are not fractions)");
+    }
   }
   return absl::OkStatus();
 }
@@ -155,6 +172,7 @@ std::string JobToJson(const JobRecord& job) {
                {"eval_cap", job.spec.eval_cap},
                {"scorer", job.spec.scorer},
                {"description", job.spec.description}};
+  if (job.spec.min_score.has_value()) spec["min_score"] = *job.spec.min_score;
   if (!job.spec.import_dirs.empty()) spec["import_dirs"] = job.spec.import_dirs;
   json results = json::array();
   for (const auto& [task, score] : job.eval_results) results.push_back({{"task", task}, {"score", score}});
@@ -181,6 +199,7 @@ std::string JobToJson(const JobRecord& job) {
             {"weights_version", job.weights_version},
             {"reference_nll", std::isfinite(job.reference_nll) ? job.reference_nll : 0.0},
             {"attempts", job.attempts}};
+  if (!job.hold_reasons.empty()) j["hold_reasons"] = job.hold_reasons;
   return j.dump(1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -199,6 +218,8 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
     job.spec.eval_cap = IntOr<int32_t>(s, "eval_cap", 200);
     job.spec.scorer = s.value("scorer", "");
     job.spec.description = s.value("description", "");
+    if (s.contains("min_score") && !s["min_score"].is_null())
+      job.spec.min_score = s["min_score"].get<double>();
     if (s.contains("import_dirs")) job.spec.import_dirs = s.at("import_dirs").get<std::vector<std::string>>();
     if (s.contains("overrides")) {
       const json& o = s["overrides"];
@@ -239,6 +260,7 @@ absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string
     job.weights_version = IntOr<int64_t>(j, "weights_version", 0);
     job.reference_nll = j.value("reference_nll", 0.0);
     job.attempts = IntOr<int32_t>(j, "attempts", 0);
+    if (j.contains("hold_reasons")) job.hold_reasons = j["hold_reasons"].get<std::vector<std::string>>();
     return job;
   } catch (const std::exception& e) {
     return absl::DataLossError(absl::StrCat(source, ": ", e.what()));

@@ -14,7 +14,11 @@
 
 namespace strata {
 
-enum class JobState { kQueued, kTraining, kEvaluating, kSucceeded, kFailed, kCancelled };
+// kHeld: trained and evaluated, but the publish gate refused the new version (it is kept as a
+// candidate version; promoting it makes the job succeeded). kRolledBack: the job's version was
+// published and later rolled back (its task is no longer learned and may be submitted again).
+// Both are terminal: they never block the queue.
+enum class JobState { kQueued, kTraining, kEvaluating, kSucceeded, kFailed, kCancelled, kHeld, kRolledBack };
 
 // "queued", "training", ...
 const char* JobStateName(JobState state);
@@ -29,6 +33,9 @@ struct TaskSpecification {
   int32_t eval_cap = 200;
   std::string scorer;  // "choice", "exact_match", "nll", or "" (auto)
   std::string description;
+  // The publish gate: the least score (in the view users get) the new task must reach for its
+  // version to be published; unset = the server's --min_task_score (off by default).
+  std::optional<double> min_score;
   // Non-empty: an adapter import job (PEFT LoRA directories folded into the state, in order; no
   // data). `name` is the first adapter's task name (its directory's name).
   std::vector<std::string> import_dirs;
@@ -65,7 +72,14 @@ struct JobRecord {
   int64_t weights_version = 0;
   double reference_nll = 0;
   int32_t attempts = 0;  // how many times training started (re-queued after a crash: > 1)
+  // Why the publish gate held the job's version, one line each, each starting with its kind
+  // ("forgetting: ...", "min_task_score: ...", "reference_rise: ..."). Kept after a promote or a
+  // rollback (the journal says what the gate decided).
+  std::vector<std::string> hold_reasons;
 };
+
+// The kind of a hold reason: its text before the first ':'.
+std::string HoldReasonKind(const std::string& reason);
 
 std::string JobToJson(const JobRecord& job);
 absl::StatusOr<JobRecord> JobFromJson(const std::string& text, const std::string& source);

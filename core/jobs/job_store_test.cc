@@ -167,6 +167,33 @@ TEST(JobJson, RoundTrip) {
   EXPECT_EQ(back->state, JobState::kSucceeded);
   EXPECT_EQ(back->eval_results, j.eval_results);
   EXPECT_EQ(back->weights_version, 7);
+  EXPECT_FALSE(back->spec.min_score.has_value());
+  EXPECT_TRUE(back->hold_reasons.empty());
+
+  // A held job with its threshold and the gate's reasons.
+  j.state = JobState::kHeld;
+  j.spec.min_score = 0.6;
+  j.hold_reasons = {"forgetting: a score 0.9 -> 0.1", "min_task_score: t reached 0.4"};
+  back = JobFromJson(JobToJson(j), "x");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->state, JobState::kHeld);
+  EXPECT_EQ(*back->spec.min_score, 0.6);
+  EXPECT_EQ(back->hold_reasons, j.hold_reasons);
+  EXPECT_EQ(HoldReasonKind(back->hold_reasons[1]), "min_task_score");
+  j.state = JobState::kRolledBack;
+  EXPECT_EQ(JobFromJson(JobToJson(j), "x")->state, JobState::kRolledBack);
+  EXPECT_EQ(std::string(JobStateName(JobState::kRolledBack)), "rolled_back");
+}
+
+TEST(JobJson, MinScoreIsCheckedNamingTheField) {
+  auto spec = Spec("t");
+  spec.min_score = 1.5;
+  EXPECT_NE(ValidateTaskSpecification(spec).message().find("spec.min_score"), std::string::npos);
+  spec.min_score = 0.5;
+  spec.scorer = "nll";
+  EXPECT_NE(ValidateTaskSpecification(spec).message().find("nll"), std::string::npos);
+  spec.scorer = "exact_match";
+  EXPECT_TRUE(ValidateTaskSpecification(spec).ok());
 }
 
 // Found by fuzz_job_json: "sequence": 5e88 went through nlohmann's get<int64_t>(), a float-to-integer
@@ -309,6 +336,48 @@ TEST(Worker, RestartRequeuesInterruptedJobsAndKeepsLearnedOnes) {
   EXPECT_EQ(j2.attempts, 1);
   EXPECT_EQ((*store)->Get(checkpointed_id)->state, JobState::kSucceeded);
   EXPECT_EQ(runner.order, std::vector<std::string>{"mid-training"});
+}
+
+TEST(Worker, JournalFollowsPromoteAndRollbackOfVersions) {
+  TempDir dir;
+  std::string promoted, rolled_back, still_held;
+  {
+    auto store = JobStore::Open(dir.path());
+    auto a = (*store)->Create(Spec("promoted"), Examples(2), Examples(1));
+    auto b = (*store)->Create(Spec("rolled-back"), Examples(2), Examples(1));
+    auto c = (*store)->Create(Spec("held"), Examples(2), Examples(1));
+    a->state = JobState::kHeld;
+    a->hold_reasons = {"forgetting: x score 0.9 -> 0.1"};
+    b->state = JobState::kSucceeded;
+    b->weights_version = 3;
+    c->state = JobState::kHeld;
+    for (auto* j : {&*a, &*b, &*c}) ASSERT_TRUE((*store)->Update(*j).ok());
+    promoted = a->id;
+    rolled_back = b->id;
+    still_held = c->id;
+  }
+  auto store = JobStore::Open(dir.path());
+  ASSERT_TRUE(store.ok());
+  FakeRunner runner;
+  runner.learned.insert("promoted");  // its candidate is served; "rolled-back" no longer is
+  Worker worker(store->get(), &runner);
+  ASSERT_TRUE(worker.Start().ok());
+  worker.Stop();
+  auto a = (*store)->Get(promoted);
+  EXPECT_EQ(a->state, JobState::kSucceeded);
+  EXPECT_EQ(a->hold_reasons.size(), 1u);  // the gate's decision stays in the journal
+  auto b = (*store)->Get(rolled_back);
+  EXPECT_EQ(b->state, JobState::kRolledBack);
+  EXPECT_NE(b->error.find("weights version 3"), std::string::npos) << b->error;
+  EXPECT_EQ((*store)->Get(still_held)->state, JobState::kHeld);
+  EXPECT_TRUE(IsTerminal(JobState::kHeld));
+  EXPECT_TRUE(IsTerminal(JobState::kRolledBack));
+  // Nothing ran: held and rolled-back jobs never block or re-enter the queue.
+  EXPECT_TRUE(runner.order.empty());
+  // A second reconciliation changes nothing.
+  auto again = worker.ReconcileVersions();
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->empty());
 }
 
 TEST(Worker, CrashedJobIsRetriedUpToMaxAttemptsThenFails) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace strata {
 
@@ -14,6 +15,7 @@ Worker::Worker(JobStore* store, TaskRunner* runner, int max_attempts)
 Worker::~Worker() { Stop(); }
 
 absl::Status Worker::Start() {
+  if (auto changed = ReconcileVersions(); !changed.ok()) return changed.status();
   for (JobRecord job : store_->List()) {
     if (job.state != JobState::kTraining && job.state != JobState::kEvaluating) continue;
     if (runner_->TaskIsLearned(job.spec.name)) {
@@ -39,6 +41,28 @@ absl::Status Worker::Start() {
   }
   thread_ = std::thread([this] { Loop(); });
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::string>> Worker::ReconcileVersions() {
+  std::vector<std::string> changed;
+  for (JobRecord job : store_->List()) {
+    if (job.state == JobState::kHeld && runner_->JobIsLearned(job)) {
+      job.state = JobState::kSucceeded;
+      job.error.clear();
+      spdlog::info("job {} ({}): its candidate version {} is served, marking succeeded", job.id,
+                   job.spec.name, job.weights_version);
+    } else if (job.state == JobState::kSucceeded && !runner_->JobIsLearned(job)) {
+      job.state = JobState::kRolledBack;
+      job.error = absl::StrCat("rolled back: weights version ", job.weights_version,
+                               " is no longer served; the task may be submitted again");
+      spdlog::info("job {} ({}): not in the served state, marking rolled back", job.id, job.spec.name);
+    } else {
+      continue;
+    }
+    if (auto st = store_->Update(job); !st.ok()) return st;
+    changed.push_back(job.id);
+  }
+  return changed;
 }
 
 void Worker::Stop() {
@@ -129,7 +153,17 @@ void Worker::RunOne(JobRecord job) {
 
   auto latest = store_->Get(job.id);
   if (latest.ok()) job = *latest;
-  if (outcome.ok()) {
+  if (outcome.ok() && outcome->held) {
+    job.state = JobState::kHeld;
+    job.eval_results = outcome->eval_results;
+    job.weights_version = outcome->weights_version;
+    job.reference_nll = outcome->reference_nll;
+    job.hold_reasons = outcome->hold_reasons;
+    job.error = absl::StrCat("candidate version ", outcome->weights_version,
+                             " is not served: ", absl::StrJoin(outcome->hold_reasons, "; "));
+    job.finished = NowUnixSeconds();
+    spdlog::warn("job {}: task '{}' {}", job.id, job.spec.name, job.error);
+  } else if (outcome.ok()) {
     job.state = JobState::kSucceeded;
     job.eval_results = outcome->eval_results;
     job.weights_version = outcome->weights_version;

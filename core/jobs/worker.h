@@ -33,6 +33,10 @@ struct JobOutcome {
   std::vector<std::pair<std::string, double>> eval_results;
   int64_t weights_version = 0;
   double reference_nll = 0;
+  // The publish gate refused the new version: it was kept as candidate `weights_version`, nothing
+  // was published, and the job ends held with these reasons (JobRecord::hold_reasons).
+  bool held = false;
+  std::vector<std::string> hold_reasons;
 };
 
 class TaskRunner {
@@ -45,6 +49,10 @@ class TaskRunner {
   // Whether the task is already part of the durable adaptation state (a job that finished its
   // checkpoint but not its journal update before a crash).
   virtual bool TaskIsLearned(const std::string& task_name) const = 0;
+  // Whether this job's own version of its task is in the served state (not the same task name
+  // learned later by another job). Reconciles the journal after a promote or a rollback that a
+  // crash interrupted between the state change and the journal update.
+  virtual bool JobIsLearned(const JobRecord& job) const { return TaskIsLearned(job.spec.name); }
 };
 
 class Worker {
@@ -59,8 +67,13 @@ class Worker {
 
   // Reconciles the journal with the runner's state (jobs interrupted by a crash are re-queued, or
   // failed when they used up their attempts, or marked succeeded when their task is already
-  // learned), then starts the thread.
+  // learned; a held job whose candidate is served is marked succeeded, a succeeded job whose
+  // version is no longer served is marked rolled back), then starts the thread.
   absl::Status Start();
+  // Brings the journal in line with the served state after a promote or a rollback (also run by
+  // Start): a held job whose version is served becomes succeeded, a succeeded job whose version is
+  // no longer served becomes rolled back. Returns the ids of the jobs changed.
+  absl::StatusOr<std::vector<std::string>> ReconcileVersions();
   // Stops after the current step of the current job (which is re-queued, not failed).
   void Stop();
 

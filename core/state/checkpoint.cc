@@ -52,6 +52,14 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
     (void)RemoveAll(tmp);
     return st;
   };
+  if (auto st = WriteCheckpointFiles(state_dir, data, tmp); !st.ok()) return fail(st);
+  if (auto st = ReplaceDirAtomic(tmp, final_dir); !st.ok()) return fail(st);
+  return absl::OkStatus();
+}
+
+absl::Status WriteCheckpointFiles(const std::string& state_dir, const CheckpointData& data,
+                                  const std::string& tmp) {
+  auto fail = [](absl::Status st) { return st; };
 
   std::vector<std::pair<std::string, at::Tensor>> tensors(data.method_tensors.begin(),
                                                           data.method_tensors.end());
@@ -105,9 +113,7 @@ absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& 
   }
   json manifest = {{"format", kFormat}, {"weights_version", data.weights_version}, {"files", files}};
   if (auto st = WriteFileAtomic(tmp + "/manifest.json", manifest.dump(1)); !st.ok()) return fail(st);
-  if (auto st = FsyncPath(tmp); !st.ok()) return fail(st);
-  if (auto st = ReplaceDirAtomic(tmp, final_dir); !st.ok()) return fail(st);
-  return absl::OkStatus();
+  return FsyncPath(tmp);
 }
 
 int RemoveCheckpointLeftovers(const std::string& state_dir) {
@@ -139,6 +145,11 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
     }
   }
   if (!PathExists(dir)) return std::optional<CheckpointData>();
+  ASSIGN_OR_RETURN(CheckpointData data, ReadCheckpointDir(dir));
+  return std::optional<CheckpointData>(std::move(data));
+}
+
+absl::StatusOr<CheckpointData> ReadCheckpointDir(const std::string& dir) {
   const std::string manifest_path = dir + "/manifest.json";
   auto manifest_text = ReadFile(manifest_path);
   if (!manifest_text.ok()) {
@@ -214,13 +225,15 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
       data.method_tensors[name] = t.clone();
     }
   }
-  return std::optional<CheckpointData>(std::move(data));
+  return data;
 }
 
-int64_t CheckpointBytes(const std::string& state_dir) {
+int64_t CheckpointBytes(const std::string& state_dir) { return DirFileBytes(state_dir + "/checkpoint"); }
+
+int64_t DirFileBytes(const std::string& dir) {
   std::error_code ec;
   int64_t total = 0;
-  for (const auto& e : fs::directory_iterator(state_dir + "/checkpoint", ec)) {
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
     if (e.is_regular_file()) total += static_cast<int64_t>(e.file_size(ec));
   }
   return total;

@@ -53,6 +53,14 @@ struct CheckpointData {
 
 // Writes `data` as <state_dir>/checkpoint atomically (see above).
 absl::Status SaveCheckpoint(const std::string& state_dir, const CheckpointData& data);
+// Writes the checkpoint files of `data` (method.safetensors, state.json, manifest.json) into the
+// existing directory `dir` and fsyncs it; the manifest names the eval splits as "../tasks/...", so
+// `dir` must become a direct child of `state_dir` (SaveCheckpoint renames it to checkpoint/).
+absl::Status WriteCheckpointFiles(const std::string& state_dir, const CheckpointData& data,
+                                  const std::string& dir);
+// Reads and verifies the checkpoint files in `dir` (a direct child of the state directory: its
+// "../tasks/..." entries are checked too). DATA_LOSS naming the file when one is missing or corrupt.
+absl::StatusOr<CheckpointData> ReadCheckpointDir(const std::string& dir);
 // nullopt when there is no checkpoint yet. Called at start-up by the process that owns `state_dir`:
 // it first removes what an interrupted SaveCheckpoint left (RemoveCheckpointLeftovers).
 absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& state_dir);
@@ -61,5 +69,7 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
 int RemoveCheckpointLeftovers(const std::string& state_dir);
 // Total bytes of the checkpoint files (the adaptation state on disk).
 int64_t CheckpointBytes(const std::string& state_dir);
+// Total bytes of the regular files directly in `dir` (0 when it does not exist).
+int64_t DirFileBytes(const std::string& dir);
 
 }  // namespace strata

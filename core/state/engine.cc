@@ -87,6 +87,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
   impl->base_view = std::shared_ptr<const CausalLM>(impl->base->ShallowCopy());
   impl->tokenizer = tokenizer;
   impl->options = options;
+  RETURN_IF_ERROR(ValidateGateOptions(options.gate));
+  if (options.keep_versions < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--keep_versions: must be >= 1 (the served version is always kept), got ", options.keep_versions));
+  }
   RETURN_IF_ERROR(MakeDirs(options.state_dir + "/tasks"));
   std::vector<std::string> reference_texts;
   if (!options.reference_text_path.empty()) {
@@ -167,11 +172,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     ASSIGN_OR_RETURN(auto copy, CreateMethodFromState(frozen));
     version_ptr->method = std::shared_ptr<const Method>(std::move(copy));
   }
+  ResultsLedger served_ledger;
   {
     absl::MutexLock lock(&impl->mu);
     version_ptr->tasks_learned = static_cast<int64_t>(impl->ledger.tasks().size());
     impl->current = version_ptr;
+    served_ledger = impl->ledger;
   }
+  RETURN_IF_ERROR(impl->ReconcileVersions(served_ledger));
   std::unique_ptr<Engine> engine(new Engine(std::move(impl)));
   engine->tokenizer_ = std::move(tokenizer);
   engine->summary_ = std::move(summary);
@@ -361,6 +369,7 @@ EngineReport Engine::Report() const {
   r.weights_version = impl_->current->version;
   r.adaptation_state_bytes = impl_->state_bytes;
   r.method = impl_->current->method->name();
+  r.candidates = impl_->candidates;
   if (impl_->current->router) {
     r.router_bytes = impl_->current->router->StateBytes();
     r.router_bytes_per_task = impl_->current->router->StateBytesPerTask();

@@ -15,8 +15,9 @@
 // evaluation), engine_transfer.cc (export and adapter import); the results ledger is
 // core/state/ledger.h and the scoring core/state/evaluator.h.
 //
-// Thread safety: Current(), tokenizer(), Tasks(), Report(), Routed(), CheckTask() and the exports
-// are safe from any thread and never wait for training. RunJob() (tasks and adapter imports alike)
+// Thread safety: Current(), tokenizer(), Tasks(), Report(), Routed(), CheckTask(), Versions() and
+// the exports are safe from any thread and never wait for training; Promote() and Rollback() refuse
+// (FAILED_PRECONDITION) instead of waiting while a job trains. RunJob() (tasks and adapter imports alike)
 // is called by the worker thread only and holds the training lock for the whole job; the lock
 // order is in engine_impl.h.
 
@@ -36,7 +37,9 @@
 #include "core/jobs/worker.h"
 #include "core/model/generate.h"
 #include "core/model/model_summary.h"
+#include "core/state/gate.h"
 #include "core/state/ledger.h"
+#include "core/state/versions.h"
 
 namespace strata {
 
@@ -63,6 +66,21 @@ struct EngineOptions {
   // What a request routed "auto" gets when its prompt fits no learned task: "base" (W0, general
   // ability intact) or "merged" (the served merged weights).
   std::string unmatched_route = "base";
+  // The publish gate (core/state/gate.h; every check off by default here; the server's flags
+  // default to --max_forgetting=0.02).
+  GateOptions gate;
+  // Published versions whose states are kept for rollback (the served one included; >= 1), plus at
+  // most one candidate.
+  int keep_versions = 3;
+};
+
+// What a promote or a rollback changed.
+struct VersionChange {
+  int64_t from_version = 0;
+  int64_t to_version = 0;
+  // Tasks the served state no longer has (rollback), or gained (promote).
+  std::vector<std::string> tasks_removed, tasks_added;
+  double seconds = 0;  // wall time of the whole change
 };
 
 struct ServedVersion {
@@ -169,11 +187,28 @@ class Engine : public TaskRunner {
   // Returns the tasks the adapters become (each directory's name), in order.
   absl::StatusOr<std::vector<std::string>> CheckImport(const std::vector<std::string>& dirs) const;
 
+  // Kept versions, newest first (core/state/versions.h); the served one is Current()->version.
+  std::vector<VersionMeta> Versions() const;
+  // Publishes candidate `version` (made by a held job, trained on the served version): its state
+  // becomes the checkpoint (atomic, durable) and is served. NOT_FOUND for a version not kept,
+  // FAILED_PRECONDITION for a published version, a candidate trained on another version, or while
+  // a job trains (the worker owns the state then: cancel it or wait).
+  absl::StatusOr<VersionChange> Promote(int64_t version);
+  // Makes an earlier published version the served one again (default: the newest kept one before
+  // the served version), atomically and durably, with no training data; newer versions and the
+  // candidate are discarded (their tasks may be submitted again). NOT_FOUND / FAILED_PRECONDITION
+  // as Promote (a candidate is promoted, not rolled back to).
+  absl::StatusOr<VersionChange> Rollback(std::optional<int64_t> version);
+  // Candidate versions kept now.
+  int64_t CandidateCount() const;
+
   // TaskRunner: a task's training run, or an import job (PEFT LoRA adapters folded into the state
   // without gradient steps; publishes a new version).
   absl::StatusOr<JobOutcome> RunJob(const JobRecord& job, std::vector<Example> train,
                                     std::vector<Example> eval, const JobContext& ctx) override;
   bool TaskIsLearned(const std::string& task_name) const override;
+  // Whether `job`'s own version of its task is served (the task learned by that job id).
+  bool JobIsLearned(const JobRecord& job) const override;
 
   // Called after each published version (metrics export). Set before the worker starts.
   void SetOnPublish(std::function<void()> fn) { on_publish_ = std::move(fn); }

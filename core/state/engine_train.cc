@@ -146,7 +146,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   stage.eval = eval;
   stage.base_score = base_score;
   stage.pre_score = pre_score;
-  stage.weights_version = before->version + 1;
+  stage.weights_version = s.NextVersion(before->version);
   std::vector<CheckpointTask> tasks = ledger.tasks();
   tasks.push_back(stage.task);
   auto eval_of = [&](const CheckpointTask& t) -> const std::vector<Example>& {
@@ -225,15 +225,38 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
     }
   }
 
-  // Checkpoint, then publish (a restart reports exactly what was published).
+  // The publish gate: a version that breaks its promises is kept as a candidate, not served.
   auto new_state = s.method->ExportState();
   if (!new_state.ok()) return rollback(new_state.status());
   ResultsLedger next = ledger.WithStage(stage);
   const CheckpointData snapshot = s.Snapshot(*new_state, next, new_router, stage.weights_version);
+  const GateDecision gate = EvaluateGate(s.options.gate, job.spec.min_score, ledger, stage);
+  if (!gate.publish) {
+    VersionMeta meta = s.DescribeVersion(stage.weights_version, kVersionCandidate, before->version, job.id,
+                                         job.spec.name, next);
+    meta.hold_reasons = gate.reasons;
+    if (auto st = s.KeepCandidate(snapshot, meta); !st.ok()) {
+      return rollback(
+          absl::Status(st.code(), absl::StrCat("cannot keep the candidate version: ", st.message())));
+    }
+    // The served state stays as it was: the live method goes back to it.
+    (void)s.Rollback(previous_state, absl::OkStatus());
+    outcome.held = true;
+    outcome.hold_reasons = gate.reasons;
+    outcome.weights_version = stage.weights_version;
+    spdlog::warn("task '{}' held by the publish gate as candidate version {} (served: version {}): {}",
+                 job.spec.name, stage.weights_version, before->version, absl::StrJoin(gate.reasons, "; "));
+    if (on_publish_) on_publish_();
+    return outcome;
+  }
+  // Checkpoint, then publish (a restart reports exactly what was published).
+  const ResultsLedger next_for_versions = next;
   auto version = s.CheckpointAndPublish(snapshot, *new_state, new_model, static_cast<int64_t>(tasks.size()),
                                         new_router, std::move(next));
   if (!version.ok()) return rollback(version.status());
   s.router = std::move(new_router);
+  s.KeepPublished(s.DescribeVersion(stage.weights_version, kVersionPublished, before->version, job.id,
+                                    job.spec.name, next_for_versions));
   outcome.weights_version = (*version)->version;
   spdlog::info("task '{}' learned: weights version {}, scores [{}], auto-routed [{}], router accuracy [{}]",
                job.spec.name, (*version)->version, absl::StrJoin(stage.scores, ", "),

@@ -113,12 +113,17 @@ absl::StatusOr<JobOutcome> Engine::RunImport(const JobRecord& job) {
     absl::MutexLock lock(&s.mu);
     ledger = s.ledger;
   }
-  const CheckpointData snapshot = s.Snapshot(*new_state, ledger, s.router, before->version + 1);
+  const int64_t new_version = s.NextVersion(before->version);
+  const ResultsLedger kept_ledger = ledger;
+  const CheckpointData snapshot = s.Snapshot(*new_state, ledger, s.router, new_version);
   // Imported adapters come without data: they get no router statistics (served by name only).
   auto version =
       s.CheckpointAndPublish(snapshot, *new_state, std::shared_ptr<const CausalLM>(std::move(served)),
                              before->tasks_learned, s.router, std::move(ledger));
   if (!version.ok()) return rollback(version.status());
+  // Imports publish without the gate: adapters come without eval data to measure them on.
+  s.KeepPublished(
+      s.DescribeVersion(new_version, kVersionPublished, before->version, job.id, job.spec.name, kept_ledger));
   spdlog::info("job {}: imported {} adapter(s) [{}] into the {} state: weights version {}", job.id,
                names.size(), absl::StrJoin(names, ", "), s.method->name(), (*version)->version);
   if (on_publish_) on_publish_();

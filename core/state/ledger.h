@@ -47,6 +47,14 @@ struct TaskInfo {
   double router_accuracy = 0;
 };
 
+// A version the publish gate held (kept, not served; `strata promote` publishes it).
+struct HeldCandidate {
+  int64_t version = 0;
+  std::string task;
+  std::string job_id;
+  std::vector<std::string> reasons;
+};
+
 struct EngineReport {
   std::vector<std::string> tasks;
   std::vector<std::vector<double>> matrix;  // matrix[i][j]: after stage i+1, on task j
@@ -65,6 +73,8 @@ struct EngineReport {
   std::optional<double> auto_average_score, auto_backward_transfer, auto_forgetting;
   int64_t router_bytes = 0;
   int64_t router_bytes_per_task = 0;
+  // Candidate versions the publish gate held (filled by the engine).
+  std::vector<HeldCandidate> candidates;
 };
 
 // What one stage (a learned task) measured.

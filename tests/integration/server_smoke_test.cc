@@ -136,12 +136,16 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
   EXPECT_NE(bad_env.err.find("STRATA_METRICS_PORT"), std::string::npos) << bad_env.err;
 
   // The method options are checked at start, each error naming its flag.
-  for (const auto& [flag, want] :
-       std::vector<std::pair<std::string, std::string>>{{"--method=nope", "--method: unknown method 'nope'"},
-                                                        {"--pm_epsilon=2", "--pm_epsilon:"},
-                                                        {"--phi=0", "--phi:"},
-                                                        {"--targets=", "--targets:"},
-                                                        {"--osft_rank=sometimes", "--osft_rank:"}}) {
+  for (const auto& [flag, want] : std::vector<std::pair<std::string, std::string>>{
+           {"--method=nope", "--method: unknown method 'nope'"},
+           {"--pm_epsilon=2", "--pm_epsilon:"},
+           {"--phi=0", "--phi:"},
+           {"--targets=", "--targets:"},
+           {"--osft_rank=sometimes", "--osft_rank:"},
+           {"--max_forgetting=lots", "--max_forgetting: expected a number or 'off'"},
+           {"--max_forgetting=-0.1", "--max_forgetting: must be"},
+           {"--min_task_score=2", "--min_task_score: must be"},
+           {"--keep_versions=0", "--keep_versions: must be >= 1"}}) {
     auto bad = RunCommand({BinaryPath("strata-server"), flag});
     EXPECT_EQ(bad.exit_code, 2) << flag;
     EXPECT_NE(bad.err.find(want), std::string::npos) << flag << ": " << bad.err;

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
@@ -19,6 +20,7 @@
 
 #include "nlohmann/json.hpp"
 #include "strata/v1/adaptation.grpc.pb.h"
+#include "strata/v1/admin.grpc.pb.h"
 #include "strata/v1/inference.grpc.pb.h"
 #include "tests/test_util.h"
 
@@ -61,6 +63,7 @@ struct Server {
   int grpc_port = FreePort();
   int metrics_port = FreePort();
   std::vector<std::string> flags;
+  std::map<std::string, std::string> env;  // e.g. STRATA_FAILPOINT for one start
   std::unique_ptr<Subprocess> proc;
   int starts = 0;
 
@@ -79,7 +82,8 @@ struct Server {
                                      "--serving_threads=1",
                                      "--shutdown_grace_seconds=5"};
     argv.insert(argv.end(), flags.begin(), flags.end());
-    proc = std::make_unique<Subprocess>(argv, dir.path() + "/server" + std::to_string(++starts) + ".log");
+    proc =
+        std::make_unique<Subprocess>(argv, dir.path() + "/server" + std::to_string(++starts) + ".log", env);
     if (wait) {
       ASSERT_TRUE(WaitForServing(grpc_port, 60, proc.get())) << proc->Log();
     }
@@ -923,6 +927,14 @@ TEST(Service, BearerTokenAndTls) {
   ExpectRpcError(tls({"--auth-token-file", keys.path() + "/wrong", "tasks"}), "UNAUTHENTICATED", "invalid");
   ExpectRpcError(tls({"export", "x"}), "UNAUTHENTICATED");
   ExpectRpcError(tls({"submit", "--task", "t", ClSmall("capitals/train.jsonl")}), "UNAUTHENTICATED");
+  // The version RPCs are admin RPCs under the same token.
+  ExpectRpcError(tls({"versions"}), "UNAUTHENTICATED");
+  ExpectRpcError(tls({"promote", "2"}), "UNAUTHENTICATED");
+  ExpectRpcError(tls({"rollback"}), "UNAUTHENTICATED");
+  CommandResult versions = tls({"--auth-token-file", keys.path() + "/token", "versions"});
+  EXPECT_EQ(versions.exit_code, 0) << versions.err;
+  ExpectRpcError(tls({"--auth-token-file", keys.path() + "/token", "rollback"}), "FAILED_PRECONDITION",
+                 "no version before");
   CommandResult ok = tls({"--auth-token-file", keys.path() + "/token", "tasks"});
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
   CommandResult info = tls({"--auth-token-file", keys.path() + "/token", "--json", "info"});
@@ -958,6 +970,199 @@ TEST(Service, BearerTokenAndTls) {
                   "--state_dir=" + keys.path() + "/st", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(empty_token.exit_code, 2);
   EXPECT_NE(empty_token.err.find("no token"), std::string::npos) << empty_token.err;
+}
+
+// A copy of `src` whose every completion is " Paris": the same prompts as capitals, contradicting
+// answers (a task built to destroy what capitals taught).
+std::string ContradictingCapitals(const std::string& path) {
+  std::ifstream in(ClSmall("capitals/train.jsonl"));
+  std::string line, out;
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    j["completion"] = " Paris";
+    out += j.dump() + "\n";
+  }
+  WriteFile(path, out);
+  return path;
+}
+
+json Versions(const Server& s) { return s.CliJson({"versions"}); }
+
+std::set<int64_t> KeptVersions(const json& versions) {
+  std::set<int64_t> out;
+  for (const auto& v : versions.value("versions", json::array()))
+    out.insert(std::stoll(v["version"].get<std::string>()));
+  return out;
+}
+
+std::string Served(const Server& s) { return s.CliJson({"info"})["weights_version"].get<std::string>(); }
+
+// The publish gate: a task that destroys an earlier one is held as a candidate (the served version
+// unchanged), visible in jobs, report, versions and metrics; promote publishes it; rollback serves
+// the earlier version again and the rolled-back task may be submitted again; --keep_versions prunes.
+TEST(Versions, GateHoldsAContradictingTaskThenPromoteAndRollback) {
+  // seq_lora: no per-task weights, so what users get (auto routing) is the merged weights, where
+  // the contradiction lands (share_ella's per-task routing would keep capitals intact).
+  Server s({"--method=seq_lora", "--keep_versions=2"});
+  s.Start();
+  const std::string cap_train = ClSmall("capitals/train.jsonl");
+  const std::string cap_eval = ClSmall("capitals/test.jsonl");
+  CommandResult learned =
+      s.Cli({"submit", "--task", "capitals", cap_train, "--eval", cap_eval, "--steps", "200", "--wait"});
+  ASSERT_EQ(learned.exit_code, 0) << learned.out << learned.err << s.Log();
+  EXPECT_EQ(Served(s), "2");
+  EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{1, 2}));  // the empty state is version 1
+
+  const std::string paris = ContradictingCapitals(s.dir.path() + "/paris.jsonl");
+  CommandResult held =
+      s.Cli({"submit", "--task", "paris", paris, "--eval", paris, "--steps", "120", "--wait"});
+  EXPECT_EQ(held.exit_code, 1) << held.out << held.err << s.Log();
+  EXPECT_NE(held.out.find("held"), std::string::npos) << held.out;
+  EXPECT_NE(held.out.find("forgetting: capitals score"), std::string::npos) << held.out;
+  EXPECT_NE(held.out.find("strata promote 3"), std::string::npos) << held.out;
+
+  auto channel = s.Channel();
+  auto stub = pb::AdaptationService::NewStub(channel);
+  json jobs = s.CliJson({"jobs", "--state", "held"});
+  ASSERT_EQ(jobs["jobs"].size(), 1u) << jobs.dump();
+  const std::string paris_job = jobs["jobs"][0]["id"];
+  pb::Job job = GetJob(*stub, paris_job);
+  EXPECT_EQ(job.state(), pb::JOB_STATE_HELD);
+  EXPECT_EQ(job.weights_version(), 3);
+  ASSERT_EQ(job.hold_reasons_size(), 1);
+  EXPECT_EQ(job.hold_reasons(0).rfind("forgetting: capitals", 0), 0u) << job.hold_reasons(0);
+  // Not served: the version and the answers are those of version 2.
+  EXPECT_EQ(Served(s), "2");
+  CommandResult before = s.Cli({"generate", "--prompt", "The capital of Germany is", "--max-tokens", "4"});
+  EXPECT_NE(before.err.find("weights version 2"), std::string::npos) << before.err;
+  json report = s.CliJson({"report"});
+  ASSERT_EQ(report["candidates"].size(), 1u) << report.dump();
+  EXPECT_EQ(report["candidates"][0]["version"], "3");
+  EXPECT_EQ(report["candidates"][0]["task"], "paris");
+  std::string metrics = s.Metrics();
+  EXPECT_EQ(MetricValue(metrics, "strata_candidate_versions"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_gate_rejections_total{reason=\"forgetting\"}"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_gate_rejections_total{reason=\"min_task_score\"}"), 0) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_jobs{state=\"held\"}"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_weights_version"), 2) << metrics;
+  json versions = Versions(s);
+  EXPECT_EQ(KeptVersions(versions), (std::set<int64_t>{1, 2, 3}));  // 2 published + the candidate
+  for (const auto& v : versions["versions"]) {
+    if (v["version"] == "3") {
+      EXPECT_EQ(v["status"], "candidate");
+      EXPECT_FALSE(v.value("served", false));
+    }
+  }
+  // The held candidate survives a restart.
+  ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
+  s.Start();
+  EXPECT_EQ(Served(s), "2");
+  EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{1, 2, 3}));
+
+  // Wrong targets get their codes.
+  ExpectRpcError(s.Cli({"promote", "2"}), "FAILED_PRECONDITION", "not a candidate");
+  ExpectRpcError(s.Cli({"promote", "9"}), "NOT_FOUND", "version 9 is not kept");
+  ExpectRpcError(s.Cli({"rollback", "3"}), "FAILED_PRECONDITION", "strata promote 3");
+
+  CommandResult promoted = s.Cli({"promote", "3"});
+  ASSERT_EQ(promoted.exit_code, 0) << promoted.err << s.Log();
+  EXPECT_NE(promoted.out.find("2 -> 3"), std::string::npos) << promoted.out;
+  EXPECT_EQ(Served(s), "3");
+  channel = s.Channel();
+  stub = pb::AdaptationService::NewStub(channel);
+  EXPECT_EQ(GetJob(*stub, paris_job).state(), pb::JOB_STATE_SUCCEEDED);
+  CommandResult after = s.Cli({"generate", "--prompt", "The capital of Germany is", "--max-tokens", "4"});
+  EXPECT_NE(after.err.find("weights version 3"), std::string::npos) << after.err;
+  EXPECT_NE(after.out.find("Paris"), std::string::npos) << after.out;
+  // --keep_versions=2: version 1 is pruned once version 3 is kept.
+  EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{2, 3}));
+  EXPECT_FALSE(std::filesystem::exists(s.state() + "/versions/v1"));
+  metrics = s.Metrics();
+  EXPECT_EQ(MetricValue(metrics, "strata_candidate_versions"), 0) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_gate_rejections_total{reason=\"forgetting\"}"), 1) << metrics;
+
+  // Rollback (default: the version before the served one), then the task can be submitted again.
+  CommandResult rolled = s.Cli({"rollback"});
+  ASSERT_EQ(rolled.exit_code, 0) << rolled.err << s.Log();
+  EXPECT_NE(rolled.out.find("3 -> 2"), std::string::npos) << rolled.out;
+  EXPECT_NE(rolled.out.find("paris"), std::string::npos) << rolled.out;
+  EXPECT_EQ(Served(s), "2");
+  EXPECT_EQ(GetJob(*stub, paris_job).state(), pb::JOB_STATE_ROLLED_BACK);
+  CommandResult answer = s.Cli({"generate", "--prompt", "The capital of Germany is", "--max-tokens", "4"});
+  EXPECT_NE(answer.err.find("weights version 2"), std::string::npos) << answer.err;
+  EXPECT_EQ(answer.out, before.out);
+  json tasks = s.CliJson({"tasks"});
+  ASSERT_EQ(tasks["tasks"].size(), 1u) << tasks.dump();
+  EXPECT_EQ(KeptVersions(Versions(s)), std::set<int64_t>{2});
+  ExpectRpcError(s.Cli({"rollback"}), "FAILED_PRECONDITION", "no version before");
+  const std::string again = Submit(s, "paris", paris, paris, {"--steps", "2"});
+  EXPECT_FALSE(again.empty());
+}
+
+// kill -9 in the middle of a rollback: after the restart it is either fully done or not at all;
+// a publish killed after its state was kept but before older states were pruned keeps both.
+TEST(Versions, RollbackKilledAtEitherSideOfTheSwapIsAllOrNothing) {
+  Server s({"--method=seq_lora", "--max_forgetting=off", "--keep_versions=2"});
+  s.Start();
+  const std::string eval = HeadLines(ClSmall("capitals/test.jsonl"), 16, s.dir.path() + "/eval.jsonl");
+  CommandResult learned = s.Cli({"submit", "--task", "capitals", ClSmall("capitals/train.jsonl"), "--eval",
+                                 eval, "--steps", "4", "--batch-size", "4", "--wait"});
+  ASSERT_EQ(learned.exit_code, 0) << learned.out << learned.err << s.Log();
+  EXPECT_EQ(Served(s), "2");
+  // The next publish is killed after its state is kept, before the older states are pruned.
+  ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
+  s.env = {{"STRATA_FAILPOINT", "versions.before_prune"}};
+  s.Start();
+  const std::string paris = ContradictingCapitals(s.dir.path() + "/paris.jsonl");
+  const std::string id = Submit(s, "paris", paris, eval, {"--steps", "4", "--batch-size", "4"});
+  ASSERT_TRUE(WaitUntil([&] { return !s.proc->Running(); }, 300)) << s.Log();
+  EXPECT_TRUE(std::filesystem::exists(s.state() + "/versions/v3"));
+  EXPECT_TRUE(std::filesystem::exists(s.state() + "/versions/v1"));  // not pruned yet
+  s.env.clear();
+  s.Start();
+  EXPECT_EQ(Served(s), "3");
+  EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{2, 3}));  // pruned at start
+  auto channel = s.Channel();
+  auto stub = pb::AdaptationService::NewStub(channel);
+  EXPECT_EQ(GetJob(*stub, id).state(), pb::JOB_STATE_SUCCEEDED);
+
+  // Killed before the swap: nothing changed.
+  ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
+  s.env = {{"STRATA_FAILPOINT", "restore.before_commit"}};
+  s.Start();
+  CommandResult r = s.Cli({"rollback", "2"});
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  ASSERT_TRUE(WaitUntil([&] { return !s.proc->Running(); }, 60)) << s.Log();
+  s.env.clear();
+  s.Start();
+  EXPECT_EQ(Served(s), "3");
+  EXPECT_EQ(KeptVersions(Versions(s)), (std::set<int64_t>{2, 3}));
+  channel = s.Channel();
+  stub = pb::AdaptationService::NewStub(channel);
+  EXPECT_EQ(GetJob(*stub, id).state(), pb::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(s.CliJson({"tasks"})["tasks"].size(), 2u);
+
+  // Killed right after the swap: the restart completes it (newer version discarded, job marked).
+  ASSERT_EQ(s.proc->Stop(SIGTERM), 0) << s.Log();
+  s.env = {{"STRATA_FAILPOINT", "restore.after_commit"}};
+  s.Start();
+  r = s.Cli({"rollback", "2"});
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  ASSERT_TRUE(WaitUntil([&] { return !s.proc->Running(); }, 60)) << s.Log();
+  s.env.clear();
+  s.Start();
+  EXPECT_EQ(Served(s), "2");
+  EXPECT_EQ(KeptVersions(Versions(s)), std::set<int64_t>{2});
+  channel = s.Channel();
+  stub = pb::AdaptationService::NewStub(channel);
+  EXPECT_EQ(GetJob(*stub, id).state(), pb::JOB_STATE_ROLLED_BACK);
+  json tasks = s.CliJson({"tasks"});
+  ASSERT_EQ(tasks["tasks"].size(), 1u) << tasks.dump();
+  EXPECT_EQ(tasks["tasks"][0]["name"], "capitals");
+  // No temporary directory of the interrupted change is left.
+  for (const auto& e : std::filesystem::directory_iterator(s.state())) {
+    EXPECT_NE(e.path().filename().string()[0], '.') << e.path();
+  }
 }
 
 }  // namespace
