@@ -2,10 +2,10 @@
 
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <netinet/in.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -157,14 +157,16 @@ absl::StatusOr<std::string> PrepareModel(const std::string& model, const std::st
   const std::string tok = std::string(STRATA_SHARED_DIR) + "/tokenizers/llama2";
   for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
     std::error_code ec;
-    if (fs::exists(tok + "/" + f)) fs::copy_file(tok + "/" + f, dir + "/" + f, fs::copy_options::overwrite_existing, ec);
+    if (fs::exists(tok + "/" + f))
+      fs::copy_file(tok + "/" + f, dir + "/" + f, fs::copy_options::overwrite_existing, ec);
     if (ec) return absl::InternalError(absl::StrCat("copy ", f, ": ", ec.message()));
   }
   return dir;
 }
 
 // `n` random rank-8 LoRA adapters on every linear layer of `model`, as PEFT directories.
-absl::StatusOr<std::vector<std::string>> WriteAdapters(const CausalLM& model, int n, const std::string& root) {
+absl::StatusOr<std::vector<std::string>> WriteAdapters(const CausalLM& model, int n,
+                                                       const std::string& root) {
   std::vector<std::string> dirs;
   for (int t = 0; t < n; ++t) {
     PeftLoraAdapter adapter;
@@ -278,7 +280,8 @@ double InProcessTokensPerSecond(const CausalLM& model, const Tokenizer& tokenize
   int64_t tokens = 0;
   const Clock::time_point start = Clock::now();
   for (int r = 0; r < args.requests; ++r) {
-    const std::vector<int32_t> ids = tokenizer.Encode(kPrompts[static_cast<size_t>(r) % kPrompts.size()], true);
+    const std::vector<int32_t> ids =
+        tokenizer.Encode(kPrompts[static_cast<size_t>(r) % kPrompts.size()], true);
     auto out = Generate(model, tokenizer, {ids}, o);
     if (out.ok()) tokens += static_cast<int64_t>((*out)[0].ids.size());
   }
@@ -298,9 +301,10 @@ absl::StatusOr<std::string> SubmitTrainingJob(pb::AdaptationService::Stub& stub)
   const char* colors[] = {"red", "blue", "green", "yellow", "purple", "orange", "black", "white"};
   std::string jsonl;
   for (int i = 0; i < 400; ++i) {
-    absl::StrAppend(&jsonl, json{{"prompt", absl::StrCat("The ball number ", i, " is")},
-                                 {"completion", absl::StrCat(" ", colors[i % 8])}}
-                                .dump(),
+    absl::StrAppend(&jsonl,
+                    json{{"prompt", absl::StrCat("The ball number ", i, " is")},
+                         {"completion", absl::StrCat(" ", colors[i % 8])}}
+                        .dump(),
                     "\n");
   }
   pb::SubmitTaskRequest train;
@@ -328,7 +332,8 @@ std::optional<std::pair<int64_t, Clock::time_point>> StepNow(pb::AdaptationServi
   return std::make_pair(job->progress().step(), Clock::now());
 }
 
-double StepsPerSecond(const std::pair<int64_t, Clock::time_point>& a, const std::pair<int64_t, Clock::time_point>& b) {
+double StepsPerSecond(const std::pair<int64_t, Clock::time_point>& a,
+                      const std::pair<int64_t, Clock::time_point>& b) {
   return static_cast<double>(b.first - a.first) / std::chrono::duration<double>(b.second - a.second).count();
 }
 
@@ -355,13 +360,14 @@ json ToJson(const Figures& f, const std::string& model) {
 std::string Ms(double s) { return std::isfinite(s) ? absl::StrFormat("%.1f", s * 1000) : "-"; }
 
 void PrintRow(const Figures& f) {
-  std::printf("%7d %5d %8s %9.1f %9s %9s %9s %9s %6d %11s %10s\n", f.streams, f.tasks, f.training ? "yes" : "no",
-              f.seconds > 0 ? static_cast<double>(f.tokens) / f.seconds : 0.0, Ms(Percentile(f.ttft, 0.5)).c_str(),
-              Ms(Percentile(f.ttft, 0.95)).c_str(), Ms(Percentile(f.itl, 0.5)).c_str(),
-              Ms(Percentile(f.itl, 0.95)).c_str(), f.errors,
-              f.training_steps_per_second ? absl::StrFormat("%.2f", *f.training_steps_per_second).c_str() : "-",
-              f.in_process_tokens_per_second ? absl::StrFormat("%.1f", *f.in_process_tokens_per_second).c_str()
-                                             : "-");
+  std::printf(
+      "%7d %5d %8s %9.1f %9s %9s %9s %9s %6d %11s %10s\n", f.streams, f.tasks, f.training ? "yes" : "no",
+      f.seconds > 0 ? static_cast<double>(f.tokens) / f.seconds : 0.0, Ms(Percentile(f.ttft, 0.5)).c_str(),
+      Ms(Percentile(f.ttft, 0.95)).c_str(), Ms(Percentile(f.itl, 0.5)).c_str(),
+      Ms(Percentile(f.itl, 0.95)).c_str(), f.errors,
+      f.training_steps_per_second ? absl::StrFormat("%.2f", *f.training_steps_per_second).c_str() : "-",
+      f.in_process_tokens_per_second ? absl::StrFormat("%.1f", *f.in_process_tokens_per_second).c_str()
+                                     : "-");
   if (!f.first_error.empty()) std::printf("        first error: %s\n", f.first_error.c_str());
   std::fflush(stdout);
 }
@@ -372,23 +378,28 @@ void AddServeBenchOptions(CLI::App* sub, ServeBenchArgs* a) {
   sub->add_option("--model", a->model, "Model directory, stories260K (the shared one) or 110m (random init)")
       ->capture_default_str();
   sub->add_option("--target", a->target, "HOST:PORT of a running server (default: start one on 127.0.0.1)");
-  sub->add_option("--server-binary", a->server_binary, "strata-server to start (default: beside strata, else PATH)");
+  sub->add_option("--server-binary", a->server_binary,
+                  "strata-server to start (default: beside strata, else PATH)");
   sub->add_option("--streams", a->streams, "Concurrent streaming clients, comma-separated")
       ->delimiter(',')
       ->capture_default_str();
-  sub->add_option("--tasks", a->tasks, "Learned tasks the streams spread over (0 = route base), comma-separated")
+  sub->add_option("--tasks", a->tasks,
+                  "Learned tasks the streams spread over (0 = route base), comma-separated")
       ->delimiter(',')
       ->capture_default_str();
-  sub->add_flag("--with-training", a->with_training, "Also run every combination with a training job running");
+  sub->add_flag("--with-training", a->with_training,
+                "Also run every combination with a training job running");
   sub->add_option("--max-tokens", a->max_tokens, "Tokens per request (ignore_eos)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   sub->add_option("--requests", a->requests, "Requests per stream and combination")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  sub->add_option("--threads", a->threads, "The started server's --threads")->capture_default_str()->check(
-      CLI::PositiveNumber);
-  sub->add_option("--serving-threads", a->serving_threads, "The started server's --serving_threads (0 = its default)")
+  sub->add_option("--threads", a->threads, "The started server's --threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--serving-threads", a->serving_threads,
+                  "The started server's --serving_threads (0 = its default)")
       ->capture_default_str();
   sub->add_option("--training-threads", a->training_threads,
                   "The started server's --training_threads (0 = its default)")
@@ -397,7 +408,8 @@ void AddServeBenchOptions(CLI::App* sub, ServeBenchArgs* a) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   sub->add_option("--json", a->json_path, "Write the results as JSON to this file");
-  sub->add_option("--work-dir", a->work_dir, "Directory for the state, model and logs (default: a new /tmp dir)");
+  sub->add_option("--work-dir", a->work_dir,
+                  "Directory for the state, model and logs (default: a new /tmp dir)");
 }
 
 int RunServeBenchCommand(const ServeBenchArgs& args) {
@@ -426,14 +438,26 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
   std::string model_dir;
   if (args.target.empty() || args.model != "stories260K") {
     auto dir = PrepareModel(args.model, work);
-    if (!dir.ok()) return (std::fprintf(stderr, "--model: %s\n", std::string(dir.status().message()).c_str()), kExitUsage);
+    if (!dir.ok())
+      return (std::fprintf(stderr, "--model: %s\n", std::string(dir.status().message()).c_str()), kExitUsage);
     model_dir = *dir;
     auto m = CausalLM::Load(model_dir);
-    if (!m.ok()) return (std::fprintf(stderr, "--model: %s\n", std::string(m.status().message()).c_str()), kExitUsage);
+    if (!m.ok())
+      return (std::fprintf(stderr, "--model: %s\n", std::string(m.status().message()).c_str()), kExitUsage);
     model = std::move(*m);
     auto t = Tokenizer::FromDirectory(model_dir);
-    if (!t.ok()) return (std::fprintf(stderr, "--model: %s\n", std::string(t.status().message()).c_str()), kExitUsage);
+    if (!t.ok())
+      return (std::fprintf(stderr, "--model: %s\n", std::string(t.status().message()).c_str()), kExitUsage);
     tokenizer = std::move(*t);
+  }
+
+  // The in-process reference (1 stream, base weights) first, while nothing else runs.
+  std::optional<double> in_process;
+  if (model && std::count(args.streams.begin(), args.streams.end(), 1) > 0 &&
+      std::count(args.tasks.begin(), args.tasks.end(), 0) > 0) {
+    in_process = InProcessTokensPerSecond(*model, *tokenizer, args, serving_threads);
+    std::printf("in-process decode (1 stream, base weights, %d threads): %.1f tokens/s\n", serving_threads,
+                *in_process);
   }
 
   std::unique_ptr<ServerProcess> server;
@@ -479,7 +503,8 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
     }
   }
   std::printf("server %s: model %s, %d training / %d serving threads, method %s\n", addr.c_str(),
-              info.model().name().c_str(), info.training_threads(), info.serving_threads(), info.method().c_str());
+              info.model().name().c_str(), info.training_threads(), info.serving_threads(),
+              info.method().c_str());
 
   // Tasks: imported adapters on a started server; a running one must have enough already.
   std::vector<std::string> task_names;
@@ -496,19 +521,23 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
       return kExitUsage;
     }
     const Clock::time_point t0 = Clock::now();
-    auto dirs = WriteAdapters(*model, max_tasks - static_cast<int>(task_names.size()), state_dir + "/imports");
-    if (!dirs.ok()) return (std::fprintf(stderr, "adapters: %s\n", dirs.status().ToString().c_str()), kExitFailed);
+    auto dirs =
+        WriteAdapters(*model, max_tasks - static_cast<int>(task_names.size()), state_dir + "/imports");
+    if (!dirs.ok())
+      return (std::fprintf(stderr, "adapters: %s\n", dirs.status().ToString().c_str()), kExitFailed);
     grpc::ClientContext ctx;
     pb::ImportAdaptersRequest req;
     for (const auto& d : *dirs) req.add_dirs(d);
     pb::ImportAdaptersResponse resp;
     const grpc::Status st = admin->ImportAdapters(&ctx, req, &resp);
-    if (!st.ok()) return (std::fprintf(stderr, "ImportAdapters: %s\n", st.error_message().c_str()), kExitFailed);
+    if (!st.ok())
+      return (std::fprintf(stderr, "ImportAdapters: %s\n", st.error_message().c_str()), kExitFailed);
     for (;;) {
       auto job = GetJob(*adaptation, resp.job_id());
       if (job && job->state() == pb::JOB_STATE_SUCCEEDED) break;
       if (!job || job->state() == pb::JOB_STATE_FAILED || job->state() == pb::JOB_STATE_CANCELLED) {
-        std::fprintf(stderr, "import job %s: %s\n", resp.job_id().c_str(), job ? job->error().c_str() : "gone");
+        std::fprintf(stderr, "import job %s: %s\n", resp.job_id().c_str(),
+                     job ? job->error().c_str() : "gone");
         return kExitFailed;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -519,7 +548,8 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
 
   std::printf("\n%7s %5s %8s %9s %9s %9s %9s %9s %6s %11s %10s\n", "streams", "tasks", "training", "tokens/s",
               "ttft p50", "ttft p95", "itl p50", "itl p95", "errors", "train st/s", "in-proc/s");
-  std::printf("%7s %5s %8s %9s %9s %9s %9s %9s %6s %11s %10s\n", "", "", "", "", "ms", "ms", "ms", "ms", "", "", "");
+  std::printf("%7s %5s %8s %9s %9s %9s %9s %9s %6s %11s %10s\n", "", "", "", "", "ms", "ms", "ms", "ms", "",
+              "", "");
   std::vector<Figures> results;
   bool failed = false;
   auto run_all = [&](bool training, const std::string& job_id) {
@@ -536,9 +566,7 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
           auto after = StepNow(*adaptation, job_id);
           if (before && after) f.training_steps_per_second = StepsPerSecond(*before, *after);
         }
-        if (streams == 1 && tasks == 0 && !training && model) {
-          f.in_process_tokens_per_second = InProcessTokensPerSecond(*model, *tokenizer, args, serving_threads);
-        }
+        if (streams == 1 && tasks == 0 && !training) f.in_process_tokens_per_second = in_process;
         failed = failed || f.errors > 0;
         PrintRow(f);
         results.push_back(std::move(f));
@@ -554,7 +582,8 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
       auto job = GetJob(*adaptation, *id);
       if (job && job->state() == pb::JOB_STATE_TRAINING && job->progress().step() >= 2) break;
       if (!job || job->state() >= pb::JOB_STATE_SUCCEEDED) {
-        std::fprintf(stderr, "training job %s did not start: %s\n", id->c_str(), job ? job->error().c_str() : "gone");
+        std::fprintf(stderr, "training job %s did not start: %s\n", id->c_str(),
+                     job ? job->error().c_str() : "gone");
         return kExitFailed;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));

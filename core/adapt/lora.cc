@@ -46,7 +46,8 @@ std::pair<at::Tensor, at::Tensor> SharedBasisAdapter::Factors() const {
 
 at::Tensor SharedBasisAdapter::Forward(const at::Tensor& x) {
   const at::Tensor xin = x.scalar_type() == right_.scalar_type() ? x : x.to(right_.scalar_type());
-  return at::matmul(at::matmul(at::matmul(xin, right_), core_.t()).mul(scaling() * branch_scale()), left_.t());
+  return at::matmul(at::matmul(at::matmul(xin, right_), core_.t()).mul(scaling() * branch_scale()),
+                    left_.t());
 }
 
 bool SharedBasisAdapter::SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right,

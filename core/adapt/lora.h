@@ -74,7 +74,8 @@ class SharedBasisAdapter : public LowRankAdapter {
   // (L, C Rᵀ), computed on each call.
   std::pair<at::Tensor, at::Tensor> Factors() const override;
   at::Tensor Forward(const at::Tensor& x) override;
-  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const override;
+  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right,
+                          double* scale) const override;
 
  private:
   at::Tensor left_, core_, right_;

@@ -178,8 +178,8 @@ class ShareEllaMethod : public Method {
       const ShareModule& share = share_.at(m);
       ASSIGN_OR_RETURN(ShareModule::Core c, share.CumulativeCore(task));
       const at::Device dev = base->FindLinear(m)->weight.device();
-      adapters.push_back(
-          std::make_shared<SharedBasisAdapter>(c.beta.to(dev), c.core.to(dev), c.alpha.to(dev), share.scale()));
+      adapters.push_back(std::make_shared<SharedBasisAdapter>(c.beta.to(dev), c.core.to(dev), c.alpha.to(dev),
+                                                              share.scale()));
     }
     for (size_t i = 0; i < modules_.size(); ++i) base->FindLinear(modules_[i])->adapter = adapters[i];
     return absl::OkStatus();

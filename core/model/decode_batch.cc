@@ -186,11 +186,11 @@ struct ForwardRoutes {
 // The side path of one linear layer for a batch whose rows have different routes. When every
 // route's adapter here goes through the same shared basis (LinearAdapter::SharedBasisFactors, as
 // Share's task routes of one version do), the batch runs the basis once, (x R) then Lᵀ, with a
-// per-row k×k core in between: the cost of one route. Else, when every route's adapter is low-rank (LinearAdapter::LowRankFactors), all of them run as two GEMMs
-// over the concatenated factors, x [A_1; ...; A_G]ᵀ masked per row to its own route's columns
-// (times its scale), then [B_1 ... B_G]ᵀ: the cost of one rank-Σr side path, whatever the number
-// of routes (the concatenation is rebuilt only when the batch's rows change). Otherwise each
-// route's adapter runs on its own rows. Rows without an adapter get none.
+// per-row k×k core in between: the cost of one route. Else, when every route's adapter is low-rank
+// (LinearAdapter::LowRankFactors), all of them run as two GEMMs over the concatenated factors, x [A_1; ...;
+// A_G]ᵀ masked per row to its own route's columns (times its scale), then [B_1 ... B_G]ᵀ: the cost of one
+// rank-Σr side path, whatever the number of routes (the concatenation is rebuilt only when the batch's rows
+// change). Otherwise each route's adapter runs on its own rows. Rows without an adapter get none.
 class RowAdapter : public LinearAdapter {
  public:
   RowAdapter(std::string name, int64_t out_features, const ForwardRoutes* routes)
@@ -262,7 +262,8 @@ class RowAdapter : public LinearAdapter {
     std::vector<at::Tensor> per_row(static_cast<size_t>(routes_->batch));
     const at::Tensor zero = at::zeros({right.size(1), left.size(1)}, left.options());
     for (size_t g = 0; g < routes_->groups.size(); ++g) {
-      for (int64_t r : routes_->groups[g].rows) per_row[static_cast<size_t>(r)] = cores[g].defined() ? cores[g] : zero;
+      for (int64_t r : routes_->groups[g].rows)
+        per_row[static_cast<size_t>(r)] = cores[g].defined() ? cores[g] : zero;
     }
     row_cores_ = at::stack(per_row).to(device);  // [B, kr, kl]
     right_ = right;
@@ -329,7 +330,7 @@ class RowAdapter : public LinearAdapter {
   bool any_ = false;
   bool shared_ = false;
   bool low_rank_ = false;
-  at::Tensor a_, b_, mask_;            // concatenated low-rank factors, per-row scaled mask
+  at::Tensor a_, b_, mask_;                // concatenated low-rank factors, per-row scaled mask
   at::Tensor right_, left_t_, row_cores_;  // the shared basis and each row's core
 };
 

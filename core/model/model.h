@@ -46,7 +46,8 @@ class LinearAdapter {
   // A side path through a basis shared with other routes, y = scale · ((x R) Cᵀ) Lᵀ with
   // L [n×kl], C [kl×kr] (this route's core) and R [d×kr], may expose them: routes whose L and R are
   // the same tensors run as one side path with a per-row core (DecodeBatch). Default: false.
-  virtual bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const {
+  virtual bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right,
+                                  double* scale) const {
     (void)left;
     (void)core;
     (void)right;
