@@ -85,6 +85,17 @@ absl::Status DecodeScheduler::CheckPromptLength(int64_t tokens) const {
   return absl::OkStatus();
 }
 
+absl::Status DecodeScheduler::CheckRoomLocked() const {
+  if (stop_) return absl::UnavailableError("the server is shutting down");
+  const int64_t waiting = static_cast<int64_t>(waiting_.size() + exclusive_.size());
+  if (waiting >= options_.max_waiting_requests) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the server is busy: ", running_, " requests running and ", waiting,
+                     " waiting (--max_waiting_requests ", options_.max_waiting_requests, "); retry later"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<GenerationStream>> DecodeScheduler::Submit(GenerationRequest request) {
   if (absl::Status st = ValidateSamplingOptions(request.sampling); !st.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("sampling: ", st.message()));
@@ -97,13 +108,7 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> DecodeScheduler::Submit(Genera
   pending->request = std::move(request);
   pending->stream = std::make_shared<GenerationStream>();
   absl::MutexLock lock(&mu_);
-  if (stop_) return absl::UnavailableError("the server is shutting down");
-  const int64_t waiting = static_cast<int64_t>(waiting_.size() + exclusive_.size());
-  if (waiting >= options_.max_waiting_requests) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the server is busy: ", running_, " requests running and ", waiting,
-                     " waiting (--max_waiting_requests ", options_.max_waiting_requests, "); retry later"));
-  }
+  if (absl::Status st = CheckRoomLocked(); !st.ok()) return st;
   waiting_.push_back(pending);
   return pending->stream;
 }
@@ -139,13 +144,7 @@ absl::StatusOr<ScoreOutcome> DecodeScheduler::Score(const std::string& route, co
   };
   {
     absl::MutexLock lock(&mu_);
-    if (stop_) return absl::UnavailableError("the server is shutting down");
-    const int64_t waiting = static_cast<int64_t>(waiting_.size() + exclusive_.size());
-    if (waiting >= options_.max_waiting_requests) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("the server is busy: ", running_, " requests running and ", waiting,
-                       " waiting (--max_waiting_requests ", options_.max_waiting_requests, "); retry later"));
-    }
+    if (absl::Status st = CheckRoomLocked(); !st.ok()) return st;
     exclusive_.push_back(std::move(job));
   }
   return done.get();

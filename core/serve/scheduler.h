@@ -130,6 +130,8 @@ class DecodeScheduler {
   struct Running;
   void Loop();
   absl::Status CheckPromptLength(int64_t tokens) const;
+  // UNAVAILABLE while stopping, RESOURCE_EXHAUSTED when max_waiting_requests are waiting.
+  absl::Status CheckRoomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Engine* engine_;
   const SchedulerOptions options_;
