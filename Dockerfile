@@ -56,7 +56,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG CUDA_BUILD_PACKAGES="cmake ninja-build g++ pkg-config ccache \
     libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
     libabsl-dev libssl-dev prometheus-cpp-dev libspdlog-dev \
-    nlohmann-json3-dev libpcre2-dev libcli11-dev libicu-dev libjemalloc-dev \
+    nlohmann-json3-dev libcpp-httplib-dev libpcre2-dev libcli11-dev libicu-dev libjemalloc-dev \
     curl unzip ca-certificates binutils python3-yaml"
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${CUDA_BUILD_PACKAGES} \
@@ -103,7 +103,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG CPU_RUNTIME_PACKAGES="libtorch1.13 libopenblas0-openmp \
     libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
     libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libspdlog1.10 libfmt9 \
-    libpcre2-8-0 libicu72 libssl3 libjemalloc2"
+    libpcre2-8-0 libicu72 libssl3 libjemalloc2 libcpp-httplib0.11"
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${CPU_RUNTIME_PACKAGES} \
  && rm -rf /var/lib/apt/lists/* \

@@ -473,6 +473,7 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
                                      "--host=127.0.0.1",
                                      absl::StrCat("--grpc_port=", port),
                                      "--metrics_port=0",
+                                     "--http_port=0",
                                      "--state_dir=" + state_dir,
                                      "--model=" + model_dir,
                                      absl::StrCat("--threads=", args.threads),

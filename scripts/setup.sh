@@ -21,7 +21,7 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config ccache
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libssl-dev libtorch-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
-  nlohmann-json3-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev
+  nlohmann-json3-dev libcpp-httplib-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev
   curl prometheus gnuplot-nox python3-yaml
 )
 

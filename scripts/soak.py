@@ -75,7 +75,7 @@ def start_server():
     global server
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     server = subprocess.Popen([SERVER, f"--model={MODEL}", f"--state_dir={STATE}", "--host=127.0.0.1",
-                               f"--grpc_port={GRPC}", f"--metrics_port={METRICS}", f"--max_steps={args.steps}",
+                               f"--grpc_port={GRPC}", f"--metrics_port={METRICS}", "--http_port=0", f"--max_steps={args.steps}",
                                "--batch_size=8", "--threads=2", "--max_queue=1000"],
                               stdout=LOG, stderr=LOG, env=env)
     deadline = time.time() + 300

@@ -53,12 +53,29 @@ grpc::Status BearerAuth::Check(const grpc::ServerContext& context) const {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the authorization metadata must be 'Bearer <token>'");
   }
-  absl::string_view token = absl::StripAsciiWhitespace(value.substr(kScheme.size()));
-  const std::string presented = Digest(token);
-  if (CRYPTO_memcmp(presented.data(), digest_.data(), digest_.size()) != 0) {
+  if (!Matches(value.substr(kScheme.size()))) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid bearer token");
   }
   return grpc::Status::OK;
+}
+
+absl::Status BearerAuth::CheckHeader(const std::string* authorization) const {
+  if (authorization == nullptr) {
+    return absl::UnauthenticatedError(
+        "this server requires a bearer token: send the header 'Authorization: Bearer <token>'");
+  }
+  absl::string_view value(*authorization);
+  constexpr absl::string_view kScheme = "bearer ";
+  if (value.size() < kScheme.size() || !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
+    return absl::UnauthenticatedError("the Authorization header must be 'Bearer <token>'");
+  }
+  if (!Matches(value.substr(kScheme.size()))) return absl::UnauthenticatedError("invalid bearer token");
+  return absl::OkStatus();
+}
+
+bool BearerAuth::Matches(absl::string_view presented_token) const {
+  const std::string presented = Digest(absl::StripAsciiWhitespace(presented_token));
+  return CRYPTO_memcmp(presented.data(), digest_.data(), digest_.size()) == 0;
 }
 
 absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path,

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace strata {
 
@@ -31,9 +32,13 @@ class BearerAuth {
 
   // OK when the call carries the token; UNAUTHENTICATED (saying what is missing) otherwise.
   grpc::Status Check(const grpc::ServerContext& context) const;
+  // The same check for an HTTP request's Authorization header (null when absent): OK, or
+  // UNAUTHENTICATED saying what is missing.
+  absl::Status CheckHeader(const std::string* authorization) const;
 
  private:
-  std::string digest_;  // raw SHA-256 of the token
+  bool Matches(absl::string_view presented_token) const;  // constant-time
+  std::string digest_;                                    // raw SHA-256 of the token
 };
 
 // Checks TLS material before gRPC sees it (gRPC only fails to bind, which reads like a busy port):

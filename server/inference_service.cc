@@ -51,6 +51,15 @@ absl::StatusOr<SamplingOptions> SamplingFromProto(const pb::SamplingParams& p, i
   o.top_p = p.top_p() == 0 ? 1.0f : p.top_p();
   o.seed = p.seed();
   o.stop_on_eos = !p.ignore_eos();
+  if (p.top_logprobs() < 0 || p.top_logprobs() > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling.top_logprobs: must be in [0, ", kMaxTopLogprobs, "], got ", p.top_logprobs()));
+  }
+  if (p.top_logprobs() > 0 && !p.logprobs()) {
+    return absl::InvalidArgumentError("sampling.top_logprobs: needs sampling.logprobs = true");
+  }
+  o.logprobs = p.logprobs();
+  o.top_logprobs = p.top_logprobs();
   for (const std::string& s : p.stop()) {
     if (s.empty()) return absl::InvalidArgumentError("sampling.stop: stop strings must not be empty");
     o.stop_strings.push_back(s);
@@ -58,13 +67,20 @@ absl::StatusOr<SamplingOptions> SamplingFromProto(const pb::SamplingParams& p, i
   return o;
 }
 
-// A token that is not text on its own (a byte piece) is shown as <0xXX> bytes.
-std::string TokenText(const Tokenizer& tokenizer, int32_t id) {
-  std::string token = tokenizer.IdToToken(id);
-  if (IsValidUtf8(token)) return token;
-  std::string out;
-  for (unsigned char c : token) absl::StrAppend(&out, absl::StrFormat("<0x%02X>", c));
-  return out;
+void AddLogprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprob>& logprobs,
+                 pb::GenerateResponse* msg) {
+  for (const TokenLogprob& lp : logprobs) {
+    pb::TokenLogprob* out = msg->add_logprobs();
+    out->set_token_id(lp.id);
+    out->set_token(TokenDisplayText(tokenizer, lp.id));
+    out->set_logprob(lp.logprob);
+    for (const auto& [id, logprob] : lp.top) {
+      pb::TopLogprob* top = out->add_top_logprobs();
+      top->set_token_id(id);
+      top->set_token(TokenDisplayText(tokenizer, id));
+      top->set_logprob(logprob);
+    }
+  }
 }
 
 // The route a request asks for: `route`, or `task` (the older field), "auto" when both are empty.
@@ -93,6 +109,23 @@ double Seconds(Clock::time_point since) {
 
 }  // namespace
 
+std::string TokenDisplayText(const Tokenizer& tokenizer, int32_t id) {
+  std::string token = tokenizer.IdToToken(id);
+  if (IsValidUtf8(token)) return token;
+  std::string out;
+  for (unsigned char c : token) absl::StrAppend(&out, absl::StrFormat("<0x%02X>", c));
+  return out;
+}
+
+void CountRefusal(ServerMetrics* metrics, const absl::Status& status) {
+  if (metrics == nullptr) return;
+  if (absl::IsResourceExhausted(status)) metrics->RecordRejected("queue_full");
+  if (absl::IsInvalidArgument(status) && absl::StartsWith(status.message(), "prompt:") &&
+      absl::StrContains(status.message(), "limit")) {
+    metrics->RecordRejected("prompt_too_long");
+  }
+}
+
 InferenceServiceImpl::InferenceServiceImpl(const Engine* engine, DecodeScheduler* scheduler,
                                            const BearerAuth* auth, ServerMetrics* metrics,
                                            InferenceOptions options)
@@ -100,13 +133,7 @@ InferenceServiceImpl::InferenceServiceImpl(const Engine* engine, DecodeScheduler
 
 // An admission error, counted by reason.
 grpc::Status InferenceServiceImpl::Refused(const absl::Status& status) {
-  if (metrics_ != nullptr) {
-    if (absl::IsResourceExhausted(status)) metrics_->RecordRejected("queue_full");
-    if (absl::IsInvalidArgument(status) && absl::StartsWith(status.message(), "prompt:") &&
-        absl::StrContains(status.message(), "limit")) {
-      metrics_->RecordRejected("prompt_too_long");
-    }
-  }
+  CountRefusal(metrics_, status);
   return ToGrpcStatus(status);
 }
 
@@ -136,8 +163,9 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
     msg->set_route_confidence(route.confidence);
   };
   GenerationFigures figures;
-  std::vector<int32_t> pending_ids;     // generated ids not yet sent (their text is incomplete)
-  std::optional<double> last_token_at;  // scheduler time of the previous token
+  std::vector<int32_t> pending_ids;            // generated ids not yet sent (their text is incomplete)
+  std::vector<TokenLogprob> pending_logprobs;  // theirs, when asked for
+  std::optional<double> last_token_at;         // scheduler time of the previous token
   const double submitted_after = Seconds(start);
   for (;;) {
     // Poll for the client going away (or its deadline passing) between events.
@@ -156,6 +184,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
         case StreamEvent::Kind::kToken: {
           if (e.token_id >= 0) {
             pending_ids.push_back(e.token_id);
+            if (e.has_logprob) pending_logprobs.push_back(std::move(e.logprob));
             ++figures.generation_tokens;
             if (!figures.time_to_first_token) figures.time_to_first_token = submitted_after + e.seconds;
             if (last_token_at) figures.inter_token_latencies.push_back(e.seconds - *last_token_at);
@@ -166,8 +195,10 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
           // Proto3 strings must be UTF-8: invalid bytes in generated text become U+FFFD.
           msg.set_text(SanitizeUtf8(e.text));
           for (int32_t i : pending_ids) msg.add_token_ids(i);
+          AddLogprobs(engine_->tokenizer(), pending_logprobs, &msg);
           set_route(&msg);
           pending_ids.clear();
+          pending_logprobs.clear();
           if (!writer->Write(msg)) {
             (*stream)->Cancel();
             return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away during the generation");
@@ -184,6 +215,7 @@ grpc::Status InferenceServiceImpl::Generate(grpc::ServerContext* context, const 
           }
           pb::GenerateResponse last;
           for (int32_t i : pending_ids) last.add_token_ids(i);
+          AddLogprobs(engine_->tokenizer(), pending_logprobs, &last);
           set_route(&last);
           last.set_finish_reason(r.finish_reason);
           last.set_prompt_tokens(static_cast<int32_t>(r.prompt_tokens));
@@ -239,7 +271,7 @@ grpc::Status InferenceServiceImpl::Tokenize(grpc::ServerContext* context, const 
   const Tokenizer& tokenizer = engine_->tokenizer();
   for (int32_t id : tokenizer.Encode(request->text(), request->add_special_tokens())) {
     response->add_ids(id);
-    response->add_tokens(TokenText(tokenizer, id));
+    response->add_tokens(TokenDisplayText(tokenizer, id));
   }
   response->set_weights_version(engine_->Current()->version);
   return grpc::Status::OK;

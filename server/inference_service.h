@@ -9,6 +9,7 @@
 // Thread safety: handlers run concurrently on gRPC's threads.
 
 #include <cstdint>
+#include <string>
 
 #include "core/serve/scheduler.h"
 #include "core/state/engine.h"
@@ -17,6 +18,13 @@
 #include "strata/v1/inference.grpc.pb.h"
 
 namespace strata {
+
+// A token as the vocabulary spells it; a byte piece that is not UTF-8 on its own reads <0xXX>.
+std::string TokenDisplayText(const Tokenizer& tokenizer, int32_t id);
+
+// Counts an admission refusal of the scheduler (queue full, prompt too long) in `metrics` (may be
+// null).
+void CountRefusal(ServerMetrics* metrics, const absl::Status& status);
 
 struct InferenceOptions {
   int32_t max_new_tokens = 1024;  // per request

@@ -46,6 +46,7 @@
 #include "server/auth.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
+#include "server/openai_http.h"
 #include "strata/build_info.h"
 
 // Debian's civetweb (under prometheus-cpp's Exposer) asks for a 100 KiB thread stack, smaller than
@@ -61,6 +62,12 @@ extern "C" int pthread_attr_setstacksize(pthread_attr_t* attr, size_t size) {
 ABSL_FLAG(std::string, host, "127.0.0.1", "Address to listen on (gRPC and /metrics).");
 ABSL_FLAG(int32_t, grpc_port, 50051, "gRPC port.");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Prometheus /metrics HTTP port (0 disables the exposer).");
+ABSL_FLAG(int32_t, http_port, 8000,
+          "OpenAI-compatible HTTP API port (/v1/completions, /v1/models; 0 disables it). HTTPS with "
+          "--tls_cert/--tls_key.");
+ABSL_FLAG(int32_t, http_threads, 64,
+          "HTTP worker threads: the most HTTP requests (streams included) handled at once; more wait for a "
+          "free thread.");
 ABSL_FLAG(std::string, state_dir, "./strata-state",
           "Directory for durable state (checkpoints, job journal).");
 ABSL_FLAG(std::string, model, "",
@@ -149,7 +156,7 @@ namespace {
 
 // clang-format off
 const std::vector<std::string> kFlagNames = {
-    "host", "grpc_port", "metrics_port", "state_dir", "model", "device", "dtype", "threads",
+    "host", "grpc_port", "metrics_port", "http_port", "http_threads", "state_dir", "model", "device", "dtype", "threads",
     "log_format", "log_level", "shutdown_grace_seconds",
     // Training defaults and thread budgets.
     "method", "learning_rate", "max_steps", "batch_size", "warmup_ratio", "lr_schedule", "max_seq_len",
@@ -483,6 +490,26 @@ int Run() {
                                  server_facts.inference_auth_required ? auth.get() : nullptr, &metrics,
                                  inference_options);
 
+  std::unique_ptr<OpenAiHttpServer> http;
+  if (const int http_port = absl::GetFlag(FLAGS_http_port); http_port != 0) {
+    HttpOptions http_options;
+    http_options.host = host;
+    http_options.port = http_port;
+    http_options.threads = absl::GetFlag(FLAGS_http_threads);
+    http_options.max_new_tokens = inference_options.max_new_tokens;
+    http_options.max_choices = scheduler_options.max_batch_size;
+    http_options.max_body_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+    if (tls) {
+      http_options.tls_cert_path = absl::GetFlag(FLAGS_tls_cert);
+      http_options.tls_key_path = absl::GetFlag(FLAGS_tls_key);
+    }
+    auto started_http = OpenAiHttpServer::Start(engine.get(), &scheduler,
+                                                server_facts.inference_auth_required ? auth.get() : nullptr,
+                                                &metrics, http_options);
+    if (!started_http.ok()) return Fail(started_http.status());
+    http = std::move(*started_http);
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -527,8 +554,13 @@ int Run() {
   adaptation.BeginShutdown();
   // The running job stops at its next step and stays queued for the next start.
   worker.Stop();
+  std::thread http_stop([&http, grace] {
+    if (http) http->Stop(grace);
+  });
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
   server->Wait();
+  http_stop.join();
+  http.reset();
   exposer.reset();
   metrics.SetScheduler(nullptr);
   spdlog::info("shutdown complete");

@@ -98,6 +98,30 @@ int32_t PickToken(const float* logits, int64_t vocab, const SamplingOptions& opt
   return cand[keep - 1];
 }
 
+// log_softmax of one row of logits at `token`, and the `top` most likely tokens.
+TokenLogprob LogprobsOf(const float* logits, int64_t vocab, int32_t token, int32_t top) {
+  double max_logit = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < vocab; ++i) max_logit = std::max(max_logit, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_z = max_logit + std::log(sum);
+  TokenLogprob out;
+  out.id = token;
+  out.logprob = static_cast<float>(static_cast<double>(logits[token]) - log_z);
+  if (top > 0) {
+    const int64_t n = std::min<int64_t>(top, vocab);
+    std::vector<int32_t> ids(static_cast<size_t>(vocab));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), [&](int32_t a, int32_t b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      out.top.emplace_back(ids[i], static_cast<float>(static_cast<double>(logits[ids[i]]) - log_z));
+    }
+  }
+  return out;
+}
+
 struct SequenceState {
   std::vector<int32_t> tokens;  // decode context (last prompt tokens) + generated ids
   size_t context = 0;           // number of leading context tokens in `tokens`
@@ -345,6 +369,13 @@ absl::Status ValidateSamplingOptions(const SamplingOptions& o) {
         absl::StrCat("temperature must be a finite value >= 0, got ", o.temperature));
   }
   if (o.top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", o.top_k));
+  if (o.top_logprobs < 0 || o.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", o.top_logprobs));
+  }
+  if (o.top_logprobs > 0 && !o.logprobs) {
+    return absl::InvalidArgumentError("top_logprobs needs logprobs to be requested too");
+  }
   if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", o.top_p));
   }
@@ -448,6 +479,8 @@ struct DecodeBatch::Impl {
     } else {
       s.result.ids.push_back(token);
       s.tokens.push_back(token);
+      if (options.logprobs)
+        s.result.logprobs.push_back(LogprobsOf(logits, vocab, token, options.top_logprobs));
       const bool at_length = static_cast<int64_t>(s.result.ids.size()) >= s.max_new;
       Detokenize(*tokenizer, s, at_length);
       // Stop strings: cut the text before the first occurrence.
@@ -469,12 +502,13 @@ struct DecodeBatch::Impl {
         delta = s.text.substr(s.emitted, end - s.emitted);
         s.emitted = end;
       }
-      if (s.row.on_token && !s.row.on_token(token, delta) && !s.done) Finish(s, "cancelled");
+      const TokenLogprob* logprob = options.logprobs ? &s.result.logprobs.back() : nullptr;
+      if (s.row.on_token && !s.row.on_token(token, delta, logprob) && !s.done) Finish(s, "cancelled");
       if (!s.done) s.next_token = token;
     }
     if (s.done && s.row.on_token && s.emitted < s.text.size() && s.result.finish_reason != "cancelled") {
       // Deliver text held back for a possible stop string that never completed.
-      s.row.on_token(-1, s.text.substr(s.emitted));
+      s.row.on_token(-1, s.text.substr(s.emitted), nullptr);
       s.emitted = s.text.size();
     }
   }

@@ -41,9 +41,10 @@ struct DecodeRow {
   uint64_t stream = 0;
   // The row's side paths: the adapters on this model's linear layers (null = the weights alone).
   std::shared_ptr<const CausalLM> route_model;
-  // Each generated token, as Generate()'s TokenCallback for this row (index is always 0). Return
-  // false to cancel the row.
-  std::function<bool(int32_t id, const std::string& text_delta)> on_token;
+  // Each generated token, as Generate()'s TokenCallback for this row (index is always 0), with its
+  // log-probabilities when sampling.logprobs is set (null otherwise, and for id -1). Return false
+  // to cancel the row.
+  std::function<bool(int32_t id, const std::string& text_delta, const TokenLogprob* logprob)> on_token;
   // Called exactly once when the row leaves the batch: its result, or the error that ended it
   // (INTERNAL when the forward pass failed; every running row gets it).
   std::function<void(absl::StatusOr<GenerationResult>)> on_done;

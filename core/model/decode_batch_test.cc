@@ -74,7 +74,7 @@ DecodeRow MakeRow(const std::vector<int32_t>& prompt, const SamplingOptions& o, 
   row.prompt = prompt;
   row.sampling = o;
   row.route_model = std::move(route);
-  row.on_token = [out](int32_t, const std::string& delta) {
+  row.on_token = [out](int32_t, const std::string& delta, const TokenLogprob*) {
     out->streamed += delta;
     return true;
   };
@@ -237,6 +237,74 @@ TEST_F(DecodeBatchTest, RefusesBadRows) {
   EXPECT_EQ(batch.Add(MakeRow({1}, bad, &o)).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(batch.empty());
   EXPECT_FALSE(o.done);
+}
+
+// Logprobs: each generated token's log-probability is log_softmax of the model's logits at its
+// step (checked against a full forward pass over prompt + generated ids), the top list is sorted
+// and starts with the greedy token, and a batch row reports the same values as the row alone.
+TEST_F(DecodeBatchTest, LogprobsAreTheModelsLogSoftmax) {
+  SamplingOptions o = options_;
+  o.max_new_tokens = 6;
+  o.stop_ids.clear();
+  o.stop_on_eos = false;
+  o.logprobs = true;
+  o.top_logprobs = 5;
+  const GenerationResult alone = Alone(1, o);
+  ASSERT_EQ(alone.logprobs.size(), alone.ids.size());
+  ASSERT_EQ(alone.ids.size(), 6u);
+  std::vector<int64_t> all(prompts_[1].begin(), prompts_[1].end());
+  all.insert(all.end(), alone.ids.begin(), alone.ids.end());
+  c10::InferenceMode guard;
+  const at::Tensor logits =
+      model_->Forward(at::tensor(all, at::kLong).unsqueeze(0), at::Tensor(), nullptr, 0);
+  const at::Tensor logp = at::log_softmax(logits[0].to(at::kDouble), -1);
+  for (size_t t = 0; t < alone.ids.size(); ++t) {
+    const TokenLogprob& lp = alone.logprobs[t];
+    const int64_t pos = static_cast<int64_t>(prompts_[1].size() + t) - 1;
+    EXPECT_EQ(lp.id, alone.ids[t]);
+    EXPECT_NEAR(lp.logprob, logp[pos][lp.id].item<double>(), 1e-3) << "token " << t;
+    ASSERT_EQ(lp.top.size(), 5u);
+    EXPECT_EQ(lp.top[0].first, lp.id) << "greedy: the chosen token is the most likely";
+    for (size_t k = 1; k < lp.top.size(); ++k) EXPECT_GE(lp.top[k - 1].second, lp.top[k].second);
+    EXPECT_LE(lp.logprob, 0.0f);
+  }
+
+  // In a batch with another row (different length, no logprobs), the same values.
+  DecodeBatch batch(model_, tok_);
+  Outcome other, mine;
+  std::vector<TokenLogprob> streamed;
+  ASSERT_TRUE(batch.Add(MakeRow(prompts_[3], options_, &other)).ok());
+  DecodeRow row = MakeRow(prompts_[1], o, &mine);
+  row.on_token = [&streamed](int32_t id, const std::string&, const TokenLogprob* lp) {
+    EXPECT_NE(lp, nullptr);
+    if (lp != nullptr) {
+      EXPECT_EQ(lp->id, id);
+      streamed.push_back(*lp);
+    }
+    return true;
+  };
+  ASSERT_TRUE(batch.Add(std::move(row)).ok());
+  while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+  ASSERT_EQ(mine.ids, alone.ids);
+  ASSERT_EQ(streamed.size(), alone.logprobs.size());
+  for (size_t t = 0; t < streamed.size(); ++t) {
+    EXPECT_NEAR(streamed[t].logprob, alone.logprobs[t].logprob, 1e-4);
+    ASSERT_EQ(streamed[t].top.size(), alone.logprobs[t].top.size());
+    for (size_t k = 0; k < streamed[t].top.size(); ++k) {
+      EXPECT_EQ(streamed[t].top[k].first, alone.logprobs[t].top[k].first);
+    }
+  }
+}
+
+TEST(DecodeBatchOptions, TopLogprobsOutOfRangeOrWithoutLogprobsIsRefused) {
+  SamplingOptions o;
+  o.logprobs = true;
+  o.top_logprobs = kMaxTopLogprobs + 1;
+  EXPECT_TRUE(absl::IsInvalidArgument(ValidateSamplingOptions(o)));
+  o.top_logprobs = 2;
+  EXPECT_TRUE(ValidateSamplingOptions(o).ok());
+  o.logprobs = false;
+  EXPECT_TRUE(absl::IsInvalidArgument(ValidateSamplingOptions(o)));
 }
 
 }  // namespace

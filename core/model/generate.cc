@@ -36,7 +36,9 @@ absl::StatusOr<std::vector<GenerationResult>> Generate(const CausalLM& model, co
     row.sampling = options;
     row.stream = i;
     if (on_token) {
-      row.on_token = [&on_token, i](int32_t id, const std::string& delta) { return on_token(i, id, delta); };
+      row.on_token = [&on_token, i](int32_t id, const std::string& delta, const TokenLogprob*) {
+        return on_token(i, id, delta);
+      };
     }
     row.on_done = [&results, &failed, i](absl::StatusOr<GenerationResult> r) {
       if (r.ok()) {

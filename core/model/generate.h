@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,6 +33,21 @@ struct SamplingOptions {
   std::vector<std::string> stop_strings;
   // Stop on the tokenizer's EOS ids and the model config's eos_token_ids (finish_reason "eos").
   bool stop_on_eos = true;
+  // Per-token log-probabilities (TokenLogprob) of each generated token, and of the top_logprobs
+  // most likely tokens at that step (0..kMaxTopLogprobs). They are the model's distribution,
+  // log_softmax(logits), before temperature, top-k and top-p (as OpenAI and vLLM report them).
+  bool logprobs = false;
+  int32_t top_logprobs = 0;
+};
+
+inline constexpr int32_t kMaxTopLogprobs = 20;
+
+// The log-probability (natural log) of one generated token and the most likely alternatives at
+// its step, most likely first (ties: lower id first).
+struct TokenLogprob {
+  int32_t id = -1;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
 };
 
 struct GenerationResult {
@@ -43,6 +59,8 @@ struct GenerationResult {
   // incomplete at the end become U+FFFD).
   std::string text;
   std::string finish_reason;  // "length", "eos", "stop", "cancelled"
+  // With SamplingOptions::logprobs: one entry per id in `ids`, in order.
+  std::vector<TokenLogprob> logprobs;
   int64_t prompt_tokens = 0;
   double seconds = 0;  // from the call until this sequence finished
 };

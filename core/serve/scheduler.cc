@@ -219,11 +219,16 @@ void DecodeScheduler::Loop() {
         row.prompt = p->ids;
         row.sampling = p->request.sampling;
         if (choice.model != choice.weights) row.route_model = choice.model;
-        row.on_token = [stream, submitted](int32_t id, const std::string& delta) {
+        row.on_token = [stream, submitted](int32_t id, const std::string& delta,
+                                           const TokenLogprob* logprob) {
           StreamEvent e;
           e.kind = StreamEvent::Kind::kToken;
           e.token_id = id;
           e.text = delta;
+          if (logprob != nullptr) {
+            e.has_logprob = true;
+            e.logprob = *logprob;
+          }
           e.seconds = Since(submitted);
           stream->Push(std::move(e));
           return !stream->cancelled();

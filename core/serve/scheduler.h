@@ -61,6 +61,8 @@ struct StreamEvent {
   // kToken
   int32_t token_id = -1;
   std::string text;
+  bool has_logprob = false;  // the request asked for logprobs (and token_id >= 0)
+  TokenLogprob logprob;
   // kDone
   absl::Status status;
   GenerationResult result;

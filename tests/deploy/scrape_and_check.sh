@@ -13,7 +13,7 @@ trap 'kill -9 $SERVER 2>/dev/null; rm -rf "$TMP"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GRPC=$(free_port); METRICS=$(free_port)
 "$BUILD/server/strata-server" --model="$SHARED/models/stories260K" --state_dir="$TMP/state" \
-  --grpc_port="$GRPC" --metrics_port="$METRICS" --threads=2 \
+  --grpc_port="$GRPC" --metrics_port="$METRICS" --http_port=0 --threads=2 \
   --reference_text="$SHARED/data/lm/tinystories_val.txt" >"$TMP/server.log" 2>&1 &
 SERVER=$!
 CLI=("$BUILD/client/strata" --server "127.0.0.1:$GRPC")

@@ -22,9 +22,12 @@ struct RunningServer {
   std::string addr() const { return "127.0.0.1:" + std::to_string(grpc_port); }
 
   void Start(std::vector<std::string> extra = {}, std::map<std::string, std::string> env = {}) {
-    std::vector<std::string> argv = {BinaryPath("strata-server"), "--grpc_port=" + std::to_string(grpc_port),
+    std::vector<std::string> argv = {BinaryPath("strata-server"),
+                                     "--grpc_port=" + std::to_string(grpc_port),
                                      "--metrics_port=" + std::to_string(metrics_port),
-                                     "--state_dir=" + dir.path() + "/state", "--threads=1"};
+                                     "--http_port=0",
+                                     "--state_dir=" + dir.path() + "/state",
+                                     "--threads=1"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     proc = std::make_unique<Subprocess>(argv, dir.path() + "/server.log", env);
   }
@@ -110,7 +113,7 @@ TEST(ServerSmoke, RealModelAndJsonLogs) {
 TEST(ServerSmoke, EnvironmentTwinSetsThePort) {
   RunningServer s;
   int env_port = FreePort();
-  std::vector<std::string> argv = {BinaryPath("strata-server"), "--metrics_port=0",
+  std::vector<std::string> argv = {BinaryPath("strata-server"), "--metrics_port=0", "--http_port=0",
                                    "--state_dir=" + s.dir.path() + "/state", "--threads=1"};
   Subprocess proc(argv, s.dir.path() + "/server.log", {{"STRATA_GRPC_PORT", std::to_string(env_port)}});
   ASSERT_TRUE(WaitForServing(env_port, 60, &proc)) << proc.Log();
@@ -161,17 +164,19 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
   EXPECT_NE(help.out.find("--k_max=32"), std::string::npos) << help.out;
   EXPECT_NE(help.out.find("--pm_epsilon=0.1"), std::string::npos) << help.out;
 
-  auto bad_device = RunCommand({BinaryPath("strata-server"), "--device=tpu", "--state_dir=" + dir.path(),
-                                "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
+  auto bad_device =
+      RunCommand({BinaryPath("strata-server"), "--device=tpu", "--state_dir=" + dir.path(),
+                  "--metrics_port=0", "--http_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_device.exit_code, 2);
   EXPECT_NE(bad_device.err.find("tpu"), std::string::npos) << bad_device.err;
 
   // Unusable TLS material is named as such (gRPC alone only fails to bind, which read as "port in use").
   std::ofstream(dir.path() + "/cert.pem") << "not a certificate\n";
   std::ofstream(dir.path() + "/key.pem") << "not a key\n";
-  auto bad_tls = RunCommand({BinaryPath("strata-server"), "--tls_cert=" + dir.path() + "/cert.pem",
-                             "--tls_key=" + dir.path() + "/key.pem", "--state_dir=" + dir.path(),
-                             "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
+  auto bad_tls =
+      RunCommand({BinaryPath("strata-server"), "--tls_cert=" + dir.path() + "/cert.pem",
+                  "--tls_key=" + dir.path() + "/key.pem", "--state_dir=" + dir.path(), "--metrics_port=0",
+                  "--http_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_tls.exit_code, 2);
   EXPECT_NE(bad_tls.err.find("--tls_cert: " + dir.path() + "/cert.pem: no PEM certificate"),
             std::string::npos)
@@ -180,7 +185,7 @@ TEST(ServerSmoke, BadFlagsFailAtStartWithClearMessages) {
 
   auto bad_model =
       RunCommand({BinaryPath("strata-server"), "--model=" + dir.path() + "/nope", "--state_dir=" + dir.path(),
-                  "--metrics_port=0", "--grpc_port=" + std::to_string(FreePort())});
+                  "--metrics_port=0", "--http_port=0", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(bad_model.exit_code, 2);
   EXPECT_NE(bad_model.err.find("nope"), std::string::npos) << bad_model.err;
 }
@@ -191,7 +196,7 @@ TEST(ServerSmoke, PortInUseIsReported) {
   ASSERT_TRUE(WaitForServing(first.grpc_port, 60, first.proc.get())) << first.proc->Log();
   TempDir dir;
   auto second = RunCommand({BinaryPath("strata-server"), "--grpc_port=" + std::to_string(FreePort()),
-                            "--metrics_port=" + std::to_string(first.metrics_port),
+                            "--metrics_port=" + std::to_string(first.metrics_port), "--http_port=0",
                             "--state_dir=" + dir.path(), "--threads=1"});
   EXPECT_EQ(second.exit_code, 2);
   EXPECT_NE(second.err.find(std::to_string(first.metrics_port)), std::string::npos) << second.err;

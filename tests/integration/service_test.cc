@@ -62,6 +62,7 @@ struct Server {
   TempDir dir;
   int grpc_port = FreePort();
   int metrics_port = FreePort();
+  int http_port = FreePort();
   std::vector<std::string> flags;
   std::map<std::string, std::string> env;  // e.g. STRATA_FAILPOINT for one start
   std::unique_ptr<Subprocess> proc;
@@ -76,6 +77,7 @@ struct Server {
     std::vector<std::string> argv = {BinaryPath("strata-server"),
                                      "--grpc_port=" + std::to_string(grpc_port),
                                      "--metrics_port=" + std::to_string(metrics_port),
+                                     "--http_port=" + std::to_string(http_port),
                                      "--state_dir=" + state(),
                                      "--model=" + Model(),
                                      "--threads=2",
@@ -214,6 +216,55 @@ struct GenerateLoop {
   }
   ~GenerateLoop() { Stop(); }
 };
+
+// Generate with logprobs: one entry per generated id in every message, the chosen token first in
+// the greedy top list; an out-of-range top_logprobs is refused naming the field.
+TEST(Service, GenerateReportsPerTokenLogprobs) {
+  Server s;
+  s.Start();
+  auto stub = pb::InferenceService::NewStub(s.Channel());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  pb::GenerateRequest req;
+  req.set_prompt("Once upon a time");
+  req.set_route("base");
+  req.mutable_sampling()->set_max_new_tokens(8);
+  req.mutable_sampling()->set_ignore_eos(true);
+  req.mutable_sampling()->set_logprobs(true);
+  req.mutable_sampling()->set_top_logprobs(3);
+  auto reader = stub->Generate(&ctx, req);
+  pb::GenerateResponse msg;
+  int ids = 0, logprobs = 0, completion = 0;
+  while (reader->Read(&msg)) {
+    ASSERT_EQ(msg.logprobs_size(), msg.token_ids_size()) << msg.DebugString();
+    for (int i = 0; i < msg.logprobs_size(); ++i) {
+      const pb::TokenLogprob& lp = msg.logprobs(i);
+      EXPECT_EQ(lp.token_id(), msg.token_ids(i));
+      EXPECT_FALSE(lp.token().empty());
+      EXPECT_LE(lp.logprob(), 0.0f);
+      ASSERT_EQ(lp.top_logprobs_size(), 3);
+      EXPECT_EQ(lp.top_logprobs(0).token_id(), lp.token_id()) << "greedy picks the most likely token";
+      EXPECT_FLOAT_EQ(lp.top_logprobs(0).logprob(), lp.logprob());
+      EXPECT_GE(lp.top_logprobs(1).logprob(), lp.top_logprobs(2).logprob());
+    }
+    ids += msg.token_ids_size();
+    logprobs += msg.logprobs_size();
+    if (!msg.finish_reason().empty()) completion = msg.completion_tokens();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(ids, 8);
+  EXPECT_EQ(logprobs, 8);
+  EXPECT_EQ(completion, 8);
+
+  grpc::ClientContext bad_ctx;
+  req.mutable_sampling()->set_top_logprobs(21);
+  auto bad = stub->Generate(&bad_ctx, req);
+  while (bad->Read(&msg)) {
+  }
+  grpc::Status st = bad->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("sampling.top_logprobs"), std::string::npos) << st.error_message();
+}
 
 // Two tasks learned while generation keeps answering; report, tasks and metrics; a cancel of a
 // finished job; a restart that finds the same tasks and scores.
@@ -962,12 +1013,13 @@ TEST(Service, BearerTokenAndTls) {
       << metrics;
 
   // Inconsistent security flags stop the server at start.
-  CommandResult half = RunCommand({BinaryPath("strata-server"), "--tls_cert=" + cert, "--metrics_port=0"});
+  CommandResult half =
+      RunCommand({BinaryPath("strata-server"), "--tls_cert=" + cert, "--metrics_port=0", "--http_port=0"});
   EXPECT_EQ(half.exit_code, 2);
   EXPECT_NE(half.err.find("--tls_key"), std::string::npos) << half.err;
-  CommandResult empty_token =
-      RunCommand({BinaryPath("strata-server"), "--auth_token_file=/dev/null", "--metrics_port=0",
-                  "--state_dir=" + keys.path() + "/st", "--grpc_port=" + std::to_string(FreePort())});
+  CommandResult empty_token = RunCommand(
+      {BinaryPath("strata-server"), "--auth_token_file=/dev/null", "--metrics_port=0", "--http_port=0",
+       "--state_dir=" + keys.path() + "/st", "--grpc_port=" + std::to_string(FreePort())});
   EXPECT_EQ(empty_token.exit_code, 2);
   EXPECT_NE(empty_token.err.find("no token"), std::string::npos) << empty_token.err;
 }
