@@ -17,12 +17,16 @@ MODE=${1:-all}
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
+# The python3-* packages after python3-yaml serve clients/python (strata_client) and its test:
+# Debian's gRPC and protobuf for Python, a venv that sees them, and pip/setuptools/wheel to install
+# the client offline (no build isolation).
 PACKAGES=(
   cmake ninja-build g++ pkg-config ccache
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libssl-dev libtorch-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
   nlohmann-json3-dev libcpp-httplib-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev
   curl prometheus gnuplot-nox python3-yaml
+  python3-grpcio python3-protobuf python3-venv python3-pip python3-setuptools python3-wheel
 )
 
 install_deps() {

@@ -556,7 +556,10 @@ def c_dockerfile():
     # The CUDA build's package list tracks setup.sh.
     cuda = dockerfile_arg("CUDA_BUILD_PACKAGES")
     setup = setup_packages()
-    not_needed = {"libtorch-dev", "libgtest-dev", "libgmock-dev", "libopenblas0-openmp", "prometheus", "gnuplot-nox"}
+    not_needed = {"libtorch-dev", "libgtest-dev", "libgmock-dev", "libopenblas0-openmp", "prometheus", "gnuplot-nox",
+                  # the Python client (clients/python) and its test, not the image
+                  "python3-grpcio", "python3-protobuf", "python3-venv", "python3-pip", "python3-setuptools",
+                  "python3-wheel"}
     if cuda is None or not setup:
         err("cannot read CUDA_BUILD_PACKAGES from the Dockerfile or PACKAGES from scripts/setup.sh")
     else:
