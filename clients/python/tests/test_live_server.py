@@ -48,6 +48,7 @@ class ServerProcess:
                 SERVER_BIN,
                 f"--grpc_port={self.address.split(':')[1]}",
                 "--metrics_port=0",
+                "--http_port=0",
                 f"--state_dir={self.tmp}/state",
                 f"--model={SHARED}/models/stories260K",
                 "--threads=2",
