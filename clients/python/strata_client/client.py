@@ -110,6 +110,10 @@ class Generation:
     completion_tokens: int = 0
     time_to_first_token_seconds: float = 0.0
     token_ids: List[int] = field(default_factory=list)
+    # With generate(logprobs=N): one entry per token id, as
+    # {"token_id", "token", "logprob", "top": [(token_id, token, logprob), ...]} (natural log, the
+    # model's distribution before temperature/top-k/top-p; top has the N most likely, best first).
+    logprobs: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class GenerateStream:
@@ -142,6 +146,15 @@ class GenerateStream:
             g = self.generation
             g.text += response.text
             g.token_ids.extend(response.token_ids)
+            for lp in response.logprobs:
+                g.logprobs.append(
+                    {
+                        "token_id": lp.token_id,
+                        "token": lp.token,
+                        "logprob": lp.logprob,
+                        "top": [(t.token_id, t.token, t.logprob) for t in lp.top_logprobs],
+                    }
+                )
             g.route = response.route or g.route
             g.route_automatic = response.route_automatic
             g.route_confidence = response.route_confidence
@@ -549,6 +562,7 @@ class Client:
         seed: int = 0,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        logprobs: Optional[int] = None,
         stream: bool = False,
         timeout: Optional[float] = None,
     ) -> Union[Generation, GenerateStream]:
@@ -556,7 +570,8 @@ class Client:
 
         `route`: "auto" (default: the server picks the learned task the prompt belongs to), "base",
         "merged" or a task's name (`task` is the same as route=<name>). `max_new_tokens` 0 = the
-        server's default (128); `temperature` 0 = greedy; `top_p` 0 or 1 = off.
+        server's default (128); `temperature` 0 = greedy; `top_p` 0 or 1 = off. `logprobs` N
+        (0-20): each token's log-probability and the N most likely tokens (Generation.logprobs).
 
         stream=False: returns a Generation (text, finish_reason, route, weights_version, ...).
         stream=True: returns a GenerateStream; iterate it for the text pieces as they come:
@@ -575,6 +590,8 @@ class Client:
                 seed=seed,
                 stop=list(stop),
                 ignore_eos=ignore_eos,
+                logprobs=logprobs is not None,
+                top_logprobs=logprobs or 0,
             ),
             task=task or "",
             route=route or "",

@@ -145,6 +145,15 @@ class LiveServerTest(unittest.TestCase):
         self.assertEqual("".join(pieces), full.text)
         self.assertEqual(stream.generation.text, full.text)
         self.assertEqual(stream.generation.finish_reason, full.finish_reason)
+        self.assertEqual(full.logprobs, [], "no logprobs unless asked")
+
+        with_lp = self.client.generate("Once upon a time", max_new_tokens=12, route="base", logprobs=2)
+        self.assertEqual(with_lp.text, full.text)
+        self.assertEqual([lp["token_id"] for lp in with_lp.logprobs], with_lp.token_ids)
+        for lp in with_lp.logprobs:
+            self.assertLessEqual(lp["logprob"], 0.0)
+            self.assertEqual(len(lp["top"]), 2)
+            self.assertEqual(lp["top"][0][0], lp["token_id"])  # greedy: the most likely token
 
         scored = self.client.score("Once upon a time there was a", [" little", " xylophone"], route="base")
         self.assertEqual(len(scored.scores), 2)
