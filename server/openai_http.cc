@@ -66,7 +66,8 @@ absl::Status ReadInt(const json& j, const char* name, int64_t lo, int64_t hi, in
   if (!f) return absl::OkStatus();
   const json& v = **f;
   if (!v.is_number_integer()) {
-    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() && std::fabs(v.get<double>()) < 1e15) {
+    if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() &&
+        std::fabs(v.get<double>()) < 1e15) {
       *out = static_cast<int64_t>(v.get<double>());
     } else {
       return Invalid(name, absl::StrCat("must be an integer, got ", v.dump()));
@@ -75,7 +76,8 @@ absl::Status ReadInt(const json& j, const char* name, int64_t lo, int64_t hi, in
     *out = v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX
                                                                                           : v.get<int64_t>();
   }
-  if (*out < lo || *out > hi) return Invalid(name, absl::StrCat("must be in [", lo, ", ", hi, "], got ", *out));
+  if (*out < lo || *out > hi)
+    return Invalid(name, absl::StrCat("must be in [", lo, ", ", hi, "], got ", *out));
   return absl::OkStatus();
 }
 
@@ -223,8 +225,8 @@ std::vector<size_t> Poll(CompletionRun& run, absl::Duration wait) {
   return changed;
 }
 
-json ChoiceJson(const Tokenizer& tokenizer, const CompletionRun& run, const ChoiceRun& c, const std::string& text,
-                const std::vector<TokenLogprob>& logprobs, bool final) {
+json ChoiceJson(const Tokenizer& tokenizer, const CompletionRun& run, const ChoiceRun& c,
+                const std::string& text, const std::vector<TokenLogprob>& logprobs, bool final) {
   json choice = {{"index", c.index}, {"text", text}};
   choice["logprobs"] = run.request.logprobs >= 0 ? LogprobsJson(tokenizer, logprobs) : json(nullptr);
   choice["finish_reason"] = final ? json(c.finish_reason) : json(nullptr);
@@ -241,7 +243,8 @@ json UsageJson(const CompletionRun& run) {
     if (i % static_cast<size_t>(run.request.n) == 0) prompt += run.choices[i].figures.prompt_tokens;
     completion += run.choices[i].completion_tokens;
   }
-  return {{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
+  return {
+      {"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
 }
 
 }  // namespace
@@ -254,15 +257,31 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
     return absl::InvalidArgumentError(absl::StrCat("the request body is not valid JSON: ", e.what()));
   }
   if (!j.is_object()) return absl::InvalidArgumentError("the request body must be a JSON object");
-  static const std::set<std::string> kKnown = {
-      "model", "prompt",   "max_tokens", "temperature", "top_p",          "top_k",
-      "n",     "stream",   "logprobs",   "echo",        "stop",           "seed",
-      "user",  "best_of",  "logit_bias", "suffix",      "stream_options", "presence_penalty",
-      "frequency_penalty", "ignore_eos"};
+  static const std::set<std::string> kKnown = {"model",
+                                               "prompt",
+                                               "max_tokens",
+                                               "temperature",
+                                               "top_p",
+                                               "top_k",
+                                               "n",
+                                               "stream",
+                                               "logprobs",
+                                               "echo",
+                                               "stop",
+                                               "seed",
+                                               "user",
+                                               "best_of",
+                                               "logit_bias",
+                                               "suffix",
+                                               "stream_options",
+                                               "presence_penalty",
+                                               "frequency_penalty",
+                                               "ignore_eos"};
   for (const auto& item : j.items()) {
     if (kKnown.count(item.key()) == 0) {
-      return Invalid(item.key(), "unrecognized request argument (this server implements OpenAI's /v1/completions "
-                                 "parameters listed in the README)");
+      return Invalid(item.key(),
+                     "unrecognized request argument (this server implements OpenAI's /v1/completions "
+                     "parameters listed in the README)");
     }
   }
   CompletionRequest r;
@@ -271,7 +290,8 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
 
   if (auto f = Field(j, "model")) {
     if (!(*f)->is_string() || (*f)->get<std::string>().empty()) {
-      return Invalid("model", "must be a non-empty string: auto, base, merged or a learned task (GET /v1/models)");
+      return Invalid("model",
+                     "must be a non-empty string: auto, base, merged or a learned task (GET /v1/models)");
     }
     r.model = (*f)->get<std::string>();
   }
@@ -301,8 +321,8 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   if (Field(j, "max_tokens")) {
     if (auto st = ReadInt(j, "max_tokens", 0, INT64_MAX, &v); !st.ok()) return st;
     if (v > options.max_new_tokens) {
-      return Invalid("max_tokens", absl::StrCat(v, " is more than this server's limit ", options.max_new_tokens,
-                                                " (--max_new_tokens)"));
+      return Invalid("max_tokens", absl::StrCat(v, " is more than this server's limit ",
+                                                options.max_new_tokens, " (--max_new_tokens)"));
     }
     r.sampling.max_new_tokens = static_cast<int32_t>(v);
   }
@@ -321,8 +341,8 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   if (auto st = ReadInt(j, "n", 1, options.max_choices, &v); !st.ok()) return st;
   r.n = static_cast<int>(v);
   if (static_cast<int64_t>(r.prompts.size()) * r.n > options.max_choices) {
-    return Invalid("n", absl::StrCat(r.prompts.size(), " prompts x n = ", r.n, " is more than ", options.max_choices,
-                                     " choices in one request (--max_batch_size)"));
+    return Invalid("n", absl::StrCat(r.prompts.size(), " prompts x n = ", r.n, " is more than ",
+                                     options.max_choices, " choices in one request (--max_batch_size)"));
   }
   if (auto f = Field(j, "best_of")) {
     if (auto st = ReadInt(j, "best_of", 1, options.max_choices, &v); !st.ok()) return st;
@@ -362,8 +382,9 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   }
   if (Field(j, "logprobs")) {
     if ((**Field(j, "logprobs")).is_boolean()) {
-      return Invalid("logprobs", "must be an integer (the number of most likely tokens to report, 0-20), got a "
-                                 "boolean (that is the chat API's form)");
+      return Invalid("logprobs",
+                     "must be an integer (the number of most likely tokens to report, 0-20), got a "
+                     "boolean (that is the chat API's form)");
     }
     if (auto st = ReadInt(j, "logprobs", 0, kMaxTopLogprobs, &v); !st.ok()) return st;
     r.logprobs = static_cast<int>(v);
@@ -476,14 +497,16 @@ struct OpenAiHttpServer::Impl {
     if (auto st = Authorize(req); !st.ok()) return Error(res, st);
     json data = json::array();
     auto model = [&](const std::string& id, const std::string& what) {
-      data.push_back({{"id", id}, {"object", "model"}, {"created", created}, {"owned_by", "strata"}, {"strata", what}});
+      data.push_back(
+          {{"id", id}, {"object", "model"}, {"created", created}, {"owned_by", "strata"}, {"strata", what}});
     };
     model("auto", "the router picks a learned task from the prompt (or --unmatched_route)");
     model("base", "the base model W0");
     model("merged", "the merged weights of every learned task");
     const std::shared_ptr<const ServedVersion> version = engine->Current();
     if (version->method && version->method->SupportsTaskRouting()) {
-      for (const std::string& task : version->method->tasks()) model(task, "the model as of this learned task");
+      for (const std::string& task : version->method->tasks())
+        model(task, "the model as of this learned task");
     }
     res.set_content(json{{"object", "list"}, {"data", data}}.dump() + "\n", "application/json");
   }
@@ -562,11 +585,11 @@ struct OpenAiHttpServer::Impl {
       if (!c.error.ok()) return Error(res, c.error);
       Record(c);
       const std::string& prompt = request.prompts[static_cast<size_t>(c.index / request.n)];
-      choices.push_back(
-          ChoiceJson(engine->tokenizer(), *run, c, request.echo ? prompt + c.text : c.text, c.logprobs, true));
+      choices.push_back(ChoiceJson(engine->tokenizer(), *run, c, request.echo ? prompt + c.text : c.text,
+                                   c.logprobs, true));
     }
-    json body = {{"id", run->id}, {"object", "text_completion"}, {"created", run->created},
-                 {"model", request.model}, {"choices", choices}, {"usage", UsageJson(*run)}};
+    json body = {{"id", run->id},          {"object", "text_completion"}, {"created", run->created},
+                 {"model", request.model}, {"choices", choices},          {"usage", UsageJson(*run)}};
     res.set_content(body.dump() + "\n", "application/json");
   }
 
@@ -592,8 +615,11 @@ struct OpenAiHttpServer::Impl {
             return sink.write(event.data(), event.size());
           };
           auto chunk_of = [&](json choices) {
-            return json{{"id", run->id},         {"object", "text_completion"}, {"created", run->created},
-                        {"model", request.model}, {"choices", std::move(choices)}};
+            return json{{"id", run->id},
+                        {"object", "text_completion"},
+                        {"created", run->created},
+                        {"model", request.model},
+                        {"choices", std::move(choices)}};
           };
           if (request.echo) {
             for (ChoiceRun& c : run->choices) {
@@ -623,7 +649,8 @@ struct OpenAiHttpServer::Impl {
                 // Text (and its tokens' logprobs) goes out as it comes; a choice's last chunk
                 // carries its finish_reason.
                 const bool last = c.done;
-                if (!send(chunk_of(json::array({ChoiceJson(tokenizer, *run, c, c.text, c.logprobs, last)})))) {
+                if (!send(
+                        chunk_of(json::array({ChoiceJson(tokenizer, *run, c, c.text, c.logprobs, last)})))) {
                   run->CancelAll();
                   return false;
                 }
@@ -663,7 +690,8 @@ int OpenAiHttpServer::port() const { return impl_->port; }
 absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const Engine* engine,
                                                                           DecodeScheduler* scheduler,
                                                                           const BearerAuth* auth,
-                                                                          ServerMetrics* metrics, HttpOptions options) {
+                                                                          ServerMetrics* metrics,
+                                                                          HttpOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->engine = engine;
   impl->scheduler = scheduler;
@@ -673,10 +701,12 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
   impl->created = static_cast<int64_t>(std::time(nullptr));
   const bool tls = !options.tls_cert_path.empty();
   if (tls) {
-    auto ssl = std::make_unique<httplib::SSLServer>(options.tls_cert_path.c_str(), options.tls_key_path.c_str());
+    auto ssl =
+        std::make_unique<httplib::SSLServer>(options.tls_cert_path.c_str(), options.tls_key_path.c_str());
     if (!ssl->is_valid()) {
-      return absl::InvalidArgumentError(absl::StrCat("--http_port: cannot serve HTTPS with --tls_cert=",
-                                                     options.tls_cert_path, " and --tls_key=", options.tls_key_path));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--http_port: cannot serve HTTPS with --tls_cert=", options.tls_cert_path,
+                       " and --tls_key=", options.tls_key_path));
     }
     impl->server = std::move(ssl);
   } else {
@@ -706,8 +736,9 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
     res.set_content("ok\n", "text/plain");
   });
   svr.Post("/v1/chat/completions", [](const httplib::Request&, httplib::Response& res) {
-    Impl::Error(res, absl::NotFoundError("/v1/chat/completions is not served (the model has no chat template); "
-                                         "use /v1/completions"));
+    Impl::Error(res,
+                absl::NotFoundError("/v1/chat/completions is not served (the model has no chat template); "
+                                    "use /v1/completions"));
   });
   svr.Get("/v1/completions", [](const httplib::Request&, httplib::Response& res) {
     Impl::Error(res, absl::InvalidArgumentError("/v1/completions takes POST with a JSON body"));
@@ -717,8 +748,9 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
     if (!res.body.empty()) return;
     const int status = res.status;
     if (status == 404) {
-      Impl::Error(res, absl::NotFoundError(absl::StrCat("no such endpoint: ", req.method, " ", req.path,
-                                                        " (this server serves /v1/completions, /v1/models, /health)")));
+      Impl::Error(res, absl::NotFoundError(
+                           absl::StrCat("no such endpoint: ", req.method, " ", req.path,
+                                        " (this server serves /v1/completions, /v1/models, /health)")));
     } else if (status == 413) {
       Impl::Error(res, absl::InvalidArgumentError("the request body is larger than --max_message_bytes"));
       res.status = 413;
@@ -733,8 +765,8 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
   }
   impl->port = options.port;
   impl->listener = std::thread([self] { self->server->listen_after_bind(); });
-  spdlog::info("OpenAI-compatible HTTP on {}://{}:{}/v1 ({} worker threads)", tls ? "https" : "http", options.host,
-               options.port, threads);
+  spdlog::info("OpenAI-compatible HTTP on {}://{}:{}/v1 ({} worker threads)", tls ? "https" : "http",
+               options.host, options.port, threads);
   return std::unique_ptr<OpenAiHttpServer>(new OpenAiHttpServer(std::move(impl)));
 }
 

@@ -72,9 +72,10 @@ class OpenAiHttpServer {
   // Binds host:port (UNAVAILABLE naming them when it cannot) and starts serving on its own
   // threads. The engine, scheduler, auth (null = no token) and metrics (may be null) must outlive
   // the server.
-  static absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> Start(const Engine* engine, DecodeScheduler* scheduler,
-                                                                  const BearerAuth* auth, ServerMetrics* metrics,
-                                                                  HttpOptions options);
+  static absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> Start(const Engine* engine,
+                                                                 DecodeScheduler* scheduler,
+                                                                 const BearerAuth* auth,
+                                                                 ServerMetrics* metrics, HttpOptions options);
   ~OpenAiHttpServer();  // Stop(0)
 
   // Stops accepting connections; requests still running get `grace_seconds` to finish, then their

@@ -521,35 +521,43 @@ struct DecodeBatch::Impl {
   }
 
   // Drops finished rows from the running batch (and the cache), delivering their results.
+  //
+  // The finished rows' places are taken by the last rows (KVCache::RemoveRows: only the moved rows
+  // are copied, not the whole cache), so the running order changes. Left padding that no kept row
+  // needs is trimmed (a copy of the whole cache) only once it is a quarter of the cache or more;
+  // until then attention reads a few masked positions more.
   void Compact() {
-    std::vector<int64_t> keep;
+    std::vector<int64_t> leaving;
     int64_t longest = 0;
     for (size_t r = 0; r < running.size(); ++r) {
-      if (!running[r]->done) {
-        keep.push_back(static_cast<int64_t>(r));
+      if (running[r]->done) {
+        leaving.push_back(static_cast<int64_t>(r));
+      } else {
         longest = std::max(longest, running[r]->cache_len);
       }
     }
-    if (keep.size() == running.size()) return;
-    std::vector<std::unique_ptr<SequenceState>> kept;
-    for (size_t r = 0; r < running.size(); ++r) {
-      if (running[r]->done) {
-        Deliver(*running[r]);
-      } else {
-        kept.push_back(std::move(running[r]));
-      }
-    }
-    running.swap(kept);
+    if (leaving.empty()) return;
+    for (int64_t r : leaving) Deliver(*running[static_cast<size_t>(r)]);
     routes.assignment.clear();  // a freed route model's address may be reused: rebuild the plans
-    if (running.empty()) {
+    if (leaving.size() == running.size()) {
+      running.clear();
       cache.Clear();
       mask = at::Tensor();
       return;
     }
+    const std::vector<int64_t> order = cache.RemoveRows(leaving);
+    std::vector<std::unique_ptr<SequenceState>> kept;
+    kept.reserve(order.size());
+    for (int64_t old : order) kept.push_back(std::move(running[static_cast<size_t>(old)]));
+    running.swap(kept);
+    mask = mask.index_select(0, at::tensor(order, at::kLong).to(mask.device()));
     const int64_t drop = cache.length() - longest;  // left padding no kept row needs
-    const at::Tensor keep_t = at::tensor(keep, at::kLong).to(weights->device());
-    cache.SelectRows(keep_t, drop);
-    mask = mask.index_select(0, keep_t).narrow(1, drop, mask.size(1) - drop);
+    if (drop > 0 && 4 * drop >= cache.length()) {
+      const int64_t rows = static_cast<int64_t>(running.size());
+      cache.SelectRows(at::arange(rows, at::TensorOptions().dtype(at::kLong).device(weights->device())),
+                       drop);
+      mask = mask.narrow(1, drop, mask.size(1) - drop);
+    }
   }
 
   // Prefills the pending rows together and adds them to the running batch.

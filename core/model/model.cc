@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <numeric>
 #include <tuple>
 
 #include "absl/status/status.h"
@@ -118,7 +120,44 @@ at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
 void KVCache::Clear() {
   keys_.clear();
   values_.clear();
+  key_store_.clear();
+  value_store_.clear();
   lengths_.clear();
+}
+
+void KVCache::ViewRows(size_t layer, int64_t rows) {
+  keys_[layer] = key_store_[layer].narrow(0, 0, rows);
+  values_[layer] = value_store_[layer].narrow(0, 0, rows);
+}
+
+std::vector<int64_t> KVCache::RemoveRows(std::vector<int64_t> rows) {
+  const int64_t b = this->rows();
+  std::vector<int64_t> order(static_cast<size_t>(b));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(rows.begin(), rows.end(), std::greater<int64_t>());
+  TORCH_CHECK(std::adjacent_find(rows.begin(), rows.end()) == rows.end(),
+              "KVCache::RemoveRows: repeated row");
+  int64_t n = b;
+  // Highest first: the last row is never one still to be removed.
+  for (int64_t r : rows) {
+    TORCH_CHECK(r >= 0 && r < n, "KVCache::RemoveRows: row ", r, " of ", n);
+    const int64_t last = n - 1;
+    if (r != last) {
+      for (size_t i = 0; i < keys_.size(); ++i) {
+        if (!keys_[i].defined()) continue;
+        const int64_t len = lengths_[i];
+        key_store_[i][r].narrow(1, 0, len).copy_(key_store_[i][last].narrow(1, 0, len));
+        value_store_[i][r].narrow(1, 0, len).copy_(value_store_[i][last].narrow(1, 0, len));
+      }
+      order[static_cast<size_t>(r)] = order[static_cast<size_t>(last)];
+    }
+    --n;
+  }
+  order.resize(static_cast<size_t>(n));
+  for (size_t i = 0; i < keys_.size(); ++i) {
+    if (keys_[i].defined()) ViewRows(i, n);
+  }
+  return order;
 }
 
 void KVCache::SelectRows(const at::Tensor& rows, int64_t drop_front) {
@@ -128,8 +167,8 @@ void KVCache::SelectRows(const at::Tensor& rows, int64_t drop_front) {
                 " of ", lengths_[i], " positions");
     const at::Tensor r = rows.to(keys_[i].device(), at::kLong);
     if (drop_front == 0) {
-      keys_[i] = keys_[i].index_select(0, r);
-      values_[i] = values_[i].index_select(0, r);
+      keys_[i] = key_store_[i] = keys_[i].index_select(0, r);
+      values_[i] = value_store_[i] = values_[i].index_select(0, r);
       continue;
     }
     // Keep the spare capacity: the kept positions move to the front of a buffer of the same size.
@@ -139,8 +178,8 @@ void KVCache::SelectRows(const at::Tensor& rows, int64_t drop_front) {
     at::Tensor v = at::empty_like(k);
     k.narrow(2, 0, keep).copy_(keys_[i].narrow(2, drop_front, keep).index_select(0, r));
     v.narrow(2, 0, keep).copy_(values_[i].narrow(2, drop_front, keep).index_select(0, r));
-    keys_[i] = k;
-    values_[i] = v;
+    keys_[i] = key_store_[i] = k;
+    values_[i] = value_store_[i] = v;
     lengths_[i] = keep;
   }
 }
@@ -149,12 +188,13 @@ void KVCache::AddRows(const KVCache& other) {
   if (other.keys_.empty()) return;
   if (keys_.empty()) {
     // Copies (the other cache may go on being used).
-    keys_.clear();
-    values_.clear();
+    Clear();
     for (size_t i = 0; i < other.keys_.size(); ++i) {
       keys_.push_back(other.keys_[i].defined() ? other.keys_[i].clone() : at::Tensor());
       values_.push_back(other.values_[i].defined() ? other.values_[i].clone() : at::Tensor());
     }
+    key_store_ = keys_;
+    value_store_ = values_;
     lengths_ = other.lengths_;
     return;
   }
@@ -167,12 +207,29 @@ void KVCache::AddRows(const KVCache& other) {
                 "KVCache::AddRows: layer ", i, " shapes differ");
     const int64_t la = lengths_[i];
     const int64_t lb = other.lengths_[i];
-    const int64_t len = std::max(la, lb);
-    const int64_t capacity = std::max({len, reserve_, std::max(ka.size(2), kb.size(2))});
     const int64_t ba = ka.size(0);
     const int64_t bb = kb.size(0);
-    at::Tensor k = at::empty({ba + bb, ka.size(1), capacity, ka.size(3)}, ka.options());
-    at::Tensor v = at::empty_like(k);
+    if (lb <= la && key_store_[i].size(0) >= ba + bb) {
+      // The new rows go into spare rows, left-padded to this cache's length; nothing else moves.
+      at::Tensor k = key_store_[i].narrow(0, ba, bb);
+      at::Tensor v = value_store_[i].narrow(0, ba, bb);
+      if (lb < la) {
+        k.narrow(2, 0, la - lb).zero_();
+        v.narrow(2, 0, la - lb).zero_();
+      }
+      k.narrow(2, la - lb, lb).copy_(kb.narrow(2, 0, lb));
+      v.narrow(2, la - lb, lb).copy_(other.values_[i].narrow(2, 0, lb));
+      ViewRows(i, ba + bb);
+      continue;
+    }
+    const int64_t len = std::max(la, lb);
+    const int64_t capacity = std::max({len, reserve_, std::max(ka.size(2), kb.size(2))});
+    // Spare rows for later joins: the row capacity at least doubles.
+    const int64_t row_capacity = std::max<int64_t>(ba + bb, 2 * key_store_[i].size(0));
+    at::Tensor k_store = at::empty({row_capacity, ka.size(1), capacity, ka.size(3)}, ka.options());
+    at::Tensor v_store = at::empty_like(k_store);
+    at::Tensor k = k_store.narrow(0, 0, ba + bb);
+    at::Tensor v = v_store.narrow(0, 0, ba + bb);
     // Padding must be finite: a masked position still enters probs·V with weight 0.
     if (la < len) {
       k.narrow(0, 0, ba).narrow(2, 0, len - la).zero_();
@@ -186,8 +243,9 @@ void KVCache::AddRows(const KVCache& other) {
     v.narrow(0, 0, ba).narrow(2, len - la, la).copy_(values_[i].narrow(2, 0, la));
     k.narrow(0, ba, bb).narrow(2, len - lb, lb).copy_(kb.narrow(2, 0, lb));
     v.narrow(0, ba, bb).narrow(2, len - lb, lb).copy_(other.values_[i].narrow(2, 0, lb));
-    keys_[i] = k;
-    values_[i] = v;
+    key_store_[i] = k_store;
+    value_store_[i] = v_store;
+    ViewRows(i, ba + bb);
     lengths_[i] = len;
   }
 }
@@ -197,6 +255,8 @@ std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor
   if (layer >= keys_.size()) {
     keys_.resize(layer + 1);
     values_.resize(layer + 1);
+    key_store_.resize(layer + 1);
+    value_store_.resize(layer + 1);
     lengths_.resize(layer + 1, 0);
   }
   at::Tensor& keys = keys_[layer];
@@ -211,14 +271,17 @@ std::pair<at::Tensor, at::Tensor> KVCache::Append(size_t layer, const at::Tensor
   if (!keys.defined() || keys.size(2) < len + t) {
     const int64_t old_capacity = keys.defined() ? keys.size(2) : 0;
     const int64_t capacity = std::max({len + t, reserve_, 2 * old_capacity});
-    at::Tensor new_keys = at::empty({k.size(0), k.size(1), capacity, k.size(3)}, k.options());
-    at::Tensor new_values = at::empty({v.size(0), v.size(1), capacity, v.size(3)}, v.options());
+    // Keep the spare rows (AddRows) when the positions grow.
+    const int64_t row_capacity = keys.defined() ? key_store_[layer].size(0) : k.size(0);
+    at::Tensor new_keys = at::empty({row_capacity, k.size(1), capacity, k.size(3)}, k.options());
+    at::Tensor new_values = at::empty({row_capacity, v.size(1), capacity, v.size(3)}, v.options());
     if (len > 0) {
-      new_keys.narrow(2, 0, len).copy_(keys.narrow(2, 0, len));
-      new_values.narrow(2, 0, len).copy_(values.narrow(2, 0, len));
+      new_keys.narrow(0, 0, k.size(0)).narrow(2, 0, len).copy_(keys.narrow(2, 0, len));
+      new_values.narrow(0, 0, k.size(0)).narrow(2, 0, len).copy_(values.narrow(2, 0, len));
     }
-    keys = new_keys;
-    values = new_values;
+    key_store_[layer] = new_keys;
+    value_store_[layer] = new_values;
+    ViewRows(layer, k.size(0));
   }
   keys.narrow(2, len, t).copy_(k);
   values.narrow(2, len, t).copy_(v);

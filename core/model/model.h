@@ -87,15 +87,26 @@ class KVCache {
   // Appends the rows of `other` (same layers, heads and head size) after this cache's rows. The
   // shorter side is left-padded with zero keys/values to the longer length, so every row's real
   // positions stay right-aligned (the caller masks the padding). An empty cache takes `other`'s rows.
+  // When `other` is no longer than this cache and spare rows are allocated (rows grow by doubling),
+  // only `other`'s rows are written; otherwise every row is copied once into a larger buffer.
   void AddRows(const KVCache& other);
+  // Drops the batch rows `rows` (distinct indices, any order) by moving the last rows into the
+  // freed places, so only the moved rows' positions are copied (no new buffer). Returns, for each
+  // remaining row in its new order, its index before the call.
+  std::vector<int64_t> RemoveRows(std::vector<int64_t> rows);
 
   // Appends k/v [B, kv_heads, T, head_dim] to `layer` and returns views of all cached keys and
   // values [B, kv_heads, length + T, head_dim]. Used by CausalLM::Forward.
   std::pair<at::Tensor, at::Tensor> Append(size_t layer, const at::Tensor& k, const at::Tensor& v);
 
  private:
-  std::vector<at::Tensor> keys_;  // per layer [B, kv_heads, capacity, head_dim]
+  // Re-points keys_/values_ of `layer` at the first `rows` rows of its row store.
+  void ViewRows(size_t layer, int64_t rows);
+
+  std::vector<at::Tensor> keys_;  // per layer [B, kv_heads, capacity, head_dim]: rows [0, B) of ...
   std::vector<at::Tensor> values_;
+  std::vector<at::Tensor> key_store_;  // ... per layer [row capacity >= B, kv_heads, capacity, head_dim]
+  std::vector<at::Tensor> value_store_;
   std::vector<int64_t> lengths_;  // per layer valid positions
   int64_t reserve_ = 0;
 };

@@ -263,6 +263,54 @@ TEST(ModelTest, KVCacheDecodeEqualsFullRecompute) {
   EXPECT_LT(MaxDiff(torch::cat(parts, 1), full), 1e-5);
 }
 
+// RemoveRows moves the last rows into the freed places (and says so); AddRows of a shorter cache
+// writes into the spare rows left-padded, of a longer one re-pads every row; positions keep growing
+// in place across both.
+TEST(ModelTest, KVCacheRemoveAndAddRowsKeepEveryRowsPositions) {
+  KVCache c;
+  const at::Tensor k = torch::randn({5, 2, 3, 4}), v = torch::randn({5, 2, 3, 4});
+  c.Append(0, k, v);
+  const std::vector<int64_t> order = c.RemoveRows({1, 3});
+  EXPECT_EQ(order, (std::vector<int64_t>{0, 4, 2}));
+  EXPECT_EQ(c.rows(), 3);
+  auto [k3, v3] = c.Append(0, torch::ones({3, 2, 1, 4}), torch::ones({3, 2, 1, 4}));
+  ASSERT_EQ(k3.size(2), 4);
+  for (size_t j = 0; j < order.size(); ++j) {
+    EXPECT_TRUE(torch::equal(k3[j].narrow(1, 0, 3), k[order[j]])) << j;
+    EXPECT_TRUE(torch::equal(v3[j].narrow(1, 0, 3), v[order[j]])) << j;
+  }
+
+  // A shorter cache joins into the two spare rows (the store still has 5).
+  KVCache shorter;
+  const at::Tensor k2 = torch::randn({2, 2, 2, 4}), v2 = torch::randn({2, 2, 2, 4});
+  shorter.Append(0, k2, v2);
+  c.AddRows(shorter);
+  EXPECT_EQ(c.rows(), 5);
+  EXPECT_EQ(c.length(), 4);
+  auto [k5, v5] = c.Append(0, torch::zeros({5, 2, 1, 4}), torch::zeros({5, 2, 1, 4}));
+  for (size_t j = 0; j < order.size(); ++j) {
+    EXPECT_TRUE(torch::equal(k5[j].narrow(1, 0, 3), k[order[j]])) << j;
+  }
+  EXPECT_TRUE(torch::equal(k5.narrow(0, 3, 2).narrow(2, 0, 2), torch::zeros({2, 2, 2, 4})));
+  EXPECT_TRUE(torch::equal(k5.narrow(0, 3, 2).narrow(2, 2, 2), k2));
+  EXPECT_TRUE(torch::equal(v5.narrow(0, 3, 2).narrow(2, 2, 2), v2));
+
+  // A longer cache: every row is re-padded to its length.
+  KVCache longer;
+  const at::Tensor k7 = torch::randn({1, 2, 7, 4}), v7 = torch::randn({1, 2, 7, 4});
+  longer.Append(0, k7, v7);
+  c.AddRows(longer);
+  EXPECT_EQ(c.rows(), 6);
+  EXPECT_EQ(c.length(), 7);
+  auto [k6, v6] = c.Append(0, torch::zeros({6, 2, 1, 4}), torch::zeros({6, 2, 1, 4}));
+  EXPECT_TRUE(torch::equal(k6.narrow(0, 0, 5).narrow(2, 2, 5), k5));
+  EXPECT_TRUE(torch::equal(k6.narrow(0, 0, 5).narrow(2, 0, 2), torch::zeros({5, 2, 2, 4})));
+  EXPECT_TRUE(torch::equal(k6[5].narrow(1, 0, 7), k7[0]));
+  EXPECT_TRUE(torch::equal(v6[5].narrow(1, 0, 7), v7[0]));
+  EXPECT_EQ(c.RemoveRows({0, 1, 2, 3, 4, 5}).size(), 0u);
+  EXPECT_EQ(c.rows(), 0);
+}
+
 TEST(ModelTest, KVCacheWithMaskAndReserve) {
   auto m = Random(SmallConfig(), 12);
   const std::vector<int64_t> seq = {1, 10, 20, 30, 40, 50, 60};
