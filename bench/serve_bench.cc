@@ -389,6 +389,8 @@ void AddServeBenchOptions(CLI::App* sub, ServeBenchArgs* a) {
       ->capture_default_str();
   sub->add_flag("--with-training", a->with_training,
                 "Also run every combination with a training job running");
+  sub->add_flag("--loaded-only", a->loaded_only,
+                "With --with-training: measure only while the training job runs (skip the idle runs)");
   sub->add_option("--max-tokens", a->max_tokens, "Tokens per request (ignore_eos)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -574,7 +576,7 @@ int RunServeBenchCommand(const ServeBenchArgs& args) {
       }
     }
   };
-  run_all(false, "");
+  if (!(args.with_training && args.loaded_only)) run_all(false, "");
   if (args.with_training) {
     auto id = SubmitTrainingJob(*adaptation);
     if (!id.ok()) return (std::fprintf(stderr, "%s\n", id.status().ToString().c_str()), kExitFailed);

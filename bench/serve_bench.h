@@ -47,6 +47,7 @@ struct ServeBenchArgs {
   std::vector<int> streams = {1, 16};
   std::vector<int> tasks = {1, 8};
   bool with_training = false;
+  bool loaded_only = false;  // with training: skip the runs without it
   int max_tokens = 64;
   int requests = 2;  // per stream and combination
   int threads = 2;   // the server's --threads
