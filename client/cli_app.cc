@@ -9,13 +9,16 @@ int RunCli(int argc, char** argv, const OfflineModes& offline) {
   app.require_subcommand(1);
   app.fallthrough();
   GlobalOptions opts;
-  app.add_option("--server", opts.server, "Server address host:port")->capture_default_str();
+  app.add_option("--server", opts.server, "Server address host:port")
+      ->capture_default_str()
+      ->envname(kServerEnv);
   app.add_flag("--json", opts.json, "Machine-readable JSON output");
   app.add_option("--timeout", opts.timeout_seconds, "Seconds to wait for the server (connect and unary RPCs)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--auth-token-file", opts.auth_token_file, "File holding the bearer token")
-      ->check(CLI::ExistingFile);
+      ->check(CLI::ExistingFile)
+      ->envname(kAuthTokenFileEnv);
   app.add_option("--tls-ca", opts.tls_ca, "PEM root certificate(s): connect with TLS, trusting these")
       ->check(CLI::ExistingFile);
   app.add_option("--tls-server-name", opts.tls_server_name,
@@ -34,21 +37,24 @@ int RunCli(int argc, char** argv, const OfflineModes& offline) {
       "bench",
       "Benchmarks: continual learning (cl), training (train), memory plan (memory), serving (serve)");
   offline.bench(bench, opts, &exit_code);
+  const std::string environment = std::string("Environment: ") + kServerEnv + " stands for --server, " +
+                                  kAuthTokenFileEnv +
+                                  " for --auth-token-file\n(a flag given on the command line wins).\n";
   const std::string exit_codes =
       "Exit codes: 0 ok, 1 the server answered with an error, 2 usage error, 3 server unreachable.";
-  app.footer(exit_codes);
+  app.footer(environment + exit_codes);
   // Global options may come before or after the subcommand (fallthrough); list them in every
   // subcommand's --help too.
   for (CLI::App* sub : app.get_subcommands({})) {
     sub->footer(
         "Global options (before or after the subcommand):\n"
-        "  --server HOST:PORT          Server address (default 127.0.0.1:50051)\n"
+        "  --server HOST:PORT          Server address (default 127.0.0.1:50051; env STRATA_SERVER)\n"
         "  --json                      Machine-readable JSON output\n"
         "  --timeout SECONDS           Wait for the server (connect and unary RPCs; default 10)\n"
-        "  --auth-token-file FILE      File holding the bearer token\n"
+        "  --auth-token-file FILE      File holding the bearer token (env STRATA_AUTH_TOKEN_FILE)\n"
         "  --tls-ca FILE               Connect with TLS, trusting these PEM roots\n"
         "  --tls-server-name NAME      Name the server certificate must carry\n" +
-        exit_codes);
+        environment + exit_codes);
   }
 
   try {

@@ -1,5 +1,6 @@
 // The CLI binaries as users run them: `strata` is torch-free and hands the offline commands to
-// strata-offline with the same argv; --help lists every command. (Commands against a real server:
+// strata-offline with the same argv; --help lists every command; the environment twins of
+// --server and --auth-token-file, the flag winning. (Commands against a real server:
 // tests/integration.)
 
 #include <gtest/gtest.h>
@@ -33,7 +34,7 @@ TEST(Cli, StrataLoadsNoLibTorchAndStrataOfflineDoes) {
   EXPECT_NE(offline.find("libtorch"), std::string::npos) << offline;
 }
 
-TEST(Cli, HelpListsEveryCommand) {
+TEST(Cli, HelpListsEveryCommandAndTheEnvironmentTwins) {
   CommandResult help = RunCommand({BinaryPath("strata"), "--help"});
   ASSERT_EQ(help.exit_code, 0) << help.err;
   for (const char* command :
@@ -41,13 +42,14 @@ TEST(Cli, HelpListsEveryCommand) {
         "report", "versions", "promote", "rollback", "export", "import", "bench"}) {
     EXPECT_NE(help.out.find(std::string("\n  ") + command + " "), std::string::npos) << command << help.out;
   }
-  for (const char* text : {"Exit codes: 0 ok"}) {
+  for (const char* text : {"STRATA_SERVER", "STRATA_AUTH_TOKEN_FILE", "Exit codes: 0 ok"}) {
     EXPECT_NE(help.out.find(text), std::string::npos) << text << help.out;
   }
   // A subcommand's help: its own options (the offline ones too) and the global ones in the footer.
   CommandResult generate = RunCommand({BinaryPath("strata"), "generate", "--help"});
   ASSERT_EQ(generate.exit_code, 0) << generate.err;
-  for (const char* text : {"--model", "--threads", "--route", "--auth-token-file FILE"}) {
+  for (const char* text :
+       {"--model", "--threads", "--route", "env STRATA_SERVER", "env STRATA_AUTH_TOKEN_FILE"}) {
     EXPECT_NE(generate.out.find(text), std::string::npos) << text << generate.out;
   }
   // `bench --help` comes from strata-offline: the benchmarks and their options.
@@ -121,6 +123,34 @@ TEST(Cli, MissingStrataOfflineIsAUsageErrorNamingIt) {
   CommandResult health =
       RunCommand({lone, "--server", "127.0.0.1:" + std::to_string(port), "--timeout", "1", "health"});
   EXPECT_EQ(health.exit_code, 3) << health.err;
+}
+
+// STRATA_SERVER and STRATA_AUTH_TOKEN_FILE stand for the flags; a flag given wins.
+TEST(Cli, EnvironmentTwinsAndTheFlagWins) {
+  const std::string from_env = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string from_flag = "127.0.0.1:" + std::to_string(FreePort());
+  CommandResult env_only =
+      RunCommand({BinaryPath("strata"), "--timeout", "1", "health"}, 30, {{"STRATA_SERVER", from_env}});
+  EXPECT_EQ(env_only.exit_code, 3);
+  EXPECT_NE(env_only.err.find("cannot reach a server at " + from_env), std::string::npos) << env_only.err;
+  CommandResult both = RunCommand({BinaryPath("strata"), "--timeout", "1", "health", "--server", from_flag},
+                                  30, {{"STRATA_SERVER", from_env}});
+  EXPECT_EQ(both.exit_code, 3);
+  EXPECT_NE(both.err.find("cannot reach a server at " + from_flag), std::string::npos) << both.err;
+
+  // The environment's token file is checked like the flag's (a missing file is a usage error).
+  CommandResult missing =
+      RunCommand({BinaryPath("strata"), "--server", from_flag, "--timeout", "1", "health"}, 30,
+                 {{"STRATA_AUTH_TOKEN_FILE", "/nonexistent/token"}});
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("/nonexistent/token"), std::string::npos) << missing.err;
+  TempDir dir;
+  const std::string token = dir.path() + "/token";
+  { std::ofstream(token) << "t\n"; }
+  CommandResult flag_wins = RunCommand(
+      {BinaryPath("strata"), "--server", from_flag, "--timeout", "1", "--auth-token-file", token, "health"},
+      30, {{"STRATA_AUTH_TOKEN_FILE", "/nonexistent/token"}});
+  EXPECT_EQ(flag_wins.exit_code, 3) << flag_wins.err;
 }
 
 }  // namespace

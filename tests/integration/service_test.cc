@@ -937,6 +937,15 @@ TEST(Service, BearerTokenAndTls) {
                  "no version before");
   CommandResult ok = tls({"--auth-token-file", keys.path() + "/token", "tasks"});
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  // STRATA_AUTH_TOKEN_FILE (and STRATA_SERVER) stand for the flags; a flag given wins.
+  const std::map<std::string, std::string> env = {{"STRATA_SERVER", s.addr()},
+                                                  {"STRATA_AUTH_TOKEN_FILE", keys.path() + "/token"}};
+  CommandResult from_env = RunCommand({BinaryPath("strata"), "--tls-ca", cert, "tasks"}, 60, env);
+  EXPECT_EQ(from_env.exit_code, 0) << from_env.err;
+  ExpectRpcError(RunCommand({BinaryPath("strata"), "--tls-ca", cert, "--auth-token-file",
+                             keys.path() + "/wrong", "tasks"},
+                            60, env),
+                 "UNAUTHENTICATED", "invalid");
   CommandResult info = tls({"--auth-token-file", keys.path() + "/token", "--json", "info"});
   ASSERT_EQ(info.exit_code, 0) << info.err;
   json j = json::parse(info.out);
