@@ -587,17 +587,20 @@ TEST(Service, BadInputsGetTheirCodes) {
   WriteFile(dir + "/bad.jsonl",
             "{\"prompt\": \"a\", \"completion\": \" b\"}\n{\"prompt\": \"c\", \"completion\": \" d\"}\n"
             "{\"prompt\": \"e\", \"completion\": }\n{\"prompt\": \"f\"}\n");
+  // Each file's errors carry its own name (the path given to the CLI).
   ExpectRpcError(s.Cli({"submit", "--task", "bad", dir + "/bad.jsonl", "--eval", eval}), "INVALID_ARGUMENT",
-                 "train.jsonl:3:");
+                 dir + "/bad.jsonl:3:");
   ExpectRpcError(s.Cli({"submit", "--task", "bad", dir + "/bad.jsonl", "--eval", eval}), "INVALID_ARGUMENT",
-                 "train.jsonl:4:");
-  ExpectRpcError(s.Cli({"submit", "--task", "bad", small, "--eval", dir + "/bad.jsonl"}), "INVALID_ARGUMENT",
-                 "eval.jsonl:3:");
+                 dir + "/bad.jsonl:4:");
+  std::filesystem::copy_file(dir + "/bad.jsonl", dir + "/bad-eval.jsonl");
+  CommandResult bad_eval = s.Cli({"submit", "--task", "bad", small, "--eval", dir + "/bad-eval.jsonl"});
+  ExpectRpcError(bad_eval, "INVALID_ARGUMENT", dir + "/bad-eval.jsonl:3:");
+  EXPECT_EQ(bad_eval.err.find("small.jsonl"), std::string::npos) << bad_eval.err;
   // Longer than --max_seq_len tokens.
   WriteFile(dir + "/long.jsonl",
             "{\"prompt\": \"" + std::string(2000, 'x') + "\", \"completion\": \" y\"}\n");
   ExpectRpcError(s.Cli({"submit", "--task", "toolong", dir + "/long.jsonl", "--eval", eval}),
-                 "INVALID_ARGUMENT", "train.jsonl:1:");
+                 "INVALID_ARGUMENT", "long.jsonl:1:");
   // A bad name and a different method.
   ExpectRpcError(s.Cli({"submit", "--task", "no/slash", small, "--eval", eval}), "INVALID_ARGUMENT",
                  "spec.name");
