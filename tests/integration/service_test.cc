@@ -568,6 +568,11 @@ TEST(Service, JobInterruptedByKillRunsAgainAfterRestart) {
   EXPECT_EQ(watch.exit_code, 1) << watch.out << watch.err;
   EXPECT_NE(watch.err.find("cancelled"), std::string::npos) << watch.err;
   EXPECT_EQ(GetJob(*stub, id).state(), pb::JOB_STATE_CANCELLED);
+  // Idle again: the training gauges are gone (not the cancelled job's last figures).
+  const std::string idle = s.Metrics();
+  EXPECT_EQ(MetricValue(idle, "strata_jobs{state=\"cancelled\"}"), 1) << idle;
+  EXPECT_EQ(idle.find("strata_training_loss"), std::string::npos) << idle;
+  EXPECT_EQ(idle.find("strata_training_tokens_per_second"), std::string::npos) << idle;
   ExpectRpcError(s.Cli({"cancel", id}), "FAILED_PRECONDITION");
   json tasks = s.CliJson({"tasks"});
   EXPECT_TRUE(!tasks.contains("tasks") || tasks["tasks"].empty()) << tasks.dump();
