@@ -1,24 +1,48 @@
 #include "client/cli_app.h"
 
+#include <cstdlib>
 #include <string>
 
 namespace strata::cli {
+namespace {
+
+std::string GetEnv(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? "" : value;
+}
+
+}  // namespace
 
 int RunCli(int argc, char** argv, const OfflineModes& offline) {
   CLI::App app{"strata: client for the Strata continual-adaptation server"};
   app.require_subcommand(1);
   app.fallthrough();
   GlobalOptions opts;
-  app.add_option("--server", opts.server, "Server address host:port")
-      ->capture_default_str()
-      ->envname(kServerEnv);
+  // The environment twins are the options' defaults, so a flag given wins. (Not CLI11's envname:
+  // it validates the variable before --help is handled, so a stale STRATA_AUTH_TOKEN_FILE would
+  // break --help, and its errors name the flag instead of the variable.)
+  const std::string server_env = GetEnv(kServerEnv);
+  const std::string token_env = GetEnv(kAuthTokenFileEnv);
+  if (!server_env.empty()) opts.server = server_env;
+  if (!token_env.empty()) opts.auth_token_file = token_env;
+  app.add_option("--server", opts.server, std::string("Server address host:port (env ") + kServerEnv + ")")
+      ->capture_default_str();
   app.add_flag("--json", opts.json, "Machine-readable JSON output");
   app.add_option("--timeout", opts.timeout_seconds, "Seconds to wait for the server (connect and unary RPCs)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--auth-token-file", opts.auth_token_file, "File holding the bearer token")
-      ->check(CLI::ExistingFile)
-      ->envname(kAuthTokenFileEnv);
+  CLI::Option* token_flag =
+      app.add_option("--auth-token-file", opts.auth_token_file,
+                     std::string("File holding the bearer token (env ") + kAuthTokenFileEnv + ")")
+          ->check(CLI::ExistingFile);
+  // A token file from the environment is checked like the flag's, once --help has had its turn.
+  app.parse_complete_callback([token_flag, token_env] {
+    if (token_flag->count() == 0 && !token_env.empty()) {
+      if (std::string error = CLI::ExistingFile(token_env); !error.empty()) {
+        throw CLI::ValidationError(kAuthTokenFileEnv, error);
+      }
+    }
+  });
   app.add_option("--tls-ca", opts.tls_ca, "PEM root certificate(s): connect with TLS, trusting these")
       ->check(CLI::ExistingFile);
   app.add_option("--tls-server-name", opts.tls_server_name,
