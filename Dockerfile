@@ -44,7 +44,7 @@ RUN --mount=type=cache,target=/ccache \
           -DSTRATA_GIT_COMMIT="${GIT_COMMIT}" \
  && cmake --build /build --target strata-server strata -j "${STRATA_JOBS:-$(nproc)}" \
  && mkdir -p /out \
- && cp /build/server/strata-server /build/client/strata /out/
+ && cp /build/server/strata-server /build/client/strata /build/client/strata-offline /out/
 
 ################################################################ CUDA build (Ubuntu 24.04 + LibTorch)
 FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
@@ -86,12 +86,12 @@ RUN --mount=type=cache,target=/ccache \
           -DCMAKE_PREFIX_PATH=/opt/libtorch -DSTRATA_GIT_COMMIT="${GIT_COMMIT}" \
  && cmake --build /build --target strata-server strata -j "${STRATA_JOBS:-$(nproc)}" \
  && mkdir -p /out \
- && cp /build/server/strata-server /build/client/strata /out/
+ && cp /build/server/strata-server /build/client/strata /build/client/strata-offline /out/
 # Ubuntu's package names differ from Debian's (e.g. the t64 suffixes); derive the runtime packages
 # from what the binaries actually load, leaving out LibTorch's and CUDA's own libraries.
 COPY deploy/docker/runtime-packages.sh /usr/local/bin/
 RUN runtime-packages.sh --exclude /opt/libtorch --exclude /usr/local/cuda \
-        /out/strata-server /out/strata > /out/runtime-packages.txt \
+        /out/strata-server /out/strata /out/strata-offline > /out/runtime-packages.txt \
  && cat /out/runtime-packages.txt
 
 ######################################################################### CPU runtime (Debian 12)
@@ -110,11 +110,12 @@ RUN apt-get update \
  && arch="$(uname -m)-linux-gnu" \
  && update-alternatives --set "libblas.so.3-${arch}" "/usr/lib/${arch}/openblas-openmp/libblas.so.3" \
  && update-alternatives --set "liblapack.so.3-${arch}" "/usr/lib/${arch}/openblas-openmp/liblapack.so.3"
-COPY --from=build-cpu /out/strata-server /out/strata /usr/local/bin/
+COPY --from=build-cpu /out/strata-server /out/strata /out/strata-offline /usr/local/bin/
 # Fail the build, not the first start, when a library is missing or BLAS is not OpenBLAS (OpenMP).
-RUN if ldd /usr/local/bin/strata-server /usr/local/bin/strata | grep -F 'not found'; then exit 1; fi \
+RUN if ldd /usr/local/bin/strata-server /usr/local/bin/strata /usr/local/bin/strata-offline | grep -F 'not found'; then exit 1; fi \
  && readlink -f "/usr/lib/$(uname -m)-linux-gnu/libblas.so.3" | grep -q openblas-openmp \
- && strata --help > /dev/null
+ && strata --help > /dev/null \
+ && strata bench --help > /dev/null
 ENV STRATA_DEVICE=cpu
 
 #################################################################### CUDA runtime (Ubuntu 24.04)
@@ -126,13 +127,13 @@ RUN apt-get update \
         apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt
 COPY --from=build-cuda /opt/libtorch/lib /opt/libtorch/lib
-COPY --from=build-cuda /out/strata-server /out/strata /usr/local/bin/
+COPY --from=build-cuda /out/strata-server /out/strata /out/strata-offline /usr/local/bin/
 ENV LD_LIBRARY_PATH=/opt/libtorch/lib:${LD_LIBRARY_PATH} \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     STRATA_DEVICE=cuda
 # libcuda.so.1 is the driver: the NVIDIA container runtime mounts it when the container starts.
-RUN if ldd /usr/local/bin/strata-server /usr/local/bin/strata | grep -F 'not found' \
+RUN if ldd /usr/local/bin/strata-server /usr/local/bin/strata /usr/local/bin/strata-offline | grep -F 'not found' \
         | grep -v -e 'libcuda\.so' -e 'libnvidia-'; then exit 1; fi
 
 ############################################################################# final image

@@ -197,6 +197,9 @@ void AddSubmit(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       spec->set_scorer(ScorerProtoFromName(a->scorer).value_or(pb::SCORER_UNSPECIFIED));
     }
     spec->set_description(a->description);
+    // The server names each file in its line errors ("FILE:LINE: ...").
+    spec->set_train_source(a->file);
+    if (!a->eval_file.empty()) spec->set_eval_source(a->eval_file);
     if (min_score->count()) spec->set_min_score(a->min_score);
     pb::TrainingOverrides* o = spec->mutable_overrides();
     if (lr->count()) o->set_learning_rate(a->lr);

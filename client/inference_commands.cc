@@ -1,8 +1,10 @@
-// Server modes of `strata tokenize` / `strata generate`, and `strata score`: the InferenceService.
+// `strata tokenize` / `strata generate` (their options; the server modes here, the --model DIR
+// modes through OfflineModes) and `strata score`: the InferenceService.
 
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -113,6 +115,49 @@ int ServerGenerate(const GenerateArgs& a, const GlobalOptions& opts) {
     std::cout << j.dump() << "\n";
   }
   return kExitOk;
+}
+
+void AddTokenizeCommand(CLI::App& app, GlobalOptions& opts, int* exit_code, const OfflineModes& offline) {
+  auto* cmd = app.add_subcommand(
+      "tokenize", "Print the token ids of a text (with the server's tokenizer, or offline with --model DIR)");
+  auto a = std::make_shared<TokenizeArgs>();
+  cmd->add_option("--model", a->model, "Model or tokenizer directory (tokenizer.json): offline, no server")
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--text", a->text, "Text to tokenize")->required();
+  cmd->add_flag("--no-special", a->no_special, "Do not add BOS/EOS");
+  cmd->callback([&opts, exit_code, a, run_offline = offline.tokenize] {
+    *exit_code = a->model.empty() ? ServerTokenize(a->text, !a->no_special, opts) : run_offline(*a, opts);
+  });
+}
+
+void AddGenerateCommand(CLI::App& app, GlobalOptions& opts, int* exit_code, const OfflineModes& offline) {
+  auto* cmd = app.add_subcommand(
+      "generate", "Generate text on the server's served weights (streamed), or offline with --model DIR");
+  auto a = std::make_shared<GenerateArgs>();
+  cmd->add_option("--model", a->model, "Hugging Face model directory: generate offline, no server")
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
+  cmd->add_option("--task", a->task,
+                  "Server: use the task-routed weights of this learned task (= --route NAME)");
+  cmd->add_option(
+      "--route", a->route,
+      "Server: auto (default: the server picks the learned task the prompt belongs to, or the base "
+      "model), merged, base, or a learned task's name");
+  cmd->add_option("--max-tokens", a->max_tokens, "Maximum new tokens")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--temperature", a->temperature, "Sampling temperature (0 = greedy)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-k", a->top_k, "Top-k sampling (0 = off)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", a->top_p, "Nucleus sampling (1 = off)")->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--seed", a->seed, "Sampling seed");
+  cmd->add_option("--stop", a->stop, "Stop string (repeatable)");
+  cmd->add_option("--device", a->device, "Offline: cpu or cuda")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Offline: CPU threads (0 = all cores)");
+  cmd->callback([&opts, exit_code, a, run_offline = offline.generate] {
+    *exit_code = a->model.empty() ? ServerGenerate(*a, opts) : run_offline(*a, opts);
+  });
 }
 
 void AddScoreCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {

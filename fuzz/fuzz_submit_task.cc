@@ -37,7 +37,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   strata::ValidationOptions vo;
   vo.tokenizer = tokenizer;
   vo.max_tokens = spec.overrides.max_seq_len.value_or(256);
-  strata::SplitIngest train("train.jsonl", vo), eval("eval.jsonl", vo);
+  strata::SplitIngest train(strata::SplitSourceName(messages[0].spec().train_source(), "train.jsonl"), vo);
+  strata::SplitIngest eval(strata::SplitSourceName(messages[0].spec().eval_source(), "eval.jsonl"), vo);
   for (size_t i = 1; i < messages.size(); ++i) {
     if (messages[i].payload_case() == pb::SubmitTaskRequest::kTrain)
       train.Add(messages[i].train());

@@ -180,8 +180,9 @@ grpc::Status AdaptationServiceImpl::SubmitTask(grpc::ServerContext* context,
   ValidationOptions vo;
   vo.tokenizer = &engine_->tokenizer();
   vo.max_tokens = spec.overrides.max_seq_len.value_or(static_cast<int32_t>(limits_.max_tokens));
-  SplitIngest train("train.jsonl", vo);
-  SplitIngest eval("eval.jsonl", vo);
+  // Line errors name each split as the client called it (its file), else train.jsonl / eval.jsonl.
+  SplitIngest train(SplitSourceName(request.spec().train_source(), "train.jsonl"), vo);
+  SplitIngest eval(SplitSourceName(request.spec().eval_source(), "eval.jsonl"), vo);
   int64_t bytes = 0;
   while (reader->Read(&request)) {
     switch (request.payload_case()) {

@@ -192,12 +192,9 @@ class StateCollector : public prometheus::Collectable {
     std::optional<JobRecord> training;
     for (const JobRecord& job : store.List()) {
       counts[job.state] += 1;
-      // The running job, else the newest job that trained: the gauges keep the last training figures.
-      if (job.progress.step > 0 &&
-          (!training || job.state == JobState::kTraining ||
-           (training->state != JobState::kTraining && job.sequence > training->sequence))) {
-        training = job;
-      }
+      // Only a job that trains now: idle, the training gauges are absent (no series, so Prometheus
+      // marks them stale and graphs show a gap) rather than repeating the last job's figures.
+      if (job.state == JobState::kTraining && job.progress.step > 0) training = job;
     }
     for (JobState s : {JobState::kQueued, JobState::kTraining, JobState::kEvaluating, JobState::kSucceeded,
                        JobState::kFailed, JobState::kCancelled, JobState::kHeld, JobState::kRolledBack}) {
@@ -259,18 +256,17 @@ class StateCollector : public prometheus::Collectable {
     out->push_back(quarantined);
     out->push_back(GaugeFamily("strata_queue_length", "Jobs waiting for the training worker.",
                                counts[JobState::kQueued]));
-    if (training && training->progress.step > 0) {
+    if (training) {
       if (std::isfinite(training->progress.loss)) {
-        out->push_back(GaugeFamily(
-            "strata_training_loss",
-            "Training loss of the latest training step (the running job, else the last job that trained).",
-            training->progress.loss));
+        out->push_back(
+            GaugeFamily("strata_training_loss",
+                        "Training loss of the training job's latest step (absent while no job trains).",
+                        training->progress.loss));
       }
-      out->push_back(
-          GaugeFamily("strata_training_tokens_per_second",
-                      "Training throughput in tokens per second (the running job, else the last job "
-                      "that trained).",
-                      training->progress.tokens_per_second));
+      out->push_back(GaugeFamily(
+          "strata_training_tokens_per_second",
+          "Training throughput of the training job in tokens per second (absent while no job trains).",
+          training->progress.tokens_per_second));
     }
   }
 

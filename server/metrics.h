@@ -6,7 +6,8 @@
 //                       strata_job_journal_quarantined_total,
 //                       strata_training_loss,
 //                       strata_training_tokens_per_second (read from the job store at scrape time;
-//                       the training figures only while a job trains)
+//                       the training figures only while a job is in state training: absent, not
+//                       the last job's values, when idle or evaluating)
 //   served weights      strata_weights_version, strata_weights_info{version} (= 1),
 //                       strata_candidate_versions, strata_gate_rejections_total{reason} (from the
 //                       journal's held jobs: forgetting, min_task_score, reference_rise)

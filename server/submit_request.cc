@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "core/util/utf8.h"
 #include "strata/v1/scorer_names.h"
 
 namespace strata {
@@ -64,6 +65,25 @@ std::string StructuredExampleLine(const pb::Example& e) {
   }
   if (!e.text().empty()) fields.push_back("\"text\": " + RawJsonString(e.text()));
   return "{" + absl::StrJoin(fields, ", ") + "}";
+}
+
+std::string SplitSourceName(const std::string& given, const std::string& fallback) {
+  constexpr size_t kMaxBytes = 256;
+  if (given.empty()) return fallback;
+  std::string name = SanitizeUtf8(given);
+  for (char& c : name) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  if (name.size() > kMaxBytes) {
+    if (size_t slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
+  }
+  if (name.size() > kMaxBytes) {
+    // Its last bytes, from a character boundary on.
+    size_t start = name.size() - kMaxBytes;
+    while (start < name.size() && (static_cast<unsigned char>(name[start]) & 0xC0) == 0x80) ++start;
+    name = name.substr(start);
+  }
+  return name.empty() ? fallback : name;
 }
 
 int64_t SplitIngest::Add(const pb::DataChunk& chunk) {

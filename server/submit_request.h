@@ -24,6 +24,12 @@ std::string RawJsonString(const std::string& bytes);
 // missing field is reported as missing and "text" + "prompt" as ambiguous, exactly as in JSONL).
 std::string StructuredExampleLine(const strata::v1::Example& example);
 
+// The name a split's line errors carry: `given` (TaskSpec.train_source / eval_source, e.g. the
+// client's file path) made printable (control characters become '?', invalid UTF-8 U+FFFD), a
+// name over 256 bytes shortened to its last path component (and that to its last 256 bytes), or
+// `fallback` when `given` is empty.
+std::string SplitSourceName(const std::string& given, const std::string& fallback);
+
 // One split (train or eval) of a submission: a streaming validator plus the bookkeeping the
 // limits need. Thread-compatible.
 class SplitIngest {

@@ -24,6 +24,7 @@ std::string BinaryPath(const std::string& name) {
   const std::string root = STRATA_BINARY_DIR;
   if (name == "strata-server") return root + "/server/strata-server";
   if (name == "strata") return root + "/client/strata";
+  if (name == "strata-offline") return root + "/client/strata-offline";
   return root + "/" + name;
 }
 

@@ -33,7 +33,7 @@ say() { printf '[check-cpu-image] %s\n' "$*"; }
 [[ $(id -u) -eq 0 ]] || { say "needs root (chroot, mount)"; exit 2; }
 command -v debootstrap > /dev/null || { say "needs debootstrap (apt-get install debootstrap)"; exit 2; }
 if ((!WITH_BUILD)); then
-  for b in server/strata-server client/strata; do
+  for b in server/strata-server client/strata client/strata-offline; do
     [[ -x "$BUILD_DIR/$b" ]] || { say "no $BUILD_DIR/$b; build first (or --with-build)"; exit 2; }
   done
 fi
@@ -117,7 +117,7 @@ if ((WITH_BUILD)); then
   BUILD_DIR="$ROOTFS.out"
   mkdir -p "$BUILD_DIR/server" "$BUILD_DIR/client"
   cp "$B/out/strata-server" "$BUILD_DIR/server/"
-  cp "$B/out/strata" "$BUILD_DIR/client/"
+  cp "$B/out/strata" "$B/out/strata-offline" "$BUILD_DIR/client/"
   rm -rf "$B"
   say "build-cpu: $(ls "$BUILD_DIR"/server "$BUILD_DIR"/client | tr '\n' ' ')"
 fi
@@ -125,7 +125,8 @@ fi
 fresh_rootfs "$ROOTFS"
 mount --bind /dev "$ROOTFS/dev"
 mount -t proc proc "$ROOTFS/proc"
-cp "$BUILD_DIR/server/strata-server" "$BUILD_DIR/client/strata" "$ROOTFS/usr/local/bin/"
+cp "$BUILD_DIR/server/strata-server" "$BUILD_DIR/client/strata" "$BUILD_DIR/client/strata-offline" \
+  "$ROOTFS/usr/local/bin/"
 stage_script runtime-cpu > "$ROOTFS/tmp/runtime-cpu.sh"
 stage_script runtime > "$ROOTFS/tmp/runtime.sh"
 say "RUN steps of stage runtime-cpu (packages, OpenBLAS, ldd, BLAS check)"

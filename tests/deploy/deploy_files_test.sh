@@ -9,7 +9,7 @@
 #                        dashboard and the alert rules use must appear in it (histograms match by
 #                        family: _bucket/_sum/_count stripped). prometheus-cpp omits a labelled
 #                        family until it has a child: scrape after RPCs and a learned task.
-#   --build-dir DIR      a build tree with server/strata-server and client/strata: the CPU image's
+#   --build-dir DIR      a build tree with server/strata-server and client/strata(-offline): the CPU image's
 #                        runtime package list must cover the binaries' shared libraries, and every
 #                        STRATA_* variable in the k8s ConfigMap must be the twin of a server flag.
 #
@@ -716,7 +716,8 @@ check "deploy/docker/runtime-packages.sh is valid bash" bash -n deploy/docker/ru
 
 if [[ -n "$BUILD_DIR" ]]; then
   check "CPU runtime packages cover the DT_NEEDED libraries of $BUILD_DIR binaries" bash -c '
-    want=$(deploy/docker/runtime-packages.sh --direct "$2/server/strata-server" "$2/client/strata") || exit 1
+    want=$(deploy/docker/runtime-packages.sh --direct "$2/server/strata-server" "$2/client/strata" \
+      "$2/client/strata-offline") || exit 1
     have=" $("$0" "$1" print-arg CPU_RUNTIME_PACKAGES | tr "\n" " ") libc6 libgcc-s1 libstdc++6 "
     rc=0
     for p in $want; do

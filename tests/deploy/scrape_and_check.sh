@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs a real strata-server (stories260K) on 127.0.0.1, learns two tiny tasks through the CLI,
-# scrapes /metrics and runs deploy_files_test.sh with that scrape and the build tree: every metric the
-# Grafana dashboard and the alert rules use must be exported by the running server.
+# scrapes /metrics while a third job trains (the training gauges exist only then) and runs
+# deploy_files_test.sh with that scrape and the build tree: every metric the Grafana dashboard and
+# the alert rules use must be exported by the running server.
 #
 #   bash tests/deploy/scrape_and_check.sh BUILD_DIR SHARED_DIR
 set -uo pipefail
@@ -27,5 +28,13 @@ for task in capitals langid; do
   fi
 done
 "${CLI[@]}" generate --prompt "Once upon a time" --max-tokens 4 >/dev/null
-curl -sf "http://127.0.0.1:$METRICS/metrics" >"$TMP/metrics.txt" || { echo "scrape failed"; exit 1; }
+head -n 40 "$SHARED/data/cl-small/iso3/train.jsonl" >"$TMP/iso3.jsonl"
+"${CLI[@]}" submit --task iso3 "$TMP/iso3.jsonl" --steps 100000 >"$TMP/iso3.id" 2>"$TMP/iso3.err" \
+  || { echo "submit iso3 failed:"; cat "$TMP/iso3.err"; exit 1; }
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$METRICS/metrics" >"$TMP/metrics.txt" || { echo "scrape failed"; exit 1; }
+  grep -q '^strata_training_loss ' "$TMP/metrics.txt" && break
+  sleep 0.5
+done
+"${CLI[@]}" cancel "$(cat "$TMP/iso3.id")" >/dev/null || echo "cancel failed (the server is killed anyway)"
 bash "$ROOT/tests/deploy/deploy_files_test.sh" --metrics-file "$TMP/metrics.txt" --build-dir "$BUILD"

@@ -46,6 +46,15 @@ TEST(ServerSmoke, HealthInfoMetricsAndCleanShutdown) {
   ASSERT_EQ(health_json.exit_code, 0) << health_json.err;
   EXPECT_EQ(nlohmann::json::parse(health_json.out)["status"], "SERVING");
 
+  // STRATA_SERVER stands for --server; a --server given wins.
+  auto from_env = RunCommand({BinaryPath("strata"), "health"}, 30, {{"STRATA_SERVER", s.addr()}});
+  EXPECT_EQ(from_env.exit_code, 0) << from_env.err;
+  EXPECT_EQ(from_env.out, "SERVING\n");
+  auto flag_wins = RunCommand({BinaryPath("strata"), "--server", "127.0.0.1:" + std::to_string(FreePort()),
+                               "--timeout", "1", "health"},
+                              30, {{"STRATA_SERVER", s.addr()}});
+  EXPECT_EQ(flag_wins.exit_code, 3) << flag_wins.err;
+
   auto svc = RunCommand(
       {BinaryPath("strata"), "health", "--server", s.addr(), "--service", "strata.v1.AdminService"});
   EXPECT_EQ(svc.exit_code, 0) << svc.err;

@@ -619,6 +619,11 @@ TEST(Service, JobInterruptedByKillRunsAgainAfterRestart) {
   EXPECT_EQ(watch.exit_code, 1) << watch.out << watch.err;
   EXPECT_NE(watch.err.find("cancelled"), std::string::npos) << watch.err;
   EXPECT_EQ(GetJob(*stub, id).state(), pb::JOB_STATE_CANCELLED);
+  // Idle again: the training gauges are gone (not the cancelled job's last figures).
+  const std::string idle = s.Metrics();
+  EXPECT_EQ(MetricValue(idle, "strata_jobs{state=\"cancelled\"}"), 1) << idle;
+  EXPECT_EQ(idle.find("strata_training_loss"), std::string::npos) << idle;
+  EXPECT_EQ(idle.find("strata_training_tokens_per_second"), std::string::npos) << idle;
   ExpectRpcError(s.Cli({"cancel", id}), "FAILED_PRECONDITION");
   json tasks = s.CliJson({"tasks"});
   EXPECT_TRUE(!tasks.contains("tasks") || tasks["tasks"].empty()) << tasks.dump();
@@ -638,17 +643,20 @@ TEST(Service, BadInputsGetTheirCodes) {
   WriteFile(dir + "/bad.jsonl",
             "{\"prompt\": \"a\", \"completion\": \" b\"}\n{\"prompt\": \"c\", \"completion\": \" d\"}\n"
             "{\"prompt\": \"e\", \"completion\": }\n{\"prompt\": \"f\"}\n");
+  // Each file's errors carry its own name (the path given to the CLI).
   ExpectRpcError(s.Cli({"submit", "--task", "bad", dir + "/bad.jsonl", "--eval", eval}), "INVALID_ARGUMENT",
-                 "train.jsonl:3:");
+                 dir + "/bad.jsonl:3:");
   ExpectRpcError(s.Cli({"submit", "--task", "bad", dir + "/bad.jsonl", "--eval", eval}), "INVALID_ARGUMENT",
-                 "train.jsonl:4:");
-  ExpectRpcError(s.Cli({"submit", "--task", "bad", small, "--eval", dir + "/bad.jsonl"}), "INVALID_ARGUMENT",
-                 "eval.jsonl:3:");
+                 dir + "/bad.jsonl:4:");
+  std::filesystem::copy_file(dir + "/bad.jsonl", dir + "/bad-eval.jsonl");
+  CommandResult bad_eval = s.Cli({"submit", "--task", "bad", small, "--eval", dir + "/bad-eval.jsonl"});
+  ExpectRpcError(bad_eval, "INVALID_ARGUMENT", dir + "/bad-eval.jsonl:3:");
+  EXPECT_EQ(bad_eval.err.find("small.jsonl"), std::string::npos) << bad_eval.err;
   // Longer than --max_seq_len tokens.
   WriteFile(dir + "/long.jsonl",
             "{\"prompt\": \"" + std::string(2000, 'x') + "\", \"completion\": \" y\"}\n");
   ExpectRpcError(s.Cli({"submit", "--task", "toolong", dir + "/long.jsonl", "--eval", eval}),
-                 "INVALID_ARGUMENT", "train.jsonl:1:");
+                 "INVALID_ARGUMENT", "long.jsonl:1:");
   // A bad name and a different method.
   ExpectRpcError(s.Cli({"submit", "--task", "no/slash", small, "--eval", eval}), "INVALID_ARGUMENT",
                  "spec.name");
@@ -988,6 +996,15 @@ TEST(Service, BearerTokenAndTls) {
                  "no version before");
   CommandResult ok = tls({"--auth-token-file", keys.path() + "/token", "tasks"});
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  // STRATA_AUTH_TOKEN_FILE (and STRATA_SERVER) stand for the flags; a flag given wins.
+  const std::map<std::string, std::string> env = {{"STRATA_SERVER", s.addr()},
+                                                  {"STRATA_AUTH_TOKEN_FILE", keys.path() + "/token"}};
+  CommandResult from_env = RunCommand({BinaryPath("strata"), "--tls-ca", cert, "tasks"}, 60, env);
+  EXPECT_EQ(from_env.exit_code, 0) << from_env.err;
+  ExpectRpcError(RunCommand({BinaryPath("strata"), "--tls-ca", cert, "--auth-token-file",
+                             keys.path() + "/wrong", "tasks"},
+                            60, env),
+                 "UNAUTHENTICATED", "invalid");
   CommandResult info = tls({"--auth-token-file", keys.path() + "/token", "--json", "info"});
   ASSERT_EQ(info.exit_code, 0) << info.err;
   json j = json::parse(info.out);
