@@ -38,7 +38,10 @@ absl::Status WriteExportDir(const std::string& dir, bool overwrite,
                             const std::function<absl::Status(const std::string&)>& write) {
   static std::atomic<int64_t> counter{0};
   std::error_code ec;
-  const fs::path target(dir);
+  // Absolute, without a trailing '/': a relative `dir` still has a parent to write beside.
+  std::string absolute = AbsolutePath(dir);
+  while (absolute.size() > 1 && absolute.back() == '/') absolute.pop_back();
+  const fs::path target(absolute);
   if (fs::exists(fs::symlink_status(target, ec))) {
     if (!fs::is_directory(fs::symlink_status(target, ec))) {
       return absl::AlreadyExistsError(
@@ -62,8 +65,8 @@ absl::Status WriteExportDir(const std::string& dir, bool overwrite,
   if (st.ok()) st = FsyncPath(tmp);
   if (st.ok()) {
     if (overwrite) {
-      st = ReplaceDirAtomic(tmp, dir);
-    } else if (::rename(tmp.c_str(), dir.c_str()) != 0) {
+      st = ReplaceDirAtomic(tmp, target.string());
+    } else if (::rename(tmp.c_str(), target.c_str()) != 0) {
       // rename(2) replaces only an empty directory: a directory filled since the check is kept.
       const int err = errno;
       st = (err == ENOTEMPTY || err == EEXIST)

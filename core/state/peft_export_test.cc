@@ -268,6 +268,10 @@ TEST(PeftExport, RefusesANonEmptyDirectoryUnlessOverwrite) {
   EXPECT_FALSE(PathExists(dir + "/stray.txt"));  // replaced as a whole, not merged into
   EXPECT_TRUE(ReadPeftLoraAdapter(dir).ok());
 
+  // A trailing '/' names the same directory.
+  EXPECT_EQ(engine->ExportAdapter("capitals", dir + "/").status().code(), absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(engine->ExportAdapter("capitals", exports.path + "/slash/").ok());
+  EXPECT_TRUE(PathExists(exports.path + "/slash/adapter_config.json"));
   // An empty directory is fine without overwrite; a file is refused even with it.
   fs::create_directories(exports.path + "/empty");
   EXPECT_TRUE(engine->ExportAdapter("capitals", exports.path + "/empty").ok());
