@@ -17,17 +17,41 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
   {
     auto* cmd = app.add_subcommand(
         "export",
-        "Write the served weights (a Hugging Face model directory) or, with --state, the adaptation state "
-        "into a "
-        "directory on the server (under its --export_root; relative paths are taken relative to it)");
+        "Write the served weights (a Hugging Face model directory), with --task a learned task as a PEFT "
+        "LoRA "
+        "adapter (adapter_config.json + adapter_model.safetensors), or with --state the adaptation state "
+        "into "
+        "a directory on the server (under its --export_root; relative paths are taken relative to it). A "
+        "non-empty directory is refused unless --overwrite");
     struct Args {
       std::string dir;
       bool state = false;
+      bool overwrite = false;
+      std::string task;
+      int rank = 0;
     };
     auto a = std::make_shared<Args>();
     cmd->add_option("dir", a->dir, "Directory on the server")->required();
     cmd->add_flag("--state", a->state, "Export the adaptation state (checkpoint) instead of the weights");
+    cmd->add_flag("--overwrite", a->overwrite, "Replace the directory when it is not empty");
+    cmd->add_option("--task", a->task,
+                    "Export this task's route (the model as of the task minus the base weights) as a PEFT "
+                    "LoRA adapter; 'merged' = the full model");
+    cmd->add_option(
+           "--rank", a->rank,
+           "With --task: the adapter's rank (truncated SVD; the relative error is printed); 0 = exact. "
+           "Needed for methods whose update is dense (osft, pm, seq_ft, ella, ...)")
+        ->check(CLI::Range(0, 65536));
     cmd->callback([&opts, exit_code, a] {
+      if (a->state && (!a->task.empty() || a->rank != 0)) {
+        *exit_code =
+            UsageError("--state exports the whole adaptation state; it takes no --task or --rank", opts);
+        return;
+      }
+      if (a->rank != 0 && a->task.empty()) {
+        *exit_code = UsageError("--rank applies to a task's adapter (--task NAME)", opts);
+        return;
+      }
       auto channel = Connect(opts);
       if (!channel) {
         *exit_code = kExitUnreachable;
@@ -40,9 +64,11 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       int64_t version = 0;
       grpc::Status st;
       std::string json;
+      std::string what = a->state ? "the state" : "weights";
       if (a->state) {
         pb::ExportStateRequest request;
         request.set_dir(a->dir);
+        request.set_overwrite(a->overwrite);
         pb::ExportStateResponse response;
         st = stub->ExportState(&ctx, request, &response);
         path = response.path();
@@ -51,11 +77,24 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       } else {
         pb::ExportWeightsRequest request;
         request.set_dir(a->dir);
+        request.set_overwrite(a->overwrite);
+        request.set_task(a->task);
+        request.set_rank(a->rank);
         pb::ExportWeightsResponse response;
         st = stub->ExportWeights(&ctx, request, &response);
         path = response.path();
         version = response.weights_version();
         json = ProtoToJson(response);
+        if (!response.task().empty()) {
+          what = absl::StrFormat("task '%s' (%s) as a PEFT LoRA adapter of rank %d", response.task(),
+                                 response.method(), response.rank());
+          if (response.rank() < response.exact_rank()) {
+            absl::StrAppendFormat(&what, " (exact rank %d; relative error %.3g)", response.exact_rank(),
+                                  response.relative_error());
+          } else {
+            absl::StrAppend(&what, " (exact)");
+          }
+        }
       }
       if (!st.ok()) {
         *exit_code = ReportRpcError(a->state ? "ExportState" : "ExportWeights", st, opts);
@@ -64,8 +103,7 @@ void AddAdminCommands(CLI::App& app, GlobalOptions& opts, int* exit_code) {
       if (opts.json) {
         std::cout << json << "\n";
       } else {
-        std::cout << absl::StrFormat("exported %s of weights version %d to %s\n",
-                                     a->state ? "the state" : "weights", version, path);
+        std::cout << absl::StrFormat("exported %s of weights version %d to %s\n", what, version, path);
       }
     });
   }

@@ -72,14 +72,61 @@ grpc::Status AdminServiceImpl::GetServerInfo(grpc::ServerContext* context, const
   return grpc::Status::OK;
 }
 
+namespace {
+
+// An export directory under the export root, not the root itself (replacing it would remove every
+// other export).
+absl::StatusOr<std::string> ExportDir(const std::string& root, const std::string& path) {
+  auto dir = ConfinePath(root, path, "dir");
+  if (!dir.ok()) return dir.status();
+  std::string normal_root = AbsolutePath(root);
+  while (normal_root.size() > 1 && normal_root.back() == '/') normal_root.pop_back();
+  if (*dir == normal_root) {
+    return absl::InvalidArgumentError(absl::StrCat("dir: '", path, "' is the export root itself (",
+                                                   normal_root, "); name a directory under it"));
+  }
+  return dir;
+}
+
+}  // namespace
+
 grpc::Status AdminServiceImpl::ExportWeights(grpc::ServerContext* context,
                                              const pb::ExportWeightsRequest* request,
                                              pb::ExportWeightsResponse* response) {
   if (auto st = Authorize(auth_, *context); !st.ok()) return st;
-  auto dir = ConfinePath(facts_.export_root, request->dir(), "dir");
+  auto dir = ExportDir(facts_.export_root, request->dir());
   if (!dir.ok()) return ToGrpcStatus(dir.status());
+  const std::string& task = request->task();
+  if (!task.empty() && task != "merged") {
+    AdapterExportOptions options;
+    options.overwrite = request->overwrite();
+    options.rank = request->rank();
+    auto exported = engine_->ExportAdapter(task, *dir, options);
+    if (!exported.ok()) return ToGrpcStatus(exported.status());
+    spdlog::info(
+        "exported task '{}' ({}, weights version {}) as a PEFT LoRA adapter to {}: rank {} (exact: {}), {} "
+        "modules, relative error {:.3g} (worst module {}: {:.3g})",
+        task, exported->method, exported->weights_version, *dir, exported->rank, exported->exact_rank,
+        exported->modules, exported->relative_error, exported->max_error_module, exported->max_module_error);
+    response->set_path(*dir);
+    response->set_weights_version(exported->weights_version);
+    response->set_task(exported->task);
+    response->set_method(exported->method);
+    response->set_rank(static_cast<int32_t>(exported->rank));
+    response->set_exact_rank(static_cast<int32_t>(exported->exact_rank));
+    response->set_relative_error(exported->relative_error);
+    response->set_modules(static_cast<int32_t>(exported->modules));
+    response->set_dense(exported->dense);
+    return grpc::Status::OK;
+  }
+  if (request->rank() != 0) {
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        "rank: applies to a task's adapter export (task), not to the full merged model"));
+  }
   const int64_t version = engine_->Current()->version;
-  if (auto st = engine_->ExportWeights(*dir); !st.ok()) return ToGrpcStatus(st);
+  ExportOptions options;
+  options.overwrite = request->overwrite();
+  if (auto st = engine_->ExportWeights(*dir, options); !st.ok()) return ToGrpcStatus(st);
   spdlog::info("exported weights version {} to {}", version, *dir);
   response->set_path(*dir);
   response->set_weights_version(version);
@@ -90,10 +137,12 @@ grpc::Status AdminServiceImpl::ExportState(grpc::ServerContext* context,
                                            const pb::ExportStateRequest* request,
                                            pb::ExportStateResponse* response) {
   if (auto st = Authorize(auth_, *context); !st.ok()) return st;
-  auto dir = ConfinePath(facts_.export_root, request->dir(), "dir");
+  auto dir = ExportDir(facts_.export_root, request->dir());
   if (!dir.ok()) return ToGrpcStatus(dir.status());
   const int64_t version = engine_->Current()->version;
-  if (auto st = engine_->ExportState(*dir); !st.ok()) return ToGrpcStatus(st);
+  ExportOptions options;
+  options.overwrite = request->overwrite();
+  if (auto st = engine_->ExportState(*dir, options); !st.ok()) return ToGrpcStatus(st);
   spdlog::info("exported the adaptation state (weights version {}) to {}", version, *dir);
   response->set_path(*dir);
   response->set_weights_version(version);

@@ -165,19 +165,36 @@ absl::Status WritePeftLoraAdapter(const std::string& dir, const PeftLoraAdapter&
       targets.insert(dot == std::string::npos ? module : module.substr(dot + 1));
     }
   }
+  // LoraConfig's fields as PEFT's save_pretrained writes them (loaders that know fewer fields, such as
+  // vLLM's, drop the rest).
   json config;
   config["peft_type"] = "LORA";
   config["task_type"] = "CAUSAL_LM";
+  config["base_model_name_or_path"] =
+      adapter.base_model_name_or_path.empty() ? json(nullptr) : json(adapter.base_model_name_or_path);
+  config["revision"] = nullptr;
+  config["inference_mode"] = true;
   config["r"] = adapter.r;
-  config["lora_alpha"] = adapter.lora_alpha;
+  // An integral alpha as an integer, as PEFT users write it (vLLM's PEFTHelper types it int).
+  if (adapter.lora_alpha == std::floor(adapter.lora_alpha) && adapter.lora_alpha < 1e15) {
+    config["lora_alpha"] = static_cast<int64_t>(adapter.lora_alpha);
+  } else {
+    config["lora_alpha"] = adapter.lora_alpha;
+  }
   config["lora_dropout"] = 0.0;
   config["bias"] = "none";
   config["fan_in_fan_out"] = false;
   config["use_rslora"] = adapter.use_rslora;
-  config["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
+  config["use_dora"] = false;
+  config["init_lora_weights"] = true;
+  config["modules_to_save"] = nullptr;
+  config["layers_to_transform"] = nullptr;
+  config["layers_pattern"] = nullptr;
+  config["target_modules"] = adapter.target_modules.empty()
+                                 ? std::vector<std::string>(targets.begin(), targets.end())
+                                 : adapter.target_modules;
   config["rank_pattern"] = rank_pattern;
   config["alpha_pattern"] = alpha_pattern;
-  config["inference_mode"] = true;
   RETURN_IF_ERROR(MakeDirs(dir));
   RETURN_IF_ERROR(WriteSafetensors(JoinPath(dir, kWeightsFile), tensors, {{"format", "pt"}}));
   return WriteFileAtomic(JoinPath(dir, kConfigFile), config.dump(2));

@@ -41,14 +41,20 @@ struct PeftLoraAdapter {
   double lora_alpha = 0.0;
   bool use_rslora = false;
   std::vector<std::string> target_modules;
+  // adapter_config.json's base_model_name_or_path (written; not read back: the import checks shapes).
+  std::string base_model_name_or_path;
   std::map<std::string, PeftLoraModule> modules;  // by HF module name
 };
 
 // Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors (tensors copied to float32).
 absl::StatusOr<PeftLoraAdapter> ReadPeftLoraAdapter(const std::string& dir);
 
-// Writes a PEFT-loadable directory (created if needed; files written atomically). Modules whose rank
-// or scale differ from adapter.r / adapter.lora_alpha get rank_pattern / alpha_pattern entries.
+// Writes a PEFT-loadable directory (created if needed; files written atomically): the tensors as
+// PEFT's save_pretrained names them (base_model.model.<module>.lora_A.weight, no adapter name) and
+// every LoraConfig field a loader may look for. Modules whose rank or scale differ from adapter.r /
+// adapter.lora_alpha get rank_pattern / alpha_pattern entries (vLLM and LoRAX ignore those: give
+// every module the same rank and scale for them, as peft_export.h does). target_modules: the
+// adapter's, else the modules' last name parts.
 absl::Status WritePeftLoraAdapter(const std::string& dir, const PeftLoraAdapter& adapter);
 
 // Merges `adapter` into the Share modules as task `task` (no gradient steps): each adapter module

@@ -110,6 +110,39 @@ struct RouteChoice {
   double confidence = 1.0;
 };
 
+// How an export treats its directory: it is written into a temporary directory beside it and
+// renamed into place (readers never see a partial export).
+struct ExportOptions {
+  // Replace a non-empty directory; without it such a directory is refused (ALREADY_EXISTS).
+  bool overwrite = false;
+};
+
+// A task's route as a PEFT LoRA adapter (Engine::ExportAdapter).
+struct AdapterExportOptions {
+  bool overwrite = false;
+  // 0: exact (methods with per-task low-rank weights); > 0: at most this rank, each module's best
+  // approximation of it (truncated SVD). Methods whose update is dense need it.
+  int64_t rank = 0;
+};
+
+struct AdapterExport {
+  std::string task;
+  std::string method;
+  int64_t weights_version = 0;
+  // r of adapter_config.json (every module has it; lora_alpha = r), the rank an exact export needs,
+  // and the modules written.
+  int64_t rank = 0;
+  int64_t exact_rank = 0;
+  int64_t modules = 0;
+  // ‖ΔW − B A‖_F / ‖ΔW‖_F over every module (0: exact), and the worst module's.
+  double relative_error = 0;
+  double max_module_error = 0;
+  std::string max_error_module;
+  // Whether the update was dense (a method without per-task low-rank weights: its served weights
+  // minus W0, truncated to `rank`).
+  bool dense = false;
+};
+
 // Scores of completions for InferenceService.Score.
 struct CompletionScores {
   std::vector<double> log_likelihood;
@@ -176,10 +209,25 @@ class Engine : public TaskRunner {
   std::string method() const;
   int64_t AdaptationStateBytes() const;
 
-  // Merged model as HF safetensors + config.json + tokenizer files into `dir`.
-  absl::Status ExportWeights(const std::string& dir) const;
-  // The adaptation state (a copy of the checkpoint) into `dir`.
-  absl::Status ExportState(const std::string& dir) const;
+  // Merged model as HF safetensors + config.json + tokenizer files into `dir`. Every export writes a
+  // temporary directory beside `dir` and renames it into place; ALREADY_EXISTS naming `dir` when it
+  // is a non-empty directory (unless options.overwrite) or not a directory.
+  absl::Status ExportWeights(const std::string& dir, const ExportOptions& options = {}) const;
+  // The adaptation state (a copy of the checkpoint) into `dir` (as ExportWeights).
+  absl::Status ExportState(const std::string& dir, const ExportOptions& options = {}) const;
+  // Task `task`'s route on the served version, the model as of the task minus W0 (what a request
+  // with route `task` gets on top of the base weights), as a Hugging Face PEFT LoRA directory
+  // (adapter_config.json + adapter_model.safetensors; peft_export.h), which ImportAdapters reads
+  // back. Methods with per-task weights (share, share_ella: rank <= k; inc_lora, o_lora: rank r per
+  // task up to it) export exact factors, or the best rank-`options.rank` approximation. Methods that
+  // keep only merged weights (ella, seq_lora, seq_ft, osft, pm, mtl) have the model as of their
+  // latest task only: its update, W_served − W0, is dense and is exported as a truncated SVD when
+  // options.rank > 0. INVALID_ARGUMENT for "base"/"auto" or a negative rank, NOT_FOUND for an
+  // unknown task, FAILED_PRECONDITION for a dense update without a rank or an earlier task of such a
+  // method (naming the method), UNIMPLEMENTED when the update touches weights other than linear
+  // layers (seq_ft on embeddings and norms), ALREADY_EXISTS as ExportWeights.
+  absl::StatusOr<AdapterExport> ExportAdapter(const std::string& task, const std::string& dir,
+                                              const AdapterExportOptions& options = {}) const;
   // The adapter directories of an import job (TaskSpecification::import_dirs), checked as the job
   // will read them (INVALID_ARGUMENT / NOT_FOUND naming the directory and file, ALREADY_EXISTS for
   // a learned task, UNIMPLEMENTED for a method without a subspace). The server calls it before it

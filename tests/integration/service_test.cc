@@ -950,6 +950,58 @@ TEST(Service, ImportsPeftAdapterFromTheImportRoot) {
   ExpectRpcError(s.Cli({"import", "auto"}), "INVALID_ARGUMENT", "reserved");
 }
 
+// `strata export --task` writes a learned task's route as a PEFT LoRA adapter under --export_root,
+// which `strata import` accepts; a non-empty directory needs --overwrite (the full-model export too).
+TEST(Service, ExportsATaskAsPeftAdapter) {
+  Server s;
+  s.Start();
+  const std::string dir = s.dir.path();
+  const std::string train = HeadLines(ClSmall("capitals/train.jsonl"), 48, dir + "/capitals.jsonl");
+  const std::string eval = HeadLines(ClSmall("capitals/test.jsonl"), 16, dir + "/capitals-eval.jsonl");
+  CommandResult learned = s.Cli(
+      {"submit", "--task", "capitals", train, "--eval", eval, "--steps", "6", "--batch-size", "8", "--wait"});
+  ASSERT_EQ(learned.exit_code, 0) << learned.err << learned.out << s.Log();
+
+  json exported = s.CliJson({"export", "--task", "capitals", "capitals-lora"});
+  const std::string path = s.state() + "/exports/capitals-lora";
+  EXPECT_EQ(exported["path"], path);
+  EXPECT_EQ(exported["task"], "capitals");
+  EXPECT_EQ(exported["method"], "share_ella");
+  EXPECT_GE(exported["rank"].get<int>(), 1);
+  EXPECT_LE(exported["rank"].get<int>(), 32);
+  EXPECT_LT(exported["relative_error"].get<double>(), 1e-6);  // exact up to float32 rounding
+  EXPECT_EQ(exported["modules"], 35);  // every linear layer of 5 layers (--targets all-linear)
+  EXPECT_TRUE(std::filesystem::exists(path + "/adapter_config.json"));
+  EXPECT_TRUE(std::filesystem::exists(path + "/adapter_model.safetensors"));
+
+  ExpectRpcError(s.Cli({"export", "--task", "capitals", "capitals-lora"}), "ALREADY_EXISTS", "--overwrite");
+  CommandResult replaced = s.Cli({"export", "--task", "capitals", "capitals-lora", "--overwrite"});
+  ASSERT_EQ(replaced.exit_code, 0) << replaced.err;
+  EXPECT_NE(replaced.out.find("exported task 'capitals' (share_ella) as a PEFT LoRA adapter of rank"),
+            std::string::npos)
+      << replaced.out;
+  CommandResult truncated = s.Cli({"export", "--task", "capitals", "capitals-r1", "--rank", "1"});
+  ASSERT_EQ(truncated.exit_code, 0) << truncated.err;
+  EXPECT_NE(truncated.out.find("relative error"), std::string::npos) << truncated.out;
+  ExpectRpcError(s.Cli({"export", "--task", "nope", "x"}), "NOT_FOUND");
+  ExpectRpcError(s.Cli({"export", "."}), "INVALID_ARGUMENT", "export root");
+  EXPECT_EQ(s.Cli({"export", "--rank", "2", "x"}).exit_code, 2);
+  EXPECT_EQ(s.Cli({"export", "--state", "--task", "capitals", "x"}).exit_code, 2);
+
+  // The full model and the state refuse a non-empty directory the same way.
+  s.CliJson({"export", "weights"});
+  ExpectRpcError(s.Cli({"export", "weights"}), "ALREADY_EXISTS", "not empty");
+  EXPECT_EQ(s.Cli({"export", "weights", "--overwrite"}).exit_code, 0);
+  s.CliJson({"export", "--state", "state-copy"});
+  ExpectRpcError(s.Cli({"export", "--state", "state-copy"}), "ALREADY_EXISTS");
+
+  // The adapter is what ImportAdapters reads (a new task, stacked on the state's).
+  std::filesystem::create_directories(s.state() + "/imports");
+  std::filesystem::copy(path, s.state() + "/imports/capitals_copy");
+  CommandResult imported = s.Cli({"import", "capitals_copy"});
+  EXPECT_EQ(imported.exit_code, 0) << imported.err << s.Log();
+}
+
 std::string MakeCertificate(const std::string& dir) {
   CommandResult r =
       RunCommand({"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
