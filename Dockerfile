@@ -8,8 +8,8 @@
 #       --build-arg LIBTORCH_URL=https://download.pytorch.org/libtorch/cu126/libtorch-cxx11-abi-shared-with-deps-2.6.0%2Bcu126.zip \
 #       --build-arg LIBTORCH_SHA256=<sha256 of that zip> .
 #
-#   docker run --rm -p 50051:50051 -p 9464:9464 -v strata-state:/var/lib/strata strata:cpu
-#   docker run --rm --gpus all -p 50051:50051 -p 9464:9464 -v strata-state:/var/lib/strata \
+#   docker run --rm -p 50051:50051 -p 8000:8000 -p 9464:9464 -v strata-state:/var/lib/strata strata:cpu
+#   docker run --rm --gpus all -p 50051:50051 -p 8000:8000 -p 9464:9464 -v strata-state:/var/lib/strata \
 #       -v /srv/models:/models:ro -e STRATA_MODEL=/models/<dir> strata:cuda
 #
 # The image runs strata-server as user 10001 with its flags' environment twins set to
@@ -162,8 +162,9 @@ ENV STRATA_HOST=0.0.0.0 \
 USER 10001:10001
 WORKDIR /var/lib/strata
 VOLUME ["/var/lib/strata"]
-# 50051: gRPC (strata.v1 + grpc.health.v1 + reflection); 9464: Prometheus /metrics.
-EXPOSE 50051 9464
+# 50051: gRPC (strata.v1 + grpc.health.v1 + reflection); 8000: the OpenAI-compatible HTTP API;
+# 9464: Prometheus /metrics.
+EXPOSE 50051 8000 9464
 # Through the CLI (grpc.health.v1 Check); the start period covers loading a 7B model.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
     CMD strata health --server "127.0.0.1:${STRATA_GRPC_PORT:-50051}" --timeout 5 \

@@ -532,7 +532,7 @@ def c_dockerfile():
                         ('VOLUME ["/var/lib/strata"]', "the state directory is a volume"),
                         ("STRATA_STATE_DIR=/var/lib/strata", "the server writes its state to the volume"),
                         ("STRATA_HOST=0.0.0.0", "the server listens on all interfaces in a container"),
-                        ("EXPOSE 50051 9464", "ports 50051 and 9464 are exposed"),
+                        ("EXPOSE 50051 8000 9464", "ports 50051 (gRPC), 8000 (HTTP) and 9464 (metrics) are exposed"),
                         ("strata health --server", "the HEALTHCHECK uses the CLI"),
                         ('ENTRYPOINT ["strata-server"]', "the entrypoint is the server")]:
         if needle not in text:
