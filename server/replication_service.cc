@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "server/status_util.h"
 
@@ -89,7 +91,11 @@ grpc::Status ReplicationServiceImpl::WatchVersions(grpc::ServerContext* context,
     if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "the replica went away");
     if (generation == announced) continue;
     auto state = engine_->PublishedStateOf(0);
-    if (absl::IsNotFound(state.status())) continue;  // a publish is still keeping it: look again soon
+    if (absl::IsNotFound(state.status())) {
+      // A publish is still keeping it (the announce follows its callback anyway): look again soon.
+      absl::SleepFor(absl::Milliseconds(100));
+      continue;
+    }
     if (!state.ok()) return ToGrpcStatus(state.status());
     announced = generation;
     if (state->version == last_version) continue;
