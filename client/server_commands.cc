@@ -77,6 +77,15 @@ void AddInfoCommand(CLI::App& app, GlobalOptions& opts, int* exit_code) {
     }
     rows.push_back({"weights", absl::StrFormat("version %d, %d task(s) learned, method %s",
                                                info.weights_version(), info.tasks_learned(), info.method())});
+    if (!info.role().empty()) rows.push_back({"role", info.role()});
+    if (info.has_replica()) {
+      const auto& r = info.replica();
+      rows.push_back(
+          {"trainer", absl::StrFormat("%s (%s), serves version %d; %d version(s) behind, lag %.1f s",
+                                      r.trainer(), r.connected() ? "connected" : "not connected",
+                                      r.trainer_version(), r.lag_versions(), r.lag_seconds())});
+      if (!r.last_error().empty()) rows.push_back({"last error", r.last_error()});
+    }
     rows.push_back({"security", absl::StrFormat("%s, %s", info.tls() ? "TLS" : "plaintext",
                                                 info.auth_required() ? (info.inference_auth_required()
                                                                             ? "bearer token required"

@@ -69,6 +69,7 @@ grpc::Status AdminServiceImpl::GetServerInfo(grpc::ServerContext* context, const
   out->set_auth_required(facts_.auth_required);
   out->set_inference_auth_required(facts_.inference_auth_required);
   out->set_tls(facts_.tls);
+  out->set_role(facts_.role);
   return grpc::Status::OK;
 }
 

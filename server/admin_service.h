@@ -31,6 +31,8 @@ struct ServerFacts {
   // Absolute directories export / import paths must lie under.
   std::string export_root;
   std::string import_root;
+  // "trainer" or "replica" (--role).
+  std::string role = "trainer";
 };
 
 class AdminServiceImpl final : public strata::v1::AdminService::Service {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -47,6 +48,9 @@
 #include "server/inference_service.h"
 #include "server/metrics.h"
 #include "server/openai_http.h"
+#include "server/replica_follower.h"
+#include "server/replica_services.h"
+#include "server/replication_service.h"
 #include "strata/build_info.h"
 
 // Debian's civetweb (under prometheus-cpp's Exposer) asks for a 100 KiB thread stack, smaller than
@@ -150,6 +154,22 @@ ABSL_FLAG(std::string, auth_token_file, "",
           "File holding a bearer token that AdaptationService and AdminService calls must carry "
           "(metadata 'authorization: Bearer <token>'); empty = no token.");
 ABSL_FLAG(bool, auth_inference, false, "Require the bearer token for InferenceService too.");
+// Replication (docs/deploy.md: one trainer, N read-only replicas).
+ABSL_FLAG(std::string, role, "trainer",
+          "trainer (learns and serves; announces its published versions to replicas) or replica (serves the "
+          "versions of the trainer at --follow, inference only: adaptation and version changes are refused "
+          "with FAILED_PRECONDITION naming the trainer).");
+ABSL_FLAG(std::string, follow, "",
+          "A replica's trainer, HOST:PORT (its gRPC port). The replica must run the trainer's --model.");
+ABSL_FLAG(
+    std::string, follow_token_file, "",
+    "File holding the bearer token a replica presents to its trainer (the trainer's --auth_token_file).");
+ABSL_FLAG(std::string, follow_tls_ca, "",
+          "PEM CA certificates: a replica connects to its trainer over TLS, checking its certificate.");
+ABSL_FLAG(std::string, follow_tls_server_name, "",
+          "Overrides the name checked against the trainer's certificate (--follow_tls_ca).");
+ABSL_FLAG(double, follow_max_backoff_seconds, 30,
+          "Longest wait between a replica's reconnects to its trainer (the wait doubles from 0.5 s).");
 
 namespace strata {
 namespace {
@@ -166,7 +186,10 @@ const std::vector<std::string> kFlagNames = {
     "max_task_examples", "max_task_bytes", "max_queue", "max_job_attempts", "max_new_tokens", "max_message_bytes",
     // The publish gate and kept versions.
     "max_forgetting", "min_task_score", "max_reference_rise", "keep_versions",
-    "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference"};
+    "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference",
+    // Replication.
+    "role", "follow", "follow_token_file", "follow_tls_ca", "follow_tls_server_name",
+    "follow_max_backoff_seconds"};
 // clang-format on
 
 // The method options from the command line and environment (ParseMethodOptionFlags in main).
@@ -289,6 +312,33 @@ absl::Status ValidateFlags() {
   if (absl::GetFlag(FLAGS_auth_inference) && absl::GetFlag(FLAGS_auth_token_file).empty()) {
     return absl::InvalidArgumentError("--auth_inference: needs --auth_token_file");
   }
+  const std::string role = absl::GetFlag(FLAGS_role);
+  if (role != "trainer" && role != "replica") {
+    return absl::InvalidArgumentError(absl::StrCat("--role: '", role, "' (expected trainer or replica)"));
+  }
+  const std::string follow = absl::GetFlag(FLAGS_follow);
+  if (role == "replica") {
+    const size_t colon = follow.rfind(':');
+    int port = 0;
+    if (follow.empty() || colon == std::string::npos || colon == 0 ||
+        !absl::SimpleAtoi(follow.substr(colon + 1), &port) || port < 1 || port > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--follow: a replica needs its trainer's address as HOST:PORT, got '", follow, "'"));
+    }
+    if (absl::GetFlag(FLAGS_follow_max_backoff_seconds) < 0.5) {
+      return absl::InvalidArgumentError("--follow_max_backoff_seconds: must be >= 0.5");
+    }
+  } else {
+    for (const char* flag : {"follow", "follow_token_file", "follow_tls_ca", "follow_tls_server_name"}) {
+      const std::string value =
+          flag == std::string("follow")              ? follow
+          : flag == std::string("follow_token_file") ? absl::GetFlag(FLAGS_follow_token_file)
+          : flag == std::string("follow_tls_ca")     ? absl::GetFlag(FLAGS_follow_tls_ca)
+                                                     : absl::GetFlag(FLAGS_follow_tls_server_name);
+      if (!value.empty())
+        return absl::InvalidArgumentError(absl::StrCat("--", flag, ": needs --role=replica"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -339,6 +389,16 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, const char* flag) {
   return text;
 }
 
+// A replica's health: overall and InferenceService are its readiness (it serves a trainer's state);
+// AdminService always serves; AdaptationService never (it refuses every call). The overall
+// SetServingStatus sets every service, so it goes first.
+void SetReplicaHealth(grpc::HealthCheckServiceInterface* health, bool ready) {
+  health->SetServingStatus("strata.v1.InferenceService", ready);
+  health->SetServingStatus(ready);
+  health->SetServingStatus("strata.v1.AdminService", true);
+  health->SetServingStatus("strata.v1.AdaptationService", false);
+}
+
 int Run() {
   auto started = std::chrono::steady_clock::now();
   // Block the shutdown signals in every thread; one thread waits for them with sigwait.
@@ -356,6 +416,8 @@ int Run() {
       absl::GetFlag(FLAGS_export_root).empty() ? state_dir + "/exports" : absl::GetFlag(FLAGS_export_root));
   const std::string import_root = AbsolutePath(
       absl::GetFlag(FLAGS_import_root).empty() ? state_dir + "/imports" : absl::GetFlag(FLAGS_import_root));
+  const bool replica = absl::GetFlag(FLAGS_role) == "replica";
+  const std::string trainer = absl::GetFlag(FLAGS_follow);
 
   auto device = ResolveDevice(absl::GetFlag(FLAGS_device));
   if (!device.ok()) return Fail(device.status());
@@ -427,6 +489,7 @@ int Run() {
   engine_options.base_model_id = loaded->id;
   engine_options.gate = *ServerGate();  // checked by ValidateFlags
   engine_options.keep_versions = absl::GetFlag(FLAGS_keep_versions);
+  engine_options.replica = replica;
   auto engine_or = Engine::Create(std::move(loaded->model), loaded->tokenizer, summary, engine_options);
   if (!engine_or.ok()) return Fail(engine_or.status());
   std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -442,12 +505,41 @@ int Run() {
   ServerMetrics metrics(facts);
   metrics.SetSources(store.get(), engine.get());
   metrics.RefreshModelFigures();
-  engine->SetOnPublish([&metrics] { metrics.RefreshModelFigures(); });
+  // A trainer announces every served version to its replicas.
+  ReplicationServiceImpl replication(engine.get(), auth.get());
+  engine->SetOnPublish([&metrics, &replication] {
+    metrics.RefreshModelFigures();
+    replication.Published();
+  });
+  // A replica follows its trainer; its readiness is the follower's (set once the server runs).
+  std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
+  std::unique_ptr<ReplicaFollower> follower;
+  if (replica) {
+    FollowOptions follow;
+    follow.trainer = trainer;
+    follow.token_file = absl::GetFlag(FLAGS_follow_token_file);
+    follow.tls_ca = absl::GetFlag(FLAGS_follow_tls_ca);
+    follow.tls_server_name = absl::GetFlag(FLAGS_follow_tls_server_name);
+    follow.max_backoff_seconds = absl::GetFlag(FLAGS_follow_max_backoff_seconds);
+    follow.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+    char hostname[256] = {0};
+    gethostname(hostname, sizeof(hostname) - 1);
+    follow.name = absl::StrCat(hostname, ":", grpc_port);
+    auto f = ReplicaFollower::Create(engine.get(), state_dir, follow, [&health_service](bool serving) {
+      grpc::HealthCheckServiceInterface* health = health_service.load();
+      if (health == nullptr) return;
+      SetReplicaHealth(health, serving);
+      spdlog::info("replica: {}", serving ? "SERVING" : "NOT_SERVING");
+    });
+    if (!f.ok()) return Fail(f.status());
+    follower = std::move(*f);
+  }
   std::unique_ptr<prometheus::Exposer> exposer;
   if (metrics_port != 0) {
     auto ex = StartMetricsExposer(host, metrics_port, metrics);
     if (!ex.ok()) return Fail(ex.status());
     exposer = std::move(*ex);
+    if (follower) exposer->RegisterCollectable(follower->collector());
     spdlog::info("metrics on http://{}:{}/metrics", host, metrics_port);
   }
 
@@ -466,6 +558,7 @@ int Run() {
   server_facts.tls = tls;
   server_facts.export_root = export_root;
   server_facts.import_root = import_root;
+  server_facts.role = replica ? "replica" : "trainer";
   SubmitLimits limits;
   limits.max_examples = absl::GetFlag(FLAGS_max_task_examples);
   limits.max_bytes = absl::GetFlag(FLAGS_max_task_bytes);
@@ -473,6 +566,8 @@ int Run() {
   limits.max_tokens = absl::GetFlag(FLAGS_max_seq_len);
   AdaptationServiceImpl adaptation(store.get(), &worker, engine.get(), auth.get(), limits);
   AdminServiceImpl admin(server_facts, engine.get(), &adaptation, auth.get(), &worker);
+  ReplicaAdaptationService replica_adaptation(trainer, auth.get());
+  ReplicaAdminService replica_admin(&admin, follower.get(), trainer, auth.get());
   SchedulerOptions scheduler_options;
   scheduler_options.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   scheduler_options.max_waiting_requests = absl::GetFlag(FLAGS_max_waiting_requests);
@@ -517,8 +612,17 @@ int Run() {
   builder.AddListeningPort(absl::StrCat(host, ":", grpc_port), credentials, &bound_port);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxSendMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
-  builder.RegisterService(&admin);
-  builder.RegisterService(&adaptation);
+  // Replicas keep a watch open on the trainer with keepalive pings (ReplicaFollower).
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  if (replica) {
+    builder.RegisterService(&replica_admin);
+    builder.RegisterService(&replica_adaptation);
+  } else {
+    builder.RegisterService(&admin);
+    builder.RegisterService(&adaptation);
+    builder.RegisterService(&replication);
+  }
   builder.RegisterService(&inference);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(metrics.MakeInterceptorFactory());
@@ -529,28 +633,42 @@ int Run() {
                                                     " (port in use or address not available)")));
   }
   // Jobs interrupted by a crash are re-queued (or marked done) before the worker takes the next one.
-  if (auto st = worker.Start(); !st.ok()) {
+  // A replica trains nothing.
+  if (auto st = replica ? absl::OkStatus() : worker.Start(); !st.ok()) {
     server->Shutdown();
     return Fail(st);
   }
-  const std::vector<std::string> services = {"strata.v1.AdminService", "strata.v1.AdaptationService",
-                                             "strata.v1.InferenceService"};
+  std::vector<std::string> services = {"strata.v1.AdminService", "strata.v1.AdaptationService",
+                                       "strata.v1.InferenceService"};
+  if (!replica) services.push_back("strata.v1.ReplicationService");
   auto* health = server->GetHealthCheckService();
-  for (const auto& name : services) health->SetServingStatus(name, true);
-  health->SetServingStatus(true);
-  spdlog::info(
-      "serving gRPC on {}:{}{} (health, reflection, AdminService, AdaptationService, InferenceService{})",
-      host, bound_port, tls ? " with TLS" : "",
-      auth ? (server_facts.inference_auth_required ? "; bearer token required"
-                                                   : "; bearer token required except for inference")
-           : "");
+  if (replica) {
+    // Ready once it serves a trainer's state (at once after a restart); it never adapts.
+    SetReplicaHealth(health, follower->HasTrainerState());
+    health_service = health;
+    follower->Start();
+  } else {
+    for (const auto& name : services) health->SetServingStatus(name, true);
+    health->SetServingStatus(true);
+  }
+  spdlog::info("serving gRPC on {}:{}{} as {} (health, reflection, {}{})", host, bound_port,
+               tls ? " with TLS" : "",
+               replica ? absl::StrCat("a replica of ", trainer) : std::string("the trainer"),
+               replica ? "AdminService, InferenceService; adaptation refused"
+                       : "AdminService, AdaptationService, InferenceService, ReplicationService",
+               auth ? (server_facts.inference_auth_required ? "; bearer token required"
+                                                            : "; bearer token required except for inference")
+                    : "");
 
   int sig = 0;
   sigwait(&signals, &sig);
   const int grace = absl::GetFlag(FLAGS_shutdown_grace_seconds);
   spdlog::info("received {}, shutting down (grace {} s)", sig == SIGTERM ? "SIGTERM" : "SIGINT", grace);
+  health_service = nullptr;
   health->SetServingStatus(false);
   for (const auto& name : services) health->SetServingStatus(name, false);
+  if (follower) follower->Stop();
+  replication.BeginShutdown();
   adaptation.BeginShutdown();
   // The running job stops at its next step and stays queued for the next start.
   worker.Stop();

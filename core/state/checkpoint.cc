@@ -228,6 +228,35 @@ absl::StatusOr<CheckpointData> ReadCheckpointDir(const std::string& dir) {
   return data;
 }
 
+absl::StatusOr<std::vector<CheckpointFile>> ListCheckpointFiles(const std::string& dir) {
+  const std::string manifest_path = dir + "/manifest.json";
+  auto text = ReadFile(manifest_path);
+  if (!text.ok())
+    return absl::DataLossError(absl::StrCat("checkpoint is incomplete: ", text.status().message()));
+  json manifest = json::parse(*text, nullptr, false);
+  if (manifest.is_discarded() || !manifest.is_object() || manifest.value("format", "") != kFormat ||
+      !manifest.contains("files") || !manifest["files"].is_object()) {
+    return absl::DataLossError(absl::StrCat(manifest_path, ": not a ", kFormat, " manifest"));
+  }
+  std::vector<CheckpointFile> out;
+  for (const auto& [name, sha] : manifest["files"].items()) {
+    if (!sha.is_string()) return absl::DataLossError(absl::StrCat(manifest_path, ": bad entry '", name, "'"));
+    std::error_code ec;
+    const auto size = fs::file_size(dir + "/" + name, ec);
+    out.push_back({name, ec ? int64_t{-1} : static_cast<int64_t>(size), sha.get<std::string>()});
+  }
+  return out;
+}
+
+absl::Status WriteCheckpointManifest(const std::string& dir, int64_t weights_version,
+                                     const std::vector<CheckpointFile>& files) {
+  json listed = json::object();
+  for (const CheckpointFile& f : files) listed[f.name] = f.sha256;
+  json manifest = {{"format", kFormat}, {"weights_version", weights_version}, {"files", listed}};
+  RETURN_IF_ERROR(WriteFileAtomic(dir + "/manifest.json", manifest.dump(1)));
+  return FsyncPath(dir);
+}
+
 int64_t CheckpointBytes(const std::string& state_dir) { return DirFileBytes(state_dir + "/checkpoint"); }
 
 int64_t DirFileBytes(const std::string& dir) {

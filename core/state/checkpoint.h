@@ -67,6 +67,22 @@ absl::StatusOr<std::optional<CheckpointData>> LoadCheckpoint(const std::string& 
 // Removes <state_dir>/.checkpoint-tmp-* (temp directories of a SaveCheckpoint that was killed before
 // its rename; never part of a checkpoint). Returns how many were removed; failures are logged.
 int RemoveCheckpointLeftovers(const std::string& state_dir);
+// One file of a checkpoint as its manifest lists it.
+struct CheckpointFile {
+  std::string name;  // relative to the checkpoint directory ("../tasks/<name>/eval.jsonl" for an eval split)
+  int64_t bytes = 0;
+  std::string sha256;  // lower-case hex
+};
+// The files the manifest in `dir` lists, in its order, with their sizes on disk (-1 for a file not
+// there, e.g. the eval splits seen from a kept version's directory); the SHA-256 values are the
+// manifest's, not recomputed. DATA_LOSS when the manifest is missing or is not a checkpoint manifest.
+absl::StatusOr<std::vector<CheckpointFile>> ListCheckpointFiles(const std::string& dir);
+// Writes <dir>/manifest.json listing `files` (already written into `dir`, each with its SHA-256) for
+// weights version `weights_version`, and fsyncs `dir`: a checkpoint assembled from another state
+// directory's files (a replica's copy of the trainer's serving files, without the eval splits).
+// ReadCheckpointDir then verifies exactly those files.
+absl::Status WriteCheckpointManifest(const std::string& dir, int64_t weights_version,
+                                     const std::vector<CheckpointFile>& files);
 // Total bytes of the checkpoint files (the adaptation state on disk).
 int64_t CheckpointBytes(const std::string& state_dir);
 // Total bytes of the regular files directly in `dir` (0 when it does not exist).

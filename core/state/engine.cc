@@ -125,7 +125,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
       return absl::DataLossError(absl::StrCat("cannot restore the adaptation state from ", options.state_dir,
                                               "/checkpoint: ", method.status().message()));
     }
-    auto ledger = ResultsLedger::FromCheckpoint(*checkpoint, options.state_dir);
+    auto ledger = ResultsLedger::FromCheckpoint(*checkpoint, options.state_dir, !options.replica);
     if (!ledger.ok()) return ledger.status();
     auto router = TaskRouter::ImportState(checkpoint->router_json, "", checkpoint->router_tensors);
     if (!router.ok()) {
@@ -179,7 +179,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<CausalLM>
     impl->current = version_ptr;
     served_ledger = impl->ledger;
   }
-  RETURN_IF_ERROR(impl->ReconcileVersions(served_ledger));
+  // A replica keeps no versions: the trainer it follows keeps them.
+  if (!options.replica) RETURN_IF_ERROR(impl->ReconcileVersions(served_ledger));
   std::unique_ptr<Engine> engine(new Engine(std::move(impl)));
   engine->tokenizer_ = std::move(tokenizer);
   engine->summary_ = std::move(summary);

@@ -72,6 +72,24 @@ struct EngineOptions {
   // Published versions whose states are kept for rollback (the served one included; >= 1), plus at
   // most one candidate.
   int keep_versions = 3;
+  // A read-only replica (strata-server --role=replica): its state is a copy of a trainer's served
+  // version (AdoptState) without the eval splits (the ledger keeps task metadata and scores only);
+  // it keeps no versions (Versions() is empty) and never trains (RunJob, Promote and Rollback
+  // answer FAILED_PRECONDITION).
+  bool replica = false;
+};
+
+// A published, kept version's state files: what a replica downloads to serve it.
+struct PublishedState {
+  int64_t version = 0;
+  std::string base_model_id;
+  std::string method;
+  std::vector<std::string> tasks;
+  double created = 0;  // Unix seconds
+  // The directory holding the files (the kept version's; its files are never modified in place).
+  std::string dir;
+  // The checkpoint files without the eval splits, with their sizes and SHA-256 (the manifest's).
+  std::vector<CheckpointFile> files;
 };
 
 // What a promote or a rollback changed.
@@ -249,6 +267,19 @@ class Engine : public TaskRunner {
   absl::StatusOr<VersionChange> Rollback(std::optional<int64_t> version);
   // Candidate versions kept now.
   int64_t CandidateCount() const;
+
+  // Replication (trainer side): the state files of kept published version `version` (0 = the
+  // served one). NOT_FOUND when it is not kept (pruned, or a publish is still keeping it),
+  // FAILED_PRECONDITION for a candidate or on a replica.
+  absl::StatusOr<PublishedState> PublishedStateOf(int64_t version) const;
+  // Replication (replica side): serves the checkpoint in `dir` (a direct child of the state
+  // directory holding the files and a manifest, e.g. written by WriteCheckpointManifest): reads
+  // and verifies it (DATA_LOSS naming a damaged file), refuses another base model
+  // (FAILED_PRECONDITION naming both), builds the version, then renames `dir` to
+  // <state_dir>/checkpoint atomically (a restart serves it at once) and swaps it in as Current():
+  // requests finish on the version they started on. Calls the publish callback. `dir` is removed
+  // on failure. Replica engines only (FAILED_PRECONDITION otherwise).
+  absl::StatusOr<std::shared_ptr<const ServedVersion>> AdoptState(const std::string& dir);
 
   // TaskRunner: a task's training run, or an import job (PEFT LoRA adapters folded into the state
   // without gradient steps; publishes a new version).

@@ -93,6 +93,19 @@ struct Engine::Impl {
   void Prune(int64_t served) ABSL_EXCLUSIVE_LOCKS_REQUIRED(train_mu, versions_mu);
   // Refreshes `candidates` from the version store.
   void RefreshCandidates();
+  // A state read from a checkpoint, built completely before anything changes (Restore, AdoptState).
+  struct BuiltState {
+    std::unique_ptr<Method> method;  // the live copy (the version holds a frozen one)
+    TaskRouter router;
+    ResultsLedger ledger;
+    std::shared_ptr<const ServedVersion> version;
+  };
+  // Builds `data` (`what` names it in errors, e.g. "version 3"): FAILED_PRECONDITION for another
+  // base model; the method, the router, the ledger (eval splits read unless a replica) and the
+  // merged weights. Takes mu briefly (the base model's reference NLL).
+  absl::StatusOr<BuiltState> BuildState(const CheckpointData& data, const std::string& what) const;
+  // Makes `built` the live and the served state (the atomic swap of Current()).
+  void InstallState(BuiltState built) ABSL_EXCLUSIVE_LOCKS_REQUIRED(train_mu);
   // Restores kept version `version` as the checkpoint and serves it (promote and rollback).
   absl::StatusOr<std::shared_ptr<const ServedVersion>> Restore(int64_t version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(train_mu);

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 
 #include "core/adapt/method.h"
 #include "core/data/dataset.h"
@@ -403,6 +404,101 @@ TEST(Engine, CheckpointHoldsServedWeightsAndRestartContinuesWithThePenalty) {
   auto r2 = (*restarted)->RunJob(Job("langid", "job-000002"), langid.train, langid.test, JobContext{});
   ASSERT_TRUE(r2.ok()) << r2.status();
   EXPECT_EQ(r2->weights_version, 3);
+}
+
+// Replication in core: the trainer lists a published version's serving files (no eval splits), a
+// replica engine adopts a copy of them (verified; another base model refused) and serves exactly
+// the trainer's weights; the adopted state is its checkpoint after a restart.
+TEST(Engine, ReplicaAdoptsThePublishedStateFiles) {
+  SetTorchThreads(2);
+  Dir trainer_dir, replica_dir;
+  auto trainer = MakeEngine(Options(trainer_dir.path));
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::atomic<bool> cancel{false};
+  JobContext ctx;
+  ctx.cancel = &cancel;
+  auto capitals = Task("capitals");
+  ASSERT_TRUE((*trainer)->RunJob(Job("capitals", "job-000001"), capitals.train, capitals.test, ctx).ok());
+  auto published = (*trainer)->PublishedStateOf(0);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->version, 2);
+  EXPECT_EQ(published->base_model_id, kModel);
+  EXPECT_EQ(published->tasks, (std::vector<std::string>{"capitals"}));
+  std::vector<std::string> names;
+  for (const auto& f : published->files) {
+    names.push_back(f.name);
+    EXPECT_GT(f.bytes, 0);
+    EXPECT_EQ(f.sha256.size(), 64u);
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"method.safetensors", "state.json"}));
+  EXPECT_EQ((*trainer)->PublishedStateOf(99).status().code(), absl::StatusCode::kNotFound);
+
+  EngineOptions ro = Options(replica_dir.path);
+  ro.replica = true;
+  ro.reference_text_path.clear();
+  auto replica = MakeEngine(ro);
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  EXPECT_TRUE((*replica)->Versions().empty());
+  EXPECT_EQ((*replica)->Rollback(std::nullopt).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto copy = [&](const std::string& name) {
+    const std::string dir = replica_dir.path + "/" + name;
+    fs::create_directories(dir);
+    for (const auto& f : published->files) fs::copy_file(published->dir + "/" + f.name, dir + "/" + f.name);
+    EXPECT_TRUE(WriteCheckpointManifest(dir, published->version, published->files).ok());
+    return dir;
+  };
+  int swaps = 0;
+  (*replica)->SetOnPublish([&] { ++swaps; });
+  // A damaged file is refused (DATA_LOSS naming it) and nothing changes.
+  const std::string damaged = copy(".checkpoint-tmp-damaged");
+  { std::ofstream(damaged + "/state.json", std::ios::app) << " "; }
+  auto refused = (*replica)->AdoptState(damaged);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss) << refused.status();
+  EXPECT_NE(refused.status().message().find("state.json"), std::string::npos);
+  EXPECT_FALSE(fs::exists(damaged));
+  EXPECT_EQ((*replica)->Current()->version, 1);
+
+  auto before = (*replica)->Current();
+  auto adopted = (*replica)->AdoptState(copy(".checkpoint-tmp-good"));
+  ASSERT_TRUE(adopted.ok()) << adopted.status();
+  EXPECT_EQ(swaps, 1);
+  EXPECT_EQ((*replica)->Current()->version, 2);
+  EXPECT_EQ(before->version, 1);  // a request holding the old version keeps it
+  EXPECT_TRUE(torch::equal(Logits(*(*replica)->Current()->model), Logits(*(*trainer)->Current()->model)));
+  auto t_routed = (*trainer)->Routed(*(*trainer)->Current(), "capitals");
+  auto r_routed = (*replica)->Routed(*(*replica)->Current(), "capitals");
+  ASSERT_TRUE(t_routed.ok() && r_routed.ok());
+  EXPECT_TRUE(torch::equal(Logits(**t_routed), Logits(**r_routed)));
+  ASSERT_EQ((*replica)->Tasks().size(), 1u);
+  EXPECT_EQ((*replica)->Tasks()[0].name, "capitals");
+  EXPECT_TRUE(fs::exists(replica_dir.path + "/checkpoint/manifest.json"));
+  EXPECT_FALSE(fs::exists(replica_dir.path + "/tasks/capitals/eval.jsonl")) << "no eval data on a replica";
+
+  // Restarted, the replica serves the adopted state at once.
+  replica->reset();
+  auto again = MakeEngine(ro);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)->Current()->version, 2);
+  EXPECT_TRUE(torch::equal(Logits(*(*again)->Current()->model), Logits(*(*trainer)->Current()->model)));
+
+  // Another base model is refused, naming both.
+  EngineOptions other = ro;
+  other.base_model_id = "/elsewhere/other-model";
+  other.state_dir = replica_dir.path + "/other";
+  auto wrong = MakeEngine(other);
+  ASSERT_TRUE(wrong.ok()) << wrong.status();
+  fs::create_directories(other.state_dir);
+  std::string dir = other.state_dir + "/.checkpoint-tmp-x";
+  fs::create_directories(dir);
+  for (const auto& f : published->files) fs::copy_file(published->dir + "/" + f.name, dir + "/" + f.name);
+  ASSERT_TRUE(WriteCheckpointManifest(dir, published->version, published->files).ok());
+  auto mismatch = (*wrong)->AdoptState(dir);
+  EXPECT_EQ(mismatch.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(mismatch.status().message().find("/elsewhere/other-model"), std::string::npos)
+      << mismatch.status();
+  EXPECT_NE(mismatch.status().message().find(kModel), std::string::npos) << mismatch.status();
+  // A trainer engine adopts nothing.
+  EXPECT_EQ((*trainer)->AdoptState(dir).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -33,6 +33,9 @@ constexpr size_t kRouterMaxPrompts = 2000;
 
 absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Example> train,
                                           std::vector<Example> eval, const JobContext& ctx) {
+  if (options_.replica) {
+    return absl::FailedPreconditionError("this server is a read-only replica: jobs run on the trainer");
+  }
   if (!job.spec.import_dirs.empty()) return RunImport(job);
   Impl& s = *impl_;
   absl::MutexLock train_lock(&s.train_mu);

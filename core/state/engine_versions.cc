@@ -44,6 +44,11 @@ absl::Status TrainingBusy(const char* what) {
                    " when it has finished, or cancel it first (strata cancel JOB)"));
 }
 
+absl::Status ReplicaRefuses(const char* what) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("this server is a read-only replica: ", what, " on the trainer it follows"));
+}
+
 // Task names of a state: its ledger's tasks and the method's (imported adapters have no ledger entry).
 std::set<std::string> StateTasks(const ResultsLedger& ledger, const Method& method) {
   std::set<std::string> out(method.tasks().begin(), method.tasks().end());
@@ -206,60 +211,68 @@ absl::Status Engine::Impl::ReconcileVersions(const ResultsLedger& served_ledger)
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<const ServedVersion>> Engine::Impl::Restore(int64_t version) {
-  absl::MutexLock lock(&versions_mu);
-  ASSIGN_OR_RETURN(VersionStore::PreparedRestore prepared, versions->PrepareRestore(version));
-  auto abandon = [&](absl::Status st) {
-    versions->AbandonRestore(prepared);
-    return st;
-  };
-  const CheckpointData& data = prepared.data;
+absl::StatusOr<Engine::Impl::BuiltState> Engine::Impl::BuildState(const CheckpointData& data,
+                                                                  const std::string& what) const {
   if (data.base_model_id != options.base_model_id) {
-    return abandon(absl::FailedPreconditionError(
-        absl::StrCat("version ", version, " was made on base model '", data.base_model_id,
-                     "', the server runs '", options.base_model_id, "'")));
+    return absl::FailedPreconditionError(absl::StrCat(what, " was made on base model '", data.base_model_id,
+                                                      "', the server runs '", options.base_model_id, "'"));
   }
-  // Everything the new version needs is built before the state changes.
   MethodState state;
   state.method = data.method;
   state.config_json = data.method_config_json;
   state.tensors = data.method_tensors;
-  auto restored = CreateMethodFromState(state);
-  if (!restored.ok()) return abandon(restored.status());
-  auto frozen = CreateMethodFromState(state);
-  if (!frozen.ok()) return abandon(frozen.status());
-  auto restored_ledger = ResultsLedger::FromCheckpoint(data, options.state_dir);
-  if (!restored_ledger.ok()) return abandon(restored_ledger.status());
-  auto imported_router = TaskRouter::ImportState(data.router_json, "", data.router_tensors);
-  if (!imported_router.ok()) return abandon(imported_router.status());
-  TaskRouter new_router = imported_router->empty() ? TaskRouter(options.router) : std::move(*imported_router);
+  BuiltState out;
+  ASSIGN_OR_RETURN(out.method, CreateMethodFromState(state));
+  ASSIGN_OR_RETURN(std::unique_ptr<Method> frozen, CreateMethodFromState(state));
+  ASSIGN_OR_RETURN(out.ledger, ResultsLedger::FromCheckpoint(data, options.state_dir, !options.replica));
+  ASSIGN_OR_RETURN(TaskRouter imported, TaskRouter::ImportState(data.router_json, "", data.router_tensors));
+  out.router = imported.empty() ? TaskRouter(options.router) : std::move(imported);
   auto served = base->ShallowCopy();
-  if (auto st = (*restored)->ApplyServedWeights(served.get()); !st.ok()) return abandon(st);
-  if (!restored_ledger->HasBaseReferenceNll()) {
+  RETURN_IF_ERROR(out.method->ApplyServedWeights(served.get()));
+  if (!out.ledger.HasBaseReferenceNll()) {
     // The empty state kept before the first task was measured: the base model's NLL is the same.
     absl::MutexLock l(&mu);
-    if (ledger.HasBaseReferenceNll())
-      restored_ledger->SetBaseReferenceNll(ledger.Report().reference_nll.front());
+    if (ledger.HasBaseReferenceNll()) out.ledger.SetBaseReferenceNll(ledger.Report().reference_nll.front());
   }
   auto next = std::make_shared<ServedVersion>();
   next->version = data.weights_version;
   next->model = std::shared_ptr<const CausalLM>(std::move(served));
-  next->tasks_learned = static_cast<int64_t>(restored_ledger->tasks().size());
-  next->method = std::shared_ptr<const Method>(std::move(*frozen));
-  next->router = std::make_shared<const TaskRouter>(new_router);
+  next->tasks_learned = static_cast<int64_t>(out.ledger.tasks().size());
+  next->method = std::shared_ptr<const Method>(std::move(frozen));
+  next->router = std::make_shared<const TaskRouter>(out.router);
+  out.version = std::move(next);
+  return out;
+}
 
-  MaybeCrashAt("restore.before_commit");
-  if (auto st = versions->CommitRestore(prepared); !st.ok()) return abandon(st);
-  MaybeCrashAt("restore.after_commit");
-  method = std::move(*restored);
-  router = std::move(new_router);
+void Engine::Impl::InstallState(BuiltState built) {
+  method = std::move(built.method);
+  router = std::move(built.router);
   const int64_t bytes = CheckpointBytes(options.state_dir);
   absl::MutexLock l(&mu);
-  ledger = std::move(*restored_ledger);
+  ledger = std::move(built.ledger);
   state_bytes = bytes;
   routed_cache.clear();
-  current = next;
-  return std::shared_ptr<const ServedVersion>(next);
+  current = std::move(built.version);  // the atomic swap: new requests see the new version
+}
+
+absl::StatusOr<std::shared_ptr<const ServedVersion>> Engine::Impl::Restore(int64_t version) {
+  absl::MutexLock lock(&versions_mu);
+  ASSIGN_OR_RETURN(VersionStore::PreparedRestore prepared, versions->PrepareRestore(version));
+  // Everything the new version needs is built before the state changes.
+  auto built = BuildState(prepared.data, absl::StrCat("version ", version));
+  if (!built.ok()) {
+    versions->AbandonRestore(prepared);
+    return built.status();
+  }
+  MaybeCrashAt("restore.before_commit");
+  if (auto st = versions->CommitRestore(prepared); !st.ok()) {
+    versions->AbandonRestore(prepared);
+    return st;
+  }
+  MaybeCrashAt("restore.after_commit");
+  std::shared_ptr<const ServedVersion> served = built->version;
+  InstallState(std::move(*built));
+  return served;
 }
 
 // ---- Engine ----------------------------------------------------------------------------------------
@@ -286,6 +299,7 @@ bool Engine::JobIsLearned(const JobRecord& job) const {
 absl::StatusOr<VersionChange> Engine::Promote(int64_t version) {
   const auto start = std::chrono::steady_clock::now();
   Impl& s = *impl_;
+  if (s.options.replica) return ReplicaRefuses("promote");
   TryLockGuard train_lock(&s.train_mu);
   if (!train_lock.locked()) return TrainingBusy("promote");
   const std::shared_ptr<const ServedVersion> before = Current();
@@ -345,6 +359,7 @@ absl::StatusOr<VersionChange> Engine::Promote(int64_t version) {
 absl::StatusOr<VersionChange> Engine::Rollback(std::optional<int64_t> version) {
   const auto start = std::chrono::steady_clock::now();
   Impl& s = *impl_;
+  if (s.options.replica) return ReplicaRefuses("roll back");
   TryLockGuard train_lock(&s.train_mu);
   if (!train_lock.locked()) return TrainingBusy("roll back");
   const std::shared_ptr<const ServedVersion> before = Current();

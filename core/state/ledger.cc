@@ -28,7 +28,8 @@ void AddViewRow(std::vector<std::vector<double>>* view, size_t tasks, const std:
 }  // namespace
 
 absl::StatusOr<ResultsLedger> ResultsLedger::FromCheckpoint(const CheckpointData& d,
-                                                            const std::string& state_dir) {
+                                                            const std::string& state_dir,
+                                                            bool read_eval_sets) {
   ResultsLedger l;
   l.tasks_ = d.tasks;
   l.matrix_ = d.matrix;
@@ -44,6 +45,7 @@ absl::StatusOr<ResultsLedger> ResultsLedger::FromCheckpoint(const CheckpointData
     l.reference_nll_auto_.push_back(l.reference_nll_.front());
   }
   for (const auto& t : l.tasks_) {
+    if (!read_eval_sets) break;
     auto parsed = ParseJsonlFile(state_dir + "/" + t.eval_file, ValidationOptions{});
     if (!parsed.ok()) return absl::DataLossError(parsed.status().message());
     l.eval_sets_[t.name] = std::move(parsed->examples);

@@ -93,9 +93,11 @@ struct StageResult {
 class ResultsLedger {
  public:
   // The ledger stored in a checkpoint; the eval splits are read from `state_dir` (DATA_LOSS naming
-  // the file when one is unreadable).
+  // the file when one is unreadable). Without `read_eval_sets` (a replica's state, which never holds
+  // them) every task's eval set is empty: tasks, scores and matrices only.
   static absl::StatusOr<ResultsLedger> FromCheckpoint(const CheckpointData& data,
-                                                      const std::string& state_dir);
+                                                      const std::string& state_dir,
+                                                      bool read_eval_sets = true);
   // Writes the ledger's fields (tasks, matrix, views, reference NLL, stage versions) into `data`.
   void WriteTo(CheckpointData* data) const;
 

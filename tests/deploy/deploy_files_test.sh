@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks the deployment files: Dockerfile, .dockerignore, deploy/k8s, deploy/prometheus,
+# Checks the deployment files: Dockerfile, .dockerignore, deploy/k8s, deploy/k8s-replicas, deploy/prometheus,
 # deploy/grafana and deploy/docker-compose.yaml. No Docker engine or cluster needed.
 #
 #   bash tests/deploy/deploy_files_test.sh [--metrics-file FILE] [--build-dir DIR]
@@ -431,8 +431,147 @@ def c_k8s_consistency():
     print(f"{len(objs)} objects; ConfigMap sets {', '.join(sorted(config))}")
 
 
+REPLICAS = "deploy/k8s-replicas"
+
+
+def replica_objects():
+    """The overlay's own objects (its resources other than the base)."""
+    k = load_yaml_docs(f"{REPLICAS}/kustomization.yaml")[0]
+    objs = []
+    for r in k.get("resources", []):
+        if os.path.isfile(os.path.join(REPLICAS, r)):
+            objs += load_yaml_docs(os.path.join(REPLICAS, r))
+    return k, objs
+
+
+def c_k8s_replicas():
+    k, objs = replica_objects()
+    _, base = k8s_objects()
+    if k.get("kind") != "Kustomization":
+        err(f"{REPLICAS}/kustomization.yaml is not a Kustomization")
+    for r in k.get("resources", []):
+        path = os.path.normpath(os.path.join(REPLICAS, r))
+        if path == K8S:
+            continue
+        if not os.path.isfile(path):
+            err(f"{REPLICAS} lists {r}, which does not exist")
+    if "../k8s" not in k.get("resources", []):
+        err(f"{REPLICAS} must build on the base (resources: ../k8s): the trainer it follows")
+    by_kind = {}
+    for o in objs:
+        by_kind.setdefault(o.get("kind"), []).append(o)
+    deps = by_kind.get("Deployment", [])
+    if len(deps) != 1:
+        err(f"want one replica Deployment, found {len(deps)}")
+        return
+    dep = deps[0]
+    pod = dep["spec"]["template"]["spec"]
+    pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    if not labels_match(dep["spec"]["selector"].get("matchLabels"), pod_labels):
+        err("replica Deployment selector does not match its pod labels")
+    sts = [o for o in base if o.get("kind") == "StatefulSet"]
+    trainer_labels = sts[0]["spec"]["template"]["metadata"].get("labels", {}) if sts else {}
+    if labels_match(dep["spec"]["selector"].get("matchLabels"), trainer_labels):
+        err("the replica Deployment's selector also selects the trainer's pods")
+    if pod.get("enableServiceLinks") is not False:
+        err("replica pods need enableServiceLinks: false (STRATA_* variables)")
+    c = ([x for x in pod["containers"] if x["name"] == "strata"] or [None])[0]
+    if c is None:
+        err("no replica container named strata")
+        return
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    if ports.get("grpc") != 50051 or ports.get("metrics") != 9464:
+        err(f"replica container ports must include grpc:50051 and metrics:9464, got {ports}")
+    if str(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")) != "1":
+        err("replica container must request nvidia.com/gpu: 1 (limits)")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        p = c.get(probe)
+        if not p or p.get("grpc", {}).get("port") != 50051:
+            err(f"replica {probe} must be a native gRPC probe on port 50051")
+    if c.get("readinessProbe", {}).get("grpc", {}).get("service"):
+        err("replica readiness must check the overall status (NOT_SERVING until it serves a trainer's version)")
+    if c.get("livenessProbe", {}).get("grpc", {}).get("service") != "strata.v1.AdminService":
+        err("replica liveness must ask strata.v1.AdminService (a replica waiting for its trainer is alive)")
+    refs = [ef.get("configMapRef", {}).get("name") for ef in c.get("envFrom", [])]
+    cms = {o["metadata"]["name"]: o.get("data", {}) for o in base + objs if o.get("kind") == "ConfigMap"}
+    config = {}
+    for ref in refs:
+        if ref not in cms:
+            err(f"replica envFrom configMapRef {ref} is not defined")
+        else:
+            config.update(cms[ref])  # later sources win, as in Kubernetes
+    if config.get("STRATA_ROLE") != "replica":
+        err("the replica's environment must set STRATA_ROLE=replica")
+    follow = config.get("STRATA_FOLLOW", "")
+    host, _, port = follow.rpartition(":")
+    trainer_svcs = [o for o in base if o.get("kind") == "Service" and o["metadata"]["name"] == host]
+    if not trainer_svcs or not labels_match(trainer_svcs[0]["spec"].get("selector"), trainer_labels):
+        err(f"STRATA_FOLLOW={follow!r} must name a base Service of the trainer's pods")
+    elif port not in {str(p["port"]) for p in trainer_svcs[0]["spec"]["ports"] if p.get("name") == "grpc"}:
+        err(f"STRATA_FOLLOW={follow!r} must use the trainer Service's grpc port")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in mounts:
+        if m not in volumes:
+            err(f"replica volumeMount {m} has no volume")
+    def under(path, mount):
+        return mount is not None and (path == mount or path.startswith(mount.rstrip("/") + "/"))
+    secret_mounts = [mounts[n] for n, v in volumes.items() if "secret" in v and n in mounts]
+    for key in ("STRATA_FOLLOW_TOKEN_FILE", "STRATA_AUTH_TOKEN_FILE"):
+        if key in config and not any(under(config[key], m) for m in secret_mounts):
+            err(f"replica {key} {config[key]} is not in a mounted Secret")
+    if "STRATA_AUTH_TOKEN_FILE" in config and "STRATA_FOLLOW_TOKEN_FILE" not in config:
+        err("the trainer wants a token (STRATA_AUTH_TOKEN_FILE): replicas need STRATA_FOLLOW_TOKEN_FILE")
+    state = config.get("STRATA_STATE_DIR", "")
+    if not any(under(state, mounts.get(n)) for n in volumes if "emptyDir" in volumes[n] or "persistentVolumeClaim" in volumes[n]):
+        err(f"replica STRATA_STATE_DIR {state!r} is not on a writable volume")
+    model = config.get("STRATA_MODEL", "")
+    if not any(under(model, mounts.get(n)) for n in volumes if "persistentVolumeClaim" in volumes[n]):
+        err(f"replica STRATA_MODEL {model!r} is not on the model volume (the trainer's model)")
+    # Service, HPA, ServiceMonitor.
+    svcs = by_kind.get("Service", [])
+    replica_svcs = [s for s in svcs if labels_match(s["spec"].get("selector"), pod_labels)]
+    if len(replica_svcs) != 1:
+        err(f"want one Service of the replica pods, found {len(replica_svcs)}")
+    for s in svcs:
+        if labels_match(s["spec"].get("selector"), trainer_labels):
+            err(f"Service {s['metadata']['name']} selects the trainer's pods")
+        for p in s["spec"].get("ports", []):
+            if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports:
+                err(f"Service {s['metadata']['name']}: targetPort {p['targetPort']} is not a replica container port")
+    for s in base:
+        if s.get("kind") == "Service" and labels_match(s["spec"].get("selector"), pod_labels):
+            err(f"base Service {s['metadata']['name']} selects the replica pods (adaptation would reach them)")
+    hpas = by_kind.get("HorizontalPodAutoscaler", [])
+    if len(hpas) != 1:
+        err(f"want one HorizontalPodAutoscaler, found {len(hpas)}")
+    else:
+        h = hpas[0]
+        ref = h["spec"].get("scaleTargetRef", {})
+        if ref.get("kind") != "Deployment" or ref.get("name") != dep["metadata"]["name"]:
+            err(f"the HPA scales {ref}, not Deployment {dep['metadata']['name']}")
+        names = [m.get("pods", {}).get("metric", {}).get("name") for m in h["spec"].get("metrics", [])]
+        if "strata_num_requests_waiting" not in names:
+            err(f"the HPA must scale on strata_num_requests_waiting (pods metric), got {names}")
+        if h["spec"].get("minReplicas", 1) < 1 or h["spec"].get("maxReplicas", 0) < h["spec"].get("minReplicas", 1):
+            err("HPA minReplicas/maxReplicas are inconsistent")
+    rules = load_yaml_docs(f"{REPLICAS}/prometheus-adapter-rules.yaml")[0]
+    if not any("strata_num_requests_waiting" in r.get("seriesQuery", "") for r in rules.get("rules", {}).get("custom", [])):
+        err("prometheus-adapter-rules.yaml must serve strata_num_requests_waiting")
+    for sm in by_kind.get("ServiceMonitor", []):
+        sel = sm["spec"]["selector"].get("matchLabels", {})
+        hits = [s for s in svcs + [b for b in base if b.get("kind") == "Service"]
+                if labels_match(sel, s["metadata"].get("labels", {}))]
+        if [h["metadata"]["name"] for h in hits] != [s["metadata"]["name"] for s in replica_svcs]:
+            err(f"ServiceMonitor {sm['metadata']['name']} must select the replica Service only")
+    if not by_kind.get("ServiceMonitor"):
+        err("no ServiceMonitor for the replicas (the HPA's metric comes from their scrape)")
+    print(f"{len(objs)} objects; replica environment sets {', '.join(sorted(config))}")
+
+
 def c_configmap_flags(helpfull_file):
     _, objs = k8s_objects()
+    objs = objs + replica_objects()[1]
     with open(helpfull_file) as f:
         flags = set(re.findall(r"^\s+--([a-z0-9_]+) \(", f.read(), re.M))
     keys = set()
@@ -683,6 +822,7 @@ if ((HAVE_YAML)); then
   check "deploy/k8s/prometheusrule.yaml groups == deploy/prometheus/rules" checks prometheusrule-in-sync
   check "kustomization lists existing files" checks kustomization-files
   check "k8s objects reference each other consistently (probes, GPU, volumes, env twins)" checks k8s-consistency
+  check "deploy/k8s-replicas: replica Deployment follows the trainer; Service, HPA, probes" checks k8s-replicas
   check "Dockerfile: stages, variants, user, volume, ports, healthcheck, package lists" checks dockerfile
   check ".dockerignore excludes build dirs and keeps the sources" checks dockerignore
   check "docker-compose.yaml: services, mounts, Prometheus target" checks compose
@@ -692,8 +832,11 @@ fi
 
 if command -v kubectl > /dev/null; then
   check "kubectl kustomize deploy/k8s builds" bash -c "kubectl kustomize deploy/k8s > '$WORK/k8s.yaml'"
+  check "kubectl kustomize deploy/k8s-replicas builds" \
+    bash -c "kubectl kustomize deploy/k8s-replicas > '$WORK/k8s-replicas.yaml'"
 elif command -v kustomize > /dev/null; then
   check "kustomize build deploy/k8s" bash -c "kustomize build deploy/k8s > '$WORK/k8s.yaml'"
+  check "kustomize build deploy/k8s-replicas" bash -c "kustomize build deploy/k8s-replicas > '$WORK/k8s-replicas.yaml'"
 else
   skip "kustomize build deploy/k8s" "neither kubectl nor kustomize installed"
 fi
