@@ -564,7 +564,11 @@ struct OpenAiHttpServer::Impl {
             return Error(res, e.status, absl::IsNotFound(e.status) ? "model" : "");
           }
           if (e.kind != StreamEvent::Kind::kToken) decided = true;
-          if (e.kind == StreamEvent::Kind::kStarted) c.started = true;
+          if (e.kind == StreamEvent::Kind::kStarted) {
+            c.started = true;
+            c.route = e.route;  // for an echo chunk sent before the backlog is applied
+            c.version = e.version;
+          }
           c.backlog.push_back(std::move(e));
         }
         if (decided) break;

@@ -224,6 +224,23 @@ class OpenAiHttpTest(unittest.TestCase):
                                                                 if k not in ("stream", "stream_options")})
         self.assertEqual(text, whole["choices"][0]["text"])
 
+    def test_stream_with_echo_and_n(self):
+        events = sse_events(self.s, {"model": "base", "prompt": "Once upon a time", "max_tokens": 4, "n": 2,
+                                     "seed": 3, "echo": True, "stream": True})
+        self.assertEqual(events[-1], "[DONE]")
+        texts = {0: "", 1: ""}
+        finished = set()
+        for ch in events[:-1]:
+            c = ch["choices"][0]
+            self.assertEqual(c["route"], "base")
+            texts[c["index"]] += c["text"]
+            if c["finish_reason"] is not None:
+                finished.add(c["index"])
+        self.assertEqual(finished, {0, 1})
+        for text in texts.values():
+            self.assertTrue(text.startswith("Once upon a time"), text)
+            self.assertGreater(len(text), len("Once upon a time"))
+
     def test_curl(self):
         url = f"http://127.0.0.1:{self.s.http}/v1/completions"
         out = subprocess.run(["curl", "-sS", "-f", url, "-H", "Content-Type: application/json", "-d",
