@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
@@ -10,6 +11,7 @@
 #include <condition_variable>
 #include <ctime>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <random>
@@ -197,11 +199,21 @@ void Apply(ChoiceRun& c, StreamEvent& e, double submitted_after) {
 
 // Reads whatever events are ready (waiting up to `wait` on one unfinished choice when none is),
 // applying them; returns the indices of choices that changed.
-std::vector<size_t> Poll(CompletionRun& run, absl::Duration wait) {
+// With `on_event`, calls it after each event with the choice's index; it returns false to stop
+// (the remaining events are dropped).
+std::vector<size_t> Poll(CompletionRun& run, absl::Duration wait,
+                         const std::function<bool(size_t)>& on_event = nullptr) {
   std::vector<size_t> changed;
+  bool stopped = false;
   auto take = [&](size_t i, std::vector<StreamEvent> events) {
-    if (events.empty()) return;
-    for (StreamEvent& e : events) Apply(run.choices[i], e, run.submitted_after);
+    if (events.empty() || stopped) return;
+    for (StreamEvent& e : events) {
+      Apply(run.choices[i], e, run.submitted_after);
+      if (on_event && !on_event(i)) {
+        stopped = true;
+        return;
+      }
+    }
     changed.push_back(i);
   };
   for (size_t i = 0; i < run.choices.size(); ++i) {
@@ -640,31 +652,35 @@ struct OpenAiHttpServer::Impl {
               run->CancelAll();
               return false;
             }
-            for (size_t i : Poll(*run, absl::Milliseconds(50))) {
+            // Each event's text (and its tokens' logprobs) goes out as one chunk as it comes, as
+            // OpenAI streams; a choice's last chunk carries its finish_reason.
+            enum class Outcome { kGoing, kFailed, kGone } outcome = Outcome::kGoing;
+            Poll(*run, absl::Milliseconds(50), [&](size_t i) {
               ChoiceRun& c = run->choices[i];
               if (!c.error.ok()) {
-                json error = json::parse(OpenAiErrorJson(c.error));
-                send(error);
-                run->CancelAll();
-                sink.done();
-                return true;
+                send(json::parse(OpenAiErrorJson(c.error)));
+                outcome = Outcome::kFailed;
+                return false;
               }
-              if (!c.text.empty() || (c.done && !finished[i])) {
-                // Text (and its tokens' logprobs) goes out as it comes; a choice's last chunk
-                // carries its finish_reason.
-                const bool last = c.done;
-                if (!send(
-                        chunk_of(json::array({ChoiceJson(tokenizer, *run, c, c.text, c.logprobs, last)})))) {
-                  run->CancelAll();
-                  return false;
-                }
-                c.text.clear();
-                c.logprobs.clear();
-                if (last) {
-                  finished[i] = true;
-                  Record(c);
-                }
+              if (c.text.empty() && !(c.done && !finished[i])) return true;
+              const bool last = c.done;
+              if (!send(chunk_of(json::array({ChoiceJson(tokenizer, *run, c, c.text, c.logprobs, last)})))) {
+                outcome = Outcome::kGone;
+                return false;
               }
+              c.text.clear();
+              c.logprobs.clear();
+              if (last) {
+                finished[i] = true;
+                Record(c);
+              }
+              return true;
+            });
+            if (outcome != Outcome::kGoing) {
+              run->CancelAll();
+              if (outcome == Outcome::kGone) return false;
+              sink.done();
+              return true;
             }
             if (std::all_of(finished.begin(), finished.end(), [](bool f) { return f; })) break;
           }
@@ -721,6 +737,12 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   svr.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
   svr.set_keep_alive_timeout(2);
+  // httplib's default sets SO_REUSEPORT, which lets a second server bind the same port and take
+  // half of its connections; SO_REUSEADDR only (a restart may rebind a port in TIME_WAIT).
+  svr.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<void*>(&yes), sizeof(yes));
+  });
   Impl* self = impl.get();
   auto guarded = [self](void (Impl::*handler)(const httplib::Request&, httplib::Response&)) {
     return [self, handler](const httplib::Request& req, httplib::Response& res) {
@@ -769,6 +791,10 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(const 
   }
   impl->port = options.port;
   impl->listener = std::thread([self] { self->server->listen_after_bind(); });
+  // Stop() before the accept loop runs would not end it (httplib's stop() acts on a running
+  // server only), so return once it runs.
+  for (int i = 0; i < 5000 && !svr.is_running(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   spdlog::info("OpenAI-compatible HTTP on {}://{}:{}/v1 ({} worker threads)", tls ? "https" : "http",
                options.host, options.port, threads);
   return std::unique_ptr<OpenAiHttpServer>(new OpenAiHttpServer(std::move(impl)));

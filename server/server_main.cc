@@ -610,6 +610,9 @@ int Run() {
   grpc::ServerBuilder builder;
   int bound_port = 0;
   builder.AddListeningPort(absl::StrCat(host, ":", grpc_port), credentials, &bound_port);
+  // gRPC sets SO_REUSEPORT by default: a second server on the same port would bind it too and take
+  // part of the connections. Refuse a port in use instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxSendMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
   // Replicas keep a watch open on the trainer with keepalive pings (ReplicaFollower).

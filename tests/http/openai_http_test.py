@@ -304,6 +304,21 @@ class OpenAiHttpTest(unittest.TestCase):
         self.assertEqual(r["choices"][0]["text"], grpc["text"])
 
 
+class PortTest(unittest.TestCase):
+    def test_http_port_in_use_is_refused(self):
+        first = Server()
+        try:
+            d = tempfile.mkdtemp()
+            out = subprocess.run([os.path.join(BUILD, "server", "strata-server"), f"--grpc_port={free_port()}",
+                                  f"--http_port={first.http}", "--metrics_port=0", f"--state_dir={d}/state",
+                                  "--threads=1"], capture_output=True, text=True, timeout=120)
+            shutil.rmtree(d, ignore_errors=True)
+            self.assertEqual(out.returncode, 2, out.stderr)
+            self.assertIn(f"cannot listen for HTTP on 127.0.0.1:{first.http}", out.stderr)
+        finally:
+            first.stop()
+
+
 class AuthTest(unittest.TestCase):
     def test_bearer_token(self):
         token_dir = tempfile.mkdtemp()

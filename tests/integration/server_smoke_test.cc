@@ -209,6 +209,13 @@ TEST(ServerSmoke, PortInUseIsReported) {
                             "--state_dir=" + dir.path(), "--threads=1"});
   EXPECT_EQ(second.exit_code, 2);
   EXPECT_NE(second.err.find(std::to_string(first.metrics_port)), std::string::npos) << second.err;
+
+  // The gRPC port: refused too (not shared through SO_REUSEPORT).
+  TempDir dir2;
+  auto third = RunCommand({BinaryPath("strata-server"), "--grpc_port=" + std::to_string(first.grpc_port),
+                           "--metrics_port=0", "--http_port=0", "--state_dir=" + dir2.path(), "--threads=1"});
+  EXPECT_EQ(third.exit_code, 2) << third.err;
+  EXPECT_NE(third.err.find("cannot listen for gRPC"), std::string::npos) << third.err;
 }
 
 TEST(Cli, ExitCodes) {
