@@ -27,17 +27,6 @@ const std::vector<std::string>& CodeNames() {
   return names;
 }
 
-prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value) {
-  prometheus::MetricFamily f;
-  f.name = name;
-  f.help = help;
-  f.type = prometheus::MetricType::Gauge;
-  prometheus::ClientMetric m;
-  m.gauge.value = value;
-  f.metric.push_back(m);
-  return f;
-}
-
 // Standard process_* figures (names as the official client libraries export them).
 class ProcessCollector : public prometheus::Collectable {
  public:
@@ -147,6 +136,17 @@ std::vector<std::pair<std::string, double>> Finite(
 }
 
 }  // namespace
+
+prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = prometheus::MetricType::Gauge;
+  prometheus::ClientMetric m;
+  m.gauge.value = value;
+  f.metric.push_back(m);
+  return f;
+}
 
 // The scrape-time families of the service state (see metrics.h).
 class StateCollector : public prometheus::Collectable {

@@ -38,6 +38,7 @@
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
+#include <prometheus/metric_family.h>
 #include <prometheus/registry.h>
 
 #include <atomic>
@@ -60,6 +61,9 @@ class JobStore;
 class DecodeScheduler;
 
 // One finished Generate request's serving figures.
+// One unlabelled gauge as a metric family, for prometheus::Collectable implementations.
+prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value);
+
 struct GenerationFigures {
   int64_t prompt_tokens = 0;
   int64_t generation_tokens = 0;

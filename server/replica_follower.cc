@@ -19,6 +19,7 @@
 #include "core/state/checkpoint.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
+#include "server/metrics.h"
 
 namespace strata {
 namespace {
@@ -55,17 +56,6 @@ absl::Status FromGrpc(const grpc::Status& st, const std::string& what) {
                       absl::StrCat(what, ": ", st.error_message()));
 }
 
-prometheus::MetricFamily Gauge(const std::string& name, const std::string& help, double value) {
-  prometheus::MetricFamily f;
-  f.name = name;
-  f.help = help;
-  f.type = prometheus::MetricType::Gauge;
-  prometheus::ClientMetric m;
-  m.gauge.value = value;
-  f.metric.push_back(m);
-  return f;
-}
-
 }  // namespace
 
 class ReplicaFollower::Collector : public prometheus::Collectable {
@@ -82,21 +72,22 @@ class ReplicaFollower::Collector : public prometheus::Collectable {
       last_seconds = follower_->last_sync_seconds_;
     }
     std::vector<prometheus::MetricFamily> out;
-    out.push_back(Gauge("strata_replica_connected", "1 while this replica's watch of the trainer is open.",
-                        s.connected ? 1 : 0));
-    out.push_back(Gauge("strata_replica_trainer_version",
-                        "The weights version the trainer serves, as last announced (0: never heard).",
-                        static_cast<double>(s.trainer_version)));
+    out.push_back(GaugeFamily("strata_replica_connected",
+                              "1 while this replica's watch of the trainer is open.", s.connected ? 1 : 0));
+    out.push_back(GaugeFamily("strata_replica_trainer_version",
+                              "The weights version the trainer serves, as last announced (0: never heard).",
+                              static_cast<double>(s.trainer_version)));
     out.push_back(
-        Gauge("strata_replica_lag_versions",
-              "Versions this replica is behind the trainer (0 when it serves the trainer's version).",
-              static_cast<double>(s.lag_versions)));
-    out.push_back(Gauge("strata_replica_lag_seconds",
-                        "Seconds since the trainer began serving a version this replica does not serve yet "
-                        "(0 when up to date).",
-                        s.lag_seconds));
-    out.push_back(Gauge("strata_replica_last_sync_duration_seconds",
-                        "Seconds the last sync took (download, verification and swap).", last_seconds));
+        GaugeFamily("strata_replica_lag_versions",
+                    "Versions this replica is behind the trainer (0 when it serves the trainer's version).",
+                    static_cast<double>(s.lag_versions)));
+    out.push_back(
+        GaugeFamily("strata_replica_lag_seconds",
+                    "Seconds since the trainer began serving a version this replica does not serve yet "
+                    "(0 when up to date).",
+                    s.lag_seconds));
+    out.push_back(GaugeFamily("strata_replica_last_sync_duration_seconds",
+                              "Seconds the last sync took (download, verification and swap).", last_seconds));
     prometheus::MetricFamily syncs;
     syncs.name = "strata_replica_syncs_total";
     syncs.help = "Versions downloaded from the trainer, by result (ok, failed).";
