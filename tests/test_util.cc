@@ -199,4 +199,30 @@ bool WaitForServing(int grpc_port, int timeout_seconds, Subprocess* server) {
   return false;
 }
 
+std::string Model() { return SharedPath("models/stories260K"); }
+std::string ClSmall(const std::string& rel) { return SharedPath("data/cl-small/" + rel); }
+
+void WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+std::string HeadLines(const std::string& src, int n, const std::string& path) {
+  std::ifstream in(src);
+  std::string line, out;
+  for (int i = 0; i < n && std::getline(in, line); ++i) out += line + "\n";
+  WriteFile(path, out);
+  return path;
+}
+
+bool WaitUntil(const std::function<bool()>& done, double timeout_seconds) {
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return done();
+}
+
 }  // namespace strata::testing

@@ -3,6 +3,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -13,6 +14,17 @@ namespace strata::testing {
 // Paths of the built binaries and of ../shared.
 std::string BinaryPath(const std::string& name);  // e.g. "strata-server" -> <build>/server/strata-server
 std::string SharedPath(const std::string& rel);   // e.g. "models/stories260K"
+
+// The stories260K model directory and a cl-small file (e.g. "capitals/train.jsonl") in ../shared.
+std::string Model();
+std::string ClSmall(const std::string& rel);
+
+// Writes `text` to `path` (binary, replacing it).
+void WriteFile(const std::string& path, const std::string& text);
+// The first `n` lines of `src`, written to `path`; returns `path`.
+std::string HeadLines(const std::string& src, int n, const std::string& path);
+// Polls `done` every 50 ms until it holds or `timeout_seconds` pass; returns its last value.
+bool WaitUntil(const std::function<bool()>& done, double timeout_seconds);
 
 // A free TCP port on 127.0.0.1 (bound and released; racy in theory, fine for tests).
 int FreePort();

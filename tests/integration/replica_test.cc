@@ -29,31 +29,6 @@ namespace pb = strata::v1;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::string Model() { return SharedPath("models/stories260K"); }
-std::string ClSmall(const std::string& rel) { return SharedPath("data/cl-small/" + rel); }
-
-void WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
-
-std::string HeadLines(const std::string& src, int n, const std::string& path) {
-  std::ifstream in(src);
-  std::string line, out;
-  for (int i = 0; i < n && std::getline(in, line); ++i) out += line + "\n";
-  WriteFile(path, out);
-  return path;
-}
-
-bool WaitUntil(const std::function<bool()>& done, double timeout_seconds) {
-  auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
-  while (Clock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return done();
-}
-
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }

@@ -31,32 +31,6 @@ namespace pb = strata::v1;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::string Model() { return SharedPath("models/stories260K"); }
-std::string ClSmall(const std::string& rel) { return SharedPath("data/cl-small/" + rel); }
-
-void WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
-
-// The first `n` lines of a file, written to `path`.
-std::string HeadLines(const std::string& src, int n, const std::string& path) {
-  std::ifstream in(src);
-  std::string line, out;
-  for (int i = 0; i < n && std::getline(in, line); ++i) out += line + "\n";
-  WriteFile(path, out);
-  return path;
-}
-
-bool WaitUntil(const std::function<bool()>& done, int timeout_seconds) {
-  auto deadline = Clock::now() + std::chrono::seconds(timeout_seconds);
-  while (Clock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return done();
-}
-
 // One strata-server on loopback with its own state directory (kept across restarts).
 struct Server {
   TempDir dir;
