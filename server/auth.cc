@@ -47,16 +47,10 @@ grpc::Status BearerAuth::Check(const grpc::ServerContext& context) const {
                         "this server requires a bearer token: send metadata 'authorization: Bearer <token>' "
                         "(strata --auth-token-file FILE)");
   }
-  absl::string_view value(it->second.data(), it->second.size());
-  constexpr absl::string_view kScheme = "bearer ";
-  if (value.size() < kScheme.size() || !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "the authorization metadata must be 'Bearer <token>'");
-  }
-  if (!Matches(value.substr(kScheme.size()))) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "invalid bearer token");
-  }
-  return grpc::Status::OK;
+  const absl::Status st =
+      CheckValue(absl::string_view(it->second.data(), it->second.size()), "the authorization metadata");
+  return st.ok() ? grpc::Status::OK
+                 : grpc::Status(grpc::StatusCode::UNAUTHENTICATED, std::string(st.message()));
 }
 
 absl::Status BearerAuth::CheckHeader(const std::string* authorization) const {
@@ -64,18 +58,20 @@ absl::Status BearerAuth::CheckHeader(const std::string* authorization) const {
     return absl::UnauthenticatedError(
         "this server requires a bearer token: send the header 'Authorization: Bearer <token>'");
   }
-  absl::string_view value(*authorization);
-  constexpr absl::string_view kScheme = "bearer ";
-  if (value.size() < kScheme.size() || !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
-    return absl::UnauthenticatedError("the Authorization header must be 'Bearer <token>'");
-  }
-  if (!Matches(value.substr(kScheme.size()))) return absl::UnauthenticatedError("invalid bearer token");
-  return absl::OkStatus();
+  return CheckValue(*authorization, "the Authorization header");
 }
 
-bool BearerAuth::Matches(absl::string_view presented_token) const {
-  const std::string presented = Digest(absl::StripAsciiWhitespace(presented_token));
-  return CRYPTO_memcmp(presented.data(), digest_.data(), digest_.size()) == 0;
+absl::Status BearerAuth::CheckValue(absl::string_view value, absl::string_view what) const {
+  constexpr absl::string_view kScheme = "bearer ";
+  if (value.size() < kScheme.size() || !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme)) {
+    return absl::UnauthenticatedError(absl::StrCat(what, " must be 'Bearer <token>'"));
+  }
+  // Constant-time over the digests.
+  const std::string presented = Digest(absl::StripAsciiWhitespace(value.substr(kScheme.size())));
+  if (CRYPTO_memcmp(presented.data(), digest_.data(), digest_.size()) != 0) {
+    return absl::UnauthenticatedError("invalid bearer token");
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CheckTlsKeyPair(const std::string& cert_pem, const std::string& cert_path,

@@ -37,8 +37,9 @@ class BearerAuth {
   absl::Status CheckHeader(const std::string* authorization) const;
 
  private:
-  bool Matches(absl::string_view presented_token) const;  // constant-time
-  std::string digest_;                                    // raw SHA-256 of the token
+  // OK when `value` is "Bearer <the token>"; UNAUTHENTICATED naming `what` otherwise.
+  absl::Status CheckValue(absl::string_view value, absl::string_view what) const;
+  std::string digest_;  // raw SHA-256 of the token
 };
 
 // Checks TLS material before gRPC sees it (gRPC only fails to bind, which reads like a busy port):
