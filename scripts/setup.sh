@@ -24,7 +24,7 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config ccache
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libssl-dev libtorch-dev prometheus-cpp-dev libspdlog-dev libgtest-dev libgmock-dev
-  nlohmann-json3-dev libcpp-httplib-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev
+  nlohmann-json3-dev libcpp-httplib-dev libpcre2-dev libcli11-dev libicu-dev libopenblas0-openmp libjemalloc-dev libgloo-dev
   curl prometheus gnuplot-nox python3-yaml
   python3-grpcio python3-protobuf python3-venv python3-pip python3-setuptools python3-wheel
 )

@@ -28,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/adapt/data_parallel.h"
 #include "core/adapt/method.h"
 #include "core/adapt/recipe.h"
 #include "core/jobs/job_store.h"
@@ -170,6 +171,24 @@ ABSL_FLAG(std::string, follow_tls_server_name, "",
           "Overrides the name checked against the trainer's certificate (--follow_tls_ca).");
 ABSL_FLAG(double, follow_max_backoff_seconds, 30,
           "Longest wait between a replica's reconnects to its trainer (the wait doubles from 0.5 s).");
+// Data-parallel adaptation (docs/deploy.md): rank 0 is the trainer, ranks 1..N-1 are replicas of it
+// that also train their shard of every step of its tasks.
+ABSL_FLAG(int32_t, world_size, 0,
+          "Ranks of data-parallel adaptation (0 = $WORLD_SIZE, else 1: no data parallelism).");
+ABSL_FLAG(int32_t, dist_rank, -1,
+          "This server's data-parallel rank (-1 = $RANK, else 0; --rank is the adapter rank). Rank 0 must be "
+          "--role=trainer; the others "
+          "--role=replica following it.");
+ABSL_FLAG(
+    std::string, dist_init, "",
+    "Rendezvous of the ranks: tcp://HOST:PORT (rank 0 hosts a c10d TCPStore there; empty = "
+    "$MASTER_ADDR:$MASTER_PORT) or file:///PATH (a c10d FileStore: one machine or a shared filesystem).");
+ABSL_FLAG(std::string, dist_backend, "gloo",
+          "c10d backend for the gradient sums: gloo, or nccl (CUDA builds with NCCL).");
+ABSL_FLAG(double, dist_join_timeout_seconds, 60,
+          "How long rank 0 waits for the other ranks to join a task before training without them.");
+ABSL_FLAG(double, dist_timeout_seconds, 300,
+          "A gradient sum or store call that takes longer fails (rank 0 then goes on alone).");
 
 namespace strata {
 namespace {
@@ -189,7 +208,9 @@ const std::vector<std::string> kFlagNames = {
     "export_root", "import_root", "tls_cert", "tls_key", "auth_token_file", "auth_inference",
     // Replication.
     "role", "follow", "follow_token_file", "follow_tls_ca", "follow_tls_server_name",
-    "follow_max_backoff_seconds"};
+    "follow_max_backoff_seconds",
+    // Data parallelism.
+    "world_size", "dist_rank", "dist_init", "dist_backend", "dist_join_timeout_seconds", "dist_timeout_seconds"};
 // clang-format on
 
 // The method options from the command line and environment (ParseMethodOptionFlags in main).
@@ -342,6 +363,46 @@ absl::Status ValidateFlags() {
   return absl::OkStatus();
 }
 
+// The data-parallel group of this server (nullptr without data parallelism): the flags, or
+// WORLD_SIZE/RANK/MASTER_ADDR/MASTER_PORT, checked against the role. Rank 0 hosts the store here.
+absl::StatusOr<std::shared_ptr<DataParallelGroup>> ServerDataParallel(bool replica) {
+  const int world_flag = absl::GetFlag(FLAGS_world_size);
+  if (world_flag < 0)
+    return absl::InvalidArgumentError("--world_size: must be >= 0 (0 = $WORLD_SIZE, else 1)");
+  auto o = ResolveDataParallelOptions(world_flag == 0 ? -1 : world_flag, absl::GetFlag(FLAGS_dist_rank),
+                                      absl::GetFlag(FLAGS_dist_init));
+  if (!o.ok()) return o.status();
+  if (o->world_size == 1) return std::shared_ptr<DataParallelGroup>();
+  if (o->rank == 0 && replica) {
+    return absl::InvalidArgumentError(
+        "--dist_rank 0: rank 0 owns the jobs, merges and checkpoints: it must be "
+        "--role=trainer (the other ranks are its replicas)");
+  }
+  if (o->rank > 0 && !replica) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dist_rank ", o->rank,
+                     ": ranks other than 0 must be --role=replica --follow=<rank 0's gRPC address> "
+                     "(they serve and train from rank 0's published versions)"));
+  }
+  o->backend = absl::GetFlag(FLAGS_dist_backend);
+  o->join_timeout_seconds = absl::GetFlag(FLAGS_dist_join_timeout_seconds);
+  o->timeout_seconds = absl::GetFlag(FLAGS_dist_timeout_seconds);
+  if (!(o->join_timeout_seconds > 0))
+    return absl::InvalidArgumentError("--dist_join_timeout_seconds: must be > 0");
+  if (!(o->timeout_seconds > 0)) return absl::InvalidArgumentError("--dist_timeout_seconds: must be > 0");
+  if (!DataParallelAvailable()) {
+    return absl::UnimplementedError(
+        "--world_size > 1: this build has no c10d with Gloo (Debian: install libgloo-dev and rebuild)");
+  }
+  auto group = DataParallelGroup::Connect(*o);
+  if (!group.ok()) return group.status();
+  spdlog::info(
+      "data parallelism: rank {} of {} ({}, store {}{})", o->rank, o->world_size, o->backend,
+      o->store_file.empty() ? absl::StrCat("tcp://", o->host, ":", o->port) : "file://" + o->store_file,
+      o->rank == 0 ? ", hosted here" : "");
+  return std::shared_ptr<DataParallelGroup>(std::move(*group));
+}
+
 struct LoadedModel {
   std::unique_ptr<CausalLM> model;
   std::shared_ptr<const Tokenizer> tokenizer;
@@ -490,6 +551,9 @@ int Run() {
   engine_options.gate = *ServerGate();  // checked by ValidateFlags
   engine_options.keep_versions = absl::GetFlag(FLAGS_keep_versions);
   engine_options.replica = replica;
+  auto data_parallel = ServerDataParallel(replica);
+  if (!data_parallel.ok()) return Fail(data_parallel.status());
+  engine_options.data_parallel = *data_parallel;
   auto engine_or = Engine::Create(std::move(loaded->model), loaded->tokenizer, summary, engine_options);
   if (!engine_or.ok()) return Fail(engine_or.status());
   std::unique_ptr<Engine> engine = std::move(*engine_or);
@@ -514,6 +578,8 @@ int Run() {
   // A replica follows its trainer; its readiness is the follower's (set once the server runs).
   std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
   std::unique_ptr<ReplicaFollower> follower;
+  std::atomic<bool> dp_stop{false};  // a data-parallel rank > 0 leaves its task and stops following
+  std::thread dp_follower;
   if (replica) {
     FollowOptions follow;
     follow.trainer = trainer;
@@ -650,6 +716,9 @@ int Run() {
     SetReplicaHealth(health, follower->HasTrainerState());
     health_service = health;
     follower->Start();
+    if (engine_options.data_parallel != nullptr) {
+      dp_follower = std::thread([&engine, &dp_stop] { engine->FollowDataParallel(&dp_stop); });
+    }
   } else {
     for (const auto& name : services) health->SetServingStatus(name, true);
     health->SetServingStatus(true);
@@ -670,6 +739,8 @@ int Run() {
   health_service = nullptr;
   health->SetServingStatus(false);
   for (const auto& name : services) health->SetServingStatus(name, false);
+  dp_stop = true;
+  if (dp_follower.joinable()) dp_follower.join();
   if (follower) follower->Stop();
   replication.BeginShutdown();
   adaptation.BeginShutdown();

@@ -130,4 +130,45 @@ std::string RecipeToJson(const TrainingRecipe& r) {
   return j.dump();
 }
 
+absl::StatusOr<TrainingRecipe> RecipeFromJson(absl::string_view json) {
+  TrainingRecipe r;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(json);
+    if (!j.is_object()) return absl::InvalidArgumentError("recipe: not a JSON object");
+    for (const auto& [key, value] : j.items()) {
+      if (key == "method") {
+        r.method = value.get<std::string>();
+      } else if (key == "method_config") {
+        auto mc = MethodConfigFromJson(value.dump(), "recipe.method_config");
+        if (!mc.ok()) return mc.status();
+        r.method_config = std::move(*mc);
+      } else if (key == "learning_rate") {
+        r.learning_rate = value.get<double>();
+      } else if (key == "max_steps") {
+        r.max_steps = value.get<int64_t>();
+      } else if (key == "epochs") {
+        r.epochs = value.get<int64_t>();
+      } else if (key == "batch_size") {
+        r.batch_size = value.get<int64_t>();
+      } else if (key == "max_seq_len") {
+        r.max_seq_len = value.get<int64_t>();
+      } else if (key == "warmup_ratio") {
+        r.warmup_ratio = value.get<double>();
+      } else if (key == "warmup_steps") {
+        r.warmup_steps = value.get<int64_t>();
+      } else if (key == "lr_schedule") {
+        r.lr_schedule = value.get<std::string>();
+      } else if (key == "seed") {
+        r.seed = value.get<uint64_t>();
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat("recipe: unknown field '", key, "'"));
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("recipe: ", e.what()));
+  }
+  if (absl::Status st = ValidateRecipe(r); !st.ok()) return st;
+  return r;
+}
+
 }  // namespace strata

@@ -87,5 +87,8 @@ absl::StatusOr<TrainingRecipe> ResolveTaskRecipe(const TrainingRecipe& defaults,
 // {"method", "method_config": {...}, "learning_rate", ...}: logged at start and written by the
 // benchmarks next to their results.
 std::string RecipeToJson(const TrainingRecipe& recipe);
+// The inverse of RecipeToJson (missing fields keep their defaults); INVALID_ARGUMENT naming an
+// unknown field, a wrong type or a value ValidateRecipe refuses.
+absl::StatusOr<TrainingRecipe> RecipeFromJson(absl::string_view json);
 
 }  // namespace strata

@@ -123,6 +123,32 @@ TEST(RecipeTest, DefaultsAreValidAndOneWarmup) {
   EXPECT_THAT(RecipeToJson(TrainingRecipe{}), HasSubstr("\"k_max\":32"));
 }
 
+TEST(RecipeTest, JsonRoundTripsAndNamesBadFields) {
+  TrainingRecipe r;
+  r.method = "osft";
+  r.SetRank(4);
+  r.method_config.target_modules = {"q_proj", "o_proj"};
+  r.learning_rate = 3e-4;
+  r.max_steps = 0;
+  r.epochs = 3;
+  r.batch_size = 5;
+  r.max_seq_len = 99;
+  r.warmup_steps = 7;
+  r.lr_schedule = "cosine";
+  r.seed = 12345678901ULL;
+  auto back = RecipeFromJson(RecipeToJson(r));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(RecipeToJson(*back), RecipeToJson(r));
+  EXPECT_EQ(back->seed, r.seed);
+  EXPECT_EQ(back->method_config.target_modules, r.method_config.target_modules);
+  EXPECT_THAT(std::string(RecipeFromJson(R"({"nope": 1})").status().message()),
+              HasSubstr("unknown field 'nope'"));
+  EXPECT_THAT(std::string(RecipeFromJson(R"({"batch_size": "x"})").status().message()),
+              HasSubstr("recipe: "));
+  EXPECT_THAT(std::string(RecipeFromJson(R"({"learning_rate": -1})").status().message()),
+              HasSubstr("learning_rate"));
+}
+
 TEST(RecipeTest, TaskRecipeAgainstTheState) {
   TrainingRecipe defaults;
   defaults.method_config.ella_lambda = 0.1;

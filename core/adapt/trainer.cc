@@ -7,6 +7,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "core/adapt/data_parallel.h"
 #include "core/data/batching.h"
 #include "core/data/random.h"
 #include "core/util/status_macros.h"
@@ -183,6 +184,13 @@ class FlatAdamW {
 
   void ZeroGrad() {
     for (auto& g : groups_) g.grad.zero_();
+  }
+
+  // The gradient buffers (one per dtype/device): what a data-parallel group sums.
+  std::vector<at::Tensor> GradBuffers() const {
+    std::vector<at::Tensor> out;
+    for (const auto& g : groups_) out.push_back(g.grad);
+    return out;
   }
 
   // Global L2 norm of all gradients (one sync).
@@ -435,8 +443,12 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
   try {
     FlatAdamW optimizer(params, o);
     int64_t epoch = 0;
+    GradientSync* sync = o.sync;  // null once member 0 continues alone
+    const bool member0 = sync == nullptr || sync->rank() == 0;
+    if (sync != nullptr) result.data_parallel_members = sync->size();
     for (int64_t step = 0; step < total_steps; ++step) {
-      if (o.cancel != nullptr && o.cancel->load(std::memory_order_relaxed)) {
+      const bool cancelled = o.cancel != nullptr && o.cancel->load(std::memory_order_relaxed);
+      if (cancelled && sync == nullptr) {
         return absl::CancelledError(absl::StrCat("training of task \"", task_name, "\" cancelled at step ",
                                                  step, " of ", total_steps, "; nothing was merged"));
       }
@@ -453,13 +465,87 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
       ctx.rng = &hook_rng;
       method.BeforeForward(ctx);
 
-      const at::Tensor logits = work->Forward(in.input_ids, in.attention_mask);
-      const at::Tensor task_loss = CausalLmLoss(logits, in.labels);
-      const at::Tensor extra = method.ExtraLoss();
-      const at::Tensor loss = extra.defined() ? task_loss + extra : task_loss;
+      // Forward and backward of rows [lo, hi) of the batch. Alone (members == 1) the loss is the
+      // batch's mean; in a group it is this shard's share of the global mean (summed target losses
+      // over the global batch's target tokens) and the extra term counts 1/members per member.
+      struct Part {
+        double task = 0;
+        double extra = 0;
+      };
+      const int64_t rows = batch.rows;
+      auto forward_backward = [&](int64_t lo, int64_t hi, int members) {
+        Part part;
+        at::Tensor loss;
+        at::Tensor labels = in.labels;
+        if (lo != 0 || hi != rows) labels = labels.narrow(0, lo, hi - lo);
+        const int64_t shard_targets = hi > lo ? (labels != kIgnoreIndex).sum().item<int64_t>() : 0;
+        if (shard_targets > 0) {
+          at::Tensor ids = in.input_ids, mask = in.attention_mask;
+          if (lo != 0 || hi != rows) {
+            ids = ids.narrow(0, lo, hi - lo);
+            if (mask.defined()) mask = mask.narrow(0, lo, hi - lo);
+          }
+          at::Tensor task_loss = CausalLmLoss(work->Forward(ids, mask), labels);
+          if (members > 1) {
+            const int64_t global_targets = (in.labels != kIgnoreIndex).sum().item<int64_t>();
+            task_loss =
+                task_loss * (static_cast<double>(shard_targets) / static_cast<double>(global_targets));
+          }
+          part.task = task_loss.item<double>();
+          loss = task_loss;
+        }
+        const at::Tensor extra = method.ExtraLoss();
+        if (extra.defined()) {
+          part.extra = extra.item<double>();
+          const at::Tensor share = members > 1 ? extra / static_cast<double>(members) : extra;
+          loss = loss.defined() ? loss + share : share;
+        }
+        optimizer.ZeroGrad();
+        if (loss.defined() && loss.requires_grad()) loss.backward();
+        return part;
+      };
 
-      const double task_value = task_loss.item<double>();
-      const double extra_value = extra.defined() ? extra.item<double>() : 0.0;
+      Part part;
+      bool group_ends = false;  // a member left after this step
+      if (sync == nullptr) {
+        part = forward_backward(0, rows, 1);
+      } else {
+        const int members = sync->size();
+        const int64_t lo = rows * sync->rank() / members, hi = rows * (sync->rank() + 1) / members;
+        part = forward_backward(lo, hi, members);
+        const bool leaving = !member0 && o.leave != nullptr && o.leave->load(std::memory_order_relaxed);
+        std::vector<at::Tensor> control{
+            at::tensor({part.task, member0 && cancelled ? 1.0 : 0.0, leaving ? 1.0 : 0.0}, at::kDouble)};
+        absl::Status synced = sync->AllReduceSum(control);
+        const bool group_cancel = synced.ok() && control[0][1].item<double>() > 0;
+        if (synced.ok() && !group_cancel) {
+          std::vector<at::Tensor> grads = optimizer.GradBuffers();
+          synced = sync->AllReduceSum(grads);
+        }
+        if (!synced.ok()) {
+          if (!member0) {
+            return absl::UnavailableError(absl::StrCat("training of task \"", task_name, "\" left at step ",
+                                                       step + 1, ": ", synced.message()));
+          }
+          if (o.on_group_lost) {
+            o.on_group_lost(absl::StrCat(synced.message(), "; step ", step + 1, " of ", total_steps,
+                                         " and the rest run on this rank alone"));
+          }
+          sync = nullptr;
+          part = forward_backward(0, rows, 1);
+        } else {
+          if (group_cancel) {
+            return absl::CancelledError(absl::StrCat("training of task \"", task_name,
+                                                     "\" cancelled at step ", step, " of ", total_steps,
+                                                     "; nothing was merged"));
+          }
+          part.task = control[0][0].item<double>();
+          group_ends = control[0][2].item<double>() > 0;
+          ++result.data_parallel_steps;
+        }
+      }
+      const double task_value = part.task;
+      const double extra_value = part.extra;
       if (!std::isfinite(task_value) || !std::isfinite(extra_value)) {
         return absl::AbortedError(absl::StrCat(
             "training of task \"", task_name, "\" stopped: non-finite ",
@@ -469,9 +555,7 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
             "); nothing was merged, the served weights are unchanged"));
       }
 
-      optimizer.ZeroGrad();
-      loss.backward();
-      ctx.loss = loss.detach();
+      ctx.loss = at::scalar_tensor(task_value + extra_value, at::kDouble);
       method.BeforeOptimizerStep(ctx);
       double grad_norm = 0.0;
       if (o.max_grad_norm > 0) {
@@ -487,6 +571,20 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
           grad_norm > o.max_grad_norm && o.max_grad_norm > 0 ? o.max_grad_norm / (grad_norm + 1e-6) : 1.0;
       optimizer.Step(lr, grad_scale);
       method.AfterOptimizerStep(ctx);
+      if (group_ends) {
+        if (!member0) {
+          const bool left = o.leave != nullptr && o.leave->load(std::memory_order_relaxed);
+          return left ? absl::CancelledError(absl::StrCat("left the training of task \"", task_name,
+                                                          "\" after step ", step + 1))
+                      : absl::UnavailableError(absl::StrCat("training of task \"", task_name,
+                                                            "\": a member left after step ", step + 1));
+        }
+        if (o.on_group_lost) {
+          o.on_group_lost(absl::StrCat("a member left after step ", step + 1, " of ", total_steps,
+                                       "; the rest run on this rank alone"));
+        }
+        sync = nullptr;
+      }
 
       result.steps = step + 1;
       result.epochs = epoch + 1;
@@ -523,6 +621,7 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
     return absl::InternalError(absl::StrCat("training of task \"", task_name, "\" failed: ", e.what()));
   }
   result.seconds = Seconds(start, Clock::now());
+  if (o.train_only) return result;  // the guard aborts the task: the committed state is unchanged
 
   const Clock::time_point merge_start = Clock::now();
   TaskContext task_ctx;

@@ -34,6 +34,8 @@
 
 namespace strata {
 
+class GradientSync;  // core/adapt/data_parallel.h
+
 // The encoded training examples of one task.
 struct TrainTask {
   std::string name;
@@ -83,6 +85,21 @@ struct TrainOptions {
   // Called after every `progress_every` steps and after the last one, on the training thread.
   std::function<void(const TrainProgress&)> on_progress;
   int64_t progress_every = 1;
+
+  // Data parallelism (core/adapt/data_parallel.h): this process is one member of `sync`'s group.
+  // Every member builds the same global batch, runs its contiguous shard of rows and the group sums
+  // the gradients (and the loss) each step, so every member applies the one-process update of the
+  // whole batch. Member 0 is the one whose `cancel` counts; when the group fails or a member leaves,
+  // member 0 goes on alone (recomputing a failed step on the whole batch) and the others return
+  // UNAVAILABLE. nullptr: no data parallelism.
+  GradientSync* sync = nullptr;
+  // A member other than 0: set to leave the group at the next step (Train returns CANCELLED).
+  const std::atomic<bool>* leave = nullptr;
+  // Called on member 0 when it continues without the group (the reason, for the log).
+  std::function<void(const std::string&)> on_group_lost;
+  // Train only (a data-parallel follower): no merge; the method's task is aborted after the loop, its
+  // committed state is unchanged and TrainResult::model is null.
+  bool train_only = false;
 };
 
 // INVALID_ARGUMENT naming the field.
@@ -95,14 +112,16 @@ TrainOptions TrainOptionsFromRecipe(const TrainingRecipe& recipe);
 struct TrainResult {
   std::unique_ptr<CausalLM> model;  // the new served model (shares untouched tensors with the input)
   int64_t steps = 0;
-  int64_t epochs = 0;         // epochs started
-  int64_t tokens = 0;         // real tokens processed
-  int64_t target_tokens = 0;  // tokens the loss was computed on
-  double seconds = 0;         // training loop time (without the merge)
-  double merge_seconds = 0;   // AfterTraining + EndTask
-  std::vector<float> losses;  // task loss per step
-  double first_loss = 0;      // losses.front()
-  double final_loss = 0;      // mean of the last min(10, steps) losses
+  int64_t epochs = 0;               // epochs started
+  int64_t tokens = 0;               // real tokens processed
+  int64_t target_tokens = 0;        // tokens the loss was computed on
+  double seconds = 0;               // training loop time (without the merge)
+  double merge_seconds = 0;         // AfterTraining + EndTask
+  std::vector<float> losses;        // task loss per step
+  int64_t data_parallel_steps = 0;  // steps whose gradients were summed over a group
+  int data_parallel_members = 1;    // the group's size (1: alone)
+  double first_loss = 0;            // losses.front()
+  double final_loss = 0;            // mean of the last min(10, steps) losses
 };
 
 class Trainer {

@@ -46,6 +46,9 @@ namespace strata {
 class CausalLM;
 class Tokenizer;
 class Method;
+class DataParallelGroup;
+struct DataParallelTask;
+class GradientSync;
 
 struct EngineOptions {
   std::string state_dir;
@@ -77,6 +80,10 @@ struct EngineOptions {
   // it keeps no versions (Versions() is empty) and never trains (RunJob, Promote and Rollback
   // answer FAILED_PRECONDITION).
   bool replica = false;
+  // Data-parallel adaptation (core/adapt/data_parallel.h). On rank 0 (a trainer) every task's
+  // training is announced to the other ranks and runs over the members that join; on another rank
+  // (a replica) FollowDataParallel joins them. nullptr: no data parallelism.
+  std::shared_ptr<DataParallelGroup> data_parallel;
 };
 
 // A published, kept version's state files: what a replica downloads to serve it.
@@ -289,6 +296,19 @@ class Engine : public TaskRunner {
   // Whether `job`'s own version of its task is served (the task learned by that job id).
   bool JobIsLearned(const JobRecord& job) const override;
 
+  // Data parallelism, a rank other than 0 (a replica): joins each task rank 0 announces once this
+  // engine serves the version the task starts from (waiting up to half the join timeout for the
+  // replica to download it), trains its shard of every step, and discards its result: rank 0
+  // merges, evaluates and publishes, and this replica serves the published version like any other.
+  // Returns when `stop` is set (leaving a running task at its next step: rank 0 goes on alone).
+  void FollowDataParallel(const std::atomic<bool>* stop);
+  // One announced task as a follower (FollowDataParallel's step; tests call it directly):
+  // FAILED_PRECONDITION unless this engine serves `task.version`; the trainer's errors otherwise.
+  absl::Status TrainDataParallelShard(const DataParallelTask& task, GradientSync* sync,
+                                      const std::atomic<bool>* leave);
+  // Data-parallel tasks this engine has trained as a follower (for metrics and tests).
+  int64_t DataParallelTasksFollowed() const { return dp_tasks_followed_.load(); }
+
   // Called after each published version (metrics export). Set before the worker starts.
   void SetOnPublish(std::function<void()> fn) { on_publish_ = std::move(fn); }
 
@@ -302,6 +322,7 @@ class Engine : public TaskRunner {
   ModelSummary summary_;
   EngineOptions options_;
   std::function<void()> on_publish_;
+  std::atomic<int64_t> dp_tasks_followed_{0};
 };
 
 }  // namespace strata

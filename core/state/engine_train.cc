@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/adapt/data_parallel.h"
 #include "core/adapt/method.h"
 #include "core/adapt/trainer.h"
 #include "core/data/encode.h"
@@ -114,13 +115,41 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   train.clear();
   train.shrink_to_fit();
 
+  // Data parallelism: the other ranks that join get the task (recipe, starting version, encoded
+  // examples) and train their shard of every step; a rank that is missing or dies costs speed only.
+  std::unique_ptr<GradientSync> dp_sync;
+  if (s.options.data_parallel != nullptr) {
+    DataParallelTask announced;
+    announced.name = job.spec.name;
+    announced.version = before->version;
+    announced.recipe_json = RecipeToJson(recipe);
+    announced.examples = data[0].examples;
+    const std::string& name = job.spec.name;
+    dp_sync = s.options.data_parallel->StartTask(
+        &announced, [&name](const std::string& line) { spdlog::warn("task '{}': {}", name, line); });
+    if (dp_sync != nullptr) {
+      spdlog::info("task '{}': data-parallel over {} of {} ranks (announcement {})", name, dp_sync->size(),
+                   s.options.data_parallel->world_size(), announced.seq);
+      to.sync = dp_sync.get();
+      to.on_group_lost = [&name](const std::string& why) {
+        spdlog::warn("task '{}': data-parallel group lost ({})", name, why);
+      };
+    } else {
+      spdlog::info("task '{}': training on rank 0 alone (no other rank joined)", name);
+    }
+  }
+
   // The committed state before this task: restored if anything after the merge fails.
   ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
   Trainer trainer(to);
   auto result = trainer.Train(*before->model, *s.method, job.spec.name, data);
+  dp_sync.reset();
   if (!result.ok()) return result.status();
-  spdlog::info("task '{}': {} steps in {:.1f} s, loss {:.4f} -> {:.4f}, merge {:.2f} s", job.spec.name,
-               result->steps, result->seconds, result->first_loss, result->final_loss, result->merge_seconds);
+  spdlog::info(
+      "task '{}': {} steps in {:.1f} s ({} over {} data-parallel ranks), loss {:.4f} -> {:.4f}, merge {:.2f} "
+      "s",
+      job.spec.name, result->steps, result->seconds, result->data_parallel_steps,
+      result->data_parallel_members, result->first_loss, result->final_loss, result->merge_seconds);
   auto rollback = [&](absl::Status st) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.train_mu) {
     return s.Rollback(previous_state, std::move(st));
   };

@@ -359,5 +359,86 @@ TEST(Replica, RefusesAnotherBaseModelAndUsesTheTrainersTokenAndTls) {
   EXPECT_NE(bad.err.find("--role=replica"), std::string::npos) << bad.err;
 }
 
+// Data-parallel adaptation with the real binaries: rank 0 (the trainer) and rank 1 (a replica of
+// it) meet through a c10d FileStore (nothing listens but Gloo's loopback connections), train every
+// step of a task together, and rank 1 then serves the version rank 0 published. A rank killed
+// mid-task costs rank 0 nothing but speed; restarted, it joins the next task.
+TEST(DataParallel, TwoServerRanksLearnTasksTogetherAndSurviveALostRank) {
+  Server trainer;
+  const std::string store = trainer.dir.path() + "/dp-store";
+  trainer.flags = {"--world_size=2", "--dist_rank=0", "--dist_init=file://" + store,
+                   "--dist_join_timeout_seconds=20"};
+  trainer.Start();
+  Server r1({"--role=replica", "--follow=" + trainer.addr(), "--follow_max_backoff_seconds=2",
+             "--world_size=2", "--dist_rank=1", "--dist_init=file://" + store});
+  r1.Start();
+  ASSERT_TRUE(WaitUntil([&] { return r1.Log().find("follows rank 0's tasks") != std::string::npos; }, 30))
+      << r1.Log();
+
+  const std::string cap_eval =
+      HeadLines(ClSmall("capitals/test.jsonl"), 16, trainer.dir.path() + "/cap.jsonl");
+  TaskJob(trainer, "capitals", ClSmall("capitals/train.jsonl"), cap_eval);
+  EXPECT_NE(trainer.Log().find("task 'capitals': data-parallel over 2 of 2 ranks"), std::string::npos)
+      << trainer.Log();
+  EXPECT_NE(trainer.Log().find("(8 over 2 data-parallel ranks)"), std::string::npos) << trainer.Log();
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return r1.Log().find("task 'capitals': trained 8 data-parallel steps as rank 1 of 2") !=
+               std::string::npos;
+      },
+      30))
+      << r1.Log();
+  const int64_t v2 = trainer.Version();
+  ASSERT_GE(WaitForVersion({&r1}, v2, 60), 0) << r1.Log();
+  const std::string prompt = "The capital of France is";
+  CommandResult expected = Greedy(trainer, "capitals", prompt);
+  ASSERT_EQ(expected.exit_code, 0) << expected.err;
+  EXPECT_EQ(Greedy(r1, "capitals", prompt).out, expected.out);
+
+  // Rank 1 dies during the next task: rank 0 recomputes that step alone and finishes the task.
+  const std::string iso_eval = HeadLines(ClSmall("iso3/test.jsonl"), 16, trainer.dir.path() + "/iso.jsonl");
+  std::thread second([&] {
+    CommandResult r = trainer.Cli({"submit", "--task", "iso3", ClSmall("iso3/train.jsonl"), "--eval",
+                                   iso_eval, "--steps", "60", "--batch-size", "8", "--wait"});
+    EXPECT_EQ(r.exit_code, 0) << r.err << r.out;
+  });
+  ASSERT_TRUE(WaitUntil([&] { return r1.Log().find("task 'iso3' (") != std::string::npos; }, 60)) << r1.Log();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  r1.proc->Stop(SIGKILL, 10);
+  second.join();
+  EXPECT_NE(trainer.Log().find("task 'iso3': data-parallel group lost"), std::string::npos) << trainer.Log();
+  const int64_t v3 = trainer.Version();
+  ASSERT_GT(v3, v2);
+
+  // Restarted, rank 1 catches up with the published version and joins the next task.
+  r1.Start();
+  ASSERT_GE(WaitForVersion({&r1}, v3, 60), 0) << r1.Log();
+  const std::string dom_eval =
+      HeadLines(ClSmall("domains/test.jsonl"), 16, trainer.dir.path() + "/dom.jsonl");
+  TaskJob(trainer, "domains", ClSmall("domains/train.jsonl"), dom_eval);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return r1.Log().find("task 'domains': trained 8 data-parallel steps as rank 1 of 2") !=
+               std::string::npos;
+      },
+      30))
+      << r1.Log();
+  ASSERT_GE(WaitForVersion({&r1}, trainer.Version(), 60), 0) << r1.Log();
+  EXPECT_EQ(Greedy(r1, "domains", "The internet domain .fr belongs to").out,
+            Greedy(trainer, "domains", "The internet domain .fr belongs to").out);
+  EXPECT_EQ(r1.proc->Stop(SIGTERM), 0) << r1.Log();
+  EXPECT_EQ(trainer.proc->Stop(SIGTERM), 0);
+
+  // The roles the ranks need, checked at start.
+  CommandResult bad = RunCommand({BinaryPath("strata-server"), "--world_size=2", "--dist_rank=1",
+                                  "--dist_init=file://" + store, "--metrics_port=0", "--http_port=0"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("ranks other than 0 must be --role=replica"), std::string::npos) << bad.err;
+  bad = RunCommand({BinaryPath("strata-server"), "--world_size=2", "--dist_rank=0", "--dist_init=tcp://h",
+                    "--metrics_port=0", "--http_port=0"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--dist_init: expected tcp://HOST:PORT"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace strata::testing
