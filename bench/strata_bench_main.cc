@@ -2,6 +2,7 @@
 //
 //   strata-bench cl --model DIR --tasks DIR --order t1,t2 [--methods m1,m2] ... --json OUT [--plots DIR]
 //   strata-bench train [--models stories260K,110m] [--methods ...] [--json OUT]
+//   strata-bench dp [--models stories260K,110m] [--ranks 2] [--threads 2] [--json OUT]
 //   strata-bench memory --config DIR|llama-8b|mistral-7b|qwen2-7b|110m [--dtype ...] [--measure ...]
 //   strata-bench serve --model DIR|stories260K|110m --streams 1,16 --tasks 1,8 [--with-training] --json OUT
 //
@@ -10,6 +11,7 @@
 #include <CLI/CLI.hpp>
 
 #include "bench/cl_bench.h"
+#include "bench/dp_bench.h"
 #include "bench/memory_bench.h"
 #include "bench/serve_bench.h"
 #include "bench/train_bench.h"
@@ -30,6 +32,11 @@ int main(int argc, char** argv) {
       app.add_subcommand("train", "Training throughput per method and cost against the task count");
   strata::bench::AddTrainBenchOptions(train, &train_args);
   train->callback([&] { exit_code = strata::bench::RunTrainBenchCommand(train_args); });
+
+  strata::bench::DpBenchArgs dp_args;
+  CLI::App* dp = app.add_subcommand("dp", "Data-parallel scaling of a task's training (c10d/Gloo ranks)");
+  strata::bench::AddDpBenchOptions(dp, &dp_args);
+  dp->callback([&] { exit_code = strata::bench::RunDpBenchCommand(dp_args); });
 
   strata::bench::MemoryBenchArgs memory_args;
   CLI::App* memory =

@@ -56,10 +56,11 @@ int RunCli(int argc, char** argv, const OfflineModes& offline) {
   AddScoreCommand(app, opts, &exit_code);
   AddAdaptationCommands(app, opts, &exit_code);
   AddAdminCommands(app, opts, &exit_code);
-  // `strata bench cl|train|memory|serve`: offline benchmarks (bench/), no server needed.
+  // `strata bench cl|train|dp|memory|serve`: offline benchmarks (bench/), no server needed.
   CLI::App* bench = app.add_subcommand(
       "bench",
-      "Benchmarks: continual learning (cl), training (train), memory plan (memory), serving (serve)");
+      "Benchmarks: continual learning (cl), training (train), data parallelism (dp), memory plan (memory), "
+      "serving (serve)");
   offline.bench(bench, opts, &exit_code);
   const std::string environment = std::string("Environment: ") + kServerEnv + " stands for --server, " +
                                   kAuthTokenFileEnv +

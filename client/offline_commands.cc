@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_join.h"
 #include "bench/cl_bench.h"
+#include "bench/dp_bench.h"
 #include "bench/memory_bench.h"
 #include "bench/serve_bench.h"
 #include "bench/train_bench.h"
@@ -116,6 +117,10 @@ void AddBenchCommands(CLI::App* bench, const GlobalOptions& /*opts*/, int* exit_
       bench->add_subcommand("train", "Training throughput and cost against the number of tasks");
   bench::AddTrainBenchOptions(train, train_args.get());
   train->callback([exit_code, train_args] { *exit_code = bench::RunTrainBenchCommand(*train_args); });
+  auto dp_args = std::make_shared<bench::DpBenchArgs>();
+  CLI::App* dp = bench->add_subcommand("dp", "Data-parallel scaling of a task's training (c10d/Gloo ranks)");
+  bench::AddDpBenchOptions(dp, dp_args.get());
+  dp->callback([exit_code, dp_args] { *exit_code = bench::RunDpBenchCommand(*dp_args); });
   auto memory_args = std::make_shared<bench::MemoryBenchArgs>();
   CLI::App* memory = bench->add_subcommand(
       "memory", "Memory plan from a model config (weights, KV cache, state, training peak)");
