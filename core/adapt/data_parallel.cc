@@ -74,8 +74,8 @@ absl::StatusOr<DataParallelOptions> ResolveDataParallelOptions(int world_size, i
     if (auto st = env_int("RANK", &o.rank); !st.ok()) return st;
   }
   if (o.rank < 0 || o.rank >= o.world_size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--dist_rank: must be in [0, ", o.world_size, ") for --world_size ", o.world_size, ", got ", o.rank));
+    return absl::InvalidArgumentError(absl::StrCat("--dist_rank: must be in [0, ", o.world_size,
+                                                   ") for --world_size ", o.world_size, ", got ", o.rank));
   }
   if (o.world_size == 1) return o;
   std::string host, port_text;
@@ -143,7 +143,8 @@ absl::StatusOr<std::vector<EncodedExample>> DecodeExamplesBinary(const std::stri
     int32_t n = 0, target_start = 0;
     const size_t at = pos;
     if (!get(&n) || !get(&target_start) || n < 0 || pos + 4 * static_cast<size_t>(n) > bytes.size()) {
-      return absl::DataLossError(absl::StrCat("training examples: example ", i, " at offset ", at, " is cut short"));
+      return absl::DataLossError(
+          absl::StrCat("training examples: example ", i, " at offset ", at, " is cut short"));
     }
     EncodedExample e;
     e.ids.resize(static_cast<size_t>(n));
@@ -154,7 +155,8 @@ absl::StatusOr<std::vector<EncodedExample>> DecodeExamplesBinary(const std::stri
     out.push_back(std::move(e));
   }
   if (pos != bytes.size()) {
-    return absl::DataLossError(absl::StrCat("training examples: ", bytes.size() - pos, " bytes after the last example"));
+    return absl::DataLossError(
+        absl::StrCat("training examples: ", bytes.size() - pos, " bytes after the last example"));
   }
   return out;
 }
@@ -208,7 +210,8 @@ std::shared_ptr<::gloo::transport::Device> GlooDevice(const DataParallelOptions&
 }
 
 std::string Where(const DataParallelOptions& o) {
-  return o.store_file.empty() ? absl::StrCat("tcp://", o.host, ":", o.port) : absl::StrCat("file://", o.store_file);
+  return o.store_file.empty() ? absl::StrCat("tcp://", o.host, ":", o.port)
+                              : absl::StrCat("file://", o.store_file);
 }
 
 struct DataParallelGroup::Impl {
@@ -240,7 +243,8 @@ struct DataParallelGroup::Impl {
       }
       return std::unique_ptr<GradientSync>(new ProcessGroupSync(std::move(group), group_rank, size));
     } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat("task ", seq, ": cannot form the data-parallel group of ranks ",
+      return absl::UnavailableError(absl::StrCat("task ", seq,
+                                                 ": cannot form the data-parallel group of ranks ",
                                                  absl::StrJoin(members, ","), ": ", e.what()));
     }
   }
@@ -253,7 +257,8 @@ DataParallelGroup::~DataParallelGroup() = default;
 absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(const DataParallelOptions& o) {
   if (o.world_size < 2) return absl::InvalidArgumentError("data parallelism needs --world_size >= 2");
   if (o.backend != "gloo" && o.backend != "nccl") {
-    return absl::InvalidArgumentError(absl::StrCat("--dist_backend: '", o.backend, "' (expected gloo or nccl)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dist_backend: '", o.backend, "' (expected gloo or nccl)"));
   }
   auto impl = std::make_unique<Impl>();
   if (!o.store_file.empty()) {
@@ -262,7 +267,8 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(co
       impl->store = c10::make_intrusive<c10d::FileStore>(o.store_file, -1);
       impl->store->setTimeout(Millis(o.timeout_seconds));
     } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat("--dist_init ", Where(o), ": cannot open the store: ", e.what()));
+      return absl::UnavailableError(
+          absl::StrCat("--dist_init ", Where(o), ": cannot open the store: ", e.what()));
     }
     return std::unique_ptr<DataParallelGroup>(new DataParallelGroup(o, std::move(impl)));
   }
@@ -280,13 +286,14 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(co
     } catch (const std::exception& e) {
       last_error = e.what();
       if (o.rank == 0) {
-        return absl::UnavailableError(absl::StrCat("--dist_init ", Where(o),
-                                                   ": rank 0 cannot host the rendezvous store there: ", last_error));
+        return absl::UnavailableError(absl::StrCat(
+            "--dist_init ", Where(o), ": rank 0 cannot host the rendezvous store there: ", last_error));
       }
     }
     if (Clock::now() >= deadline) {
-      return absl::UnavailableError(absl::StrCat("--dist_init ", Where(o), ": rank 0's store did not answer within ",
-                                                 o.timeout_seconds, " s: ", last_error));
+      return absl::UnavailableError(absl::StrCat("--dist_init ", Where(o),
+                                                 ": rank 0's store did not answer within ", o.timeout_seconds,
+                                                 " s: ", last_error));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
   }
@@ -330,7 +337,8 @@ std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask* tas
         if (refusal.empty()) {
           members.push_back(r);
         } else {
-          log(absl::StrCat("data parallelism: rank ", r, " does not join task '", task->name, "': ", refusal));
+          log(absl::StrCat("data parallelism: rank ", r, " does not join task '", task->name,
+                           "': ", refusal));
         }
       }
       if (pending > 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -344,7 +352,8 @@ std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask* tas
     std::sort(members.begin(), members.end());
     store.set(Key(seq, "members"), Bytes(absl::StrJoin(members, ",")));
   } catch (const std::exception& e) {
-    log(absl::StrCat("data parallelism: store error while gathering the ranks (", e.what(), "); training alone"));
+    log(absl::StrCat("data parallelism: store error while gathering the ranks (", e.what(),
+                     "); training alone"));
     return nullptr;
   }
   if (members.size() == 1) return nullptr;
@@ -368,7 +377,8 @@ absl::Status DataParallelGroup::Reconnect() {
     store->setTimeout(Millis(options_.timeout_seconds));
     impl_->store = std::move(store);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("--dist_init ", Where(options_), ": rank 0's store: ", e.what()));
+    return absl::UnavailableError(
+        absl::StrCat("--dist_init ", Where(options_), ": rank 0's store: ", e.what()));
   }
   return absl::OkStatus();
 }
@@ -382,7 +392,7 @@ absl::StatusOr<int64_t> DataParallelGroup::LatestSeq() {
 }
 
 absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int64_t after_seq,
-                                                                             std::chrono::milliseconds wait) {
+                                                                            std::chrono::milliseconds wait) {
   c10d::Store& store = *impl_->store;
   const int64_t seq = after_seq + 1;
   const Clock::time_point deadline = Clock::now() + wait;
@@ -399,8 +409,8 @@ absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int6
     task.version = spec.at("version").get<int64_t>();
     task.recipe_json = spec.at("recipe").get<std::string>();
     if (!store.check({Key(seq, "data")})) {
-      return absl::DeadlineExceededError(absl::StrCat("task ", seq, " ('", task.name,
-                                                      "'): its training data is gone (announced too long ago)"));
+      return absl::DeadlineExceededError(absl::StrCat(
+          "task ", seq, " ('", task.name, "'): its training data is gone (announced too long ago)"));
     }
     auto examples = DecodeExamplesBinary(Text(store.get(Key(seq, "data"))));
     if (!examples.ok()) return examples.status();
@@ -413,14 +423,16 @@ absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int6
   }
 }
 
-absl::StatusOr<std::unique_ptr<GradientSync>> DataParallelGroup::JoinTask(int64_t seq, const std::string& refusal) {
+absl::StatusOr<std::unique_ptr<GradientSync>> DataParallelGroup::JoinTask(int64_t seq,
+                                                                          const std::string& refusal) {
   c10d::Store& store = *impl_->store;
   std::vector<int> members;
   try {
     store.set(Key(seq, absl::StrCat("answer/", options_.rank)), Bytes(refusal));
     if (!refusal.empty()) return std::unique_ptr<GradientSync>();
     // Rank 0 names the members at the latest after its join timeout.
-    const Clock::time_point deadline = Clock::now() + Millis(options_.join_timeout_seconds + options_.timeout_seconds);
+    const Clock::time_point deadline =
+        Clock::now() + Millis(options_.join_timeout_seconds + options_.timeout_seconds);
     while (!store.check({Key(seq, "members")})) {
       if (Clock::now() >= deadline) {
         return absl::DeadlineExceededError(absl::StrCat("task ", seq, ": rank 0 named no members"));
@@ -429,7 +441,8 @@ absl::StatusOr<std::unique_ptr<GradientSync>> DataParallelGroup::JoinTask(int64_
     }
     for (absl::string_view part : absl::StrSplit(Text(store.get(Key(seq, "members"))), ',')) {
       int r = 0;
-      if (!absl::SimpleAtoi(part, &r)) return absl::DataLossError(absl::StrCat("task ", seq, ": malformed members"));
+      if (!absl::SimpleAtoi(part, &r))
+        return absl::DataLossError(absl::StrCat("task ", seq, ": malformed members"));
       members.push_back(r);
     }
   } catch (const std::exception& e) {
@@ -455,13 +468,16 @@ std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask*,
                                                            const std::function<void(std::string)>&) {
   return nullptr;
 }
-absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int64_t, std::chrono::milliseconds) {
+absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int64_t,
+                                                                            std::chrono::milliseconds) {
   return absl::UnimplementedError("data parallelism is not built in");
 }
 absl::StatusOr<int64_t> DataParallelGroup::LatestSeq() {
   return absl::UnimplementedError("data parallelism is not built in");
 }
-absl::Status DataParallelGroup::Reconnect() { return absl::UnimplementedError("data parallelism is not built in"); }
+absl::Status DataParallelGroup::Reconnect() {
+  return absl::UnimplementedError("data parallelism is not built in");
+}
 absl::StatusOr<std::unique_ptr<GradientSync>> DataParallelGroup::JoinTask(int64_t, const std::string&) {
   return absl::UnimplementedError("data parallelism is not built in");
 }

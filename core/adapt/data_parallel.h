@@ -78,10 +78,10 @@ class GradientSync {
 
 // A task as rank 0 announces it.
 struct DataParallelTask {
-  int64_t seq = 0;            // announcement number (1, 2, ...)
-  std::string name;           // the task
-  int64_t version = 0;        // the weights version training starts from
-  std::string recipe_json;    // the resolved recipe (RecipeToJson)
+  int64_t seq = 0;          // announcement number (1, 2, ...)
+  std::string name;         // the task
+  int64_t version = 0;      // the weights version training starts from
+  std::string recipe_json;  // the resolved recipe (RecipeToJson)
   std::vector<EncodedExample> examples;
 };
 
@@ -105,7 +105,8 @@ class DataParallelGroup {
   // answers and returns the group of the members (nullptr when no other rank joined: train alone).
   // `log` receives one line per missing or refusing rank. Never fails the task: store errors are
   // reported through `log` and give nullptr.
-  std::unique_ptr<GradientSync> StartTask(DataParallelTask* task, const std::function<void(std::string)>& log);
+  std::unique_ptr<GradientSync> StartTask(DataParallelTask* task,
+                                          const std::function<void(std::string)>& log);
 
   // Other ranks: the next announcement after `after_seq`, or nullopt after `wait` without one.
   absl::StatusOr<std::optional<DataParallelTask>> NextTask(int64_t after_seq, std::chrono::milliseconds wait);

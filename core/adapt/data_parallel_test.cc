@@ -88,7 +88,8 @@ RankRun TrainOnce(const std::string& method_name, TrainOptions o) {
     run.dp_steps = result->data_parallel_steps;
     run.members = result->data_parallel_members;
     if (result->model != nullptr) {
-      for (const auto& name : result->model->LinearNames()) run.served[name] = result->model->FindLinear(name)->weight;
+      for (const auto& name : result->model->LinearNames())
+        run.served[name] = result->model->FindLinear(name)->weight;
     }
   }
   auto state = method->ExportState();
@@ -150,7 +151,8 @@ void ExpectServedClose(const RankRun& a, const RankRun& b, const std::string& wh
 
 void ExpectSameState(const MethodState& a, const MethodState& b, const std::string& what) {
   ASSERT_EQ(a.tensors.size(), b.tensors.size()) << what;
-  for (const auto& [name, t] : a.tensors) EXPECT_TRUE(at::equal(t, b.tensors.at(name))) << what << ": " << name;
+  for (const auto& [name, t] : a.tensors)
+    EXPECT_TRUE(at::equal(t, b.tensors.at(name))) << what << ": " << name;
 }
 
 struct OneThread {
@@ -226,10 +228,12 @@ TEST(DataParallelTest, TwoRanksMatchOneRankWithTheWholeBatch) {
     EXPECT_EQ(r0.losses, r1.losses) << method;
     ASSERT_EQ(r0.losses.size(), alone.losses.size());
     for (size_t i = 0; i < alone.losses.size(); ++i) {
-      EXPECT_NEAR(r0.losses[i], alone.losses[i], 1e-5 * std::max(1.0f, alone.losses[i])) << method << " step " << i;
+      EXPECT_NEAR(r0.losses[i], alone.losses[i], 1e-5 * std::max(1.0f, alone.losses[i]))
+          << method << " step " << i;
     }
     ExpectSameState(r0.state, r1.state, method + ": rank 0 vs rank 1");
-    for (const auto& [name, w] : r0.served) EXPECT_TRUE(at::equal(w, r1.served.at(name))) << method << " " << name;
+    for (const auto& [name, w] : r0.served)
+      EXPECT_TRUE(at::equal(w, r1.served.at(name))) << method << " " << name;
     // The merged weights agree; the state's own tensors may not (Share's bases come out of an SVD,
     // whose singular vectors are defined up to sign: a float summation order can flip one).
     ExpectServedClose(r0, alone, method + ": 2 ranks vs 1");
@@ -241,13 +245,14 @@ TEST(DataParallelTest, RankZeroFinishesAloneWhenTheOtherLeaves) {
   OneThread one_thread;
   const RankRun alone = TrainOnce("share_ella", TrainOpts());
   std::atomic<bool> leave{false};
-  auto [r0, r1] = TrainOnTwoRanks("share_ella", [&](int rank, TrainOptions* o, std::unique_ptr<GradientSync>*) {
-    if (rank != 1) return;
-    o->leave = &leave;
-    o->on_progress = [&](const TrainProgress& p) {
-      if (p.step == 4) leave = true;
-    };
-  });
+  auto [r0, r1] =
+      TrainOnTwoRanks("share_ella", [&](int rank, TrainOptions* o, std::unique_ptr<GradientSync>*) {
+        if (rank != 1) return;
+        o->leave = &leave;
+        o->on_progress = [&](const TrainProgress& p) {
+          if (p.step == 4) leave = true;
+        };
+      });
   ASSERT_TRUE(r0.status.ok()) << r0.status;
   EXPECT_EQ(r1.status.code(), absl::StatusCode::kCancelled) << r1.status;
   EXPECT_EQ(r0.dp_steps, 5);  // the leave flag rides on step 5's sum
@@ -299,14 +304,15 @@ TEST(DataParallelTest, RankZeroRecomputesAndGoesOnWhenAMemberDies) {
 TEST(DataParallelTest, CancelOnRankZeroStopsEveryRank) {
   OneThread one_thread;
   std::atomic<bool> cancel{false};
-  auto [r0, r1] = TrainOnTwoRanks("share_ella", [&](int rank, TrainOptions* o, std::unique_ptr<GradientSync>*) {
-    o->cancel = &cancel;  // only rank 0's counts
-    if (rank == 0) {
-      o->on_progress = [&](const TrainProgress& p) {
-        if (p.step == 3) cancel = true;
-      };
-    }
-  });
+  auto [r0, r1] =
+      TrainOnTwoRanks("share_ella", [&](int rank, TrainOptions* o, std::unique_ptr<GradientSync>*) {
+        o->cancel = &cancel;  // only rank 0's counts
+        if (rank == 0) {
+          o->on_progress = [&](const TrainProgress& p) {
+            if (p.step == 3) cancel = true;
+          };
+        }
+      });
   EXPECT_EQ(r0.status.code(), absl::StatusCode::kCancelled) << r0.status;
   EXPECT_EQ(r1.status.code(), absl::StatusCode::kCancelled) << r1.status;
   EXPECT_THAT(std::string(r1.status.message()), HasSubstr("cancelled at step 3 of 12"));

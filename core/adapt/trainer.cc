@@ -621,6 +621,13 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
     return absl::InternalError(absl::StrCat("training of task \"", task_name, "\" failed: ", e.what()));
   }
   result.seconds = Seconds(start, Clock::now());
+  if (!result.losses.empty()) {
+    result.first_loss = result.losses.front();
+    const size_t n = std::min<size_t>(10, result.losses.size());
+    double sum = 0;
+    for (size_t i = result.losses.size() - n; i < result.losses.size(); ++i) sum += result.losses[i];
+    result.final_loss = sum / static_cast<double>(n);
+  }
   if (o.train_only) return result;  // the guard aborts the task: the committed state is unchanged
 
   const Clock::time_point merge_start = Clock::now();
@@ -658,13 +665,6 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
   RETURN_IF_ERROR(method.EndTask(work.get()));  // aborts the task itself on error
   guard.Commit();
   result.merge_seconds = Seconds(merge_start, Clock::now());
-  if (!result.losses.empty()) {
-    result.first_loss = result.losses.front();
-    const size_t n = std::min<size_t>(10, result.losses.size());
-    double sum = 0;
-    for (size_t i = result.losses.size() - n; i < result.losses.size(); ++i) sum += result.losses[i];
-    result.final_loss = sum / static_cast<double>(n);
-  }
   result.model = std::move(work);
   return result;
 }

@@ -32,7 +32,8 @@ absl::Status Engine::TrainDataParallelShard(const DataParallelTask& task, Gradie
   const std::shared_ptr<const ServedVersion> current = Current();
   if (current->version != task.version) {
     return absl::FailedPreconditionError(absl::StrCat("task '", task.name, "' starts from weights version ",
-                                                      task.version, "; this rank serves version ", current->version));
+                                                      task.version, "; this rank serves version ",
+                                                      current->version));
   }
   auto recipe = RecipeFromJson(task.recipe_json);
   if (!recipe.ok()) return recipe.status();
@@ -59,8 +60,8 @@ absl::Status Engine::TrainDataParallelShard(const DataParallelTask& task, Gradie
   to.train_only = true;
   to.progress_every = 50;
   to.on_progress = [&task, sync](const TrainProgress& p) {
-    spdlog::info("task '{}' (data-parallel rank {} of {}): step {}/{}, loss {:.4f}, {:.0f} tokens/s", task.name,
-                 sync->rank(), sync->size(), p.step, p.total_steps, p.loss, p.tokens_per_second);
+    spdlog::info("task '{}' (data-parallel rank {} of {}): step {}/{}, loss {:.4f}, {:.0f} tokens/s",
+                 task.name, sync->rank(), sync->size(), p.step, p.total_steps, p.loss, p.tokens_per_second);
   };
   std::vector<TrainTask> data(1);
   data[0].name = task.name;
@@ -68,10 +69,11 @@ absl::Status Engine::TrainDataParallelShard(const DataParallelTask& task, Gradie
   auto result = Trainer(to).Train(*current->model, *method, task.name, data);
   if (!result.ok()) return result.status();
   ++dp_tasks_followed_;
-  spdlog::info("task '{}': trained {} data-parallel steps as rank {} of {} ({:.1f} s, loss {:.4f} -> {:.4f}); "
-               "rank 0 merges and publishes",
-               task.name, result->data_parallel_steps, sync->rank(), sync->size(), result->seconds,
-               result->first_loss, result->final_loss);
+  spdlog::info(
+      "task '{}': trained {} data-parallel steps as rank {} of {} ({:.1f} s, loss {:.4f} -> {:.4f}); "
+      "rank 0 merges and publishes",
+      task.name, result->data_parallel_steps, sync->rank(), sync->size(), result->seconds, result->first_loss,
+      result->final_loss);
   return absl::OkStatus();
 }
 
@@ -110,7 +112,8 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
         }
         std::this_thread::sleep_for(std::chrono::seconds(1));
       } else {
-        spdlog::warn("data parallelism: announcement {}: {}", after + 1, std::string(next.status().message()));
+        spdlog::warn("data parallelism: announcement {}: {}", after + 1,
+                     std::string(next.status().message()));
         ++after;
       }
       continue;
@@ -143,8 +146,8 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
       spdlog::info("data parallelism: task '{}' started without this rank (answered too late)", task.name);
       continue;
     }
-    spdlog::info("data parallelism: task '{}' ({} examples) as rank {} of {}", task.name, task.examples.size(),
-                 (*sync)->rank(), (*sync)->size());
+    spdlog::info("data parallelism: task '{}' ({} examples) as rank {} of {}", task.name,
+                 task.examples.size(), (*sync)->rank(), (*sync)->size());
     if (auto st = TrainDataParallelShard(task, sync->get(), stop); !st.ok()) {
       spdlog::warn("data parallelism: task '{}': {}", task.name, std::string(st.message()));
     }
