@@ -39,7 +39,8 @@ struct Timing {
 absl::StatusOr<std::unique_ptr<CausalLM>> LoadModel(const std::string& name, const DpBenchArgs& a) {
   if (name == "stories260K") return CausalLM::Load(a.model_dir);
   if (name == "110m") return CausalLM::RandomInit(Llama110mConfig(), 1234);
-  return absl::InvalidArgumentError(absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
 }
 
 // One rank's training run: warmup + steps steps (no merge), timed after the warmup.
@@ -107,7 +108,8 @@ Timing TrainRanks(const std::string& model_name, const DpBenchArgs& a, int ranks
     if (rank == 0) {
       DataParallelTask task;
       task.name = "dp";
-      sync = (*group)->StartTask(&task, [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); });
+      sync = (*group)->StartTask(&task,
+                                 [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); });
     } else {
       auto task = (*group)->NextTask(0, std::chrono::seconds(120));
       if (task.ok() && task->has_value()) {
@@ -136,18 +138,24 @@ Timing TrainRanks(const std::string& model_name, const DpBenchArgs& a, int ranks
 }  // namespace
 
 void AddDpBenchOptions(CLI::App* sub, DpBenchArgs* a) {
-  sub->add_option("--model", a->model_dir, "stories260K model directory (default: shared/models/stories260K)");
+  sub->add_option("--model", a->model_dir,
+                  "stories260K model directory (default: shared/models/stories260K)");
   sub->add_option("--models", a->models, "Models: stories260K,110m")->delimiter(',')->capture_default_str();
   sub->add_option("--method", a->method, "Method")->capture_default_str();
   sub->add_option("--batch-size", a->batch_size, "Sequences per step (the global batch)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  sub->add_option("--seq-len", a->seq_len, "Tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  sub->add_option("--seq-len", a->seq_len, "Tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 20));
   sub->add_option("--warmup", a->warmup, "Untimed steps")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_option("--steps", a->steps, "Timed steps")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")->capture_default_str();
+  sub->add_option("--targets", a->targets, "Target modules (comma-separated or all-linear)")
+      ->capture_default_str();
   sub->add_option("--rank", a->rank, "Adapter rank")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--ranks", a->ranks, "Data-parallel ranks")->capture_default_str()->check(CLI::Range(2, 64));
+  sub->add_option("--ranks", a->ranks, "Data-parallel ranks")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 64));
   sub->add_option("--threads", a->threads, "Cores to use in all (split among the ranks)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -158,14 +166,15 @@ int RunDpBenchCommand(const DpBenchArgs& args) {
   DpBenchArgs a = args;
   if (a.model_dir.empty()) a.model_dir = std::string(STRATA_SHARED_DIR) + "/models/stories260K";
   if (!DataParallelAvailable()) {
-    std::fprintf(stderr, "strata bench dp: this build has no c10d with Gloo (install libgloo-dev and rebuild)\n");
+    std::fprintf(stderr,
+                 "strata bench dp: this build has no c10d with Gloo (install libgloo-dev and rebuild)\n");
     return kExitUsage;
   }
   const int per_rank = std::max(1, a.threads / a.ranks);
   json results = json::array();
   bool failed = false;
-  std::printf("%-12s %5s %8s %10s %12s %10s  %s\n", "model", "ranks", "threads", "steps/s", "tokens/s", "speedup",
-              "final loss");
+  std::printf("%-12s %5s %8s %10s %12s %10s  %s\n", "model", "ranks", "threads", "steps/s", "tokens/s",
+              "speedup", "final loss");
   for (const std::string& model : a.models) {
     struct Config {
       int ranks, threads;
@@ -173,7 +182,8 @@ int RunDpBenchCommand(const DpBenchArgs& args) {
     const std::vector<Config> configs = {{1, 1}, {1, a.threads}, {a.ranks, per_rank}};
     double base = 0;
     for (const Config& c : configs) {
-      const Timing t = c.ranks == 1 ? TrainRank(model, a, c.threads, nullptr) : TrainRanks(model, a, c.ranks, c.threads);
+      const Timing t =
+          c.ranks == 1 ? TrainRank(model, a, c.threads, nullptr) : TrainRanks(model, a, c.ranks, c.threads);
       if (!t.status.ok()) {
         std::fprintf(stderr, "strata bench dp: %s, %d rank(s) x %d thread(s): %s\n", model.c_str(), c.ranks,
                      c.threads, t.status.ToString().c_str());
@@ -182,8 +192,8 @@ int RunDpBenchCommand(const DpBenchArgs& args) {
       }
       if (base == 0) base = t.steps_per_second;
       const double final_loss = t.losses.empty() ? 0.0 : t.losses.back();
-      std::printf("%-12s %5d %8d %10.3f %12.1f %9.2fx  %.5f\n", model.c_str(), c.ranks, c.threads, t.steps_per_second,
-                  t.tokens_per_second, t.steps_per_second / base, final_loss);
+      std::printf("%-12s %5d %8d %10.3f %12.1f %9.2fx  %.5f\n", model.c_str(), c.ranks, c.threads,
+                  t.steps_per_second, t.tokens_per_second, t.steps_per_second / base, final_loss);
       std::fflush(stdout);
       double load[1] = {0};
       results.push_back({{"model", model},

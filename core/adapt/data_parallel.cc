@@ -233,7 +233,9 @@ struct DataParallelGroup::Impl {
 #ifdef USE_C10D_NCCL
         group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, group_rank, size);
 #else
-        return absl::UnimplementedError("--dist_backend nccl: this LibTorch has no NCCL; use gloo");
+        return absl::UnimplementedError(
+            "--dist_backend nccl: this build has no NCCL (cmake -DSTRATA_WITH_NCCL=ON with a CUDA LibTorch); "
+            "use gloo");
 #endif
       } else {
         auto options = c10d::ProcessGroupGloo::Options::create(Millis(o.timeout_seconds));

@@ -514,10 +514,17 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
         const int64_t lo = rows * sync->rank() / members, hi = rows * (sync->rank() + 1) / members;
         part = forward_backward(lo, hi, members);
         const bool leaving = !member0 && o.leave != nullptr && o.leave->load(std::memory_order_relaxed);
+        // On the model's device: NCCL sums only CUDA tensors.
         std::vector<at::Tensor> control{
-            at::tensor({part.task, member0 && cancelled ? 1.0 : 0.0, leaving ? 1.0 : 0.0}, at::kDouble)};
+            at::tensor({part.task, member0 && cancelled ? 1.0 : 0.0, leaving ? 1.0 : 0.0}, at::kDouble)
+                .to(device)};
+        std::vector<double> flags(3);
         absl::Status synced = sync->AllReduceSum(control);
-        const bool group_cancel = synced.ok() && control[0][1].item<double>() > 0;
+        if (synced.ok()) {
+          const at::Tensor host = control[0].cpu();
+          for (int i = 0; i < 3; ++i) flags[static_cast<size_t>(i)] = host[i].item<double>();
+        }
+        const bool group_cancel = synced.ok() && flags[1] > 0;
         if (synced.ok() && !group_cancel) {
           std::vector<at::Tensor> grads = optimizer.GradBuffers();
           synced = sync->AllReduceSum(grads);
@@ -539,8 +546,8 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
                                                      "\" cancelled at step ", step, " of ", total_steps,
                                                      "; nothing was merged"));
           }
-          part.task = control[0][0].item<double>();
-          group_ends = control[0][2].item<double>() > 0;
+          part.task = flags[0];
+          group_ends = flags[2] > 0;
           ++result.data_parallel_steps;
         }
       }
