@@ -51,7 +51,8 @@ FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # scripts/setup.sh's packages minus libtorch-dev (the official LibTorch replaces it), the test
 # libraries (tests are off here), OpenBLAS (LibTorch bundles MKL) and the developer tools
-# (prometheus, gnuplot-nox); plus unzip and ca-certificates for the download.
+# (prometheus, gnuplot-nox) and libgloo-dev (the official LibTorch bundles its own Gloo: data parallelism
+# is off in this image, -DSTRATA_DATA_PARALLEL=ON needs matching headers); plus unzip and ca-certificates.
 # tests/deploy/deploy_files_test.sh checks this list against setup.sh.
 ARG CUDA_BUILD_PACKAGES="cmake ninja-build g++ pkg-config ccache \
     libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \

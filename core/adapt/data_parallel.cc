@@ -172,9 +172,12 @@ std::string Text(const std::vector<uint8_t>& v) { return std::string(v.begin(), 
 
 std::string Key(int64_t seq, const std::string& what) { return absl::StrCat("task/", seq, "/", what); }
 
+// The task's group: ProcessGroupGloo (or ProcessGroupNCCL), held by its own type (a ProcessGroup in
+// LibTorch 1.13, a Backend in 2.x; both have this allreduce).
+template <typename Group>
 class ProcessGroupSync : public GradientSync {
  public:
-  ProcessGroupSync(c10::intrusive_ptr<c10d::ProcessGroup> group, int rank, int size)
+  ProcessGroupSync(c10::intrusive_ptr<Group> group, int rank, int size)
       : group_(std::move(group)), rank_(rank), size_(size) {}
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -191,7 +194,7 @@ class ProcessGroupSync : public GradientSync {
   }
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::intrusive_ptr<Group> group_;
   int rank_, size_;
 };
 
@@ -228,22 +231,23 @@ struct DataParallelGroup::Impl {
     const int size = static_cast<int>(members.size());
     try {
       auto prefixed = c10::make_intrusive<c10d::PrefixStore>(Key(seq, "pg"), store);
-      c10::intrusive_ptr<c10d::ProcessGroup> group;
       if (o.backend == "nccl") {
 #ifdef USE_C10D_NCCL
-        group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, group_rank, size);
+        auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, group_rank, size);
+        return std::unique_ptr<GradientSync>(
+            new ProcessGroupSync<c10d::ProcessGroupNCCL>(std::move(group), group_rank, size));
 #else
         return absl::UnimplementedError(
             "--dist_backend nccl: this build has no NCCL (cmake -DSTRATA_WITH_NCCL=ON with a CUDA LibTorch); "
             "use gloo");
 #endif
-      } else {
-        auto options = c10d::ProcessGroupGloo::Options::create(Millis(o.timeout_seconds));
-        options->devices.push_back(GlooDevice(o));
-        options->threads = 1;
-        group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, group_rank, size, options);
       }
-      return std::unique_ptr<GradientSync>(new ProcessGroupSync(std::move(group), group_rank, size));
+      auto options = c10d::ProcessGroupGloo::Options::create(Millis(o.timeout_seconds));
+      options->devices.push_back(GlooDevice(o));
+      options->threads = 1;
+      auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, group_rank, size, options);
+      return std::unique_ptr<GradientSync>(
+          new ProcessGroupSync<c10d::ProcessGroupGloo>(std::move(group), group_rank, size));
     } catch (const std::exception& e) {
       return absl::UnavailableError(absl::StrCat("task ", seq,
                                                  ": cannot form the data-parallel group of ranks ",
@@ -410,6 +414,8 @@ absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int6
     task.name = spec.at("name").get<std::string>();
     task.version = spec.at("version").get<int64_t>();
     task.recipe_json = spec.at("recipe").get<std::string>();
+    task.started = store.check({Key(seq, "members")});
+    if (task.started) return std::optional<DataParallelTask>(std::move(task));
     if (!store.check({Key(seq, "data")})) {
       return absl::DeadlineExceededError(absl::StrCat(
           "task ", seq, " ('", task.name, "'): its training data is gone (announced too long ago)"));
@@ -464,7 +470,8 @@ DataParallelGroup::~DataParallelGroup() = default;
 
 absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(const DataParallelOptions&) {
   return absl::UnimplementedError(
-      "data parallelism: this build has no c10d with Gloo (install libgloo-dev and rebuild)");
+      "data parallelism: this build has no c10d with Gloo (Debian: install libgloo-dev and rebuild; "
+      "another LibTorch: -DSTRATA_DATA_PARALLEL=ON)");
 }
 std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask*,
                                                            const std::function<void(std::string)>&) {

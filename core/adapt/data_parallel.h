@@ -83,6 +83,9 @@ struct DataParallelTask {
   int64_t version = 0;      // the weights version training starts from
   std::string recipe_json;  // the resolved recipe (RecipeToJson)
   std::vector<EncodedExample> examples;
+  // Set by NextTask: rank 0 already named the members (an announcement from before this rank
+  // came up); there is nothing left to join.
+  bool started = false;
 };
 
 // The examples in a compact binary form (little-endian int32: count, then per example length,

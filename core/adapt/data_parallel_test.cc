@@ -331,7 +331,7 @@ TEST(DataParallelTest, RankZeroTrainsAloneWhenNobodyAnswers) {
   ASSERT_EQ(log.size(), 2u);
   EXPECT_THAT(log[0], HasSubstr("rank 1 did not answer task 't' within 0.3 s"));
   EXPECT_THAT(log[1], HasSubstr("rank 2 did not answer"));
-  // A late rank finds the task, answers, and is told it is not a member.
+  // A late rank finds the task started; answering anyway, it is told it is not a member.
   DataParallelOptions late = o;
   late.rank = 1;
   auto group1 = DataParallelGroup::Connect(late);
@@ -342,6 +342,7 @@ TEST(DataParallelTest, RankZeroTrainsAloneWhenNobodyAnswers) {
   auto joined = (*group1)->JoinTask((*next)->seq, "");
   ASSERT_TRUE(joined.ok()) << joined.status();
   EXPECT_EQ(*joined, nullptr);
+  EXPECT_TRUE((*next)->started);  // rank 0 named the members already: nothing left to join
   auto none = (*group1)->NextTask(1, std::chrono::milliseconds(100));
   ASSERT_TRUE(none.ok());
   EXPECT_FALSE(none->has_value());

@@ -121,6 +121,10 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
     if (!next->has_value()) continue;
     const DataParallelTask& task = **next;
     after = task.seq;
+    if (task.started) {
+      spdlog::info("data parallelism: task '{}' (announcement {}) started without this rank", task.name, task.seq);
+      continue;
+    }
     // The replica may still be downloading the version the task starts from.
     const Clock::time_point deadline =
         Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(o.join_timeout_seconds * 500));

@@ -696,6 +696,8 @@ def c_dockerfile():
     cuda = dockerfile_arg("CUDA_BUILD_PACKAGES")
     setup = setup_packages()
     not_needed = {"libtorch-dev", "libgtest-dev", "libgmock-dev", "libopenblas0-openmp", "prometheus", "gnuplot-nox",
+                  # the official LibTorch bundles its own Gloo; Debian's headers do not describe it
+                  "libgloo-dev",
                   # the Python client (clients/python) and its test, not the image
                   "python3-grpcio", "python3-protobuf", "python3-venv", "python3-pip", "python3-setuptools",
                   "python3-wheel"}
