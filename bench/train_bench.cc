@@ -518,8 +518,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       js["rows"] = rows;
       js["peak_reset"] = peak_reset;
       std::printf(
-          "(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases, Gram "
-          "matrices, per-task coefficients); unshared = the state's storages that the served model does not "
+          "(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases and "
+          "per-task coefficients); unshared = the state's storages that the served model does not "
           "hold, i.e. its memory beyond the served weights; LoRA/task = t x one rank-%lld LoRA per task; RSS "
           "= process resident set after the row; peak = VmHWM since the model was built (%s); RSS after "
           "building the model: %s MiB)\n",
