@@ -203,11 +203,10 @@ absl::StatusOr<MemoryPlan> PlanMemory(const ModelConfig& config, const MemoryPla
   plan.kv_bytes_per_token = 2 * config.num_hidden_layers * kv * cb;
 
   const int64_t lora_params = o.rank * sum_n_plus_d;  // one rank-r LoRA on every target module
-  // Share, float32 per module: bases β [n, k], α [d, k], Gram matrices 2·k², coefficients 2·k·p per
-  // task (k = min(k_max, p·t), the subspace rank reached).
+  // Share, float32 per module: bases β [n, k], α [d, k] and coefficients 2·k·p per task (k =
+  // min(k_max, p·t), the subspace rank reached); the Gram matrices are derived, not kept.
   const int64_t k = std::min(o.k_max, o.rank * o.tasks);
-  const int64_t share_bytes =
-      4 * (k * sum_n_plus_d + adapted_modules * (2 * k * k + 2 * k * o.rank * o.tasks));
+  const int64_t share_bytes = 4 * (k * sum_n_plus_d + adapted_modules * 2 * k * o.rank * o.tasks);
   const int64_t adapted_weight_bytes = sum_nd * wb;
   for (const std::string& name : methods) {
     MethodMemory m;

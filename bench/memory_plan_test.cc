@@ -53,8 +53,8 @@ TEST(MemoryPlanTest, TinyConfigMatchesHandComputation) {
   EXPECT_EQ(se.trainable_parameters, 224);
   EXPECT_EQ(se.trainable_bytes, 224 * 8);   // value + gradient, float32
   EXPECT_EQ(se.optimizer_bytes, 224 * 12);  // exp_avg, exp_avg_sq, denominator
-  // Share: k = min(4, 2·3) = 4; bases 4·112, per module 2·16 Gram + 2·4·2·3 coefficients, 4 modules.
-  EXPECT_EQ(se.state_bytes, 4 * (4 * 112 + 4 * (32 + 48)));
+  // Share: k = min(4, 2·3) = 4; bases 4·112, per module 2·4·2·3 coefficients, 4 modules.
+  EXPECT_EQ(se.state_bytes, 4 * (4 * 112 + 4 * 48));
   EXPECT_EQ(se.checkpoint_bytes, se.state_bytes + 768 * 4);  // + the served q/v weights
   EXPECT_EQ(se.task_state_bytes, 0);                         // λ = 0
   // Activations: 16 tokens; per token and layer 2h + q + 2kv + 3I = 136, + h (q/v inputs) + 2 adapters

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <random>
 #include <set>
@@ -169,9 +170,21 @@ int64_t StateBytes(const MethodState& state, const std::string& prefix = "") {
   return bytes;
 }
 
+// The kind of a state tensor: its name without the module path, e.g. "share/<module>/e_beta" ->
+// "share/e_beta", "served/<module>" -> "served".
+std::string StateTensorKind(const std::string& name) {
+  const size_t first = name.find('/');
+  if (first == std::string::npos) return name;
+  const size_t last = name.rfind('/');
+  if (last == first) return name.substr(0, first);
+  return name.substr(0, first) + name.substr(last);
+}
+
 // Bytes of the storages behind `state`'s tensors that `served` does not hold as parameters (each
-// storage counted once): what the state costs in memory beyond the served model.
-int64_t UnsharedStateBytes(const MethodState& state, const CausalLM& served) {
+// storage counted once): what the state costs in memory beyond the served model. `by_kind` (may be
+// null) receives the same bytes per StateTensorKind (a storage counted under its first tensor).
+int64_t UnsharedStateBytes(const MethodState& state, const CausalLM& served,
+                           std::map<std::string, int64_t>* by_kind = nullptr) {
   std::set<const void*> model;
   for (const auto& [name, t] : served.NamedParameters()) model.insert(t.storage().data());
   for (const std::string& name : served.LinearNames())
@@ -183,6 +196,7 @@ int64_t UnsharedStateBytes(const MethodState& state, const CausalLM& served) {
     const void* p = t.storage().data();
     if (model.count(p) || !seen.insert(p).second) continue;
     bytes += static_cast<int64_t>(t.storage().nbytes());
+    if (by_kind != nullptr) (*by_kind)[StateTensorKind(name)] += static_cast<int64_t>(t.storage().nbytes());
   }
   return bytes;
 }
@@ -472,13 +486,21 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
         }
         const int64_t bytes = StateBytes(*state);
         const int64_t share_bytes = StateBytes(*state, "share/");
-        const int64_t unshared = UnsharedStateBytes(*state, *served);
+        std::map<std::string, int64_t> unshared_by_kind;
+        const int64_t unshared = UnsharedStateBytes(*state, *served, &unshared_by_kind);
         const int64_t rss = ReadProcessStats().resident_bytes;
         const int64_t peak = PeakResidentBytes();
         std::printf("%6lld %10.4f %12.0f %12.4f %12s %12s %12s %14s %10s %10s\n", static_cast<long long>(t),
                     timing->step_seconds, timing->tokens_per_second, merge, Mib(bytes).c_str(),
                     Mib(share_bytes).c_str(), Mib(unshared).c_str(), Mib(lora_bytes * t).c_str(),
                     Mib(rss).c_str(), Mib(peak).c_str());
+        std::string kinds;
+        json jkinds = json::object();
+        for (const auto& [kind, kind_bytes] : unshared_by_kind) {
+          absl::StrAppend(&kinds, " ", kind, " ", Mib(kind_bytes));
+          jkinds[kind] = kind_bytes;
+        }
+        std::printf("%6s unshared_MiB by kind:%s\n", "", kinds.empty() ? " none" : kinds.c_str());
         std::fflush(stdout);
         rows.push_back({{"tasks", t},
                         {"step_seconds", timing->step_seconds},
@@ -488,6 +510,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                         {"state_bytes", bytes},
                         {"share_state_bytes", share_bytes},
                         {"unshared_state_bytes", unshared},
+                        {"unshared_state_bytes_by_kind", jkinds},
                         {"rss_bytes", rss},
                         {"peak_rss_bytes", peak},
                         {"lora_per_task_bytes", lora_bytes * t}});
@@ -495,8 +518,8 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       js["rows"] = rows;
       js["peak_reset"] = peak_reset;
       std::printf(
-          "(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases, Gram "
-          "matrices, per-task coefficients); unshared = the state's storages that the served model does not "
+          "(state = ExportState tensors (what a checkpoint stores); share = its share/ part (bases and "
+          "per-task coefficients); unshared = the state's storages that the served model does not "
           "hold, i.e. its memory beyond the served weights; LoRA/task = t x one rank-%lld LoRA per task; RSS "
           "= process resident set after the row; peak = VmHWM since the model was built (%s); RSS after "
           "building the model: %s MiB)\n",

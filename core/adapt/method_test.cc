@@ -706,5 +706,52 @@ TEST(MethodTest, LegacyEllaV1StateLoadsAndIsRewrittenByTheNextTask) {
   }
 }
 
+// A Share state written before the Gram matrices were dropped (strata.share.v1: share/<m>/g_beta and
+// g_alpha, float64) still loads; served and task-routed outputs equal the original method's, and
+// the state is exported again without them.
+TEST(MethodTest, LegacyShareV1StateWithGramMatricesLoadsAndRoutesTheSame) {
+  auto base = TinyModel();
+  auto method = MakeMethod("share_ella");
+  std::unique_ptr<CausalLM> served = base->ShallowCopy();
+  served = RunTask(*method, *served, "a", 61);
+  served = RunTask(*method, *served, "b", 62);
+  served = RunTask(*method, *served, "c", 63);
+  auto state = method->ExportState();
+  ASSERT_TRUE(state.ok());
+  MethodState v1 = *state;
+  nlohmann::json j = nlohmann::json::parse(v1.config_json);
+  for (const auto& m : method->modules()) {
+    const std::string prefix = "share/" + m + "/";
+    EXPECT_EQ(v1.tensors.count(prefix + "g_beta") + v1.tensors.count(prefix + "g_alpha"), 0u) << m;
+    for (const char* side : {"beta", "alpha"}) {
+      at::Tensor e = v1.tensors.at(prefix + "e_" + side).to(at::kDouble);
+      v1.tensors[prefix + "g_" + side] = e.mm(e.t()).contiguous();
+    }
+    std::string cfg = j["extra"]["share"][m].get<std::string>();
+    const std::string v2 = "strata.share.v2";
+    ASSERT_NE(cfg.find(v2), std::string::npos) << cfg;
+    cfg.replace(cfg.find(v2), v2.size(), "strata.share.v1");
+    j["extra"]["share"][m] = cfg;
+  }
+  v1.config_json = j.dump();
+
+  auto restored = CreateMethodFromState(v1);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  auto rebuilt = base->ShallowCopy();
+  ASSERT_TRUE((*restored)->ApplyServedWeights(rebuilt.get()).ok());
+  EXPECT_TRUE(at::equal(Logits(*rebuilt), Logits(*served)));
+  for (const std::string task : {"a", "b", "c"}) {
+    auto want = served->ShallowCopy();
+    auto got = rebuilt->ShallowCopy();
+    ASSERT_TRUE(method->ApplyTaskRouting(task, want.get()).ok());
+    ASSERT_TRUE((*restored)->ApplyTaskRouting(task, got.get()).ok());
+    EXPECT_TRUE(at::equal(Logits(*got), Logits(*want))) << task;
+  }
+  auto again = (*restored)->ExportState();
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->tensors.size(), state->tensors.size());
+  for (const auto& [k, t] : state->tensors) EXPECT_TRUE(at::equal(again->tensors.at(k), t)) << k;
+}
+
 }  // namespace
 }  // namespace strata

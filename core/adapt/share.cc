@@ -17,7 +17,11 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr char kFormat[] = "strata.share.v1";
+// v2 (this code) keeps no Gram matrices: G = E Eᵀ is derived from the stored coefficients when a
+// merge needs it. v1 states also hold "g_beta"/"g_alpha" (float64); they still load (checked, then
+// dropped).
+constexpr char kFormat[] = "strata.share.v2";
+constexpr char kFormatV1[] = "strata.share.v1";
 // Eigen-directions of M Mᵀ carrying at most this fraction of ‖M‖²_F are numerically zero (float32
 // inputs put their rounding noise around 1e-14 of the total) and are never kept, whatever the
 // threshold.
@@ -40,8 +44,13 @@ struct SideMerge {
   at::Tensor basis;      // float32 [dim, k']
   at::Tensor transform;  // float64 [k', k]: new coefficients of old columns = transform · old
   at::Tensor e_new;      // float64 [k', r]: coefficients of the new task's effective factor
-  at::Tensor g;          // float64 [k', k']
 };
+
+// G = Σ_i E_i E_iᵀ = E Eᵀ (float64 [k, k]) of the stacked coefficients e [k, Σ r_i] (float32).
+at::Tensor Gram(const at::Tensor& e) {
+  at::Tensor ed = e.to(at::kDouble);
+  return ed.mm(ed.t());
+}
 
 // Basis update of one side (see the header): basis [dim, k] float32 (column-orthonormal),
 // g [k, k] float64 = Σ_i E_i E_iᵀ, factor [dim, r] float64 with r ≥ 1.
@@ -80,9 +89,6 @@ SideMerge MergeSide(const at::Tensor& basis, const at::Tensor& g, const at::Tens
   out.basis = q.mm(v).to(at::kFloat).contiguous();
   out.transform = v.t().mm(r_old).contiguous();  // [k', k]
   out.e_new = v.t().mm(r_new).contiguous();      // [k', r]
-  at::Tensor g_new = out.e_new.mm(out.e_new.t());
-  if (k > 0) g_new = g_new + out.transform.mm(g).mm(out.transform.t());
-  out.g = (0.5 * (g_new + g_new.t())).contiguous();
   return out;
 }
 
@@ -270,8 +276,6 @@ absl::StatusOr<ShareModule> ShareModule::Create(int64_t out_features, int64_t in
   m.options_ = options;
   m.beta_ = at::zeros({out_features, 0}, F32());
   m.alpha_ = at::zeros({in_features, 0}, F32());
-  m.g_beta_ = at::zeros({0, 0}, F64());
-  m.g_alpha_ = at::zeros({0, 0}, F64());
   m.e_beta_ = at::zeros({0, 0}, F32());
   m.e_alpha_ = at::zeros({0, 0}, F32());
   return m;
@@ -406,8 +410,8 @@ absl::Status ShareModule::MergeFactors(const std::string& task, const at::Tensor
     tasks_.push_back({task, offset, 0});
     return absl::OkStatus();
   }
-  SideMerge mb = MergeSide(beta_, g_beta_, bd, options_.k_max, options_.energy_threshold);
-  SideMerge ma = MergeSide(alpha_, g_alpha_, ad.t(), options_.k_max, options_.energy_threshold);
+  SideMerge mb = MergeSide(beta_, g_beta(), bd, options_.k_max, options_.energy_threshold);
+  SideMerge ma = MergeSide(alpha_, g_alpha(), ad.t(), options_.k_max, options_.energy_threshold);
   // Eager re-projection of every stored task: one GEMM per side.
   at::Tensor e_beta =
       at::cat({mb.transform.mm(e_beta_.to(at::kDouble)), mb.e_new}, 1).to(at::kFloat).contiguous();
@@ -416,8 +420,6 @@ absl::Status ShareModule::MergeFactors(const std::string& task, const at::Tensor
   // Commit (nothing above mutated the module).
   beta_ = mb.basis;
   alpha_ = ma.basis;
-  g_beta_ = mb.g;
-  g_alpha_ = ma.g;
   e_beta_ = e_beta;
   e_alpha_ = e_alpha;
   tasks_.push_back({task, offset, r});
@@ -496,17 +498,23 @@ at::Tensor ShareModule::SumOfTaskDeltas() const {
   return beta_.mm(c).mm(alpha_.t()).mul(scale());
 }
 
-int64_t ShareModule::BasisStateBytes() const {
-  return beta_.numel() * 4 + alpha_.numel() * 4 + g_beta_.numel() * 8 + g_alpha_.numel() * 8;
+at::Tensor ShareModule::g_beta() const {
+  at::NoGradGuard no_grad;
+  return Gram(e_beta_);
 }
+
+at::Tensor ShareModule::g_alpha() const {
+  at::NoGradGuard no_grad;
+  return Gram(e_alpha_);
+}
+
+int64_t ShareModule::BasisStateBytes() const { return beta_.numel() * 4 + alpha_.numel() * 4; }
 
 int64_t ShareModule::CoefficientBytes() const { return (e_beta_.numel() + e_alpha_.numel()) * 4; }
 
 void ShareModule::ExportState(const std::string& prefix, std::map<std::string, at::Tensor>* tensors) const {
   (*tensors)[prefix + "beta"] = beta_.contiguous();
   (*tensors)[prefix + "alpha"] = alpha_.contiguous();
-  (*tensors)[prefix + "g_beta"] = g_beta_.contiguous();
-  (*tensors)[prefix + "g_alpha"] = g_alpha_.contiguous();
   (*tensors)[prefix + "e_beta"] = e_beta_.contiguous();
   (*tensors)[prefix + "e_alpha"] = e_alpha_.contiguous();
 }
@@ -539,9 +547,9 @@ absl::StatusOr<ShareModule> ShareModule::ImportState(const std::string& config_j
         absl::StrCat("Share state config for '", prefix, "' is not a JSON object"));
   }
   ASSIGN_OR_RETURN(std::string format, Field<std::string>(j, "format"));
-  if (format != kFormat) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Share state config: format '", format, "', expected '", kFormat, "'"));
+  if (format != kFormat && format != kFormatV1) {
+    return absl::InvalidArgumentError(absl::StrCat("Share state config: format '", format, "', expected '",
+                                                   kFormat, "' (or '", kFormatV1, "')"));
   }
   ShareOptions options;
   ASSIGN_OR_RETURN(int64_t n, Field<int64_t>(j, "out_features"));
@@ -578,8 +586,11 @@ absl::StatusOr<ShareModule> ShareModule::ImportState(const std::string& config_j
   }
   ASSIGN_OR_RETURN(m.beta_, StateTensor(tensors, prefix, "beta", n, kb, at::kFloat));
   ASSIGN_OR_RETURN(m.alpha_, StateTensor(tensors, prefix, "alpha", d, ka, at::kFloat));
-  ASSIGN_OR_RETURN(m.g_beta_, StateTensor(tensors, prefix, "g_beta", kb, kb, at::kDouble));
-  ASSIGN_OR_RETURN(m.g_alpha_, StateTensor(tensors, prefix, "g_alpha", ka, ka, at::kDouble));
+  if (format == kFormatV1) {
+    // A v1 state's Gram matrices: checked as before, then dropped (derived from e_beta/e_alpha).
+    RETURN_IF_ERROR(StateTensor(tensors, prefix, "g_beta", kb, kb, at::kDouble).status());
+    RETURN_IF_ERROR(StateTensor(tensors, prefix, "g_alpha", ka, ka, at::kDouble).status());
+  }
   ASSIGN_OR_RETURN(m.e_beta_, StateTensor(tensors, prefix, "e_beta", kb, total_rank, at::kFloat));
   ASSIGN_OR_RETURN(m.e_alpha_, StateTensor(tensors, prefix, "e_alpha", ka, total_rank, at::kFloat));
   m.version_ = version;

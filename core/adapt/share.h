@@ -3,7 +3,8 @@
 //
 // A ShareModule owns, for one target linear layer W0 ∈ R^{n×d} (n outputs, d inputs):
 //   beta  β ∈ R^{n×kβ}, alpha α ∈ R^{d×kα}   column-orthonormal bases (float32, CPU)
-//   G_β = Σ_i Eβ_i Eβ_iᵀ (kβ×kβ), G_α likewise  (float64, CPU; kept so merge cost is flat in t)
+//   G_β = Σ_i Eβ_i Eβ_iᵀ = Eβ Eβᵀ (kβ×kβ), G_α likewise: not stored, derived (float64) from the
+//   stacked coefficients when a merge needs it (O(k²·Σ r_i) flops, like the re-projection below)
 //   per task i (name, rank r_i): Eβ_i ∈ R^{kβ×r_i}, Eα_i ∈ R^{kα×r_i}, stored stacked column-wise
 //   in e_beta (kβ × Σ r_i) and e_alpha (kα × Σ r_i) (float32, CPU).
 // Task i's adapter: B_i = β Eβ_i (n×r_i), A_i = (α Eα_i)ᵀ (r_i×d), ΔW_i = s·B_i A_i, s = lora_alpha/p.
@@ -23,11 +24,13 @@
 //   reach energy_threshold·‖M‖²_F (= trace Λ), capped at k_max; numerically-zero directions
 //   (λ ≤ 1e-10·‖M‖²_F) are never kept. Coefficients: Eβ_i ← V_kᵀ R[:, :kβ] Eβ_i (= β'ᵀ β Eβ_i) and
 //   Eβ_t ← V_kᵀ R[:, kβ:] (= β'ᵀ B_t, the effective factor including temporary vectors);
-//   G_β ← T G_β Tᵀ + Eβ_t Eβ_tᵀ with T = V_kᵀ R[:, :kβ].
+//   so the new G_β = T G_β Tᵀ + Eβ_t Eβ_tᵀ (T = V_kᵀ R[:, :kβ]) is again Eβ Eβᵀ of the new
+//   coefficients (= Λ_k, diagonal, up to round-off), which is why it need not be stored.
 // Cost: QR of n×(kβ+r) and d×(kα+r), a (k+r)² eigenproblem and k×k algebra: independent of t. The
-// re-projection of the stored coefficients is done eagerly with one (k×k)·(k×Σr_i) GEMM per side;
-// it is O(k²·Σr_i) flops (≈ 0.8 MFLOP at t = 100, k = 32, p = 8), far below the QR for any real
-// layer, so measured merge time is flat in t (see share_test.cc MergeCostAndStateSizeDoNotGrow).
+// re-projection of the stored coefficients is done eagerly with one (k×k)·(k×Σr_i) GEMM per side, and
+// G = E Eᵀ is derived with one more; each is O(k²·Σr_i) flops (≈ 0.8 MFLOP at t = 100, k = 32, p = 8),
+// far below the QR for any real layer, so measured merge time is flat in t (see share_test.cc
+// MergeCostAndStateSizeDoNotGrow).
 // Eager re-projection keeps every read (TaskDelta, export) O(1) and the stored state self-contained.
 //
 // Thread safety: const methods may run concurrently; Merge*/assignment need exclusive access.
@@ -126,10 +129,11 @@ class ShareModule {
   bool HasTask(const std::string& task) const;
   absl::StatusOr<int64_t> TaskRank(const std::string& task) const;
 
-  const at::Tensor& beta() const { return beta_; }        // [n, kβ] float32
-  const at::Tensor& alpha() const { return alpha_; }      // [d, kα] float32
-  const at::Tensor& g_beta() const { return g_beta_; }    // [kβ, kβ] float64
-  const at::Tensor& g_alpha() const { return g_alpha_; }  // [kα, kα] float64
+  const at::Tensor& beta() const { return beta_; }    // [n, kβ] float32
+  const at::Tensor& alpha() const { return alpha_; }  // [d, kα] float32
+  // G_β = Eβ Eβᵀ [kβ, kβ], G_α = Eα Eαᵀ [kα, kα] (float64, CPU), derived on each call.
+  at::Tensor g_beta() const;
+  at::Tensor g_alpha() const;
 
   // (1) Fresh trainable factors for the next task (see ShareTaskFactors). Deterministic in seed.
   ShareTaskFactors BeginTask(uint64_t seed, at::Device device = at::Device(at::kCPU)) const;
@@ -170,18 +174,20 @@ class ShareModule {
   // The stored coefficients (Eβ_i [kβ, r_i], Eα_i [kα, r_i]).
   absl::StatusOr<std::pair<at::Tensor, at::Tensor>> TaskCoefficients(const std::string& task) const;
 
-  // Bytes of the t-independent state: β, α, G_β, G_α (bounded by (n+d)·k_max·4 + 2·k_max²·8).
+  // Bytes of the t-independent state: β, α (bounded by (n+d)·k_max·4).
   int64_t BasisStateBytes() const;
   // Bytes of the stacked per-task coefficients: (kβ + kα)·Σ r_i·4, grows by design.
   int64_t CoefficientBytes() const;
 
-  // (5) State: tensors "<prefix>beta", "<prefix>alpha", "<prefix>g_beta", "<prefix>g_alpha",
-  // "<prefix>e_beta", "<prefix>e_alpha" (CPU, contiguous; zero-size dims possible while k = 0) plus a
-  // small JSON config (options, sizes, version, tasks with names and ranks).
+  // (5) State: tensors "<prefix>beta", "<prefix>alpha", "<prefix>e_beta", "<prefix>e_alpha" (CPU,
+  // contiguous; zero-size dims possible while k = 0) plus a small JSON config (format
+  // "strata.share.v2", options, sizes, version, tasks with names and ranks). G_β and G_α are not
+  // stored: they are Eβ Eβᵀ and Eα Eαᵀ.
   void ExportState(const std::string& prefix, std::map<std::string, at::Tensor>* tensors) const;
   std::string ConfigJson() const;
   // Inverse of ExportState/ConfigJson. Copies the tensors (no aliasing of the inputs).
-  // INVALID_ARGUMENT naming the tensor/field on missing tensors, bad shapes, bad JSON.
+  // INVALID_ARGUMENT naming the tensor/field on missing tensors, bad shapes, bad JSON. Also reads
+  // "strata.share.v1" states, whose "<prefix>g_beta"/"<prefix>g_alpha" are checked and dropped.
   static absl::StatusOr<ShareModule> ImportState(const std::string& config_json, const std::string& prefix,
                                                  const std::map<std::string, at::Tensor>& tensors);
 
@@ -200,7 +206,6 @@ class ShareModule {
   ShareOptions options_;
   int64_t version_ = 0;
   at::Tensor beta_, alpha_;      // float32
-  at::Tensor g_beta_, g_alpha_;  // float64
   at::Tensor e_beta_, e_alpha_;  // float32, [k, Σ r_i]
   std::vector<TaskRecord> tasks_;
 };

@@ -149,7 +149,7 @@ TEST(ShareTest, FullRankMergeReproducesEveryTask) {
   at::Tensor sum = at::zeros({n, d});
   for (const at::Tensor& w : want) sum += w;
   EXPECT_LT(RelErr(m.SumOfTaskDeltas(), sum), 1e-5);
-  // G = Σ_i Eβ_i Eβ_iᵀ is kept consistent with the stored coefficients.
+  // G = Σ_i Eβ_i Eβ_iᵀ (derived from the stored coefficients; summed here task by task).
   at::Tensor g = at::zeros({m.k_beta(), m.k_beta()}, at::kDouble);
   for (const std::string& name : m.TaskNames()) {
     at::Tensor e = m.TaskCoefficients(name)->first.to(at::kDouble);
@@ -388,10 +388,10 @@ TEST(ShareTest, TruncationErrorWithinEnergyBound) {
 // ------------------------------------------------------------------------------------------------
 // Merge cost and basis state do not grow with the number of tasks t (n = d = 1024, k_max 32, p 8,
 // φ 2, τ 0.999; 50 tasks trained from BeginTask factors).
-// - State: the bytes of β, α, G_β, G_α are bounded by (n + d)·k_max·4 + 2·k_max²·8 at every merge and
-//   identical from the merge where both sides reach k_max (by merge 20: task 1 brings p directions,
-//   later tasks ≤ φ each) up to merge 50. The per-task coefficients (Eβ_i, Eα_i) are excluded: they
-//   grow by (kβ + kα)·p·4 = 2·32·8·4 bytes per task by design.
+// - State: the bytes of β and α (G_β, G_α are derived, not stored) are bounded by (n + d)·k_max·4 at
+//   every merge and identical from the merge where both sides reach k_max (by merge 20: task 1 brings p
+//   directions, later tasks ≤ φ each) up to merge 50. The per-task coefficients (Eβ_i, Eα_i) are excluded:
+//   they grow by (kβ + kα)·p·4 = 2·32·8·4 bytes per task by design.
 // - Time: each merge is timed as the minimum over 5 merges of the same task into copies of the
 //   module (copies are independent; this filters the noise of a shared machine), on one thread. The cost
 //   depends on k (QR of n×(k+p)), not on t; k still grows during merges 1–5, so the assertion compares the
@@ -412,8 +412,8 @@ TEST(ShareTest, MergeCostAndStateSizeDoNotGrow) {
   } restore{threads};
   std::vector<double> ms;
   std::vector<int64_t> state_bytes, coef_bytes;
-  int saturated_at = 0;  // first merge after which kβ = kα = k_max
-  const int64_t max_state_bytes = (n + d) * 32 * 4 + 2 * 32 * 32 * 8;
+  int saturated_at = 0;                              // first merge after which kβ = kα = k_max
+  const int64_t max_state_bytes = (n + d) * 32 * 4;  // the bases (G = E Eᵀ is not stored)
   for (int t = 1; t <= 50; ++t) {
     ShareTaskFactors f = m.BeginTask(t);
     {
@@ -524,6 +524,110 @@ TEST(ShareTest, StateRoundTripThroughSafetensors) {
   EXPECT_NE(bad.status().message().find("q_proj.share.e_beta"), std::string::npos) << bad.status();
   EXPECT_FALSE(ShareModule::ImportState("{", "x.", loaded).ok());
   EXPECT_TRUE(RemoveAll(dir).ok());
+}
+
+// The state keeps no Gram matrices (format v2): G = E Eᵀ is derived from the stored coefficients,
+// and a restored module continues bit for bit like the original.
+TEST(ShareTest, StateKeepsNoGramMatricesAndContinuesExactly) {
+  const int64_t n = 48, d = 40;
+  ShareOptions opt;
+  opt.p = 4;
+  opt.k_max = 10;  // truncates from the third task on
+  ShareModule m = MakeModule(n, d, opt);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  for (int t = 0; t < 6; ++t) {
+    auto [b, a] = BalanceLowRankFactors(Randn({n, 4}, gen), Randn({4, d}, gen));
+    ASSERT_TRUE(m.MergeLora("t" + std::to_string(t), b, a, 3.0).ok());
+  }
+  ASSERT_EQ(m.k_beta(), 10);
+  std::map<std::string, at::Tensor> tensors;
+  m.ExportState("x.", &tensors);
+  std::vector<std::string> names;
+  for (const auto& [name, t] : tensors) names.push_back(name);
+  EXPECT_EQ(names, (std::vector<std::string>{"x.alpha", "x.beta", "x.e_alpha", "x.e_beta"}));
+  EXPECT_NE(m.ConfigJson().find("\"strata.share.v2\""), std::string::npos);
+  EXPECT_EQ(m.BasisStateBytes(), (n + d) * 10 * 4);
+  // G = Σ_i E_i E_iᵀ = E Eᵀ, and (mathematically) diagonal after a merge: the kept eigenvalues.
+  at::Tensor e = tensors.at("x.e_beta").to(at::kDouble);
+  EXPECT_TRUE(at::equal(m.g_beta(), e.mm(e.t())));
+  at::Tensor g = m.g_alpha();
+  EXPECT_LT((g - at::diag(at::diag(g))).abs().max().item<double>(), 1e-5 * g.abs().max().item<double>());
+
+  auto back = ShareModule::ImportState(m.ConfigJson(), "x.", tensors);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(at::equal(back->g_beta(), m.g_beta()));
+  EXPECT_TRUE(at::equal(back->g_alpha(), m.g_alpha()));
+  for (int t = 6; t < 9; ++t) {
+    auto [b, a] = BalanceLowRankFactors(Randn({n, 4}, gen), Randn({4, d}, gen));
+    const std::string name = "t" + std::to_string(t);
+    ASSERT_TRUE(m.MergeLora(name, b, a, 3.0).ok());
+    ASSERT_TRUE(back->MergeLora(name, b, a, 3.0).ok());
+  }
+  EXPECT_TRUE(at::equal(back->beta(), m.beta()));
+  EXPECT_TRUE(at::equal(back->alpha(), m.alpha()));
+  EXPECT_TRUE(at::equal(back->SumOfTaskDeltas(), m.SumOfTaskDeltas()));
+  for (const std::string& name : m.TaskNames()) {
+    EXPECT_TRUE(at::equal(*back->TaskDelta(name), *m.TaskDelta(name))) << name;
+    EXPECT_TRUE(at::equal(back->CumulativeCore(name)->core, m.CumulativeCore(name)->core)) << name;
+  }
+}
+
+// A state written before the Gram matrices were dropped (format v1, with "g_beta"/"g_alpha") still
+// loads: the stored matrices are checked and dropped, the module then equals a v2 one.
+TEST(ShareTest, V1StateWithGramMatricesStillLoads) {
+  const int64_t n = 30, d = 26;
+  ShareOptions opt;
+  opt.p = 3;
+  opt.k_max = 7;
+  ShareModule m = MakeModule(n, d, opt);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(22);
+  for (int t = 0; t < 4; ++t) {
+    ASSERT_TRUE(m.MergeFactors("t" + std::to_string(t), Randn({n, 3}, gen), Randn({3, d}, gen)).ok());
+  }
+  ASSERT_TRUE(m.MergeFactors("zero", at::zeros({n, 3}), Randn({3, d}, gen)).ok());
+  std::map<std::string, at::Tensor> v1;
+  m.ExportState("p.", &v1);
+  // v1 kept the float64 Gram matrices, accumulated over the merges (so within round-off of E Eᵀ).
+  v1["p.g_beta"] = m.g_beta() * (1.0 + 1e-9);
+  v1["p.g_alpha"] = m.g_alpha();
+  const std::string v2_config = m.ConfigJson();
+  std::string config = v2_config;
+  const std::string v2_format = "\"strata.share.v2\"";
+  config.replace(config.find(v2_format), v2_format.size(), "\"strata.share.v1\"");
+
+  auto back = ShareModule::ImportState(config, "p.", v1);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->TaskNames(), m.TaskNames());
+  EXPECT_EQ(back->version(), m.version());
+  EXPECT_TRUE(at::equal(back->beta(), m.beta()));
+  EXPECT_TRUE(at::equal(back->g_beta(), m.g_beta()));
+  for (const std::string& name : m.TaskNames()) {
+    EXPECT_TRUE(at::equal(*back->TaskDelta(name), *m.TaskDelta(name))) << name;
+  }
+  // Re-exported in the new form, without the Gram matrices; the next merge matches the original's.
+  std::map<std::string, at::Tensor> again;
+  back->ExportState("p.", &again);
+  EXPECT_EQ(again.count("p.g_beta") + again.count("p.g_alpha"), 0u);
+  at::Tensor b = Randn({n, 3}, gen), a = Randn({3, d}, gen);
+  ASSERT_TRUE(m.MergeFactors("next", b, a).ok());
+  ASSERT_TRUE(back->MergeFactors("next", b, a).ok());
+  EXPECT_TRUE(at::equal(back->beta(), m.beta()));
+  EXPECT_TRUE(at::equal(*back->TaskDelta("t0"), *m.TaskDelta("t0")));
+
+  // A v1 state must still carry well-formed Gram matrices; a v2 state needs none; other formats fail.
+  std::map<std::string, at::Tensor> missing = v1;
+  missing.erase("p.g_alpha");
+  auto bad = ShareModule::ImportState(config, "p.", missing);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("p.g_alpha"), std::string::npos) << bad.status();
+  std::map<std::string, at::Tensor> misshaped = v1;
+  misshaped["p.g_beta"] = at::zeros({2, 2}, at::kDouble);
+  EXPECT_FALSE(ShareModule::ImportState(config, "p.", misshaped).ok());
+  missing.erase("p.g_beta");
+  EXPECT_TRUE(ShareModule::ImportState(v2_config, "p.", missing).ok());
+  std::string v3 = config;
+  v3.replace(v3.find("\"strata.share.v1\""), v2_format.size(), "\"strata.share.v9\"");
+  EXPECT_FALSE(ShareModule::ImportState(v3, "p.", v1).ok());
 }
 
 TEST(ShareTest, MergeRejectsBadInputAndLeavesStateUnchanged) {
