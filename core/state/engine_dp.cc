@@ -122,7 +122,8 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
     const DataParallelTask& task = **next;
     after = task.seq;
     if (task.started) {
-      spdlog::info("data parallelism: task '{}' (announcement {}) started without this rank", task.name, task.seq);
+      spdlog::info("data parallelism: task '{}' (announcement {}) started without this rank", task.name,
+                   task.seq);
       continue;
     }
     // The replica may still be downloading the version the task starts from.

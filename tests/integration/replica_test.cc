@@ -399,11 +399,16 @@ TEST(DataParallel, TwoServerRanksLearnTasksTogetherAndSurviveALostRank) {
   const std::string iso_eval = HeadLines(ClSmall("iso3/test.jsonl"), 16, trainer.dir.path() + "/iso.jsonl");
   std::thread second([&] {
     CommandResult r = trainer.Cli({"submit", "--task", "iso3", ClSmall("iso3/train.jsonl"), "--eval",
-                                   iso_eval, "--steps", "60", "--batch-size", "8", "--wait"});
+                                   iso_eval, "--steps", "300", "--batch-size", "8", "--wait"});
     EXPECT_EQ(r.exit_code, 0) << r.err << r.out;
   });
-  ASSERT_TRUE(WaitUntil([&] { return r1.Log().find("task 'iso3' (") != std::string::npos; }, 60)) << r1.Log();
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // Killed once it has trained 50 of the 300 steps (its first progress line).
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        return r1.Log().find("task 'iso3' (data-parallel rank 1 of 2): step 50/300") != std::string::npos;
+      },
+      120))
+      << r1.Log();
   r1.proc->Stop(SIGKILL, 10);
   second.join();
   EXPECT_NE(trainer.Log().find("task 'iso3': data-parallel group lost"), std::string::npos) << trainer.Log();
