@@ -218,7 +218,9 @@ std::string Where(const DataParallelOptions& o) {
 }
 
 struct DataParallelGroup::Impl {
-  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Store> store;  // null until a rank other than 0 reaches rank 0's
+
+  absl::StatusOr<c10d::Store*> Store(const DataParallelOptions& o) const;
 
   // The group of task `seq` over `members` (ranks, sorted; this rank among them).
   absl::StatusOr<std::unique_ptr<GradientSync>> Form(const DataParallelOptions& o, int64_t seq,
@@ -278,32 +280,31 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(co
     }
     return std::unique_ptr<DataParallelGroup>(new DataParallelGroup(o, std::move(impl)));
   }
-  const Clock::time_point deadline = Clock::now() + Millis(o.timeout_seconds);
-  std::string last_error;
-  while (true) {
+  if (o.rank == 0) {
     try {
       c10d::TCPStoreOptions so;
       so.port = static_cast<uint16_t>(o.port);
-      so.isServer = o.rank == 0;
+      so.isServer = true;
       so.waitWorkers = false;
       so.timeout = Millis(o.timeout_seconds);
       impl->store = c10::make_intrusive<c10d::TCPStore>(o.host, so);
-      break;
     } catch (const std::exception& e) {
-      last_error = e.what();
-      if (o.rank == 0) {
-        return absl::UnavailableError(absl::StrCat(
-            "--dist_init ", Where(o), ": rank 0 cannot host the rendezvous store there: ", last_error));
-      }
+      return absl::UnavailableError(absl::StrCat(
+          "--dist_init ", Where(o), ": rank 0 cannot host the rendezvous store there: ", e.what()));
     }
-    if (Clock::now() >= deadline) {
-      return absl::UnavailableError(absl::StrCat("--dist_init ", Where(o),
-                                                 ": rank 0's store did not answer within ", o.timeout_seconds,
-                                                 " s: ", last_error));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    return std::unique_ptr<DataParallelGroup>(new DataParallelGroup(o, std::move(impl)));
   }
-  return std::unique_ptr<DataParallelGroup>(new DataParallelGroup(o, std::move(impl)));
+  // Another rank connects later (Reconnect) when rank 0 is not up yet: a replica serves meanwhile.
+  auto group = std::unique_ptr<DataParallelGroup>(new DataParallelGroup(o, std::move(impl)));
+  (void)group->Reconnect();
+  return group;
+}
+
+// The store, or UNAVAILABLE while a rank other than 0 has not reached rank 0's yet.
+absl::StatusOr<c10d::Store*> DataParallelGroup::Impl::Store(const DataParallelOptions& o) const {
+  if (store) return store.get();
+  return absl::UnavailableError(
+      absl::StrCat("--dist_init ", Where(o), ": rank 0's store is not reachable yet"));
 }
 
 std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask* task,
@@ -390,8 +391,10 @@ absl::Status DataParallelGroup::Reconnect() {
 }
 
 absl::StatusOr<int64_t> DataParallelGroup::LatestSeq() {
+  auto store = impl_->Store(options_);
+  if (!store.ok()) return store.status();
   try {
-    return impl_->store->add("seq", 0);
+    return (*store)->add("seq", 0);
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("data parallelism: rank 0's store: ", e.what()));
   }
@@ -399,7 +402,9 @@ absl::StatusOr<int64_t> DataParallelGroup::LatestSeq() {
 
 absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int64_t after_seq,
                                                                             std::chrono::milliseconds wait) {
-  c10d::Store& store = *impl_->store;
+  auto store_or = impl_->Store(options_);
+  if (!store_or.ok()) return store_or.status();
+  c10d::Store& store = **store_or;
   const int64_t seq = after_seq + 1;
   const Clock::time_point deadline = Clock::now() + wait;
   try {
@@ -433,7 +438,9 @@ absl::StatusOr<std::optional<DataParallelTask>> DataParallelGroup::NextTask(int6
 
 absl::StatusOr<std::unique_ptr<GradientSync>> DataParallelGroup::JoinTask(int64_t seq,
                                                                           const std::string& refusal) {
-  c10d::Store& store = *impl_->store;
+  auto store_or = impl_->Store(options_);
+  if (!store_or.ok()) return store_or.status();
+  c10d::Store& store = **store_or;
   std::vector<int> members;
   try {
     store.set(Key(seq, absl::StrCat("answer/", options_.rank)), Bytes(refusal));

@@ -95,8 +95,9 @@ absl::StatusOr<std::vector<EncodedExample>> DecodeExamplesBinary(const std::stri
 
 class DataParallelGroup {
  public:
-  // Connects to rank 0's store (rank 0 hosts it). Rank 0 returns at once; the others retry until
-  // the store answers or `timeout_seconds` pass (UNAVAILABLE naming the address).
+  // Rank 0 hosts the store (UNAVAILABLE naming the address when it cannot); the others try to reach
+  // it once (5 s) and otherwise later through Reconnect: until then their calls answer UNAVAILABLE,
+  // so a replica serves while rank 0 is not up yet.
   static absl::StatusOr<std::unique_ptr<DataParallelGroup>> Connect(const DataParallelOptions& options);
   ~DataParallelGroup();
 

@@ -90,6 +90,10 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
   while (!stopped()) {
     if (after < 0) {
       auto latest = group->LatestSeq();
+      if (!latest.ok() && latest.status().code() == absl::StatusCode::kUnavailable &&
+          group->Reconnect().ok()) {
+        latest = group->LatestSeq();
+      }
       if (!latest.ok()) {
         if (Clock::now() >= next_complaint) {
           spdlog::warn("data parallelism: {} (retrying)", std::string(latest.status().message()));
