@@ -166,6 +166,9 @@ class StateCollector : public prometheus::Collectable {
       out.push_back(GaugeFamily("strata_candidate_versions",
                                 "Candidate versions kept but not served (the publish gate held their jobs).",
                                 static_cast<double>(engine->CandidateCount())));
+      if (const Engine::DataParallelFigures dp = engine->DataParallelStats(); dp.world_size > 1) {
+        CollectDataParallel(dp, &out);
+      }
     }
     if (const DecodeScheduler* scheduler = metrics_->scheduler_.load()) {
       const DecodeScheduler::Stats stats = scheduler->stats();
@@ -186,6 +189,41 @@ class StateCollector : public prometheus::Collectable {
   }
 
  private:
+  static void CollectDataParallel(const Engine::DataParallelFigures& dp,
+                                  std::vector<prometheus::MetricFamily>* out) {
+    out->push_back(GaugeFamily("strata_data_parallel_world_size",
+                               "Data-parallel ranks configured (--world_size).", dp.world_size));
+    out->push_back(GaugeFamily("strata_data_parallel_rank",
+                               "This server's data-parallel rank (0: the trainer).", dp.rank));
+    if (dp.rank == 0) {
+      out->push_back(
+          GaugeFamily("strata_data_parallel_last_task_ranks",
+                      "Ranks that trained the latest task (1: rank 0 alone; below the world size: a "
+                      "rank did not join).",
+                      dp.last_task_ranks));
+      out->push_back(CounterFamily("strata_data_parallel_groups_lost_total",
+                                   "Tasks rank 0 finished alone after a member left or died.",
+                                   static_cast<double>(dp.groups_lost)));
+    }
+    out->push_back(CounterFamily("strata_data_parallel_tasks_total", "Tasks this rank trained in a group.",
+                                 static_cast<double>(dp.tasks)));
+    out->push_back(CounterFamily("strata_data_parallel_steps_total",
+                                 "Training steps whose gradients this rank summed with its group.",
+                                 static_cast<double>(dp.steps)));
+  }
+
+  static prometheus::MetricFamily CounterFamily(const std::string& name, const std::string& help,
+                                                double value) {
+    prometheus::MetricFamily f;
+    f.name = name;
+    f.help = help;
+    f.type = prometheus::MetricType::Counter;
+    prometheus::ClientMetric m;
+    m.counter.value = value;
+    f.metric.push_back(m);
+    return f;
+  }
+
   static void CollectJobs(const JobStore& store, std::vector<prometheus::MetricFamily>* out) {
     std::vector<std::pair<std::string, double>> by_state;
     std::map<JobState, double> counts;

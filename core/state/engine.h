@@ -306,8 +306,16 @@ class Engine : public TaskRunner {
   // FAILED_PRECONDITION unless this engine serves `task.version`; the trainer's errors otherwise.
   absl::Status TrainDataParallelShard(const DataParallelTask& task, GradientSync* sync,
                                       const std::atomic<bool>* leave);
-  // Data-parallel tasks this engine has trained as a follower (for metrics and tests).
-  int64_t DataParallelTasksFollowed() const { return dp_tasks_followed_.load(); }
+  // Data parallelism, for metrics (all zero / world size 1 without it).
+  struct DataParallelFigures {
+    int world_size = 1;
+    int rank = 0;
+    int last_task_ranks = 0;  // rank 0: ranks in the latest task's group (1: trained alone; 0: no task yet)
+    int64_t tasks = 0;        // tasks this rank trained in a group of >= 2
+    int64_t steps = 0;        // steps whose gradients this rank summed with the group
+    int64_t groups_lost = 0;  // rank 0: tasks finished alone after a member left or died
+  };
+  DataParallelFigures DataParallelStats() const;
 
   // Called after each published version (metrics export). Set before the worker starts.
   void SetOnPublish(std::function<void()> fn) { on_publish_ = std::move(fn); }
@@ -322,7 +330,8 @@ class Engine : public TaskRunner {
   ModelSummary summary_;
   EngineOptions options_;
   std::function<void()> on_publish_;
-  std::atomic<int64_t> dp_tasks_followed_{0};
+  std::atomic<int> dp_last_task_ranks_{0};
+  std::atomic<int64_t> dp_tasks_{0}, dp_steps_{0}, dp_groups_lost_{0};
 };
 
 }  // namespace strata

@@ -68,13 +68,27 @@ absl::Status Engine::TrainDataParallelShard(const DataParallelTask& task, Gradie
   data[0].examples = task.examples;
   auto result = Trainer(to).Train(*current->model, *method, task.name, data);
   if (!result.ok()) return result.status();
-  ++dp_tasks_followed_;
+  ++dp_tasks_;
+  dp_steps_ += result->data_parallel_steps;
   spdlog::info(
       "task '{}': trained {} data-parallel steps as rank {} of {} ({:.1f} s, loss {:.4f} -> {:.4f}); "
       "rank 0 merges and publishes",
       task.name, result->data_parallel_steps, sync->rank(), sync->size(), result->seconds, result->first_loss,
       result->final_loss);
   return absl::OkStatus();
+}
+
+Engine::DataParallelFigures Engine::DataParallelStats() const {
+  DataParallelFigures f;
+  if (const DataParallelGroup* group = impl_->options.data_parallel.get()) {
+    f.world_size = group->world_size();
+    f.rank = group->rank();
+  }
+  f.last_task_ranks = dp_last_task_ranks_.load();
+  f.tasks = dp_tasks_.load();
+  f.steps = dp_steps_.load();
+  f.groups_lost = dp_groups_lost_.load();
+  return f;
 }
 
 void Engine::FollowDataParallel(const std::atomic<bool>* stop) {

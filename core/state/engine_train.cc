@@ -143,6 +143,14 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   ASSIGN_OR_RETURN(MethodState previous_state, s.method->ExportState());
   Trainer trainer(to);
   auto result = trainer.Train(*before->model, *s.method, job.spec.name, data);
+  if (s.options.data_parallel != nullptr) {
+    dp_last_task_ranks_ = dp_sync != nullptr ? dp_sync->size() : 1;
+    if (result.ok() && dp_sync != nullptr) {
+      ++dp_tasks_;
+      dp_steps_ += result->data_parallel_steps;
+      if (result->data_parallel_steps < result->steps) ++dp_groups_lost_;
+    }
+  }
   dp_sync.reset();
   if (!result.ok()) return result.status();
   spdlog::info(

@@ -394,6 +394,13 @@ TEST(DataParallel, TwoServerRanksLearnTasksTogetherAndSurviveALostRank) {
   CommandResult expected = Greedy(trainer, "capitals", prompt);
   ASSERT_EQ(expected.exit_code, 0) << expected.err;
   EXPECT_EQ(Greedy(r1, "capitals", prompt).out, expected.out);
+  std::string metrics = trainer.Metrics();
+  EXPECT_EQ(MetricValue(metrics, "strata_data_parallel_world_size"), 2) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_data_parallel_last_task_ranks"), 2) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_data_parallel_steps_total"), 8) << metrics;
+  metrics = r1.Metrics();
+  EXPECT_EQ(MetricValue(metrics, "strata_data_parallel_rank"), 1) << metrics;
+  EXPECT_EQ(MetricValue(metrics, "strata_data_parallel_tasks_total"), 1) << metrics;
 
   // Rank 1 dies during the next task: rank 0 recomputes that step alone and finishes the task.
   const std::string iso_eval = HeadLines(ClSmall("iso3/test.jsonl"), 16, trainer.dir.path() + "/iso.jsonl");
@@ -412,6 +419,7 @@ TEST(DataParallel, TwoServerRanksLearnTasksTogetherAndSurviveALostRank) {
   r1.proc->Stop(SIGKILL, 10);
   second.join();
   EXPECT_NE(trainer.Log().find("task 'iso3': data-parallel group lost"), std::string::npos) << trainer.Log();
+  EXPECT_EQ(MetricValue(trainer.Metrics(), "strata_data_parallel_groups_lost_total"), 1) << trainer.Metrics();
   const int64_t v3 = trainer.Version();
   ASSERT_GT(v3, v2);
 
