@@ -1,3 +1,4 @@
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -5,12 +6,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <set>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/adapt/method.h"
@@ -31,9 +35,29 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// Removes the ".<name>.export-tmp-<pid>-<n>" directories beside `target` left by a process that
+// crashed mid-export (its pid is gone). A live pid's (this process's concurrent export, or another
+// server's) is kept.
+void RemoveStaleExportTemps(const fs::path& target) {
+  const std::string prefix = absl::StrCat(".", target.filename().string(), ".export-tmp-");
+  std::error_code ec;
+  for (fs::directory_iterator it(target.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const std::string rest = name.substr(prefix.size());
+    int64_t pid = 0;
+    if (!absl::SimpleAtoi(rest.substr(0, rest.find('-')), &pid) || pid <= 0 || pid > INT32_MAX) continue;
+    if (pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (RemoveAll(it->path().string()).ok()) {
+      spdlog::info("removed {}, left by an export that crashed (process {})", it->path().string(), pid);
+    }
+  }
+}
+
 // Writes an export directory atomically: `write` fills a fresh temporary directory beside `dir`,
 // which is then renamed into place (replacing `dir` only with `overwrite`). A crash leaves at most a
-// stale ".<name>.export-tmp-*" beside it, never a half-written `dir`.
+// stale ".<name>.export-tmp-*" beside it (removed by the next export to `dir`), never a half-written
+// `dir`.
 absl::Status WriteExportDir(const std::string& dir, bool overwrite,
                             const std::function<absl::Status(const std::string&)>& write) {
   static std::atomic<int64_t> counter{0};
@@ -55,6 +79,7 @@ absl::Status WriteExportDir(const std::string& dir, bool overwrite,
   }
   const std::string parent = target.parent_path().string();
   RETURN_IF_ERROR(MakeDirs(parent));
+  RemoveStaleExportTemps(target);
   const std::string tmp =
       (target.parent_path() /
        absl::StrCat(".", target.filename().string(), ".export-tmp-", ::getpid(), "-", counter.fetch_add(1)))

@@ -279,9 +279,17 @@ TEST(PeftExport, RefusesANonEmptyDirectoryUnlessOverwrite) {
   EXPECT_EQ(engine->ExportAdapter("capitals", exports.path + "/file", overwrite).status().code(),
             absl::StatusCode::kAlreadyExists);
 
-  // The full model and the state follow the same rule.
+  // The full model and the state follow the same rule. A temporary directory left by an export that
+  // crashed (its process is gone) is removed by the next export to that path; a live process's is not.
   const std::string weights = exports.path + "/weights";
+  const std::string stale = exports.path + "/.weights.export-tmp-2147483000-0";
+  const std::string live = exports.path + "/.weights.export-tmp-" + std::to_string(getpid()) + "-999";
+  ASSERT_TRUE(MakeDirs(stale).ok() && MakeDirs(live).ok());
+  ASSERT_TRUE(WriteFileAtomic(stale + "/model.safetensors", "partial").ok());
   ASSERT_TRUE(engine->ExportWeights(weights).ok());
+  EXPECT_FALSE(PathExists(stale));
+  EXPECT_TRUE(PathExists(live));
+  ASSERT_TRUE(RemoveAll(live).ok());
   EXPECT_EQ(engine->ExportWeights(weights).code(), absl::StatusCode::kAlreadyExists);
   ExportOptions replace;
   replace.overwrite = true;
