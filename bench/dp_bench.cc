@@ -36,18 +36,11 @@ struct Timing {
   int64_t dp_steps = 0;
 };
 
-absl::StatusOr<std::unique_ptr<CausalLM>> LoadModel(const std::string& name, const DpBenchArgs& a) {
-  if (name == "stories260K") return CausalLM::Load(a.model_dir);
-  if (name == "110m") return CausalLM::RandomInit(Llama110mConfig(), 1234);
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
-}
-
 // One rank's training run: warmup + steps steps (no merge), timed after the warmup.
 Timing TrainRank(const std::string& model_name, const DpBenchArgs& a, int threads, GradientSync* sync) {
   Timing t;
   at::set_num_threads(threads);
-  auto model = LoadModel(model_name, a);
+  auto model = LoadBenchModel(model_name, a.model_dir);
   if (!model.ok()) {
     t.status = model.status();
     return t;

@@ -45,13 +45,6 @@ int Usage(const std::string& message) {
   return kExitUsage;
 }
 
-absl::StatusOr<std::unique_ptr<CausalLM>> LoadBenchModel(const std::string& name, const TrainBenchArgs& a) {
-  if (name == "stories260K") return CausalLM::Load(a.model_dir);
-  if (name == "110m") return CausalLM::RandomInit(Llama110mConfig(), 1234);
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
-}
-
 // Parameters in matmuls: every adaptable linear weight + lm_head (tied or not).
 int64_t MatmulParameters(const CausalLM& model) {
   int64_t n = 0;
@@ -61,6 +54,14 @@ int64_t MatmulParameters(const CausalLM& model) {
 }
 
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<CausalLM>> LoadBenchModel(const std::string& name,
+                                                         const std::string& model_dir) {
+  if (name == "stories260K") return CausalLM::Load(model_dir);
+  if (name == "110m") return CausalLM::RandomInit(Llama110mConfig(), 1234);
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown model \"", name, "\" (expected stories260K or 110m)"));
+}
 
 TrainTask RandomTrainTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed) {
   TrainTask t;
@@ -341,7 +342,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
   // ---- part 1: throughput ---------------------------------------------------------------------
   json jmodels = json::object();
   for (const std::string& model_name : a.models) {
-    absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(model_name, a);
+    absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(model_name, a.model_dir);
     if (!model.ok()) {
       std::fprintf(stderr, "strata bench train: %s: %s\n", model_name.c_str(),
                    std::string(model.status().message()).c_str());
@@ -413,7 +414,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
     json js;
     js["method"] = a.scaling_method;
     js["model"] = a.scaling_model;
-    absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(a.scaling_model, a);
+    absl::StatusOr<std::unique_ptr<CausalLM>> model = LoadBenchModel(a.scaling_model, a.model_dir);
     absl::StatusOr<std::unique_ptr<Method>> method =
         model.ok() ? CreateMethod(a.scaling_method, config)
                    : absl::StatusOr<std::unique_ptr<Method>>(model.status());

@@ -28,8 +28,11 @@
 // be written; 2 bad input. Sets the process-wide torch thread count.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "absl/status/statusor.h"
 
 namespace CLI {
 class App;
@@ -37,6 +40,7 @@ class App;
 
 namespace strata {
 struct TrainTask;
+class CausalLM;
 }  // namespace strata
 
 namespace strata::bench {
@@ -44,6 +48,11 @@ namespace strata::bench {
 // Random-token training data: `rows` sequences of `seq` ids in [3, vocab), every position after the
 // first a target (callers include core/adapt/trainer.h for TrainTask).
 TrainTask RandomTrainTask(const std::string& name, int64_t rows, int64_t seq, int64_t vocab, uint64_t seed);
+
+// The benchmarks' models: "stories260K" loaded from `model_dir`, or "110m" (Llama110mConfig, random
+// init, seed 1234). INVALID_ARGUMENT for another name.
+absl::StatusOr<std::unique_ptr<CausalLM>> LoadBenchModel(const std::string& name,
+                                                         const std::string& model_dir);
 
 struct TrainBenchArgs {
   std::string model_dir;  // stories260K (default: shared/models/stories260K)
