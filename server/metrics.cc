@@ -137,15 +137,29 @@ std::vector<std::pair<std::string, double>> Finite(
 
 }  // namespace
 
-prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value) {
+// One unlabelled series of a gauge or a counter.
+static prometheus::MetricFamily SingleValueFamily(const std::string& name, const std::string& help,
+                                                  prometheus::MetricType type, double value) {
   prometheus::MetricFamily f;
   f.name = name;
   f.help = help;
-  f.type = prometheus::MetricType::Gauge;
+  f.type = type;
   prometheus::ClientMetric m;
-  m.gauge.value = value;
+  if (type == prometheus::MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
   f.metric.push_back(m);
   return f;
+}
+
+prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value) {
+  return SingleValueFamily(name, help, prometheus::MetricType::Gauge, value);
+}
+
+prometheus::MetricFamily CounterFamily(const std::string& name, const std::string& help, double value) {
+  return SingleValueFamily(name, help, prometheus::MetricType::Counter, value);
 }
 
 // The scrape-time families of the service state (see metrics.h).
@@ -210,18 +224,6 @@ class StateCollector : public prometheus::Collectable {
     out->push_back(CounterFamily("strata_data_parallel_steps_total",
                                  "Training steps whose gradients this rank summed with its group.",
                                  static_cast<double>(dp.steps)));
-  }
-
-  static prometheus::MetricFamily CounterFamily(const std::string& name, const std::string& help,
-                                                double value) {
-    prometheus::MetricFamily f;
-    f.name = name;
-    f.help = help;
-    f.type = prometheus::MetricType::Counter;
-    prometheus::ClientMetric m;
-    m.counter.value = value;
-    f.metric.push_back(m);
-    return f;
   }
 
   static void CollectJobs(const JobStore& store, std::vector<prometheus::MetricFamily>* out) {

@@ -63,6 +63,8 @@ class DecodeScheduler;
 // One finished Generate request's serving figures.
 // One unlabelled gauge as a metric family, for prometheus::Collectable implementations.
 prometheus::MetricFamily GaugeFamily(const std::string& name, const std::string& help, double value);
+// The same for a counter whose value the caller keeps (scrape-time state).
+prometheus::MetricFamily CounterFamily(const std::string& name, const std::string& help, double value);
 
 struct GenerationFigures {
   int64_t prompt_tokens = 0;
