@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -120,8 +121,8 @@ std::string TokenDisplayText(const Tokenizer& tokenizer, int32_t id) {
 void CountRefusal(ServerMetrics* metrics, const absl::Status& status) {
   if (metrics == nullptr) return;
   if (absl::IsResourceExhausted(status)) metrics->RecordRejected("queue_full");
-  if (absl::IsInvalidArgument(status) && absl::StartsWith(status.message(), "prompt:") &&
-      absl::StrContains(status.message(), "limit")) {
+  if (const auto reason = status.GetPayload(kRefusalReasonPayload);
+      reason.has_value() && *reason == "prompt_too_long") {
     metrics->RecordRejected("prompt_too_long");
   }
 }

@@ -544,15 +544,12 @@ struct OpenAiHttpServer::Impl {
         g.route = request.model;
         g.sampling = request.sampling;
         g.sampling.seed = base_seed + static_cast<uint64_t>(j);
+        if (request.prompts.size() > 1) g.prompt_field = absl::StrCat("prompt[", p, "]");
         auto stream = scheduler->Submit(std::move(g));
         if (!stream.ok()) {
           run->CancelAll();
           CountRefusal(metrics, stream.status());
-          absl::Status st = stream.status();
-          if (request.prompts.size() > 1 && absl::IsInvalidArgument(st) && ParamOf(st) == "prompt") {
-            st = absl::InvalidArgumentError(absl::StrCat("prompt[", p, "]", st.message().substr(6)));
-          }
-          return Error(res, st);
+          return Error(res, stream.status());
         }
         ChoiceRun c;
         c.index = static_cast<int>(run->choices.size());

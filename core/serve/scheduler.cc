@@ -9,6 +9,7 @@
 #include <map>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "core/data/encode.h"
 #include "core/model/decode_batch.h"
@@ -71,16 +72,18 @@ DecodeScheduler::~DecodeScheduler() {
   thread_.join();
 }
 
-absl::Status DecodeScheduler::CheckPromptLength(int64_t tokens) const {
+absl::Status DecodeScheduler::CheckPromptLength(int64_t tokens, const std::string& field) const {
   const int64_t positions = engine_->Current()->model->config().max_position_embeddings;
   const int64_t limit =
       options_.max_prompt_tokens > 0 ? std::min(options_.max_prompt_tokens, positions) : positions;
   if (tokens > limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt: ", tokens, " tokens, more than this server's limit of ", limit,
+    absl::Status st = absl::InvalidArgumentError(
+        absl::StrCat(field, ": ", tokens, " tokens, more than this server's limit of ", limit,
                      options_.max_prompt_tokens > 0 && options_.max_prompt_tokens < positions
                          ? " (--max_prompt_tokens)"
                          : " (the model's positions)"));
+    st.SetPayload(kRefusalReasonPayload, absl::Cord("prompt_too_long"));
+    return st;
   }
   return absl::OkStatus();
 }
@@ -103,8 +106,14 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> DecodeScheduler::Submit(Genera
   auto pending = std::make_shared<Pending>();
   pending->submitted = Clock::now();
   pending->ids = EncodePrompt(engine_->tokenizer(), request.prompt);
-  if (pending->ids.empty()) return absl::InvalidArgumentError("prompt: no tokens (the prompt is empty)");
-  if (absl::Status st = CheckPromptLength(static_cast<int64_t>(pending->ids.size())); !st.ok()) return st;
+  if (pending->ids.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(request.prompt_field, ": no tokens (the prompt is empty)"));
+  }
+  if (absl::Status st = CheckPromptLength(static_cast<int64_t>(pending->ids.size()), request.prompt_field);
+      !st.ok()) {
+    return st;
+  }
   pending->request = std::move(request);
   pending->stream = std::make_shared<GenerationStream>();
   absl::MutexLock lock(&mu_);
@@ -121,7 +130,7 @@ absl::StatusOr<ScoreOutcome> DecodeScheduler::Score(const std::string& route, co
                                                    " per request (--max_score_completions)"));
   }
   auto ids = std::make_shared<std::vector<int32_t>>(EncodePrompt(engine_->tokenizer(), prompt));
-  if (absl::Status st = CheckPromptLength(static_cast<int64_t>(ids->size())); !st.ok()) return st;
+  if (absl::Status st = CheckPromptLength(static_cast<int64_t>(ids->size()), "prompt"); !st.ok()) return st;
   auto result = std::make_shared<std::promise<absl::StatusOr<ScoreOutcome>>>();
   std::future<absl::StatusOr<ScoreOutcome>> done = result->get_future();
   auto job = [this, route, prompt, completions, ids, result] {

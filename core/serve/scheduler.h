@@ -86,10 +86,17 @@ class GenerationStream {
   std::atomic<bool> cancelled_{false};
 };
 
+// A refusal's reason for metrics rides on the status as a payload under this key (value
+// "prompt_too_long"), so callers classify it without parsing the message.
+inline constexpr char kRefusalReasonPayload[] = "strata.dev/refusal-reason";
+
 struct GenerationRequest {
   std::string prompt;
   std::string route = "auto";  // as Engine::Resolve
   SamplingOptions sampling;
+  // The request field the prompt came from, as errors about it name it ("prompt[2]" for the third
+  // prompt of an HTTP batch).
+  std::string prompt_field = "prompt";
 };
 
 struct ScoreOutcome {
@@ -131,7 +138,7 @@ class DecodeScheduler {
   struct Pending;
   struct Running;
   void Loop();
-  absl::Status CheckPromptLength(int64_t tokens) const;
+  absl::Status CheckPromptLength(int64_t tokens, const std::string& field) const;
   // UNAVAILABLE while stopping, RESOURCE_EXHAUSTED when max_waiting_requests are waiting.
   absl::Status CheckRoomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -208,7 +208,13 @@ TEST_F(SchedulerTest, CancellationFreesTheSlotAndTheQueueIsBounded) {
   EXPECT_EQ(scheduler.Submit(bad).status().code(), absl::StatusCode::kInvalidArgument);
   bad = short_one;
   bad.prompt = std::string(3000, 'a');
-  EXPECT_EQ(scheduler.Submit(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad.prompt_field = "prompt[2]";
+  const absl::Status too_long = scheduler.Submit(bad).status();
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
+  // The refusal names the request's field and carries its reason for metrics.
+  EXPECT_EQ(too_long.message().substr(0, 11), "prompt[2]: ") << too_long;
+  ASSERT_TRUE(too_long.GetPayload(kRefusalReasonPayload).has_value()) << too_long;
+  EXPECT_EQ(*too_long.GetPayload(kRefusalReasonPayload), "prompt_too_long");
 }
 
 // Score runs on the scheduler thread: one batched forward over the completions, equal to the
