@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <random>
@@ -473,12 +474,20 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
         double extra = 0;
       };
       const int64_t rows = batch.rows;
+      // Target tokens in rows [lo, hi), counted on the host labels (ToTensors shifted them in place;
+      // the shift keeps every target): no device round trip.
+      auto targets_in_rows = [&batch, rows](int64_t lo, int64_t hi) -> int64_t {
+        if (lo == 0 && hi == rows) return batch.target_tokens;
+        const auto first = batch.labels.begin() + lo * batch.seq_len;
+        return std::count_if(first, first + (hi - lo) * batch.seq_len,
+                             [](int64_t label) { return label != kIgnoreIndex; });
+      };
       auto forward_backward = [&](int64_t lo, int64_t hi, int members) {
         Part part;
         at::Tensor loss;
         at::Tensor labels = in.labels;
         if (lo != 0 || hi != rows) labels = labels.narrow(0, lo, hi - lo);
-        const int64_t shard_targets = hi > lo ? (labels != kIgnoreIndex).sum().item<int64_t>() : 0;
+        const int64_t shard_targets = targets_in_rows(lo, hi);
         if (shard_targets > 0) {
           at::Tensor ids = in.input_ids, mask = in.attention_mask;
           if (lo != 0 || hi != rows) {
@@ -487,9 +496,8 @@ absl::StatusOr<TrainResult> Trainer::Train(const CausalLM& model, Method& method
           }
           at::Tensor task_loss = CausalLmLoss(work->Forward(ids, mask), labels);
           if (members > 1) {
-            const int64_t global_targets = (in.labels != kIgnoreIndex).sum().item<int64_t>();
             task_loss =
-                task_loss * (static_cast<double>(shard_targets) / static_cast<double>(global_targets));
+                task_loss * (static_cast<double>(shard_targets) / static_cast<double>(batch.target_tokens));
           }
           part.task = task_loss.item<double>();
           loss = task_loss;
