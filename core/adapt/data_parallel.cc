@@ -212,6 +212,20 @@ std::shared_ptr<::gloo::transport::Device> GlooDevice(const DataParallelOptions&
   return c10d::ProcessGroupGloo::createDefaultDevice();
 }
 
+// Rank 0's TCPStore (`server`: hosted here) or a connection to it, trying for `connect_timeout`;
+// its calls then time out after --dist_timeout_seconds. Throws what c10d throws.
+c10::intrusive_ptr<c10d::Store> OpenTcpStore(const DataParallelOptions& o, bool server,
+                                             std::chrono::milliseconds connect_timeout) {
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(o.port);
+  so.isServer = server;
+  so.waitWorkers = false;
+  so.timeout = connect_timeout;
+  auto store = c10::make_intrusive<c10d::TCPStore>(o.host, so);
+  store->setTimeout(Millis(o.timeout_seconds));
+  return store;
+}
+
 std::string Where(const DataParallelOptions& o) {
   return o.store_file.empty() ? absl::StrCat("tcp://", o.host, ":", o.port)
                               : absl::StrCat("file://", o.store_file);
@@ -282,12 +296,7 @@ absl::StatusOr<std::unique_ptr<DataParallelGroup>> DataParallelGroup::Connect(co
   }
   if (o.rank == 0) {
     try {
-      c10d::TCPStoreOptions so;
-      so.port = static_cast<uint16_t>(o.port);
-      so.isServer = true;
-      so.waitWorkers = false;
-      so.timeout = Millis(o.timeout_seconds);
-      impl->store = c10::make_intrusive<c10d::TCPStore>(o.host, so);
+      impl->store = OpenTcpStore(o, /*server=*/true, Millis(o.timeout_seconds));
     } catch (const std::exception& e) {
       return absl::UnavailableError(absl::StrCat(
           "--dist_init ", Where(o), ": rank 0 cannot host the rendezvous store there: ", e.what()));
@@ -375,14 +384,7 @@ std::unique_ptr<GradientSync> DataParallelGroup::StartTask(DataParallelTask* tas
 absl::Status DataParallelGroup::Reconnect() {
   if (!options_.store_file.empty() || options_.rank == 0) return absl::OkStatus();
   try {
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<uint16_t>(options_.port);
-    so.isServer = false;
-    so.waitWorkers = false;
-    so.timeout = std::chrono::seconds(5);
-    auto store = c10::make_intrusive<c10d::TCPStore>(options_.host, so);
-    store->setTimeout(Millis(options_.timeout_seconds));
-    impl_->store = std::move(store);
+    impl_->store = OpenTcpStore(options_, /*server=*/false, std::chrono::seconds(5));
   } catch (const std::exception& e) {
     return absl::UnavailableError(
         absl::StrCat("--dist_init ", Where(options_), ": rank 0's store: ", e.what()));

@@ -123,12 +123,9 @@ void Engine::FollowDataParallel(const std::atomic<bool>* stop) {
     auto next = group->NextTask(after, std::chrono::seconds(1));
     if (!next.ok()) {
       if (next.status().code() == absl::StatusCode::kUnavailable) {
-        after = -1;  // rank 0's store went away (a restart starts counting again)
-        if (auto st = group->Reconnect(); !st.ok() && Clock::now() >= next_complaint) {
-          spdlog::warn("data parallelism: {} (retrying)", std::string(st.message()));
-          next_complaint = Clock::now() + std::chrono::seconds(60);
-        }
-        std::this_thread::sleep_for(std::chrono::seconds(1));
+        // Rank 0's store went away (a restart starts counting again): the branch above reconnects,
+        // retries and complains.
+        after = -1;
       } else {
         spdlog::warn("data parallelism: announcement {}: {}", after + 1,
                      std::string(next.status().message()));
