@@ -11,7 +11,8 @@
 // decision among 8 tasks, against a batch-1 generation of 64 tokens (prefill + 64 decode steps).
 // With a tokenizer (the model directory's, or ../shared/tokenizers/llama2 for the 110M config) it
 // also times strata::Generate (greedy, detokenised, streamed) against the bare Forward loop.
-// --kernels 1 prints only the GEMM-vs-GEMV table of one 110M decode step for 1-8 rows.
+// --kernels 1 prints only the table of one 110M decode step's matrix products for 1-32 rows through
+// at::linear (GEMM), one GEMV per row (1-8 rows) and the small-rows kernel (core/model/small_gemm.h).
 
 #include <torch/torch.h>
 
@@ -30,6 +31,7 @@
 #include "core/model/generate.h"
 #include "core/model/model.h"
 #include "core/model/runtime.h"
+#include "core/model/small_gemm.h"
 #include "core/model/tokenizer.h"
 
 namespace {
@@ -124,26 +126,40 @@ void KernelCompare(const strata::ModelConfig& c, int reps) {
     }
   }
   weights.push_back(at::randn({c.vocab_size, h}, f32).mul_(0.02));
-  std::printf("matrix products of one decode step (%zu matrices), ms per step:\n", weights.size());
-  std::printf("%6s %12s %12s\n", "rows", "linear", "mv per row");
-  for (int64_t rows : {1, 2, 3, 4, 8}) {
-    std::vector<double> gemm_ms, gemv_ms;
+  std::printf("matrix products of one decode step (%zu matrices), ms per step; small-rows kernel: %s\n",
+              weights.size(),
+              *strata::SmallRowsLinearIsa() ? strata::SmallRowsLinearIsa() : "none on this CPU");
+  std::printf("%6s %12s %12s %12s\n", "rows", "linear", "mv per row", "small-rows");
+  for (int64_t rows : {1, 2, 3, 4, 6, 8, 10, 12, 16, 32}) {
+    std::vector<at::Tensor> xs;
+    for (const at::Tensor& w : weights) xs.push_back(at::randn({rows, w.size(1)}, f32));
+    std::vector<double> gemm_ms, gemv_ms, small_ms;
     for (int r = 0; r < reps + 1; ++r) {
       auto t0 = Clock::now();
-      for (const at::Tensor& w : weights) {
-        (void)at::linear(at::randn({rows, w.size(1)}, f32), w);
-      }
+      for (size_t i = 0; i < weights.size(); ++i) (void)at::linear(xs[i], weights[i]);
       auto t1 = Clock::now();
-      for (const at::Tensor& w : weights) {
-        const at::Tensor x = at::randn({rows, w.size(1)}, f32);
-        for (int64_t i = 0; i < rows; ++i) (void)at::mv(w, x[i]);
+      if (rows <= 8) {
+        for (size_t i = 0; i < weights.size(); ++i) {
+          for (int64_t row = 0; row < rows; ++row) (void)at::mv(weights[i], xs[i][row]);
+        }
       }
       auto t2 = Clock::now();
+      for (size_t i = 0; i < weights.size(); ++i) {
+        at::Tensor y = at::empty({rows, weights[i].size(0)}, f32);
+        strata::SmallRowsLinear(xs[i].data_ptr<float>(), rows, weights[i].data_ptr<float>(),
+                                weights[i].size(0), weights[i].size(1), nullptr, y.data_ptr<float>());
+      }
+      auto t3 = Clock::now();
       if (r == 0) continue;  // warm-up
       gemm_ms.push_back(1e3 * Seconds(t0, t1));
       gemv_ms.push_back(1e3 * Seconds(t1, t2));
+      small_ms.push_back(1e3 * Seconds(t2, t3));
     }
-    std::printf("%6ld %12.2f %12.2f\n", rows, Median(gemm_ms), Median(gemv_ms));
+    if (rows <= 8) {
+      std::printf("%6ld %12.2f %12.2f %12.2f\n", rows, Median(gemm_ms), Median(gemv_ms), Median(small_ms));
+    } else {
+      std::printf("%6ld %12.2f %12s %12.2f\n", rows, Median(gemm_ms), "-", Median(small_ms));
+    }
     std::fflush(stdout);
   }
 }

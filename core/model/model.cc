@@ -17,6 +17,7 @@
 #include "core/model/llama_configs.h"
 #include "core/model/runtime.h"
 #include "core/model/safetensors.h"
+#include "core/model/small_gemm.h"
 #include "core/util/file_util.h"
 #include "core/util/status_macros.h"
 
@@ -70,10 +71,10 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 }
 
 // Activations with at most this many rows go through one matrix-vector product per row. OpenBLAS
-// runs `linear` on 1-3 rows as a GEMM with small m, which costs 2x (1 row) to 1.5x (3 rows) its
-// GEMV on the same weights; from 4 rows on the GEMM wins (strata-bench-decode --kernels 1 on the
-// 110M config's matrices, docs/benchmarks.md). Decode at batch 1-3 is all such products.
-constexpr int64_t kGemvMaxRows = 3;
+// runs `linear` on 1-2 rows as a GEMM with small m, which costs 1.5-2x its GEMV on the same weights
+// (strata-bench-decode --kernels 1 on the 110M config's matrices, docs/benchmarks.md). Decode at
+// batch 1-2 is all such products.
+constexpr int64_t kGemvMaxRows = 2;
 
 // y = x Wᵀ + b for `rows` rows of x, one GEMV per row; the same as linear up to summation order.
 at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows) {
@@ -95,6 +96,37 @@ at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return y.view(shape);
 }
 
+// Activations with more than kGemvMaxRows and at most this many rows go through SmallRowsLinear
+// (core/model/small_gemm.h) when no gradient is needed: for 3-12 rows OpenBLAS's GEMM, which packs
+// the whole weight matrix on every call, and one GEMV per row both cost 1.1-1.8x that kernel on the
+// 110M config's matrices; from 16 rows on OpenBLAS's GEMM is faster (strata-bench-decode --kernels 1,
+// docs/benchmarks.md).
+constexpr int64_t kSmallRowsMaxRows = 12;
+
+// y = x Wᵀ + b through SmallRowsLinear; an undefined tensor when it does not apply (not float32 on
+// the CPU, autograd needed, or no AVX2/AVX-512 on this CPU).
+at::Tensor SmallRowsForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t rows) {
+  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || w.dim() != 2 ||
+      (b.defined() && (b.scalar_type() != at::kFloat || b.dim() != 1))) {
+    return {};
+  }
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()))) {
+    return {};
+  }
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor bc = b.defined() ? b.contiguous() : b;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  at::Tensor y = at::empty(shape, x.options());
+  if (!SmallRowsLinear(xc.data_ptr<float>(), rows, wc.data_ptr<float>(), w.size(0), w.size(1),
+                       bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>())) {
+    return {};
+  }
+  return y;
+}
+
 const char* const kAttnNames[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 const char* const kMlpNames[] = {"gate_proj", "up_proj", "down_proj"};
 
@@ -107,9 +139,13 @@ at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
   const at::Tensor b = AsDtype(bias, x.scalar_type());
   const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
   const int64_t rows = in > 0 ? x.numel() / in : 0;
-  at::Tensor y = x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2
-                     ? FewRowLinear(x, w, b, rows)
-                     : at::linear(x, w, b);
+  at::Tensor y;
+  if (x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2) {
+    y = FewRowLinear(x, w, b, rows);
+  } else if (x.device().is_cpu() && rows > kGemvMaxRows && rows <= kSmallRowsMaxRows) {
+    y = SmallRowsForward(x, w, b, rows);
+  }
+  if (!y.defined()) y = at::linear(x, w, b);
   if (adapter) {
     at::Tensor side = adapter->Forward(x);
     if (side.defined()) y = y + side.to(y.scalar_type());
