@@ -29,11 +29,9 @@ CONCURRENCY_TESTS="strata_jobs_tests strata_state_tests strata_server_tests"
 configure() {  # dir flags [cmake args...]
   local dir=$1 flags=$2
   shift 2
-  if [[ ! -f $dir/build.ninja ]]; then
-    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTRATA_JEMALLOC=OFF -DSTRATA_PCH=ON "$@" \
-      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DCMAKE_CXX_FLAGS="$flags" \
-      -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" >/dev/null
-  fi
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTRATA_JEMALLOC=OFF -DSTRATA_PCH=ON "$@" \
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" -DCMAKE_CXX_FLAGS="$flags" \
+    -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$flags" >/dev/null
 }
 
 run_tests() {  # dir tests...
@@ -73,7 +71,7 @@ if [[ $MODE == asan || $MODE == all ]]; then
 fi
 if [[ $MODE == tsan || $MODE == all ]]; then
   tests=${TSAN_TESTS:-$CONCURRENCY_TESTS}
-  configure build-tsan "-fsanitize=thread -fno-omit-frame-pointer" -DSTRATA_TSAN_ABSL_SHIM=ON
+  configure build-tsan "-fsanitize=thread -fno-omit-frame-pointer" -DSTRATA_TSAN_ABSL_SHIM=ON -DSTRATA_ONE_TORCH_THREAD=ON
   say "TSan: building $(echo $tests | wc -w) test binaries in build-tsan"
   # shellcheck disable=SC2086
   cmake --build build-tsan -j "$JOBS" --target $tests

@@ -55,6 +55,12 @@ std::string ResolvedPath(const std::string& path) {
 
 void SetTorchThreads(int threads) {
   if (threads < 1) threads = 1;
+#ifdef STRATA_ONE_TORCH_THREAD
+  // ThreadSanitizer builds (scripts/sanitize.sh tsan): libgomp is not instrumented, so TSan cannot
+  // see the barriers of an OpenMP team and reports every hand-off of data to its worker threads.
+  // With one thread ATen and OpenBLAS run their loops inline on the calling thread.
+  threads = 1;
+#endif
   at::set_num_threads(threads);
 }
 
