@@ -106,6 +106,7 @@ absl::StatusOr<StepTiming> TimeSteps(const CausalLM& model, Method& method, cons
   TrainOptions o;
   o.learning_rate = a.lr;
   o.batch_size = a.batch_size;
+  o.shards = a.shards;
   o.max_steps = warmup + steps + 1;  // cancelled after warmup + steps
   o.seed = seed;
   o.bucket_size = a.batch_size;
@@ -256,6 +257,10 @@ void AddTrainBenchOptions(CLI::App* sub, TrainBenchArgs* a) {
   sub->add_option("--threads", a->threads, "Torch CPU threads")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  sub->add_option("--shards", a->shards,
+                  "Row shards per step run concurrently (0 = automatic: one per thread on the CPU)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   sub->add_option("--scaling-method", a->scaling_method,
                   "Method for the task-count scaling part (\"\" = skip)")
       ->capture_default_str();
@@ -317,6 +322,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                    {"rank", a.rank},
                    {"lr", a.lr},
                    {"threads", a.threads},
+                   {"shards", a.shards},
                    {"dtype", "float32"},
                    {"blas", LoadedBlasLibrary()},
                    {"allocator", LoadedAllocator()},
@@ -330,9 +336,13 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
 
   const double gemm = MeasureGemmGflops();
   out["gemm_gflops"] = gemm;
-  std::printf("strata bench train: batch %lld x %lld tokens, fp32, %d threads, targets %s, rank %lld\n  %s\n",
-              static_cast<long long>(a.batch_size), static_cast<long long>(a.seq_len), a.threads,
-              a.targets.c_str(), static_cast<long long>(a.rank), TorchRuntimeSummary().c_str());
+  std::printf(
+      "strata bench train: batch %lld x %lld tokens, fp32, %d threads, %s row shards, targets %s, rank "
+      "%lld\n  %s\n",
+      static_cast<long long>(a.batch_size), static_cast<long long>(a.seq_len), a.threads,
+      a.shards > 0 ? std::to_string(a.shards).c_str()
+                   : "automatic (one per thread, <= 1 GiB of gradient copies)",
+      a.targets.c_str(), static_cast<long long>(a.rank), TorchRuntimeSummary().c_str());
   std::printf("measured fp32 GEMM (1024^3 torch::mm, median of 10): %.1f GFLOP/s\n", gemm);
   std::printf(
       "model FLOPs per step = k*N*tokens, k = 4 + 2*min(P, N)/N (6 = full fine-tuning, ~4 = adapters); "

@@ -111,6 +111,10 @@ ABSL_FLAG(std::string, reference_text, "",
           "Text file whose NLL is measured after each task (general-ability retention); empty = none.");
 ABSL_FLAG(int32_t, training_threads, 0,
           "Intra-op threads of the training worker (0 = --threads minus the serving threads, at least 1).");
+ABSL_FLAG(int32_t, training_shards, 0,
+          "Row shards of each training step run concurrently on their own threads, splitting "
+          "--training_threads between them (0 = automatic: one per training thread on the CPU, at most 1 GiB "
+          "of extra gradient copies; 1 on CUDA).");
 ABSL_FLAG(int32_t, serving_threads, 0,
           "Intra-op threads of the decode scheduler, which runs every inference forward pass (0 = half of "
           "--threads, at least 1). Training and serving run at once, so the two budgets should add up to "
@@ -199,7 +203,7 @@ const std::vector<std::string> kFlagNames = {
     "log_format", "log_level", "shutdown_grace_seconds",
     // Training defaults and thread budgets.
     "method", "learning_rate", "max_steps", "batch_size", "warmup_ratio", "lr_schedule", "max_seq_len",
-    "unmatched_route", "router_layer", "reference_text", "training_threads", "serving_threads",
+    "unmatched_route", "router_layer", "reference_text", "training_threads", "training_shards", "serving_threads",
     "max_batch_size", "max_waiting_requests", "max_prompt_tokens", "max_score_completions",
     // Limits, roots, security.
     "max_task_examples", "max_task_bytes", "max_queue", "max_job_attempts", "max_new_tokens", "max_message_bytes",
@@ -296,6 +300,7 @@ absl::Status ValidateFlags() {
        {at_least("max_steps", absl::GetFlag(FLAGS_max_steps), 0),
         at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1),
         at_least("training_threads", absl::GetFlag(FLAGS_training_threads), 0),
+        at_least("training_shards", absl::GetFlag(FLAGS_training_shards), 0),
         at_least("serving_threads", absl::GetFlag(FLAGS_serving_threads), 0),
         at_least("max_task_examples", absl::GetFlag(FLAGS_max_task_examples), 1),
         at_least("max_task_bytes", absl::GetFlag(FLAGS_max_task_bytes), 1),
@@ -546,6 +551,7 @@ int Run() {
   engine_options.unmatched_route = absl::GetFlag(FLAGS_unmatched_route);
   engine_options.router.layer = absl::GetFlag(FLAGS_router_layer);
   engine_options.training_threads = training_threads;
+  engine_options.training_shards = absl::GetFlag(FLAGS_training_shards);
   engine_options.serving_threads = serving_threads;
   engine_options.base_model_id = loaded->id;
   engine_options.gate = *ServerGate();  // checked by ValidateFlags

@@ -86,6 +86,16 @@ struct TrainOptions {
   std::function<void(const TrainProgress&)> on_progress;
   int64_t progress_every = 1;
 
+  // Row shards per step in this process: the step's rows (a data-parallel member's own rows) are
+  // split into this many contiguous parts whose forward and backward run concurrently, part 0 on
+  // the training thread and the others on threads of their own, each with 1/shards of the training
+  // thread's intra-op threads; their gradients are summed in part order (deterministic; the same
+  // update as one pass up to float round-off). Each part beyond the first holds a copy of the
+  // trainable gradients during the step. On the CPU this is what uses the cores when the matrices
+  // are too small for intra-op threads to pay (stories260K: 2.0x on 2 cores), and it beats intra-op
+  // threads on the 110M config too (docs/benchmarks.md). 0 = automatic (ResolveTrainShards).
+  int shards = 0;
+
   // Data parallelism (core/adapt/data_parallel.h): this process is one member of `sync`'s group.
   // Every member builds the same global batch, runs its contiguous shard of rows and the group sums
   // the gradients (and the loss) each step, so every member applies the one-process update of the
@@ -104,6 +114,13 @@ struct TrainOptions {
 
 // INVALID_ARGUMENT naming the field.
 absl::Status ValidateTrainOptions(const TrainOptions& options);
+
+// The row shards a step runs with (TrainOptions::shards): `shards` when > 0; else on the CPU one
+// per intra-op thread of the training thread (`threads`), at most one per row of the batch and at
+// most 1 + 1 GiB / trainable_bytes (the copies of the gradients the extra parts hold: full
+// fine-tuning of a large model gets 1); on other devices 1.
+int ResolveTrainShards(int shards, const at::Device& device, int threads, int64_t batch_size,
+                       int64_t trainable_bytes);
 
 // The trainer's options of `recipe` (learning rate, schedule, warmup, steps, epochs, batch size,
 // seed); the caller adds pad_id, cancellation and progress.

@@ -251,6 +251,70 @@ TEST(TrainerTest, EveryMethodTrainsTwoTasks) {
   }
 }
 
+// Row shards (TrainOptions::shards) run parts of each step concurrently in one process and add
+// their share of the mean loss's gradient into the same buffers: every method's two-task run (the
+// second task with the extra terms active: ELLA's penalty, O-LoRA's orthogonality) gives the losses
+// and merged weights of one pass, with uneven parts (3 of 8 rows) and with parts that have no rows
+// (16 shards of 8 rows, part 0 then carries only the extra term); and it is deterministic.
+TEST(TrainerTest, RowShardsInOneProcessMatchOnePass) {
+  OneThread one_thread;
+  auto base = TinyModel();
+  struct Run {
+    std::vector<float> losses;
+    std::unique_ptr<CausalLM> served;
+  };
+  auto run = [&](const std::string& name, int shards) {
+    MethodConfig mc = testing::QvTestConfig();
+    mc.target_modules = {"all-linear"};
+    mc.rank = 4;
+    mc.p = 4;
+    auto method = MakeMethod(name, mc);
+    TrainOptions o;
+    o.learning_rate = 1e-2;
+    o.batch_size = 8;
+    o.max_steps = 10;
+    o.shards = shards;
+    Run r;
+    r.served = base->ShallowCopy();
+    for (int t = 0; t < 2; ++t) {
+      auto result = Trainer(o).Train(*r.served, *method, "t" + std::to_string(t), {SyntheticTask("t", t)});
+      EXPECT_TRUE(result.ok()) << name << " shards " << shards << ": " << result.status();
+      if (!result.ok()) return r;
+      r.losses.insert(r.losses.end(), result->losses.begin(), result->losses.end());
+      r.served = std::move(result->model);
+    }
+    return r;
+  };
+  for (const std::string name : {"share_ella", "seq_ft", "osft", "pm", "o_lora", "ella"}) {
+    const Run one = run(name, 1);
+    for (int shards : {3, 16}) {
+      const Run sharded = run(name, shards);
+      ASSERT_EQ(sharded.losses.size(), one.losses.size()) << name;
+      for (size_t i = 0; i < one.losses.size(); ++i) {
+        EXPECT_NEAR(sharded.losses[i], one.losses[i], 1e-5 * (1 + std::abs(one.losses[i])))
+            << name << " shards " << shards << " step " << i;
+      }
+      EXPECT_LT(MaxDiff(Logits(*sharded.served), Logits(*one.served)), 1e-4) << name << " shards " << shards;
+    }
+  }
+  // The parts' gradients are summed in part order: a sharded run repeats bit for bit.
+  const Run a = run("seq_ft", 3), b = run("seq_ft", 3);
+  EXPECT_EQ(a.losses, b.losses);
+  EXPECT_TRUE(at::equal(Logits(*a.served), Logits(*b.served)));
+  TrainOptions bad;
+  bad.shards = -1;
+  EXPECT_THAT(std::string(ValidateTrainOptions(bad).message()),
+              HasSubstr("shards must be >= 0 (0 = automatic), got -1"));
+  // Automatic: one per intra-op thread on the CPU, at most one per row, at most 1 GiB of extra
+  // gradient copies; 1 elsewhere; an explicit count as given.
+  EXPECT_EQ(ResolveTrainShards(0, at::Device("cpu"), 4, 16, 1 << 20), 4);
+  EXPECT_EQ(ResolveTrainShards(0, at::Device("cpu"), 4, 2, 1 << 20), 2);
+  EXPECT_EQ(ResolveTrainShards(0, at::Device("cpu"), 8, 16, int64_t{438} << 20), 3);  // 110M full FT
+  EXPECT_EQ(ResolveTrainShards(0, at::Device("cpu"), 8, 16, int64_t{28} << 30), 1);   // 7B full FT
+  EXPECT_EQ(ResolveTrainShards(0, at::Device("cuda"), 8, 16, 1 << 20), 1);
+  EXPECT_EQ(ResolveTrainShards(3, at::Device("cpu"), 1, 1, 1 << 20), 3);
+}
+
 TEST(TrainerTest, JointTrainingIsOnlyForMtl) {
   OneThread one_thread;
   auto base = TinyModel();

@@ -38,8 +38,8 @@ __attribute__((target("avx512f,avx2,fma"))) inline float Sum512(__m512 v) {
 // --- AVX-512: 32 registers, 16 lanes; 4 weight rows × 6 input rows = 24 accumulators -----------
 
 template <int kRows>
-__attribute__((target("avx512f,avx2,fma"))) inline void Block512(const float* w, int wrows, const float* x, int64_t d,
-                                                        int64_t ldy, float* y) {
+__attribute__((target("avx512f,avx2,fma"))) inline void Block512(const float* w, int wrows, const float* x,
+                                                                 int64_t d, int64_t ldy, float* y) {
   __m512 acc[kWeightRows][kRows];
   for (int a = 0; a < kWeightRows; ++a) {
     for (int b = 0; b < kRows; ++b) acc[a][b] = _mm512_setzero_ps();
@@ -47,7 +47,8 @@ __attribute__((target("avx512f,avx2,fma"))) inline void Block512(const float* w,
   int64_t k = 0;
   for (; k + 16 <= d; k += 16) {
     __m512 wv[kWeightRows];
-    for (int a = 0; a < kWeightRows; ++a) wv[a] = a < wrows ? _mm512_loadu_ps(w + a * d + k) : _mm512_setzero_ps();
+    for (int a = 0; a < kWeightRows; ++a)
+      wv[a] = a < wrows ? _mm512_loadu_ps(w + a * d + k) : _mm512_setzero_ps();
     for (int b = 0; b < kRows; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + b * d + k);
       for (int a = 0; a < kWeightRows; ++a) acc[a][b] = _mm512_fmadd_ps(wv[a], xv, acc[a][b]);
@@ -62,8 +63,8 @@ __attribute__((target("avx512f,avx2,fma"))) inline void Block512(const float* w,
   }
 }
 
-__attribute__((target("avx512f,avx2,fma"))) void Rows512(const float* x, int64_t rows, const float* w, int wrows,
-                                                int64_t d, int64_t ldy, float* y) {
+__attribute__((target("avx512f,avx2,fma"))) void Rows512(const float* x, int64_t rows, const float* w,
+                                                         int wrows, int64_t d, int64_t ldy, float* y) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6) Block512<6>(w, wrows, x + r * d, d, ldy, y + r * ldy);
   for (; r + 2 <= rows; r += 2) Block512<2>(w, wrows, x + r * d, d, ldy, y + r * ldy);
@@ -82,7 +83,8 @@ __attribute__((target("avx2,fma"))) inline void Block256(const float* w, int wro
   int64_t k = 0;
   for (; k + 8 <= d; k += 8) {
     __m256 wv[kWeightRows];
-    for (int a = 0; a < kWeightRows; ++a) wv[a] = a < wrows ? _mm256_loadu_ps(w + a * d + k) : _mm256_setzero_ps();
+    for (int a = 0; a < kWeightRows; ++a)
+      wv[a] = a < wrows ? _mm256_loadu_ps(w + a * d + k) : _mm256_setzero_ps();
     for (int b = 0; b < kRows; ++b) {
       const __m256 xv = _mm256_loadu_ps(x + b * d + k);
       for (int a = 0; a < kWeightRows; ++a) acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);

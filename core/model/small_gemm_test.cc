@@ -29,9 +29,9 @@ std::vector<std::string> Isas() {
 
 at::Tensor Kernel(const std::string& isa, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   at::Tensor y = at::empty({x.size(0), w.size(0)});
-  EXPECT_TRUE(internal::SmallRowsLinearWithIsa(isa, x.data_ptr<float>(), x.size(0), w.data_ptr<float>(), w.size(0),
-                                               w.size(1), b.defined() ? b.data_ptr<float>() : nullptr,
-                                               y.data_ptr<float>()));
+  EXPECT_TRUE(internal::SmallRowsLinearWithIsa(
+      isa, x.data_ptr<float>(), x.size(0), w.data_ptr<float>(), w.size(0), w.size(1),
+      b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>()));
   return y;
 }
 

@@ -62,6 +62,8 @@ struct EngineOptions {
   // Intra-op threads for the training worker and for each inference request.
   int training_threads = 1;
   int serving_threads = 1;
+  // Row shards per training step (TrainOptions::shards; 0 = automatic).
+  int training_shards = 0;
   // Identifies the base model in the checkpoint (a checkpoint made on another base is refused).
   std::string base_model_id;
   // Automatic task routing (a new state directory; a checkpoint keeps its own router's settings).

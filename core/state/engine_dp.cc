@@ -55,6 +55,7 @@ absl::Status Engine::TrainDataParallelShard(const DataParallelTask& task, Gradie
   SetTorchThreads(s.options.training_threads);
   TrainOptions to = TrainOptionsFromRecipe(*recipe);
   to.pad_id = s.tokenizer->pad_id().value_or(0);
+  to.shards = s.options.training_shards;
   to.sync = sync;
   to.leave = leave;
   to.train_only = true;

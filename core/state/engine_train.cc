@@ -80,6 +80,7 @@ absl::StatusOr<JobOutcome> Engine::RunJob(const JobRecord& job, std::vector<Exam
   TrainOptions to = TrainOptionsFromRecipe(recipe);
   to.cancel = ctx.cancel;
   to.pad_id = s.tokenizer->pad_id().value_or(0);
+  to.shards = s.options.training_shards;
   to.progress_every = 1;
   to.on_progress = [&ctx](const TrainProgress& p) {
     if (!ctx.progress) return;
