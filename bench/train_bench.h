@@ -66,7 +66,7 @@ struct TrainBenchArgs {
   int64_t rank = 8;
   double lr = 1e-3;
   int threads = 2;
-  int shards = 1;                             // TrainOptions::shards
+  int shards = 0;                             // TrainOptions::shards (0 = automatic)
   std::string scaling_method = "share_ella";  // "" = skip part 2
   std::string scaling_model = "110m";
   std::vector<int64_t> scaling_tasks = {1, 10, 50, 100};
