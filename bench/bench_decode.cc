@@ -1,18 +1,19 @@
 // strata-bench-decode: prefill and KV-cached decode throughput of the Strata decoder.
 //
 //   strata-bench-decode [--threads N] [--models stories260K,110m] [--dtype float32|bfloat16]
-//                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR]
+//                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR] [--batches 1,8,16]
 //
-// For each model and batch size (1, 8 and 16) it times a prefill of a --prompt-token random prompt and
-// then --new greedy decode steps through the KV cache (the model's own Forward loop, no tokenizer),
-// and a single-sequence prefill of 256 tokens. Each figure is the median over --reps runs after one
-// warm-up run. Tokens/s counts every sequence of the batch. Then the cost of automatic routing: the
+// For each model and batch size (--batches, default 1, 8 and 16) it times a prefill of a --prompt-token
+// random prompt and then --new greedy decode steps through the KV cache (the model's own Forward loop, no
+// tokenizer), and a single-sequence prefill of 256 tokens. Each figure is the median over --reps runs after
+// one warm-up run. Tokens/s counts every sequence of the batch. Then the cost of automatic routing: the
 // router's feature pass on W0 (the first (layers + 1) / 2 decoder layers over the prompt) and its
 // decision among 8 tasks, against a batch-1 generation of 64 tokens (prefill + 64 decode steps).
 // With a tokenizer (the model directory's, or ../shared/tokenizers/llama2 for the 110M config) it
 // also times strata::Generate (greedy, detokenised, streamed) against the bare Forward loop.
 // --kernels 1 prints only the table of one 110M decode step's matrix products for 1-32 rows through
-// at::linear (GEMM), one GEMV per row (1-8 rows) and the small-rows kernel (core/model/small_gemm.h).
+// at::linear (GEMM), one GEMV per row (1-8 rows), the small-rows kernel (core/model/small_gemm.h) and
+// at::linear on the rows zero-padded to a multiple of 16.
 
 #include <torch/torch.h>
 
@@ -50,13 +51,14 @@ struct Flags {
   // Tokenizer for the 110M model's Generate() figure (vocab 32000).
   std::string tokenizer_110m = std::string(STRATA_SHARED_DIR) + "/tokenizers/llama2";
   bool kernels = false;  // --kernels 1: the GEMM-vs-GEMV table only
+  std::vector<int64_t> batches = {1, 8, 16};
 };
 
 void Usage() {
   std::fprintf(stderr,
                "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
                "[--dtype float32|bfloat16] [--device cpu|cuda] [--prompt 32] [--new 128] [--reps 3] "
-               "[--model-dir DIR] [--kernels 0|1]\n");
+               "[--model-dir DIR] [--kernels 0|1] [--batches 1,8,16]\n");
 }
 
 bool ParseFlags(int argc, char** argv, Flags* f) {
@@ -88,6 +90,14 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->model_dir = v;
     } else if (arg == "--kernels") {
       f->kernels = v == "1";
+    } else if (arg == "--batches") {
+      f->batches.clear();
+      for (absl::string_view b : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+        int64_t n = 0;
+        if (!absl::SimpleAtoi(b, &n) || n < 1) return false;
+        f->batches.push_back(n);
+      }
+      if (f->batches.empty()) return false;
     } else {
       return false;
     }
@@ -129,11 +139,12 @@ void KernelCompare(const strata::ModelConfig& c, int reps) {
   std::printf("matrix products of one decode step (%zu matrices), ms per step; small-rows kernel: %s\n",
               weights.size(),
               *strata::SmallRowsLinearIsa() ? strata::SmallRowsLinearIsa() : "none on this CPU");
-  std::printf("%6s %12s %12s %12s\n", "rows", "linear", "mv per row", "small-rows");
-  for (int64_t rows : {1, 2, 3, 4, 6, 8, 10, 12, 16, 32}) {
+  std::printf("%6s %12s %12s %12s %14s\n", "rows", "linear", "mv per row", "small-rows", "linear pad 16");
+  for (int64_t rows : {1, 2, 3, 4, 6, 8, 10, 12, 13, 14, 15, 16, 20, 24, 28, 32}) {
     std::vector<at::Tensor> xs;
     for (const at::Tensor& w : weights) xs.push_back(at::randn({rows, w.size(1)}, f32));
-    std::vector<double> gemm_ms, gemv_ms, small_ms;
+    const int64_t padded = (rows + 15) / 16 * 16;
+    std::vector<double> gemm_ms, gemv_ms, small_ms, pad_ms;
     for (int r = 0; r < reps + 1; ++r) {
       auto t0 = Clock::now();
       for (size_t i = 0; i < weights.size(); ++i) (void)at::linear(xs[i], weights[i]);
@@ -150,15 +161,24 @@ void KernelCompare(const strata::ModelConfig& c, int reps) {
                                 weights[i].size(0), weights[i].size(1), nullptr, y.data_ptr<float>());
       }
       auto t3 = Clock::now();
+      for (size_t i = 0; i < weights.size(); ++i) {  // what LinearLayer does for 13-15 rows
+        at::Tensor xp = at::zeros({padded, xs[i].size(1)}, f32);
+        xp.narrow(0, 0, rows).copy_(xs[i]);
+        (void)at::linear(xp, weights[i]).narrow(0, 0, rows);
+      }
+      auto t4 = Clock::now();
       if (r == 0) continue;  // warm-up
       gemm_ms.push_back(1e3 * Seconds(t0, t1));
       gemv_ms.push_back(1e3 * Seconds(t1, t2));
       small_ms.push_back(1e3 * Seconds(t2, t3));
+      pad_ms.push_back(1e3 * Seconds(t3, t4));
     }
     if (rows <= 8) {
-      std::printf("%6ld %12.2f %12.2f %12.2f\n", rows, Median(gemm_ms), Median(gemv_ms), Median(small_ms));
+      std::printf("%6ld %12.2f %12.2f %12.2f %14.2f\n", rows, Median(gemm_ms), Median(gemv_ms),
+                  Median(small_ms), Median(pad_ms));
     } else {
-      std::printf("%6ld %12.2f %12s %12.2f\n", rows, Median(gemm_ms), "-", Median(small_ms));
+      std::printf("%6ld %12.2f %12s %12.2f %14.2f\n", rows, Median(gemm_ms), "-", Median(small_ms),
+                  Median(pad_ms));
     }
     std::fflush(stdout);
   }
@@ -238,7 +258,7 @@ void Bench(const std::string& name, const strata::CausalLM& model, const Flags& 
       name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size, c.num_hidden_layers,
       c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, f.dtype.c_str());
   RunOnce(model, 1, f.prompt, 8, 99);  // warm-up
-  for (int64_t batch : {int64_t{1}, int64_t{8}, int64_t{16}}) {
+  for (int64_t batch : f.batches) {
     std::vector<double> prefill, decode;
     for (int r = 0; r < f.reps; ++r) {
       const RunTimes t = RunOnce(model, batch, f.prompt, f.new_tokens, 100 + r);
