@@ -336,6 +336,10 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
 
   const double gemm = MeasureGemmGflops();
   out["gemm_gflops"] = gemm;
+  // Every GEMM measurement of the run (start, before each method, end): their median is the stable
+  // reference for "% of GEMM" on a machine whose rate swings (one measurement can land in a dip).
+  std::vector<double> gemm_all = {gemm};
+  std::vector<std::pair<std::string, double>> method_gflops;  // "model/method", model GFLOP/s
   std::printf(
       "strata bench train: batch %lld x %lld tokens, fp32, %d threads, %s row shards, targets %s, rank "
       "%lld\n  %s\n",
@@ -383,6 +387,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
       // The GEMM rate just before this method, and the 1-minute load: a shared machine's other jobs
       // show up in both.
       const double gemm_now = MeasureGemmGflops();
+      gemm_all.push_back(gemm_now);
       const double load = LoadAverage();
       absl::StatusOr<StepTiming> t = TimeSteps(**model, **method, "bench", a, warmup, steps, a.seed);
       if (!t.ok()) {
@@ -399,6 +404,7 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
                   static_cast<long long>(t->trainable), t->step_seconds, t->tokens_per_second, k, gflops,
                   gemm_now, 100.0 * gflops / gemm_now, load);
       std::fflush(stdout);
+      method_gflops.emplace_back(model_name + "/" + name, gflops);
       jm[name] = {{"trainable_parameters", t->trainable},
                   {"step_seconds", t->step_seconds},
                   {"tokens_per_second", t->tokens_per_second},
@@ -417,7 +423,24 @@ int RunTrainBenchCommand(const TrainBenchArgs& args_in) {
   out["models"] = jmodels;
   const double gemm_end = MeasureGemmGflops();
   out["gemm_gflops_end"] = gemm_end;
+  gemm_all.push_back(gemm_end);
   std::printf("\nfp32 GEMM at the end: %.1f GFLOP/s (start %.1f)\n", gemm_end, gemm);
+  std::vector<double> sorted = gemm_all;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n_gemm = sorted.size();
+  const double gemm_ref =
+      n_gemm % 2 == 1 ? sorted[n_gemm / 2] : 0.5 * (sorted[n_gemm / 2 - 1] + sorted[n_gemm / 2]);
+  out["gemm_gflops_all"] = gemm_all;
+  out["gemm_gflops_reference"] = gemm_ref;
+  std::printf("GEMM reference (median of this run's %zu GEMM measurements, %.1f-%.1f): %.1f GFLOP/s\n",
+              n_gemm, sorted.front(), sorted.back(), gemm_ref);
+  for (const auto& [label, gflops] : method_gflops) {
+    std::printf("  %-24s %8.1f GFLOP/s = %5.1f%% of the reference\n", label.c_str(), gflops,
+                100.0 * gflops / gemm_ref);
+    const size_t slash = label.find('/');
+    out["models"][label.substr(0, slash)]["methods"][label.substr(slash + 1)]["pct_of_gemm_reference"] =
+        100.0 * gflops / gemm_ref;
+  }
 
   // ---- part 2: cost against the number of learned tasks ----------------------------------------
   if (!a.scaling_method.empty() && !a.scaling_tasks.empty()) {
