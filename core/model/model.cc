@@ -97,10 +97,11 @@ at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 }
 
 // Activations with more than kGemvMaxRows and at most this many rows go through SmallRowsLinear
-// (core/model/small_gemm.h) when no gradient is needed: for 3-15 rows OpenBLAS's GEMM, which packs
-// the whole weight matrix on every call, and one GEMV per row both cost 1.1-1.8x that kernel on the
-// 110M config's matrices (AVX-512 and AVX2 hosts, 1 and 2 threads); at 16 rows OpenBLAS's GEMM is
-// faster on 2 threads (strata-bench-decode --kernels 1, docs/benchmarks.md).
+// (core/model/small_gemm.h) when no gradient is needed: for 3-12 rows OpenBLAS's GEMM, which packs
+// the whole weight matrix on every call, and one GEMV per row cost up to 1.8x that kernel on the
+// 110M config's matrices (AVX-512 and AVX2 hosts); 13-15 rows, measured on the AVX2 host only, are
+// 1.4-1.6x faster through it on 1 thread and about even on 2; at 16 rows OpenBLAS's GEMM is faster
+// on 2 threads (strata-bench-decode --kernels 1, docs/benchmarks.md).
 constexpr int64_t kSmallRowsMaxRows = 15;
 
 // y = x Wᵀ + b through SmallRowsLinear; an undefined tensor when it does not apply (not float32 on
