@@ -223,19 +223,29 @@ TEST(TrainerTest, TrainsReportsProgressAndMerges) {
   EXPECT_EQ(MaxDiff(Logits(*again->model), Logits(*result->model)), 0.0);
 }
 
+// The two-task runs below: every linear adapted, rank 4, 8-row batches at lr 1e-2.
+MethodConfig AllLinearRank4Config() {
+  MethodConfig mc = testing::QvTestConfig();
+  mc.target_modules = {"all-linear"};
+  mc.rank = 4;
+  mc.p = 4;
+  return mc;
+}
+
+TrainOptions TwoTaskOptions(int64_t max_steps) {
+  TrainOptions o;
+  o.learning_rate = 1e-2;
+  o.batch_size = 8;
+  o.max_steps = max_steps;
+  return o;
+}
+
 TEST(TrainerTest, EveryMethodTrainsTwoTasks) {
   OneThread one_thread;
   auto base = TinyModel();
   for (const std::string& name : MethodNames()) {
-    MethodConfig mc = testing::QvTestConfig();
-    mc.target_modules = {"all-linear"};
-    mc.rank = 4;
-    mc.p = 4;
-    auto method = MakeMethod(name, mc);
-    TrainOptions o;
-    o.learning_rate = 1e-2;
-    o.batch_size = 8;
-    o.max_steps = 12;
+    auto method = MakeMethod(name, AllLinearRank4Config());
+    TrainOptions o = TwoTaskOptions(12);
     std::unique_ptr<CausalLM> served = base->ShallowCopy();
     for (int t = 0; t < 2; ++t) {
       auto result = Trainer(o).Train(*served, *method, "t" + std::to_string(t), {SyntheticTask("t", t)});
@@ -264,15 +274,8 @@ TEST(TrainerTest, RowShardsInOneProcessMatchOnePass) {
     std::unique_ptr<CausalLM> served;
   };
   auto run = [&](const std::string& name, int shards) {
-    MethodConfig mc = testing::QvTestConfig();
-    mc.target_modules = {"all-linear"};
-    mc.rank = 4;
-    mc.p = 4;
-    auto method = MakeMethod(name, mc);
-    TrainOptions o;
-    o.learning_rate = 1e-2;
-    o.batch_size = 8;
-    o.max_steps = 10;
+    auto method = MakeMethod(name, AllLinearRank4Config());
+    TrainOptions o = TwoTaskOptions(10);
     o.shards = shards;
     Run r;
     r.served = base->ShallowCopy();
