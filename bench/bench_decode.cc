@@ -2,6 +2,7 @@
 //
 //   strata-bench-decode [--threads N] [--models stories260K,110m] [--dtype float32|bfloat16]
 //                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR] [--batches 1,8,16]
+//                       [--decode-step 0|1]
 //
 // For each model and batch size (--batches, default 1, 8 and 16) it times a prefill of a --prompt-token
 // random prompt and then --new greedy decode steps through the KV cache (the model's own Forward loop, no
@@ -13,7 +14,8 @@
 // also times strata::Generate (greedy, detokenised, streamed) against the bare Forward loop.
 // --kernels 1 prints only the table of one 110M decode step's matrix products for 1-32 rows through
 // at::linear (GEMM), one GEMV per row (1-8 rows), the small-rows kernel (core/model/small_gemm.h) and
-// at::linear on the rows zero-padded to a multiple of 16.
+// at::linear on the rows zero-padded to a multiple of 16. --decode-step 0 runs decode steps through the
+// per-layer operators instead of CausalLM::DecodeStep (core/model/decode_step.cc), to compare.
 
 #include <torch/torch.h>
 
@@ -52,13 +54,14 @@ struct Flags {
   std::string tokenizer_110m = std::string(STRATA_SHARED_DIR) + "/tokenizers/llama2";
   bool kernels = false;  // --kernels 1: the GEMM-vs-GEMV table only
   std::vector<int64_t> batches = {1, 8, 16};
+  bool decode_step = true;  // --decode-step 0: steps through the per-layer operators (RunLayers)
 };
 
 void Usage() {
   std::fprintf(stderr,
                "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
                "[--dtype float32|bfloat16] [--device cpu|cuda] [--prompt 32] [--new 128] [--reps 3] "
-               "[--model-dir DIR] [--kernels 0|1] [--batches 1,8,16]\n");
+               "[--model-dir DIR] [--kernels 0|1] [--batches 1,8,16] [--decode-step 0|1]\n");
 }
 
 bool ParseFlags(int argc, char** argv, Flags* f) {
@@ -90,6 +93,9 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
       f->model_dir = v;
     } else if (arg == "--kernels") {
       f->kernels = v == "1";
+    } else if (arg == "--decode-step") {
+      if (v != "0" && v != "1") return false;
+      f->decode_step = v == "1";
     } else if (arg == "--batches") {
       f->batches.clear();
       for (absl::string_view b : absl::StrSplit(v, ',', absl::SkipEmpty())) {
@@ -356,6 +362,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "loading %s: %s\n", f.model_dir.c_str(), model.status().ToString().c_str());
         return 1;
       }
+      (*model)->set_decode_step_enabled(f.decode_step);
       auto tokenizer = strata::Tokenizer::FromDirectory(f.model_dir);
       Bench(name, **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else if (name == "110m") {
@@ -365,6 +372,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "RandomInit 110m: %s\n", model.status().ToString().c_str());
         return 1;
       }
+      (*model)->set_decode_step_enabled(f.decode_step);
       auto tokenizer = strata::Tokenizer::FromDirectory(f.tokenizer_110m);
       Bench("random-init 110M (Llama, tied)", **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else {

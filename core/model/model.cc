@@ -511,6 +511,7 @@ at::Tensor CausalLM::Attention(const DecoderLayer& layer, size_t index, const at
 
 at::Tensor CausalLM::Forward(const at::Tensor& input_ids, const at::Tensor& attention_mask, KVCache* cache,
                              int64_t logits_to_keep) const {
+  if (CanDecodeStep(input_ids, attention_mask, cache)) return DecodeStep(input_ids, cache);
   at::Tensor h = RunLayers(input_ids, attention_mask, cache, static_cast<int64_t>(layers_.size()));
   const int64_t t = h.size(1);
   h = RmsNorm(h, final_norm_, config_.rms_norm_eps);

@@ -206,6 +206,12 @@ class CausalLM {
   // Removes every adapter.
   void ClearAdapters();
 
+  // Whether Forward() runs a step of one new position per row without a mask, on the CPU in
+  // float32 outside autograd, through DecodeStep (decode_step.cc: loops instead of per-layer
+  // operators; same results up to summation order). Default: on. Off only to compare the two paths.
+  void set_decode_step_enabled(bool enabled) { decode_step_enabled_ = enabled; }
+  bool decode_step_enabled() const { return decode_step_enabled_; }
+
  private:
   struct DecoderLayer {
     at::Tensor input_norm;      // [hidden]
@@ -219,6 +225,11 @@ class CausalLM {
                        int64_t num_layers) const;
   at::Tensor Attention(const DecoderLayer& layer, size_t index, const at::Tensor& x, const at::Tensor& cos,
                        const at::Tensor& sin, const at::Tensor& mask, KVCache* cache) const;
+  // The conditions of DecodeStep (see set_decode_step_enabled), checked before each Forward().
+  bool CanDecodeStep(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                     const KVCache* cache) const;
+  // Logits [B, 1, vocab] for input_ids [B, 1] after the cached positions (decode_step.cc).
+  at::Tensor DecodeStep(const at::Tensor& input_ids, KVCache* cache) const;
 
   ModelConfig config_;
   at::Tensor embed_tokens_;  // [vocab, hidden]
@@ -226,6 +237,7 @@ class CausalLM {
   LinearLayer lm_head_;      // weight aliases embed_tokens_ when tied
   std::vector<DecoderLayer> layers_;
   at::Tensor rope_inv_freq_;  // [head_dim / 2], float32, on the model's device
+  bool decode_step_enabled_ = true;
 };
 
 }  // namespace strata
