@@ -101,7 +101,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Runtime libraries only: the packages that provide the binaries' direct DT_NEEDED libraries (apt
 # brings their dependencies) plus OpenBLAS (OpenMP), which LibTorch reaches through libblas.so.3.
 # tests/deploy/deploy_files_test.sh --build-dir checks this list against a real build.
-ARG CPU_RUNTIME_PACKAGES="libtorch1.13 libopenblas0-openmp \
+ARG CPU_RUNTIME_PACKAGES="libtorch1.13 libopenblas0-openmp libgomp1 \
     libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
     libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libspdlog1.10 libfmt9 \
     libpcre2-8-0 libicu72 libssl3 libjemalloc2 libcpp-httplib0.11"
