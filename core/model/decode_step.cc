@@ -63,7 +63,8 @@ void RopeHeads(float* x, int64_t heads, int64_t head_dim, const float* cos, cons
 // x [rows, in] -> [rows, out] through `layer` (its weight, bias and adapter). One row without an
 // adapter writes into `out` with one matrix-vector product (no intermediate tensors).
 at::Tensor LinearRows(const LinearLayer& layer, const at::Tensor& x, at::Tensor out) {
-  if (x.size(0) == 1 && !layer.adapter && layer.weight.scalar_type() == at::kFloat && layer.weight.dim() == 2) {
+  if (x.size(0) == 1 && !layer.adapter && layer.weight.scalar_type() == at::kFloat &&
+      layer.weight.dim() == 2) {
     const at::Tensor xv = x.view({x.size(1)});
     at::Tensor yv = out.view({out.size(1)});
     if (layer.bias.defined()) {
@@ -218,8 +219,8 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
   const at::Tensor embed = embed_tokens_.contiguous();
   at::Tensor h = at::empty({rows, hidden}, opts);
   for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "CausalLM::Forward: token id ", id[r], " out of range [0, ", vocab,
-                ")");
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "CausalLM::Forward: token id ", id[r], " out of range [0, ",
+                vocab, ")");
     std::copy_n(embed.data_ptr<float>() + id[r] * hidden, hidden, h.data_ptr<float>() + r * hidden);
   }
 
@@ -341,15 +342,16 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
         for (int64_t i = 0; i < rows * hidden; ++i) hp[i] += dp[i];
       }
     }
-    if (team.id == 0) RmsNormRows(hp, final_norm_.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
+    if (team.id == 0)
+      RmsNormRows(hp, final_norm_.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
     team.Sync();
     TeamLinear(team, lm_head_, normed, logits);
   };
   // One row without adapters splits every product over the intra-op threads (one GEMV each over
   // its share of the weight's rows); otherwise the products themselves use the threads.
   auto splittable = [](const LinearLayer& l) {
-    return !l.adapter && l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 && l.weight.is_contiguous() &&
-           (!l.bias.defined() || l.bias.scalar_type() == at::kFloat);
+    return !l.adapter && l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 &&
+           l.weight.is_contiguous() && (!l.bias.defined() || l.bias.scalar_type() == at::kFloat);
   };
   bool split = rows == 1 && splittable(lm_head_);
   for (const DecoderLayer& l : layers_) {
