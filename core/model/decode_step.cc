@@ -2,11 +2,11 @@
 // with the norms, rotary embedding, attention over the cache and the MLP activation as plain loops
 // over the activations instead of ~40 LibTorch operators per layer.
 //
-// Why: at batch 1 the products are matrix-vector products bound by memory bandwidth, and the rest
-// of a step through the operator path (per-op dispatch, the bmm attention on one query, the masks
-// and rotary tables built per step) cost ~6 ms of a ~30 ms step of the 110M config on the AVX2 host
-// (perf, docs/benchmarks.md). The products still run through LinearLayer's kernels (at::mv /
-// SmallRowsLinear / GEMM by row count, adapters included), so the weights are read the same way.
+// At batch 1 without adapters the whole step is one OpenMP parallel region: each thread runs one
+// matrix-vector product over its share of every weight's rows, with a spinning barrier between
+// phases (SpinBarrier says why). Otherwise the products run through LinearLayer::Forward (GEMV,
+// small-rows kernel or GEMM by row count, adapters included). Measured against the operator path
+// and llama2.c in docs/benchmarks.md (issue 20).
 //
 // Numerics: the same operations as RunLayers in float32; only summation orders differ (the
 // dot products of attention and the norms' sums), well inside the 1e-5 the KV-cache tests allow.
@@ -60,21 +60,17 @@ void RopeHeads(float* x, int64_t heads, int64_t head_dim, const float* cos, cons
   }
 }
 
-// x [rows, in] -> [rows, out] through `layer` (its weight, bias and adapter). One row without an
-// adapter writes into `out` with one matrix-vector product (no intermediate tensors).
-at::Tensor LinearRows(const LinearLayer& layer, const at::Tensor& x, at::Tensor out) {
-  if (x.size(0) == 1 && !layer.adapter && layer.weight.scalar_type() == at::kFloat &&
-      layer.weight.dim() == 2) {
-    const at::Tensor xv = x.view({x.size(1)});
-    at::Tensor yv = out.view({out.size(1)});
-    if (layer.bias.defined()) {
-      at::addmv_out(yv, layer.bias, layer.weight, xv);
-    } else {
-      at::mv_out(yv, layer.weight, xv);
-    }
-    return out;
-  }
-  return layer.Forward(x);
+// h += x, over x's elements (the residual stream of the step).
+void AddTo(float* h, const at::Tensor& x) {
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) h[i] += xp[i];
+}
+
+// Whether one row's product through `layer` can run as matrix-vector products over slices of its
+// weight's rows: no adapter, a contiguous float32 matrix (and bias).
+bool SplitsByRows(const LinearLayer& l) {
+  return !l.adapter && l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 &&
+         l.weight.is_contiguous() && (!l.bias.defined() || l.bias.scalar_type() == at::kFloat);
 }
 
 // A barrier for the threads of one decode step that spins (the phases between two barriers are
@@ -133,14 +129,14 @@ struct Team {
   std::pair<int64_t, int64_t> Range(int64_t n) const { return {n * id / size, n * (id + 1) / size}; }
 };
 
-// out = layer(x). A team of one runs the whole product (LinearRows: GEMV, small-rows kernel or GEMM
-// by row count, and the adapter); a larger team (one row, no adapters: see DecodeStep) splits the
-// output features, each thread one matrix-vector product over its rows of the weight (OpenBLAS
-// runs single-threaded inside the parallel region).
+// out = layer(x). One row through a layer that SplitsByRows: each thread of the team writes its
+// share of the output features with one matrix-vector product over those rows of the weight (all
+// of them in a team of one; OpenBLAS runs single-threaded inside the parallel region). Otherwise
+// (only ever a team of one: see DecodeStep) LinearLayer::Forward: GEMV, small-rows kernel or GEMM
+// by row count, and the adapter.
 void TeamLinear(const Team& team, const LinearLayer& layer, const at::Tensor& x, const at::Tensor& out) {
-  if (team.size == 1) {
-    const at::Tensor y = LinearRows(layer, x, out);
-    if (y.data_ptr() != out.data_ptr()) out.copy_(y);
+  if (x.size(0) != 1 || !SplitsByRows(layer)) {
+    out.copy_(layer.Forward(x));
     return;
   }
   const auto [begin, end] = team.Range(out.size(1));
@@ -318,8 +314,7 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
       TeamLinear(team, layer.o, attn, o);
       team.Sync();
       if (team.id == 0) {
-        const float* op = o.data_ptr<float>();
-        for (int64_t i = 0; i < rows * hidden; ++i) hp[i] += op[i];
+        AddTo(hp, o);
         RmsNormRows(hp, layer.post_attn_norm.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
       }
       team.Sync();
@@ -337,10 +332,7 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
       team.Sync();
       TeamLinear(team, layer.down, gate, down);
       team.Sync();
-      if (team.id == 0) {
-        const float* dp = down.data_ptr<float>();
-        for (int64_t i = 0; i < rows * hidden; ++i) hp[i] += dp[i];
-      }
+      if (team.id == 0) AddTo(hp, down);
     }
     if (team.id == 0)
       RmsNormRows(hp, final_norm_.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
@@ -349,14 +341,10 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
   };
   // One row without adapters splits every product over the intra-op threads (one GEMV each over
   // its share of the weight's rows); otherwise the products themselves use the threads.
-  auto splittable = [](const LinearLayer& l) {
-    return !l.adapter && l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 &&
-           l.weight.is_contiguous() && (!l.bias.defined() || l.bias.scalar_type() == at::kFloat);
-  };
-  bool split = rows == 1 && splittable(lm_head_);
+  bool split = rows == 1 && SplitsByRows(lm_head_);
   for (const DecoderLayer& l : layers_) {
     for (const LinearLayer* linear : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
-      split = split && splittable(*linear);
+      split = split && SplitsByRows(*linear);
     }
   }
   RunTeam(split ? at::get_num_threads() : 1, body);
