@@ -70,10 +70,10 @@ at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return (x * cos).addcmul_(swapped, signed_sin);
 }
 
-// Activations with at most this many rows go through one matrix-vector product per row. OpenBLAS
-// runs `linear` on 1-2 rows as a GEMM with small m, which costs 1.5-2x its GEMV on the same weights
-// (strata-bench-decode --kernels 1 on the 110M config's matrices, docs/benchmarks.md). Decode at
-// batch 1-2 is all such products.
+// Activations with at most this many rows go through one matrix-vector product per row when the
+// small-rows kernel below does not apply (one row always does: one GEMV is as fast as the kernel).
+// OpenBLAS runs `linear` on 1-2 rows as a GEMM with small m, which costs 1.5-2x its GEMV on the same
+// weights (strata-bench-decode --kernels 1 on the 110M config's matrices, docs/benchmarks.md).
 constexpr int64_t kGemvMaxRows = 2;
 
 // y = x Wᵀ + b for `rows` rows of x, one GEMV per row; the same as linear up to summation order.
@@ -96,13 +96,12 @@ at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return y.view(shape);
 }
 
-// Activations with more than kGemvMaxRows and at most this many rows go through SmallRowsLinear
-// (core/model/small_gemm.h) when no gradient is needed: for 3-12 rows OpenBLAS's GEMM, which packs
-// the whole weight matrix on every call, and one GEMV per row cost up to 1.8x that kernel on the
-// 110M config's matrices (AVX-512 and AVX2 hosts); 13-15 rows, measured on the AVX2 host only, are
-// 1.4-1.6x faster through it on 1 thread and about even on 2; at 16 rows OpenBLAS's GEMM is faster
-// on 2 threads (strata-bench-decode --kernels 1, docs/benchmarks.md).
-constexpr int64_t kSmallRowsMaxRows = 15;
+// Activations with 2 to this many rows go through SmallRowsLinear (core/model/small_gemm.h) when no
+// gradient is needed. OpenBLAS's GEMM packs the whole weight matrix on every call, and one GEMV per
+// row reads it once per row: on the 110M config's matrices (AVX2 host, 1 and 2 threads) the kernel
+// is 1.2-2.5x faster than `linear` at 2-24 rows and 1.5x faster than a GEMV per row at 2 rows;
+// from 28 rows `linear` is as fast or faster (strata-bench-decode --kernels 1, docs/benchmarks.md).
+constexpr int64_t kSmallRowsMaxRows = 24;
 
 // y = x Wᵀ + b through SmallRowsLinear; an undefined tensor when it does not apply (not float32 on
 // the CPU, autograd needed, or no AVX2/AVX-512 on this CPU).
@@ -141,10 +140,9 @@ at::Tensor LinearLayer::Forward(const at::Tensor& x) const {
   const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
   const int64_t rows = in > 0 ? x.numel() / in : 0;
   at::Tensor y;
-  if (x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2) {
+  if (x.device().is_cpu() && rows >= 2 && rows <= kSmallRowsMaxRows) y = SmallRowsForward(x, w, b, rows);
+  if (!y.defined() && x.device().is_cpu() && rows >= 1 && rows <= kGemvMaxRows && w.dim() == 2) {
     y = FewRowLinear(x, w, b, rows);
-  } else if (x.device().is_cpu() && rows > kGemvMaxRows && rows <= kSmallRowsMaxRows) {
-    y = SmallRowsForward(x, w, b, rows);
   }
   if (!y.defined()) y = at::linear(x, w, b);
   if (adapter) {

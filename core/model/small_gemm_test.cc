@@ -75,6 +75,30 @@ TEST(SmallRowsLinearTest, ARowsResultDoesNotDependOnItsBatch) {
   }
 }
 
+// The kernel splits the weight's row blocks over torch's threads (small_gemm.cc is compiled with
+// OpenMP for that); each output is still summed by one thread in one order, so the result does not
+// depend on the thread count.
+TEST(SmallRowsLinearTest, SameResultOnOneAndTwoThreads) {
+  const std::vector<std::string> isas = Isas();
+  if (isas.empty()) GTEST_SKIP() << "this CPU has neither AVX-512F nor AVX2+FMA";
+  at::manual_seed(11);
+  const at::Tensor w = at::randn({517, 768});  // 130 row blocks: more than one grain
+  const at::Tensor b = at::randn({517});
+  const int before = at::get_num_threads();
+  for (const std::string& isa : isas) {
+    for (int64_t rows : {2, 16, 24}) {
+      const at::Tensor x = at::randn({rows, 768});
+      at::set_num_threads(1);
+      const at::Tensor one = Kernel(isa, x, w, b);
+      at::set_num_threads(2);
+      const at::Tensor two = Kernel(isa, x, w, b);
+      EXPECT_TRUE(at::equal(one, two)) << isa << " rows " << rows;
+      EXPECT_TRUE(at::allclose(two, at::linear(x, w, b), 1e-4, 1e-4)) << isa << " rows " << rows;
+    }
+  }
+  at::set_num_threads(before);
+}
+
 TEST(SmallRowsLinearTest, LinearLayerUsesItOnlyWithoutAutograd) {
   if (*SmallRowsLinearIsa() == '\0') GTEST_SKIP() << "this CPU has neither AVX-512F nor AVX2+FMA";
   at::manual_seed(9);
