@@ -39,6 +39,28 @@ class FixedLowRank : public LinearAdapter {
   at::Tensor a_, b_;
 };
 
+// A route's side path through a basis shared by every route, y = s · ((x R) Cᵀ) Lᵀ (Share's task
+// routes): L and R are the same tensors in every route, C is the route's own core.
+class FixedSharedBasis : public LinearAdapter {
+ public:
+  FixedSharedBasis(at::Tensor left, at::Tensor right, at::Tensor core, double scale)
+      : left_(std::move(left)), right_(std::move(right)), core_(std::move(core)), scale_(scale) {}
+  at::Tensor Forward(const at::Tensor& x) override {
+    return at::matmul(at::matmul(at::matmul(x, right_), core_.t()), left_.t()).mul(scale_);
+  }
+  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const override {
+    *left = left_;
+    *core = core_;
+    *right = right_;
+    *scale = scale_;
+    return true;
+  }
+
+ private:
+  at::Tensor left_, right_, core_;
+  double scale_;
+};
+
 std::shared_ptr<const CausalLM> Stories() {
   auto m = CausalLM::Load(kStories);
   EXPECT_TRUE(m.ok()) << m.status();
@@ -194,6 +216,49 @@ TEST_F(DecodeBatchTest, PerRowRoutesEqualPerRequestRoutes) {
       EXPECT_NE(Alone(0, o, route_a.get()).ids, Alone(0, o).ids);
     }
   }
+}
+
+// Share-style routes (one basis per layer, a core per route) in one batch: the batch runs the basis
+// once with a core per row (on the CPU, the small-rows side path of decode steps) and each row gets
+// the tokens it gets alone through its route's own side path.
+TEST_F(DecodeBatchTest, PerRowSharedBasisRoutesEqualPerRequestRoutes) {
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> bases;  // layer -> (L [n×kl], R [d×kr])
+  for (const std::string& name : model_->LinearNames()) {
+    const LinearLayer* layer = model_->FindLinear(name);
+    bases[name] = {at::randn({layer->weight.size(0), 6}, gen, at::kFloat) * 0.4,
+                   at::randn({layer->weight.size(1), 5}, gen, at::kFloat) * 0.4};
+  }
+  auto route = [&](uint64_t seed) {
+    at::Generator g = at::detail::createCPUGenerator(seed);
+    auto copy = model_->ShallowCopy();
+    for (const std::string& name : copy->LinearNames()) {
+      const auto& [left, right] = bases[name];
+      copy->FindLinear(name)->adapter =
+          std::make_shared<FixedSharedBasis>(left, right, at::randn({6, 5}, g, at::kFloat), 0.5);
+    }
+    return std::shared_ptr<const CausalLM>(std::move(copy));
+  };
+  const auto route_a = route(31);
+  const auto route_b = route(32);
+  const std::vector<std::shared_ptr<const CausalLM>> routes = {route_b, route_a, nullptr, route_b};
+  for (float temperature : {0.0f, 0.9f}) {
+    SamplingOptions o = options_;
+    o.temperature = temperature;
+    o.seed = 3;
+    DecodeBatch batch(model_, tok_);
+    std::vector<Outcome> out(prompts_.size());
+    for (size_t i = 0; i < prompts_.size(); ++i) {
+      ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
+    }
+    while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+    for (size_t i = 0; i < prompts_.size(); ++i) {
+      EXPECT_EQ(out[i].ids, Alone(i, o, routes[i].get()).ids) << "row " << i << " temperature " << temperature;
+    }
+  }
+  // The side paths matter, and differ between routes.
+  EXPECT_NE(Alone(1, options_, route_a.get()).ids, Alone(1, options_).ids);
+  EXPECT_NE(Alone(1, options_, route_a.get()).ids, Alone(1, options_, route_b.get()).ids);
 }
 
 // A cancelled row leaves at the next step (its slot is free), the others go on unchanged.

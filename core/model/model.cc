@@ -97,12 +97,9 @@ at::Tensor FewRowLinear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 }
 
 // Activations with 2 to this many rows go through SmallRowsLinear (core/model/small_gemm.h) when no
-// gradient is needed. OpenBLAS's GEMM packs the whole weight matrix on every call, and one GEMV per
-// row reads it once per row: on the 110M config's matrices (AVX2 host, 1 and 2 threads) the kernel
-// is 1.2-3x faster than `linear` at 2-32 rows and 1.3-1.8x faster than a GEMV per row at 2 rows
-// (strata-bench-decode --kernels 1, docs/benchmarks.md). Decode batches are at most this big in
-// most deployments; prefill's hundreds of rows stay on OpenBLAS's GEMM.
-constexpr int64_t kSmallRowsMaxRows = 32;
+// gradient is needed: OpenBLAS's GEMM packs the whole weight matrix on every call, and one GEMV per
+// row reads it once per row.
+constexpr int64_t kSmallRowsMaxRows = kSmallRowsLinearMaxRows;
 
 // y = x Wᵀ + b through SmallRowsLinear; an undefined tensor when it does not apply (not float32 on
 // the CPU, autograd needed, or no AVX2/AVX-512 on this CPU).

@@ -131,8 +131,9 @@ bool Run(RowsFn fn, const float* x, int64_t rows, const float* w, int64_t n, int
          float* y) {
   if (fn == nullptr) return false;
   const int64_t blocks = (n + kWeightRows - 1) / kWeightRows;
-  // At least ~64 KiB of weights per task, so small matrices do not pay for a thread hand-off.
-  const int64_t grain = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, kWeightRows * d));
+  // At least 256 KiB of weights per task: a parallel region costs ~40 µs when its threads sleep
+  // between regions (OMP_WAIT_POLICY=PASSIVE), more than a low-rank factor's whole product.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, kWeightRows * d));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t j = blk * kWeightRows;

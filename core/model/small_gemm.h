@@ -20,12 +20,19 @@
 
 namespace strata {
 
+// The most rows the callers hand to SmallRowsLinear: on the 110M config's matrices (AVX2 host, 1 and
+// 2 threads) the kernel is 1.2-3x faster than LibTorch's `linear` at 2-32 rows and 1.3-1.8x faster
+// than a GEMV per row at 2 rows (strata-bench-decode --kernels 1, docs/benchmarks.md). Decode batches
+// are at most this big in most deployments; prefill's hundreds of rows stay on OpenBLAS's GEMM.
+inline constexpr int64_t kSmallRowsLinearMaxRows = 32;
+
 // Which instruction set SmallRowsLinear uses on this CPU: "avx512", "avx2" or "" (none: the caller
 // falls back to its GEMM).
 const char* SmallRowsLinearIsa();
 
 // y[r][j] = Σ_k x[r][k]·w[j][k] (+ bias[j]) for r < rows, j < n; x is rows×d, w is n×d, y is rows×n,
-// all row-major and contiguous; bias may be null. Runs on LibTorch's intra-op threads. Returns false
+// all row-major and contiguous; bias may be null. Runs on LibTorch's intra-op threads when w is big
+// enough to be worth a thread hand-off (at least 256 KiB per thread), else on the caller's. Returns false
 // (and writes nothing) when the CPU has neither AVX-512F nor AVX2+FMA.
 bool SmallRowsLinear(const float* x, int64_t rows, const float* w, int64_t n, int64_t d, const float* bias,
                      float* y);
