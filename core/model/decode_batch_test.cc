@@ -48,7 +48,8 @@ class FixedSharedBasis : public LinearAdapter {
   at::Tensor Forward(const at::Tensor& x) override {
     return at::matmul(at::matmul(at::matmul(x, right_), core_.t()), left_.t()).mul(scale_);
   }
-  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right, double* scale) const override {
+  bool SharedBasisFactors(at::Tensor* left, at::Tensor* core, at::Tensor* right,
+                          double* scale) const override {
     *left = left_;
     *core = core_;
     *right = right_;
@@ -253,7 +254,8 @@ TEST_F(DecodeBatchTest, PerRowSharedBasisRoutesEqualPerRequestRoutes) {
     }
     while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
     for (size_t i = 0; i < prompts_.size(); ++i) {
-      EXPECT_EQ(out[i].ids, Alone(i, o, routes[i].get()).ids) << "row " << i << " temperature " << temperature;
+      EXPECT_EQ(out[i].ids, Alone(i, o, routes[i].get()).ids)
+          << "row " << i << " temperature " << temperature;
     }
   }
   // The side paths matter, and differ between routes.
