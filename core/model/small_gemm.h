@@ -21,7 +21,7 @@
 namespace strata {
 
 // The most rows the callers hand to SmallRowsLinear: on the 110M config's matrices (AVX2 host, 1 and
-// 2 threads) the kernel is 1.2-3x faster than LibTorch's `linear` at 2-32 rows and 1.3-1.8x faster
+// 2 threads) the kernel is 1.2-3x faster than LibTorch's `linear` at 2-32 rows and 1.3-1.6x faster
 // than a GEMV per row at 2 rows (strata-bench-decode --kernels 1, docs/benchmarks.md). Decode batches
 // are at most this big in most deployments; prefill's hundreds of rows stay on OpenBLAS's GEMM.
 inline constexpr int64_t kSmallRowsLinearMaxRows = 32;
