@@ -252,6 +252,9 @@ Figures RunStreams(const std::string& addr, int streams, const std::vector<std::
         const grpc::Status st = reader->Finish();
         if (!st.ok()) {
           if (errors++ == 0) first_error = absl::StrCat(st.error_code(), ": ", st.error_message());
+          // Each failure as it happens (the table only keeps the first; stdout may go to a file).
+          std::fprintf(stderr, "stream %d request %d (route %s): gRPC status %d: %s\n", s, r,
+                       req.route().c_str(), static_cast<int>(st.error_code()), st.error_message().c_str());
         }
       }
       std::lock_guard<std::mutex> lock(mu);
