@@ -131,6 +131,20 @@ class DecodeBatchTest : public ::testing::Test {
     EXPECT_TRUE(r.ok()) << r.status();
     return (*r)[0];
   }
+  // The prompts as rows of one batch, row i on routes[i] (null: the weights alone), run to the end
+  // into *out; with step_after >= 0, one step runs right after that row is added.
+  void RunBatch(const SamplingOptions& o, const std::vector<std::shared_ptr<const CausalLM>>& routes,
+                std::vector<Outcome>* out, int step_after = -1) {
+    DecodeBatch batch(model_, tok_);
+    out->assign(prompts_.size(), Outcome());
+    for (size_t i = 0; i < prompts_.size(); ++i) {
+      ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &(*out)[i], routes[i])).ok());
+      if (static_cast<int>(i) == step_after) {
+        ASSERT_TRUE(batch.Step().ok());
+      }
+    }
+    while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+  }
   std::shared_ptr<const CausalLM> model_;
   std::shared_ptr<const Tokenizer> tok_;
   std::vector<std::vector<int32_t>> prompts_;
@@ -198,15 +212,9 @@ TEST_F(DecodeBatchTest, PerRowRoutesEqualPerRequestRoutes) {
       SamplingOptions o = options_;
       o.temperature = temperature;
       o.seed = 7;
-      DecodeBatch batch(model_, tok_);
-      std::vector<Outcome> out(prompts_.size());
-      for (size_t i = 0; i < prompts_.size(); ++i) {
-        ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
-        if (i == 1) {
-          ASSERT_TRUE(batch.Step().ok());  // rows of one route end up apart in the batch
-        }
-      }
-      while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+      std::vector<Outcome> out;
+      // A step after row 1: rows of one route end up apart in the batch.
+      ASSERT_NO_FATAL_FAILURE(RunBatch(o, routes, &out, /*step_after=*/1));
       for (size_t i = 0; i < prompts_.size(); ++i) {
         const GenerationResult alone = Alone(i, o, routes[i].get());
         EXPECT_EQ(out[i].ids, alone.ids)
@@ -247,12 +255,8 @@ TEST_F(DecodeBatchTest, PerRowSharedBasisRoutesEqualPerRequestRoutes) {
     SamplingOptions o = options_;
     o.temperature = temperature;
     o.seed = 3;
-    DecodeBatch batch(model_, tok_);
-    std::vector<Outcome> out(prompts_.size());
-    for (size_t i = 0; i < prompts_.size(); ++i) {
-      ASSERT_TRUE(batch.Add(MakeRow(prompts_[i], o, &out[i], routes[i])).ok());
-    }
-    while (!batch.empty()) ASSERT_TRUE(batch.Step().ok());
+    std::vector<Outcome> out;
+    ASSERT_NO_FATAL_FAILURE(RunBatch(o, routes, &out));
     for (size_t i = 0; i < prompts_.size(); ++i) {
       EXPECT_EQ(out[i].ids, Alone(i, o, routes[i].get()).ids)
           << "row " << i << " temperature " << temperature;
