@@ -2,7 +2,7 @@
 //
 //   strata-bench-decode [--threads N] [--models stories260K,110m] [--dtype float32|bfloat16]
 //                       [--prompt 32] [--new 128] [--reps 3] [--model-dir DIR] [--batches 1,8,16]
-//                       [--decode-step 0|1]
+//                       [--decode-step 0|1] [--adapter none|lora|share]
 //
 // For each model and batch size (--batches, default 1, 8 and 16) it times a prefill of a --prompt-token
 // random prompt and then --new greedy decode steps through the KV cache (the model's own Forward loop, no
@@ -16,6 +16,8 @@
 // at::linear (GEMM), one GEMV per row (1-8 rows), the small-rows kernel (core/model/small_gemm.h) and
 // at::linear on the rows zero-padded to a multiple of 16. --decode-step 0 runs decode steps through the
 // per-layer operators instead of CausalLM::DecodeStep (core/model/decode_step.cc), to compare.
+// --adapter puts a side path on every linear layer but the head, as a task route has: a rank-8 LoRA
+// (lora), or Share's route, a k = 32 basis on each side with a 32×32 core (share, k_max's default).
 
 #include <torch/torch.h>
 
@@ -30,6 +32,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "core/adapt/lora.h"
 #include "core/adapt/router.h"
 #include "core/model/generate.h"
 #include "core/model/model.h"
@@ -54,14 +57,16 @@ struct Flags {
   std::string tokenizer_110m = std::string(STRATA_SHARED_DIR) + "/tokenizers/llama2";
   bool kernels = false;  // --kernels 1: the GEMM-vs-GEMV table only
   std::vector<int64_t> batches = {1, 8, 16};
-  bool decode_step = true;  // --decode-step 0: steps through the per-layer operators (RunLayers)
+  bool decode_step = true;       // --decode-step 0: steps through the per-layer operators (RunLayers)
+  std::string adapter = "none";  // none | lora | share: a side path on every linear layer
 };
 
 void Usage() {
   std::fprintf(stderr,
                "usage: strata-bench-decode [--threads N] [--models stories260K,110m] "
                "[--dtype float32|bfloat16] [--device cpu|cuda] [--prompt 32] [--new 128] [--reps 3] "
-               "[--model-dir DIR] [--kernels 0|1] [--batches 1,8,16] [--decode-step 0|1]\n");
+               "[--model-dir DIR] [--kernels 0|1] [--batches 1,8,16] [--decode-step 0|1] "
+               "[--adapter none|lora|share]\n");
 }
 
 bool ParseFlags(int argc, char** argv, Flags* f) {
@@ -96,6 +101,9 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
     } else if (arg == "--decode-step") {
       if (v != "0" && v != "1") return false;
       f->decode_step = v == "1";
+    } else if (arg == "--adapter") {
+      if (v != "none" && v != "lora" && v != "share") return false;
+      f->adapter = v;
     } else if (arg == "--batches") {
       f->batches.clear();
       for (absl::string_view b : absl::StrSplit(v, ',', absl::SkipEmpty())) {
@@ -255,14 +263,37 @@ void GenerateVsForward(const strata::CausalLM& model, const strata::Tokenizer& t
   std::fflush(stdout);
 }
 
+// --adapter: a side path on every linear layer of the decoder (not the head), in the weights' dtype
+// and device, with random factors (their values do not change the cost).
+void AddAdapters(strata::CausalLM* model, const std::string& kind) {
+  if (kind == "none") return;
+  at::Generator gen = at::detail::createCPUGenerator(11);
+  for (const std::string& name : model->LinearNames()) {
+    strata::LinearLayer* layer = model->FindLinear(name);
+    const at::TensorOptions o = layer->weight.options();
+    const int64_t n = layer->weight.size(0);
+    const int64_t d = layer->weight.size(1);
+    auto random = [&](int64_t rows, int64_t cols) {
+      return (at::randn({rows, cols}, gen, at::kFloat) * 0.02).to(o);
+    };
+    if (kind == "lora") {
+      layer->adapter = std::make_shared<strata::LoraAdapter>(random(8, d), random(n, 8), 16.0 / 8);
+    } else {
+      layer->adapter =
+          std::make_shared<strata::SharedBasisAdapter>(random(n, 32), random(32, 32), random(d, 32), 1.0);
+    }
+  }
+}
+
 void Bench(const std::string& name, const strata::CausalLM& model, const Flags& f,
            const strata::Tokenizer* tokenizer) {
   const strata::ModelConfig& c = model.config();
   std::printf(
       "\n== %s: %.2fM parameters (hidden %ld, %ld layers, %ld heads / %ld kv, "
-      "intermediate %ld, vocab %ld), %s\n",
+      "intermediate %ld, vocab %ld), %s, side paths: %s\n",
       name.c_str(), static_cast<double>(model.ParameterCount()) / 1e6, c.hidden_size, c.num_hidden_layers,
-      c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, f.dtype.c_str());
+      c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, f.dtype.c_str(),
+      f.adapter.c_str());
   RunOnce(model, 1, f.prompt, 8, 99);  // warm-up
   for (int64_t batch : f.batches) {
     std::vector<double> prefill, decode;
@@ -363,6 +394,7 @@ int main(int argc, char** argv) {
         return 1;
       }
       (*model)->set_decode_step_enabled(f.decode_step);
+      AddAdapters(model->get(), f.adapter);
       auto tokenizer = strata::Tokenizer::FromDirectory(f.model_dir);
       Bench(name, **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else if (name == "110m") {
@@ -373,6 +405,7 @@ int main(int argc, char** argv) {
         return 1;
       }
       (*model)->set_decode_step_enabled(f.decode_step);
+      AddAdapters(model->get(), f.adapter);
       auto tokenizer = strata::Tokenizer::FromDirectory(f.tokenizer_110m);
       Bench("random-init 110M (Llama, tied)", **model, f, tokenizer.ok() ? tokenizer->get() : nullptr);
     } else {

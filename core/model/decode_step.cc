@@ -2,14 +2,18 @@
 // with the norms, rotary embedding, attention over the cache and the MLP activation as plain loops
 // over the activations instead of ~40 LibTorch operators per layer.
 //
-// At batch 1 without adapters the whole step is one OpenMP parallel region: each thread runs one
-// matrix-vector product over its share of every weight's rows, with a spinning barrier between
-// phases (SpinBarrier says why). Otherwise the products run through LinearLayer::Forward (GEMV,
-// small-rows kernel or GEMM by row count, adapters included). Measured against the operator path
-// and llama2.c in docs/benchmarks.md (issue 20).
+// At batch 1 the whole step is one OpenMP parallel region: each thread runs one matrix-vector
+// product over its share of every weight's rows, with a spinning barrier between phases
+// (SpinBarrier says why). A layer's low-rank side path (a task route's LoRA, or Share's shared
+// basis with the route's core) splits the same way: each thread computes the rank-r (or k) inner
+// vector of the row itself, a few thousand multiply-adds, and then its own output rows of the
+// outer factor. Otherwise (several rows, or an adapter that exposes no factors) the products run
+// through LinearLayer::Forward (GEMV, small-rows kernel or GEMM by row count, adapters included).
+// Measured against the operator path and llama2.c in docs/benchmarks.md (issues 14 and 20).
 //
 // Numerics: the same operations as RunLayers in float32; only summation orders differ (the
-// dot products of attention and the norms' sums), well inside the 1e-5 the KV-cache tests allow.
+// dot products of attention, the side paths and the norms' sums), well inside the 1e-5 the
+// KV-cache tests allow.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -66,12 +70,96 @@ void AddTo(float* h, const at::Tensor& x) {
   for (int64_t i = 0; i < x.numel(); ++i) h[i] += xp[i];
 }
 
-// Whether one row's product through `layer` can run as matrix-vector products over slices of its
-// weight's rows: no adapter, a contiguous float32 matrix (and bias).
-bool SplitsByRows(const LinearLayer& l) {
-  return !l.adapter && l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 &&
-         l.weight.is_contiguous() && (!l.bias.defined() || l.bias.scalar_type() == at::kFloat);
+// Whether one row's product through `layer`'s weight can run as matrix-vector products over slices
+// of its rows: a contiguous float32 matrix (and bias). Its adapter is SidePath's business.
+bool WeightSplitsByRows(const LinearLayer& l) {
+  return l.weight.scalar_type() == at::kFloat && l.weight.dim() == 2 && l.weight.is_contiguous() &&
+         (!l.bias.defined() || (l.bias.scalar_type() == at::kFloat && l.bias.is_contiguous()));
 }
+
+bool CpuFloatMatrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 &&
+         t.size(0) == rows && t.size(1) == cols && t.is_contiguous();
+}
+
+// A layer's side path for one row, as raw float32 factors that a team splits by output rows:
+//   low rank: y += scale · B (A x), A [r×d], B [n×r] (LinearAdapter::LowRankFactors);
+//   shared:   y += L (scale · C (Rᵀ x)), R [d×k], C [kl×k], L [n×kl] (SharedBasisFactors).
+// The tensors are held so that factors an adapter computes per call live through the step.
+struct SidePath {
+  enum Kind { kNone, kLowRank, kShared };
+  Kind kind = kNone;
+  at::Tensor inner;  // A [r×d] or R [d×k]
+  at::Tensor core;   // C [kl×k] (shared only)
+  at::Tensor outer;  // B [n×r] or L [n×kl]
+  float scale = 1.0f;
+
+  // The side path of `l` (none without an adapter); false when it cannot be split by rows (an
+  // adapter without factors, or factors that are not contiguous float32 CPU matrices of its shape).
+  static bool Plan(const LinearLayer& l, SidePath* side) {
+    *side = SidePath();
+    if (!l.adapter) return true;
+    const int64_t n = l.weight.size(0);
+    const int64_t d = l.weight.size(1);
+    at::Tensor left, core, right, b, a;
+    double scale = 1.0;
+    if (l.adapter->SharedBasisFactors(&left, &core, &right, &scale)) {
+      const int64_t kl = left.dim() == 2 ? left.size(1) : -1;
+      const int64_t kr = right.dim() == 2 ? right.size(1) : -1;
+      if (!CpuFloatMatrix(left, n, kl) || !CpuFloatMatrix(right, d, kr) || !CpuFloatMatrix(core, kl, kr)) {
+        return false;
+      }
+      *side = SidePath{kShared, right, core, left, static_cast<float>(scale)};
+      return true;
+    }
+    if (l.adapter->LowRankFactors(&b, &a, &scale)) {
+      const int64_t r = a.dim() == 2 ? a.size(0) : -1;
+      if (!CpuFloatMatrix(a, r, d) || !CpuFloatMatrix(b, n, r)) return false;
+      *side = SidePath{kLowRank, a, at::Tensor(), b, static_cast<float>(scale)};
+      return true;
+    }
+    return false;
+  }
+
+  // y[begin, end) += this side path of the row x (d values); every thread computes the inner vector.
+  void AddRows(const float* x, int64_t d, int64_t begin, int64_t end, float* y) const {
+    if (kind == kNone) return;
+    const int64_t width = outer.size(1);
+    std::vector<float> h(static_cast<size_t>(width), 0.0f);
+    if (kind == kLowRank) {
+      const float* a = inner.data_ptr<float>();
+      for (int64_t j = 0; j < width; ++j) {
+        const float* aj = a + j * d;
+        float sum = 0;
+        for (int64_t i = 0; i < d; ++i) sum += aj[i] * x[i];
+        h[static_cast<size_t>(j)] = sum * scale;
+      }
+    } else {
+      const int64_t k = inner.size(1);
+      const float* r = inner.data_ptr<float>();
+      std::vector<float> xr(static_cast<size_t>(k), 0.0f);
+      for (int64_t i = 0; i < d; ++i) {
+        const float xi = x[i];
+        const float* ri = r + i * k;
+        for (int64_t j = 0; j < k; ++j) xr[static_cast<size_t>(j)] += xi * ri[j];
+      }
+      const float* c = core.data_ptr<float>();
+      for (int64_t m = 0; m < width; ++m) {
+        const float* cm = c + m * k;
+        float sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += cm[j] * xr[static_cast<size_t>(j)];
+        h[static_cast<size_t>(m)] = sum * scale;
+      }
+    }
+    const float* o = outer.data_ptr<float>();
+    for (int64_t row = begin; row < end; ++row) {
+      const float* orow = o + row * width;
+      float sum = 0;
+      for (int64_t m = 0; m < width; ++m) sum += orow[m] * h[static_cast<size_t>(m)];
+      y[row] += sum;
+    }
+  }
+};
 
 // A barrier for the threads of one decode step that spins (the phases between two barriers are
 // 1 µs to a few ms) and then yields, so a waiting thread gives its core away when another process
@@ -129,13 +217,15 @@ struct Team {
   std::pair<int64_t, int64_t> Range(int64_t n) const { return {n * id / size, n * (id + 1) / size}; }
 };
 
-// out = layer(x). One row through a layer that SplitsByRows: each thread of the team writes its
-// share of the output features with one matrix-vector product over those rows of the weight (all
-// of them in a team of one; OpenBLAS runs single-threaded inside the parallel region). Otherwise
-// (only ever a team of one: see DecodeStep) LinearLayer::Forward: GEMV, small-rows kernel or GEMM
-// by row count, and the adapter.
-void TeamLinear(const Team& team, const LinearLayer& layer, const at::Tensor& x, const at::Tensor& out) {
-  if (x.size(0) != 1 || !SplitsByRows(layer)) {
+// out = layer(x). One row through a layer whose weight splits by rows and whose side path is
+// planned (`side`, possibly none): each thread of the team writes its share of the output features
+// with one matrix-vector product over those rows of the weight (all of them in a team of one;
+// OpenBLAS runs single-threaded inside the parallel region), plus those rows of the side path.
+// Otherwise (`side` null: only ever a team of one, see DecodeStep) LinearLayer::Forward: GEMV,
+// small-rows kernel or GEMM by row count, and the adapter.
+void TeamLinear(const Team& team, const LinearLayer& layer, const SidePath* side, const at::Tensor& x,
+                const at::Tensor& out) {
+  if (side == nullptr || x.size(0) != 1) {
     out.copy_(layer.Forward(x));
     return;
   }
@@ -149,6 +239,31 @@ void TeamLinear(const Team& team, const LinearLayer& layer, const at::Tensor& x,
   } else {
     at::mv_out(yv, w, xv);
   }
+  side->AddRows(x.data_ptr<float>(), x.size(1), begin, end, out.data_ptr<float>());
+}
+
+// Plans the side path of every linear layer of a step of `rows` rows, in the order the step runs
+// them (q, k, v, o, gate, up, down per decoder layer, then the head): true when the step splits by
+// rows (one row; every weight a contiguous float32 matrix; every adapter none or with factors).
+// `Layers` is CausalLM's decoder layers.
+template <typename Layers>
+bool PlanSides(const Layers& layers, const LinearLayer& head, int64_t rows, std::vector<SidePath>* sides) {
+  sides->clear();
+  if (rows != 1) return false;
+  std::vector<const LinearLayer*> linears;
+  for (const auto& l : layers) {
+    for (const LinearLayer* linear : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down})
+      linears.push_back(linear);
+  }
+  linears.push_back(&head);
+  sides->resize(linears.size());
+  for (size_t i = 0; i < linears.size(); ++i) {
+    if (!WeightSplitsByRows(*linears[i]) || !SidePath::Plan(*linears[i], &(*sides)[i])) {
+      sides->clear();
+      return false;
+    }
+  }
+  return true;
 }
 
 // Runs body(team) on `threads` threads as one OpenMP parallel region (one wake-up of the pool per
@@ -184,6 +299,11 @@ void RunTeam(int threads, const Body& body) {
 }
 
 }  // namespace
+
+int CausalLM::DecodeStepTeamSize(int64_t rows) const {
+  std::vector<SidePath> sides;
+  return PlanSides(layers_, lm_head_, rows, &sides) ? std::max(1, at::get_num_threads()) : 1;
+}
 
 bool CausalLM::CanDecodeStep(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                              const KVCache* cache) const {
@@ -248,6 +368,12 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
   at::Tensor keys;  // this layer's cached keys/values (set by the team's first thread)
   at::Tensor values;
 
+  // Each linear layer's side path when the step splits by rows (7 per decoder layer, then the head).
+  std::vector<SidePath> sides;
+  auto side = [&sides](size_t layer, size_t slot) -> const SidePath* {
+    return sides.empty() ? nullptr : &sides[layer * 7 + slot];
+  };
+
   // The step, run by each thread of a team (one thread, or one OpenMP team for the whole step).
   auto body = [&](const Team& team) {
     for (size_t index = 0; index < layers_.size(); ++index) {
@@ -256,9 +382,9 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
         RmsNormRows(hp, layer.input_norm.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
       }
       team.Sync();
-      TeamLinear(team, layer.q, normed, q);
-      TeamLinear(team, layer.k, normed, k);
-      TeamLinear(team, layer.v, normed, v);
+      TeamLinear(team, layer.q, side(index, 0), normed, q);
+      TeamLinear(team, layer.k, side(index, 1), normed, k);
+      TeamLinear(team, layer.v, side(index, 2), normed, v);
       team.Sync();
       if (team.id == 0) {
         for (int64_t r = 0; r < rows; ++r) {
@@ -311,15 +437,15 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
         }
       }
       team.Sync();
-      TeamLinear(team, layer.o, attn, o);
+      TeamLinear(team, layer.o, side(index, 3), attn, o);
       team.Sync();
       if (team.id == 0) {
         AddTo(hp, o);
         RmsNormRows(hp, layer.post_attn_norm.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
       }
       team.Sync();
-      TeamLinear(team, layer.gate, normed, gate);
-      TeamLinear(team, layer.up, normed, up);
+      TeamLinear(team, layer.gate, side(index, 4), normed, gate);
+      TeamLinear(team, layer.up, side(index, 5), normed, up);
       {
         // SiLU(gate) · up into gate, over the columns this thread computed.
         const auto [begin, end] = team.Range(inter);
@@ -330,23 +456,18 @@ at::Tensor CausalLM::DecodeStep(const at::Tensor& input_ids, KVCache* cache) con
         }
       }
       team.Sync();
-      TeamLinear(team, layer.down, gate, down);
+      TeamLinear(team, layer.down, side(index, 6), gate, down);
       team.Sync();
       if (team.id == 0) AddTo(hp, down);
     }
     if (team.id == 0)
       RmsNormRows(hp, final_norm_.data_ptr<float>(), rows, hidden, eps, normed.data_ptr<float>());
     team.Sync();
-    TeamLinear(team, lm_head_, normed, logits);
+    TeamLinear(team, lm_head_, side(layers_.size(), 0), normed, logits);
   };
-  // One row without adapters splits every product over the intra-op threads (one GEMV each over
-  // its share of the weight's rows); otherwise the products themselves use the threads.
-  bool split = rows == 1 && SplitsByRows(lm_head_);
-  for (const DecoderLayer& l : layers_) {
-    for (const LinearLayer* linear : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) {
-      split = split && SplitsByRows(*linear);
-    }
-  }
+  // One row splits every product (and its side path) over the intra-op threads, one GEMV each
+  // over its share of the weight's rows; otherwise the products themselves use the threads.
+  const bool split = PlanSides(layers_, lm_head_, rows, &sides);
   RunTeam(split ? at::get_num_threads() : 1, body);
   return logits.view({rows, 1, logits.size(1)});
 }

@@ -211,6 +211,10 @@ class CausalLM {
   // operators; same results up to summation order). Default: on. Off only to compare the two paths.
   void set_decode_step_enabled(bool enabled) { decode_step_enabled_ = enabled; }
   bool decode_step_enabled() const { return decode_step_enabled_; }
+  // The threads a DecodeStep of `rows` rows runs as one team (at::get_num_threads() when it splits
+  // every product, side paths included, by rows: one row, float32 weights, adapters none or with
+  // low-rank or shared-basis factors); 1 when each product uses the threads itself.
+  int DecodeStepTeamSize(int64_t rows) const;
 
  private:
   struct DecoderLayer {

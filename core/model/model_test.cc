@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "core/model/runtime.h"
 #include "core/model/safetensors.h"
+#include "core/model/test_adapters.h"
 #include "core/model/tokenizer.h"
 
 namespace strata {
@@ -265,15 +266,18 @@ TEST(ModelTest, KVCacheDecodeEqualsFullRecompute) {
 
 // Forward of one new position per row through the cache (DecodeStep: loops instead of per-layer
 // operators, and one OpenMP region per step on several threads) gives the logits and cache of the
-// operator path within float tolerance: GQA, q/k/v biases, an untied head, an adapter (whose layer
-// the step runs through LinearLayer::Forward), batch 3, Mistral's window, and 1 and 2 threads.
+// operator path within float tolerance: GQA, q/k/v biases, an untied head, batch 3, Mistral's
+// window, 1 and 2 threads, and side paths: an adapter without factors (its layer runs through
+// LinearLayer::Forward, so the step is a team of one), and at batch 1 a LoRA or a shared basis with
+// a core on every linear layer (split by rows across the team like the weights).
 TEST(ModelTest, DecodeStepMatchesOperatorPath) {
   torch::InferenceMode guard;
   const int threads = at::get_num_threads();
+  enum class Side { kNone, kConstant, kLowRank, kShared };
   struct Case {
     std::string name;
     ModelConfig config;
-    bool adapter = false;
+    Side side = Side::kNone;
     int64_t batch = 1;
   };
   ModelConfig qwen = SmallConfig();
@@ -284,10 +288,13 @@ TEST(ModelTest, DecodeStepMatchesOperatorPath) {
   mistral.sliding_window = 9;
   const std::vector<Case> cases = {{"gqa", SmallConfig()},
                                    {"qwen-bias-untied", qwen},
-                                   {"adapter", SmallConfig(), true},
-                                   {"batch3", SmallConfig(), false, 3},
-                                   {"adapter-batch3", qwen, true, 3},
-                                   {"window", mistral}};
+                                   {"adapter", SmallConfig(), Side::kConstant},
+                                   {"batch3", SmallConfig(), Side::kNone, 3},
+                                   {"adapter-batch3", qwen, Side::kConstant, 3},
+                                   {"window", mistral},
+                                   {"lora", qwen, Side::kLowRank},
+                                   {"shared-basis", SmallConfig(), Side::kShared},
+                                   {"lora-batch3", SmallConfig(), Side::kLowRank, 3}};
   for (const Case& c : cases) {
     for (int t : {1, 2}) {
       SCOPED_TRACE(c.name + ", threads " + std::to_string(t));
@@ -296,8 +303,26 @@ TEST(ModelTest, DecodeStepMatchesOperatorPath) {
       for (const auto& [name, p] : m->NamedParameters()) {
         if (absl::EndsWith(name, ".bias")) p.copy_(torch::randn(p.sizes()) * 0.1);
       }
-      if (c.adapter)
+      if (c.side == Side::kConstant)
         m->FindLinear("model.layers.1.self_attn.o_proj")->adapter = std::make_shared<AddConstant>(0.25f);
+      at::Generator gen = at::detail::createCPUGenerator(17);
+      std::map<int64_t, at::Tensor> rights;  // one basis R per input width, shared like Share's
+      uint64_t seed = 100;
+      for (const std::string& name : m->LinearNames()) {
+        LinearLayer* layer = m->FindLinear(name);
+        const int64_t n = layer->weight.size(0);
+        const int64_t d = layer->weight.size(1);
+        if (c.side == Side::kLowRank) {
+          layer->adapter = std::make_shared<FixedLowRank>(d, n, 3, seed++, /*expose=*/true);
+        } else if (c.side == Side::kShared) {
+          if (rights.count(d) == 0) rights[d] = at::randn({d, 6}, gen, at::kFloat) * 0.3;
+          layer->adapter = std::make_shared<FixedSharedBasis>(
+              at::randn({n, 5}, gen, at::kFloat) * 0.3, rights[d], at::randn({5, 6}, gen, at::kFloat), 0.5);
+        }
+      }
+      // Whether the step splits by rows over the threads: one row, and side paths with factors.
+      const bool team = c.batch == 1 && c.side != Side::kConstant;
+      EXPECT_EQ(m->DecodeStepTeamSize(c.batch), team ? t : 1);
       const at::Tensor prompt = torch::randint(3, 97, {c.batch, 4}, torch::kLong);
       std::vector<at::Tensor> fused, reference;
       KVCache fused_cache, reference_cache;
@@ -318,6 +343,19 @@ TEST(ModelTest, DecodeStepMatchesOperatorPath) {
       // The step path ran: its sums are in another order, so some logit differs in its last bits.
       EXPECT_FALSE(torch::equal(a, b));
       EXPECT_EQ(fused_cache.length(), reference_cache.length());
+      if (c.side == Side::kLowRank || c.side == Side::kShared) {
+        // The side paths count: the same steps without them differ by far more than the tolerance.
+        std::vector<at::Tensor> bare;
+        KVCache bare_cache;
+        auto plain = m->ShallowCopy();
+        at::Tensor next = plain->Forward(prompt, at::Tensor(), &bare_cache, 1).argmax(-1);
+        for (int step = 0; step < 8; ++step) {
+          const at::Tensor logits = plain->Forward(next, at::Tensor(), &bare_cache, 1);
+          bare.push_back(logits);
+          next = logits.argmax(-1);
+        }
+        EXPECT_GT(MaxDiff(torch::cat(bare, 1), b), 1e-2);
+      }
     }
   }
   at::set_num_threads(threads);
