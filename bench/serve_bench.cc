@@ -221,7 +221,19 @@ Figures RunStreams(const std::string& addr, int streams, const std::vector<std::
       int64_t tokens = 0;
       int errors = 0;
       std::string first_error;
-      for (int r = 0; r < args.requests; ++r) {
+      // Connect first, through reconnect attempts, as the strata CLI does: gRPC 1.51 (Debian 12) reads
+      // connect()'s errno after taking a mutex, and the first contended abseil mutex of a process sets
+      // errno = ENOENT (its CPU-frequency probe), so one of many channels connecting at once can fail its
+      // first attempt with "UNKNOWN: ipv4:127.0.0.1:PORT: No such file or directory" (fixed upstream by
+      // grpc/grpc#35064). Without this, that stream's requests fail during the 1 s reconnect backoff.
+      const bool connected =
+          channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      if (!connected) {
+        errors = args.requests;
+        first_error = absl::StrCat("could not connect to ", addr, " within 30 s");
+        std::fprintf(stderr, "stream %d: %s\n", s, first_error.c_str());
+      }
+      for (int r = 0; connected && r < args.requests; ++r) {
         grpc::ClientContext ctx;
         ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(30));
         pb::GenerateRequest req;

@@ -86,8 +86,13 @@ struct Server {
     return body.value_or("");
   }
 
+  // Connected before it is returned (through reconnect attempts, as the CLI does): gRPC 1.51 can fail
+  // a first connect attempt with a stale errno (see RunStreams in bench/serve_bench.cc), and an RPC
+  // without wait_for_ready then fails during the 1 s reconnect backoff.
   std::shared_ptr<grpc::Channel> Channel() const {
-    return grpc::CreateChannel(addr(), grpc::InsecureChannelCredentials());
+    auto channel = grpc::CreateChannel(addr(), grpc::InsecureChannelCredentials());
+    EXPECT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(30)));
+    return channel;
   }
 
   std::string Log() const { return proc ? proc->Log() : ""; }
