@@ -1,5 +1,6 @@
 // Data-parallel adaptation on c10d/Gloo, in one process: the ranks are threads, each with its own
-// model and method, joined through a real TCPStore on 127.0.0.1 and a real ProcessGroupGloo.
+// model and method, joined through a c10d FileStore (nothing listens on the network) and a real
+// ProcessGroupGloo on 127.0.0.1.
 
 #include "core/adapt/data_parallel.h"
 
