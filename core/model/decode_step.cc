@@ -6,10 +6,11 @@
 // product over its share of every weight's rows, with a spinning barrier between phases
 // (SpinBarrier says why). A layer's low-rank side path (a task route's LoRA, or Share's shared
 // basis with the route's core) splits the same way: each thread computes the rank-r (or k) inner
-// vector of the row itself, a few thousand multiply-adds, and then its own output rows of the
-// outer factor. Otherwise (several rows, or an adapter that exposes no factors) the products run
-// through LinearLayer::Forward (GEMV, small-rows kernel or GEMM by row count, adapters included).
-// Measured against the operator path and llama2.c in docs/benchmarks.md (issues 14 and 20).
+// vector of the row itself (d·r, or d·k + k², multiply-adds: a small part of its share of the
+// weight's d·n) and then its own output rows of the outer factor. Otherwise (several rows, or an
+// adapter that exposes no factors) the products run through LinearLayer::Forward (GEMV,
+// small-rows kernel or GEMM by row count, adapters included). Measured against the operator path
+// and llama2.c in docs/benchmarks.md (issues 14 and 20).
 //
 // Numerics: the same operations as RunLayers in float32; only summation orders differ (the
 // dot products of attention, the side paths and the norms' sums), well inside the 1e-5 the
