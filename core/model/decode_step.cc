@@ -222,11 +222,12 @@ struct Team {
 // planned (`side`, possibly none): each thread of the team writes its share of the output features
 // with one matrix-vector product over those rows of the weight (all of them in a team of one;
 // OpenBLAS runs single-threaded inside the parallel region), plus those rows of the side path.
-// Otherwise (`side` null: only ever a team of one, see DecodeStep) LinearLayer::Forward: GEMV,
-// small-rows kernel or GEMM by row count, and the adapter.
+// Otherwise (`side` null: several rows, or a step with a layer that does not split; only ever a
+// team of one, see DecodeStep) LinearLayer::Forward: GEMV, small-rows kernel or GEMM by row count,
+// and the adapter.
 void TeamLinear(const Team& team, const LinearLayer& layer, const SidePath* side, const at::Tensor& x,
                 const at::Tensor& out) {
-  if (side == nullptr || x.size(0) != 1) {
+  if (side == nullptr) {
     out.copy_(layer.Forward(x));
     return;
   }
